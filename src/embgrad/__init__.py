@@ -1,0 +1,18 @@
+"""embgrad: exact, sparse, per-example and explainable gradients of embedding layers.
+
+``import embgrad`` imports no deep-learning framework: a backend is chosen from the objects
+you pass, among the frameworks you already imported.
+"""
+from __future__ import annotations
+
+from .capture import Gradients, LayerGradients, capture
+from .errors import EmbgradError
+from .sparse import ExampleGrads, RowGrad, row_grad, rows_from_lookups
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "capture", "Gradients", "LayerGradients",
+    "RowGrad", "ExampleGrads", "rows_from_lookups", "row_grad",
+    "EmbgradError",
+]

@@ -1,0 +1,53 @@
+"""Picks a backend for the objects it is given, importing nothing the user did not import.
+
+As in einops' ``_backends.py``: a backend is only considered when its framework is already
+in ``sys.modules`` (the user's object cannot come from a framework that was never imported),
+so ``import embgrad`` and this module load no framework.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from ..errors import EmbgradError
+from .base import Backend, Call, EmbeddingInfo, Tap
+
+__all__ = ["get_backend", "Backend", "Call", "EmbeddingInfo", "Tap"]
+
+# (module that must already be imported, embgrad backend module, class name); order matters:
+# Keras layers on the torch backend are also torch Modules, so Keras is asked first.
+_CANDIDATES = [
+    ("keras", "embgrad.backends.keras", "KerasBackend"),
+    ("tensorflow", "embgrad.backends.tensorflow", "TensorFlowBackend"),
+    ("torch", "embgrad.backends.torch", "TorchBackend"),
+    ("mxnet", "embgrad.backends.gluon", "GluonBackend"),
+]
+_instances: dict[str, Backend] = {}
+
+
+def _load(modname: str, clsname: str) -> Backend | None:
+    if modname not in _instances:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:  # backend file not written yet, or its deps missing
+            if e.name and e.name.startswith("embgrad"):
+                return None
+            raise
+        _instances[modname] = getattr(mod, clsname)()
+    return _instances[modname]
+
+
+def get_backend(obj: Any) -> Backend:
+    """The backend for ``obj`` (a tensor, model, layer or variable of some framework)."""
+    for framework, modname, clsname in _CANDIDATES:
+        if framework not in sys.modules:
+            continue
+        backend = _load(modname, clsname)
+        if backend is not None and backend.is_appropriate(obj):
+            return backend
+    loaded = [f for f, _, _ in _CANDIDATES if f in sys.modules]
+    raise EmbgradError(
+        f"embgrad does not know what framework {type(obj).__module__}.{type(obj).__qualname__} "
+        f"belongs to (frameworks imported: {', '.join(loaded) or 'none'}). Pass a torch.nn.Module "
+        "or torch.Tensor, a Keras model/layer or tf.Tensor, or an MXNet Gluon Block or NDArray.")

@@ -1,0 +1,226 @@
+"""The backend interface: the few primitives the framework-neutral core needs.
+
+A backend answers two kinds of requests and nothing else:
+
+1. **Model surgery, reversible**: find the embedding layers of a model
+   (:meth:`Backend.find_embeddings`), install a tap that records every lookup and can replace
+   its output (:meth:`Backend.install_tap`), remove every trace again (:meth:`Tap.remove`) and
+   differentiate a scalar with respect to the recorded outputs (:meth:`Tap.grad`).
+2. **Tensor primitives** over the framework's own tensors (unique, segment sum, gather, ...),
+   in terms of which :mod:`embgrad.sparse` writes the sparse algebra once.
+
+Tensors are always the framework's own; shapes in docstrings use B (batch), T (tokens per
+example), D (embedding dim), V (table rows), N (entries), R (stored rows).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["Backend", "EmbeddingInfo", "Call", "Tap"]
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddingInfo:
+    """What the core needs to know about one embedding layer of a model.
+
+    ``kind`` is ``"embedding"`` (one vector per id) or ``"bag"`` (reduced bags of ids).
+    ``options`` holds framework-specific flags the core reads by name:
+    ``scale_grad_by_freq`` (bool), ``max_norm`` (float or None), ``mode`` (bags),
+    ``mask_zero`` (Keras), ``lora`` (Keras).
+    """
+
+    name: str
+    layer: Any
+    num_rows: int
+    dim: int
+    kind: str = "embedding"
+    padding_idx: int | None = None
+    tied: bool = False
+    frozen: bool = False
+    weight: Any = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        flags = [f for f in ("tied", "frozen") if getattr(self, f)]
+        extra = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return (f"EmbeddingInfo({self.name!r}, {type(self.layer).__name__}, "
+                f"num_rows={self.num_rows}, dim={self.dim}{extra}"
+                + ("".join(", " + f for f in flags)) + ")")
+
+
+@dataclass(eq=False)
+class Call:
+    """One recorded call (lookup) of one embedding layer during a forward pass.
+
+    ``ids``: int tensor (B, T) of looked-up rows (for ragged bags: padded with -1,
+    ``valid`` marks the real entries). ``output``: what the layer returned (the tensor the
+    backend differentiates against). ``token_grad``: turns dLoss/d(output) into
+    dLoss/d(looked-up vectors), (B, T, D); identity for plain embeddings.
+    ``grad``: dLoss/d(output) once a backward pass produced it.
+    """
+
+    info: EmbeddingInfo
+    ids: Any
+    output: Any
+    valid: Any = None
+    token_grad: Callable[[Any], Any] | None = None
+    grad: Any = None
+    grad_enabled: bool = True
+    meta: dict = field(default_factory=dict)
+
+
+class Tap:
+    """A reversible tap on some embedding layers, returned by :meth:`Backend.install_tap`."""
+
+    def remove(self) -> None:
+        """Remove every hook / patch installed; idempotent; never raises on a clean model."""
+        raise NotImplementedError
+
+    def grad(self, loss: Any, calls: Sequence[Call], sources: Sequence[Any] | None = None,
+             retain_graph: bool = False) -> tuple[list[Any], list[Any] | None]:
+        """dLoss/d(call.output) for each call, and dLoss/d(source) for each source.
+
+        Never writes any parameter's accumulated gradient.
+        """
+        raise NotImplementedError
+
+
+class Backend:
+    """Base class: one subclass per framework in ``embgrad/backends/<framework>.py``."""
+
+    name: str = "base"
+    framework_module: str = ""
+
+    # ------------------------------------------------------------------ detection
+    def is_appropriate(self, obj: Any) -> bool:
+        """True if ``obj`` (tensor, model, layer, variable) belongs to this framework."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ surgery
+    def find_embeddings(self, model: Any) -> dict[str, EmbeddingInfo]:
+        """Every embedding layer of ``model`` (or ``model`` itself if it is one), by name."""
+        raise NotImplementedError
+
+    def install_tap(self, model: Any, infos: Sequence[EmbeddingInfo],
+                    on_call: Callable[[Call], Any]) -> Tap:
+        """Record every call of the given layers. ``on_call(call)`` may return a tensor that
+        replaces the layer's output (same shape), or None to keep it."""
+        raise NotImplementedError
+
+    def coupling_layers(self, model: Any) -> list[str]:
+        """Names of layers that couple examples of a batch (e.g. BatchNorm in training)."""
+        return []
+
+    def scalar_loss(self, loss: Any) -> Any:
+        """Validate that ``loss`` is a scalar tensor of this framework (else EmbgradError)."""
+        return loss
+
+    # ------------------------------------------------------------------ tensor primitives
+    def to_numpy(self, x: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def from_numpy(self, a: np.ndarray, like: Any = None) -> Any:
+        """A framework tensor holding ``a`` on the device of ``like``."""
+        raise NotImplementedError
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        return tuple(int(s) for s in x.shape)
+
+    def dtype_name(self, x: Any) -> str:
+        """'float16', 'bfloat16', 'float32', 'float64', 'int32', 'int64', 'bool', ..."""
+        raise NotImplementedError
+
+    def cast(self, x: Any, dtype: str) -> Any:
+        raise NotImplementedError
+
+    def reshape(self, x: Any, shape: Sequence[int]) -> Any:
+        raise NotImplementedError
+
+    def arange(self, n: int, like: Any) -> Any:
+        """int64 (n,) on the device of ``like``."""
+        raise NotImplementedError
+
+    def zeros(self, shape: Sequence[int], dtype: str, like: Any) -> Any:
+        raise NotImplementedError
+
+    def concat(self, xs: Sequence[Any], axis: int = 0) -> Any:
+        raise NotImplementedError
+
+    def unique(self, x: Any) -> tuple[Any, Any]:
+        """Sorted unique values of int64 (N,) ``x`` and the inverse index (N,) int64."""
+        raise NotImplementedError
+
+    def segment_sum(self, data: Any, segment_ids: Any, num_segments: int) -> Any:
+        """out[s] = sum of data[i] with segment_ids[i] == s; (num_segments, *data.shape[1:])."""
+        raise NotImplementedError
+
+    def gather(self, x: Any, idx: Any) -> Any:
+        """x[idx] along axis 0."""
+        raise NotImplementedError
+
+    def boolean_mask(self, x: Any, mask: Any) -> Any:
+        """x[mask] along axis 0 (mask: bool (N,))."""
+        raise NotImplementedError
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        raise NotImplementedError
+
+    def sqrt(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def sum(self, x: Any, axis: int | None = None) -> Any:
+        raise NotImplementedError
+
+    def minimum(self, x: Any, y: Any) -> Any:
+        raise NotImplementedError
+
+    def maximum(self, x: Any, y: Any) -> Any:
+        raise NotImplementedError
+
+    def argsort(self, x: Any) -> Any:
+        """int64 indices that sort (N,) ``x`` ascending (stable)."""
+        raise NotImplementedError
+
+    def searchsorted(self, sorted_seq: Any, values: Any, right: bool = False) -> Any:
+        raise NotImplementedError
+
+    def repeat(self, x: Any, counts: Any) -> Any:
+        """np.repeat(x, counts) along axis 0."""
+        raise NotImplementedError
+
+    def cumsum(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def scatter_rows(self, rows: Any, values: Any, num_rows: int) -> Any:
+        """Dense (num_rows, D) tensor with ``values`` at ``rows`` (rows unique), zeros elsewhere."""
+        raise NotImplementedError
+
+    def count_nonfinite(self, x: Any) -> int:
+        raise NotImplementedError
+
+    def minmax(self, x: Any) -> tuple[int, int]:
+        """(min, max) of an int tensor, as Python ints (x non-empty)."""
+        raise NotImplementedError
+
+    def is_integer(self, x: Any) -> bool:
+        return self.dtype_name(x).startswith(("int", "uint"))
+
+    def is_floating(self, x: Any) -> bool:
+        return self.dtype_name(x).startswith(("float", "bfloat"))
+
+    def row_grad_parts(self, g: Any) -> tuple[Any, Any, int | None]:
+        """``(ids (N,), values (N, D), num_rows or None)`` from a framework table gradient
+        (sparse or dense; duplicates allowed), for :func:`embgrad.row_grad`."""
+        raise NotImplementedError
+
+    def compile(self, fn: Callable) -> Callable:
+        """A compiled version of a pure function of tensors (tf.function in TensorFlow)."""
+        return fn
+
+    def no_grad(self):
+        """A context in which no autograd graph is recorded (sparse algebra runs in it)."""
+        import contextlib
+        return contextlib.nullcontext()

@@ -1,0 +1,354 @@
+"""Sparse gradients of embedding tables: :class:`RowGrad` and :class:`ExampleGrads`.
+
+The algebra is written once, over the primitives of :class:`embgrad.backends.base.Backend`,
+and works on the framework's own tensors (and device). Nothing here loops over examples or
+table rows in Python; memory is O(entries · D), never O(V · D) unless you ask for dense.
+
+Layout: a ``RowGrad`` stores R unique rows sorted ascending with their (R, D) values. An
+``ExampleGrads`` stores N (example, row) pairs, unique and sorted by example then row, with
+their (N, D) values: example b holds only the rows it looked up.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend, get_backend
+from .errors import EmbgradError
+
+__all__ = ["RowGrad", "ExampleGrads", "rows_from_lookups", "row_grad", "coalesce_lookups"]
+
+_PAIR_CHUNK = 1 << 22  # elements (pairs × D) per chunk of the sparse join in ExampleGrads.dot
+
+
+def _accum_dtype(backend: Backend, x: Any) -> str:
+    name = backend.dtype_name(x)
+    return "float64" if name == "float64" else "float32"
+
+
+def _coalesce(backend: Backend, keys: Any, values: Any) -> tuple[Any, Any]:
+    """Unique sorted keys (int64) and the segment sums of their values."""
+    uniq, inv = backend.unique(keys)
+    n = backend.shape(uniq)[0]
+    return uniq, backend.segment_sum(values, inv, n)
+
+
+class RowGrad:
+    """A coalesced sparse gradient of one (V, D) embedding table.
+
+    ``rows``: int64 (R,), unique, ascending. ``values``: float (R, D), float32 or wider.
+    """
+
+    __slots__ = ("rows", "values", "num_rows", "_backend")
+
+    def __init__(self, rows: Any, values: Any, num_rows: int, backend: Backend | None = None):
+        self._backend = backend or get_backend(values)
+        self.rows = rows
+        self.values = values
+        self.num_rows = int(num_rows)
+
+    # RowGrad is immutable by convention: every operation returns a new one.
+    @property
+    def dim(self) -> int:
+        return self._backend.shape(self.values)[1]
+
+    def __len__(self) -> int:
+        return self._backend.shape(self.rows)[0]
+
+    def to_dense(self) -> Any:
+        """The (V, D) dense gradient, a framework tensor."""
+        return self._backend.scatter_rows(self.rows, self.values, self.num_rows)
+
+    def row_norms(self) -> Any:
+        """(R,) L2 norm of each stored row."""
+        b = self._backend
+        return b.sqrt(b.sum(self.values * self.values, 1))
+
+    def norm(self) -> float:
+        """L2 (Frobenius) norm of the whole gradient, as a Python float."""
+        b = self._backend
+        return float(b.to_numpy(b.sqrt(b.sum(self.values * self.values))))
+
+    def numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, values)`` as NumPy arrays."""
+        return self._backend.to_numpy(self.rows), self._backend.to_numpy(self.values)
+
+    def __add__(self, other: "RowGrad") -> "RowGrad":
+        if not isinstance(other, RowGrad):
+            return NotImplemented
+        if other.num_rows != self.num_rows or (len(self) and len(other) and other.dim != self.dim):
+            raise EmbgradError(
+                f"cannot add RowGrads of different tables: ({self.num_rows}, {self.dim}) and "
+                f"({other.num_rows}, {other.dim}).")
+        b = self._backend
+        rows, values = _coalesce(b, b.concat([self.rows, other.rows]),
+                                 b.concat([self.values, other.values]))
+        return RowGrad(rows, values, self.num_rows, b)
+
+    def scale(self, factor: float) -> "RowGrad":
+        """This gradient times a scalar."""
+        return RowGrad(self.rows, self.values * factor, self.num_rows, self._backend)
+
+    def clip_by_norm(self, max_norm: float) -> "RowGrad":
+        """Scaled by ``min(1, max_norm / norm)``: the whole gradient's norm is at most max_norm."""
+        _check_positive(max_norm, "max_norm")
+        n = self.norm()
+        return self if n <= max_norm else self.scale(max_norm / n)
+
+    def clip_rows(self, max_row_norm: float) -> "RowGrad":
+        """Each row scaled by ``min(1, max_row_norm / row_norm)``."""
+        _check_positive(max_row_norm, "max_row_norm")
+        b = self._backend
+        norms = self.row_norms()
+        factor = b.minimum(max_row_norm / b.maximum(norms, 1e-30), 1.0)
+        return RowGrad(self.rows, self.values * b.reshape(factor, (-1, 1)), self.num_rows, b)
+
+    def __repr__(self) -> str:
+        dt = self._backend.dtype_name(self.values)
+        return (f"RowGrad(rows={len(self)} of {self.num_rows}, dim={self.dim}, "
+                f"norm={self.norm():.6g}, dtype={dt}, backend={self._backend.name})")
+
+
+def _check_positive(x: float, what: str) -> None:
+    if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0):
+        raise EmbgradError(f"{what} must be a positive finite number, got {x!r}.")
+
+
+class ExampleGrads:
+    """Per-example sparse gradients of one (V, D) table.
+
+    Stored as N unique (example, row) pairs sorted by example then row: ``example_ids`` (N,),
+    ``rows`` (N,), ``values`` (N, D), float32 or wider. Memory O(N · D) with N ≤ B · T.
+    """
+
+    __slots__ = ("example_ids", "rows", "values", "batch_size", "num_rows", "_backend")
+
+    def __init__(self, example_ids: Any, rows: Any, values: Any, batch_size: int, num_rows: int,
+                 backend: Backend | None = None):
+        self._backend = backend or get_backend(values)
+        self.example_ids = example_ids
+        self.rows = rows
+        self.values = values
+        self.batch_size = int(batch_size)
+        self.num_rows = int(num_rows)
+
+    @property
+    def dim(self) -> int:
+        return self._backend.shape(self.values)[1]
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored (example, row) pairs."""
+        return self._backend.shape(self.rows)[0]
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def norms(self) -> Any:
+        """(B,) per-example L2 norms, a framework tensor."""
+        b = self._backend
+        sq = b.sum(self.values * self.values, 1)
+        return b.sqrt(b.segment_sum(sq, self.example_ids, self.batch_size))
+
+    def clip(self, max_norm: float) -> "ExampleGrads":
+        """Example b scaled by ``min(1, max_norm / norm_b)`` (DP-SGD style clipping)."""
+        _check_positive(max_norm, "max_norm")
+        b = self._backend
+        factor = b.minimum(max_norm / b.maximum(self.norms(), 1e-30), 1.0)   # (B,)
+        per_entry = b.reshape(b.gather(factor, self.example_ids), (-1, 1))
+        return ExampleGrads(self.example_ids, self.rows, self.values * per_entry,
+                            self.batch_size, self.num_rows, b)
+
+    def scale(self, factors: Any) -> "ExampleGrads":
+        """Example b scaled by ``factors[b]`` ((B,) tensor) or all by one float."""
+        b = self._backend
+        if isinstance(factors, (int, float)):
+            return ExampleGrads(self.example_ids, self.rows, self.values * factors,
+                                self.batch_size, self.num_rows, b)
+        per_entry = b.reshape(b.gather(b.cast(factors, b.dtype_name(self.values)), self.example_ids), (-1, 1))
+        return ExampleGrads(self.example_ids, self.rows, self.values * per_entry,
+                            self.batch_size, self.num_rows, b)
+
+    def sum(self) -> RowGrad:
+        """The sum over examples: a :class:`RowGrad` equal to the layer's ``weight_grad``."""
+        b = self._backend
+        rows, values = _coalesce(b, self.rows, self.values)
+        return RowGrad(rows, values, self.num_rows, b)
+
+    def example(self, index: int) -> RowGrad:
+        """The :class:`RowGrad` of example ``index`` (negative indices count from the end)."""
+        if not isinstance(index, (int, np.integer)) or not -self.batch_size <= index < self.batch_size:
+            raise EmbgradError(f"example index {index!r} is out of range for a batch of {self.batch_size}.")
+        index = int(index) % self.batch_size
+        b = self._backend
+        mask = self.example_ids == index
+        return RowGrad(b.boolean_mask(self.rows, mask), b.boolean_mask(self.values, mask),
+                       self.num_rows, b)
+
+    def dot(self, other: "ExampleGrads | None" = None) -> Any:
+        """(B1, B2) matrix of inner products <G_i, H_j> (with itself when ``other`` is None).
+
+        A sparse join on rows: only (i, j) pairs that share a row cost anything; the
+        per-example gradients are never densified. Runs in chunks of bounded memory.
+        """
+        other = self if other is None else other
+        if not isinstance(other, ExampleGrads):
+            raise EmbgradError(f"dot() takes another ExampleGrads, got {type(other).__name__}.")
+        if other.num_rows != self.num_rows or other.dim != self.dim:
+            raise EmbgradError(
+                f"dot() needs gradients of the same table: ({self.num_rows}, {self.dim}) vs "
+                f"({other.num_rows}, {other.dim}).")
+        b = self._backend
+        B1, B2 = self.batch_size, other.batch_size
+        acc = _accum_dtype(b, self.values)
+        out = b.zeros((B1 * B2,), acc, self.values)
+        if self.nnz == 0 or other.nnz == 0:
+            return b.reshape(out, (B1, B2))
+        order = b.argsort(other.rows)
+        rb = b.gather(other.rows, order)
+        left = b.searchsorted(rb, self.rows)
+        cnt = b.searchsorted(rb, self.rows, right=True) - left          # (Na,) matches per entry
+        cnt_np = b.to_numpy(cnt)
+        # split entries of self into chunks whose pair count × D stays under _PAIR_CHUNK
+        per_chunk = max(1, _PAIR_CHUNK // max(self.dim, 1))
+        csum = np.cumsum(cnt_np)
+        total = int(csum[-1])
+        if total == 0:
+            return b.reshape(out, (B1, B2))
+        bounds = np.searchsorted(csum, np.arange(per_chunk, total, per_chunk), side="left")
+        starts = [0] + [int(x) + 1 for x in bounds]
+        ends = starts[1:] + [self.nnz]
+        for s, e in zip(starts, ends):
+            if s >= e:
+                continue
+            idx = b.from_numpy(np.arange(s, e, dtype=np.int64), like=self.rows)
+            c = b.gather(cnt, idx)
+            a_idx = b.repeat(idx, c)                                   # (P,) entry of self
+            if b.shape(a_idx)[0] == 0:
+                continue
+            first = b.cumsum(c) - c                                    # start of each entry's pairs
+            local = b.arange(b.shape(a_idx)[0], self.rows) - b.repeat(first, c)
+            b_pos = b.repeat(b.gather(left, idx), c) + local
+            b_idx = b.gather(order, b_pos)
+            prod = b.sum(b.cast(b.gather(self.values, a_idx), acc) *
+                         b.cast(b.gather(other.values, b_idx), acc), 1)
+            key = b.gather(self.example_ids, a_idx) * B2 + b.gather(other.example_ids, b_idx)
+            out = out + b.segment_sum(prod, key, B1 * B2)
+        return b.reshape(out, (B1, B2))
+
+    def to_dense(self, max_bytes: int = 2 ** 30) -> Any:
+        """(B, V, D) dense per-example gradients; EmbgradError if that exceeds ``max_bytes``."""
+        b = self._backend
+        item = np.dtype(b.dtype_name(self.values) if b.dtype_name(self.values) != "bfloat16" else "float16").itemsize
+        need = self.batch_size * self.num_rows * self.dim * item
+        if need > max_bytes:
+            raise EmbgradError(
+                f"to_dense() would allocate {need / 2**20:.1f} MiB for ({self.batch_size}, "
+                f"{self.num_rows}, {self.dim}) but max_bytes={max_bytes} ({max_bytes / 2**20:.1f} MiB). "
+                "Use norms(), clip(), dot() or example(b), which stay sparse, or raise max_bytes.")
+        keys = self.example_ids * self.num_rows + self.rows
+        flat = b.scatter_rows(keys, self.values, self.batch_size * self.num_rows)
+        return b.reshape(flat, (self.batch_size, self.num_rows, self.dim))
+
+    def __repr__(self) -> str:
+        return (f"ExampleGrads(batch_size={self.batch_size}, pairs={self.nnz}, "
+                f"num_rows={self.num_rows}, dim={self.dim}, "
+                f"dtype={self._backend.dtype_name(self.values)}, backend={self._backend.name})")
+
+
+# ---------------------------------------------------------------------------- construction
+def coalesce_lookups(backend: Backend, example_ids: Any, ids: Any, grads: Any, num_rows: int,
+                     batch_size: int, per_example: bool) -> RowGrad | ExampleGrads:
+    """Coalesce flat lookups: ``example_ids`` (N,), ``ids`` (N,) int64 valid rows, ``grads`` (N, D).
+
+    The one hot path of capture: a unique over N keys and a segment sum of (N, D) values.
+    """
+    b = backend
+    acc = _accum_dtype(b, grads)
+    if b.dtype_name(grads) != acc:
+        grads = b.cast(grads, acc)
+    if not per_example:
+        rows, values = _coalesce(b, ids, grads)
+        return RowGrad(rows, values, num_rows, b)
+    keys = example_ids * num_rows + ids
+    uniq, values = _coalesce(b, keys, grads)
+    ex = uniq // num_rows
+    rows = uniq - ex * num_rows
+    return ExampleGrads(ex, rows, values, batch_size, num_rows, b)
+
+
+def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example: bool = False,
+                      ignore_index: int | None = None) -> RowGrad | ExampleGrads:
+    """The table gradient from ids (B, T) (or (N,)) and dLoss/d(looked-up vectors) (B, T, D).
+
+    Returns a :class:`RowGrad`, or an :class:`ExampleGrads` when ``per_example`` (with 1-D
+    ids every lookup is its own example). Lookups of ``ignore_index`` contribute nothing.
+    """
+    b = get_backend(output_grad)
+    if not isinstance(num_rows, (int, np.integer)) or num_rows <= 0:
+        raise EmbgradError(f"num_rows must be a positive int (the table's row count), got {num_rows!r}.")
+    num_rows = int(num_rows)
+    if not b.is_appropriate(ids):
+        ids = b.from_numpy(np.asarray(ids), like=output_grad)
+    if not b.is_integer(ids):
+        raise EmbgradError(f"ids must be integers, got dtype {b.dtype_name(ids)}; cast them to int64.")
+    ishape, gshape = b.shape(ids), b.shape(output_grad)
+    if len(gshape) != len(ishape) + 1 or gshape[:-1] != ishape:
+        raise EmbgradError(
+            f"output_grad must have shape ids.shape + (D,) = {ishape} + (D,), got {gshape}.")
+    if len(ishape) not in (1, 2):
+        raise EmbgradError(f"ids must be (B, T) or (N,), got shape {ishape}.")
+    if 0 in ishape:
+        raise EmbgradError(f"empty batch: ids of shape {ishape}; there is nothing to coalesce.")
+    bad = b.count_nonfinite(output_grad)
+    if bad:
+        raise EmbgradError(f"output_grad holds {bad} NaN/Inf values; the loss or model diverged.")
+    B = ishape[0]
+    T = ishape[1] if len(ishape) == 2 else 1
+    D = gshape[-1]
+    ids = b.cast(b.reshape(ids, (-1,)), "int64")
+    lo, hi = b.minmax(ids)
+    if lo < 0 or hi >= num_rows:
+        valid_ids = b.where(ids == ignore_index, b.zeros((1,), "int64", ids), ids) if ignore_index is not None else ids
+        lo, hi = b.minmax(valid_ids)
+        if lo < 0 or hi >= num_rows:
+            bad_id = lo if lo < 0 else hi
+            raise EmbgradError(f"id {bad_id} is out of range for a table of {num_rows} rows "
+                               f"(valid ids are 0..{num_rows - 1}).")
+    grads = b.reshape(output_grad, (-1, D))
+    ex = b.arange(B * T, ids) // T
+    if ignore_index is not None:
+        keep = ids != ignore_index
+        ids, grads, ex = b.boolean_mask(ids, keep), b.boolean_mask(grads, keep), b.boolean_mask(ex, keep)
+    return coalesce_lookups(b, ex, ids, grads, num_rows, B, per_example)
+
+
+def row_grad(g: Any, num_rows: int | None = None) -> RowGrad:
+    """A coalesced :class:`RowGrad` from a framework gradient of a table.
+
+    Accepts a ``tf.IndexedSlices`` (never densified), a torch sparse COO tensor, a dense
+    (V, D) tensor (rows with any nonzero are kept), or an MXNet ``RowSparseNDArray``.
+    """
+    b = get_backend(g)
+    converter = getattr(b, "row_grad_parts", None)
+    if converter is None:
+        raise EmbgradError(f"row_grad() does not support {type(g).__name__} on backend {b.name}.")
+    ids, values, V = converter(g)
+    if num_rows is None:
+        num_rows = V
+    if num_rows is None:
+        raise EmbgradError(f"row_grad(): cannot tell the table size from {type(g).__name__}; pass num_rows=.")
+    if V is not None and num_rows != V:
+        raise EmbgradError(f"row_grad(): num_rows={num_rows} but the gradient is of a table of {V} rows.")
+    acc = _accum_dtype(b, values)
+    if b.dtype_name(values) != acc:
+        values = b.cast(values, acc)
+    if b.shape(ids)[0] == 0:
+        return RowGrad(ids, values, num_rows, b)
+    lo, hi = b.minmax(ids)
+    if lo < 0 or hi >= num_rows:
+        raise EmbgradError(f"row_grad(): row index {lo if lo < 0 else hi} is out of range for {num_rows} rows.")
+    rows, values = _coalesce(b, b.cast(ids, "int64"), values)
+    return RowGrad(rows, values, num_rows, b)
