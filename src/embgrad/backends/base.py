@@ -93,6 +93,8 @@ class Backend:
 
     name: str = "base"
     framework_module: str = ""
+    #: what find_embeddings looks for, for error messages ("torch.nn.Embedding and ...")
+    searched_types: str = "embedding layers"
 
     # ------------------------------------------------------------------ detection
     def is_appropriate(self, obj: Any) -> bool:

@@ -69,6 +69,7 @@ class _TorchTap(Tap):
 class TorchBackend(Backend):
     name = "torch"
     framework_module = "torch"
+    searched_types = "torch.nn.Embedding and torch.nn.EmbeddingBag modules (via named_modules())"
 
     def is_appropriate(self, obj: Any) -> bool:
         return isinstance(obj, (torch.Tensor, nn.Module))
