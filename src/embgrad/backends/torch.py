@@ -323,9 +323,14 @@ class TorchBackend(Backend):
         if not isinstance(g, torch.Tensor):
             raise EmbgradError(f"row_grad() expected a torch tensor, got {type(g).__name__}.")
         if g.layout == torch.sparse_coo:
-            if g.sparse_dim() != 1 or g.dim() != 2:
-                raise EmbgradError(f"row_grad(): a sparse gradient must be (V, D) with 1 sparse dim, "
-                                   f"got shape {tuple(g.shape)} with {g.sparse_dim()} sparse dims.")
+            if g.dim() != 2:
+                raise EmbgradError(f"row_grad(): a sparse table gradient must be (V, D), got shape "
+                                   f"{tuple(g.shape)}.")
+            if g.sparse_dim() == 2:  # fully sparse (V, D): gather each row's entries into a dense row
+                idx, val = g._indices(), g._values()
+                rows, inv = torch.unique(idx[0], return_inverse=True)
+                vals = torch.zeros(rows.numel(), g.shape[1], dtype=val.dtype, device=val.device)
+                return rows, vals.index_put_((inv, idx[1]), val, accumulate=True), int(g.shape[0])
             return g._indices()[0], g._values(), int(g.shape[0])
         if g.layout != torch.strided:
             raise EmbgradError(f"row_grad(): unsupported layout {g.layout}; use sparse COO or dense.")
