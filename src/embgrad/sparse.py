@@ -123,7 +123,7 @@ class ExampleGrads:
     ``rows`` (N,), ``values`` (N, D), float32 or wider. Memory O(N · D) with N ≤ B · T.
     """
 
-    __slots__ = ("example_ids", "rows", "values", "batch_size", "num_rows", "_backend")
+    __slots__ = ("example_ids", "rows", "values", "batch_size", "num_rows", "_backend", "_norms")
 
     def __init__(self, example_ids: Any, rows: Any, values: Any, batch_size: int, num_rows: int,
                  backend: Backend | None = None):
@@ -133,6 +133,7 @@ class ExampleGrads:
         self.values = values
         self.batch_size = int(batch_size)
         self.num_rows = int(num_rows)
+        self._norms = None
 
     @property
     def dim(self) -> int:
@@ -148,9 +149,11 @@ class ExampleGrads:
 
     def norms(self) -> Any:
         """(B,) per-example L2 norms, a framework tensor."""
-        b = self._backend
-        sq = b.sum(self.values * self.values, 1)
-        return b.sqrt(b.segment_sum(sq, self.example_ids, self.batch_size))
+        if self._norms is None:  # immutable, so computed once
+            b = self._backend
+            sq = b.sum(self.values * self.values, 1)
+            self._norms = b.sqrt(b.segment_sum(sq, self.example_ids, self.batch_size))
+        return self._norms
 
     def clip(self, max_norm: float) -> "ExampleGrads":
         """Example b scaled by ``min(1, max_norm / norm_b)`` (DP-SGD style clipping)."""

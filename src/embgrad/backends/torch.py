@@ -80,19 +80,23 @@ class TorchBackend(Backend):
             raise EmbgradError(f"expected a torch.nn.Module, got {type(model).__name__}.")
         # A table is tied when its Parameter is reachable from a module that is not the
         # embedding itself (e.g. a language-model head sharing the input table).
-        owners: dict[int, list[str]] = {}
-        for mname, mod in model.named_modules(remove_duplicate=False):
-            for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
-                owners.setdefault(id(p), []).append(mname)
+        all_modules = list(model.named_modules(remove_duplicate=False))
+        embeddings = {id(m) for _, m in all_modules if isinstance(m, _embedding_types())}
+        if not embeddings:
+            return {}
+        # which modules hold each embedding weight (directly, not through a child)
+        holders: dict[int, set[int]] = {}
+        for _, mod in all_modules:
+            for p in mod._parameters.values():
+                if p is not None:
+                    holders.setdefault(id(p), set()).add(id(mod))
         infos: dict[str, EmbeddingInfo] = {}
         for mname, mod in model.named_modules():
-            if not isinstance(mod, _embedding_types()):
+            if id(mod) not in embeddings:
                 continue
             name = mname or type(mod).__name__
             w = mod.weight
-            holders = {o for o in owners.get(id(w), [])}
-            emb_names = {n for n, m in model.named_modules(remove_duplicate=False) if m is mod}
-            tied = bool(holders - emb_names)
+            tied = bool(holders.get(id(w), set()) - {id(mod)})
             bag = isinstance(mod, nn.EmbeddingBag)
             options = {
                 "scale_grad_by_freq": bool(mod.scale_grad_by_freq),
@@ -313,6 +317,9 @@ class TorchBackend(Backend):
         return out
 
     def count_nonfinite(self, x):
+        # one float32 reduction in the common all-finite case; count only when something is off
+        if x.numel() == 0 or bool(torch.isfinite(x.sum(dtype=torch.float32))):
+            return 0
         return int((~torch.isfinite(x)).sum())
 
     def minmax(self, x):
@@ -341,3 +348,75 @@ class TorchBackend(Backend):
 
     def no_grad(self):
         return torch.no_grad()
+
+    # ------------------------------------------------------------------ tables (embgrad.table)
+    def table_variable(self, info):
+        return info.layer.weight
+
+    def table_gather(self, info, rows, effective=False):
+        return info.layer.weight.detach().index_select(0, rows)
+
+    def table_write(self, info, rows, values):
+        w = info.layer.weight
+        with torch.no_grad():
+            w.index_copy_(0, torch.from_numpy(rows).to(w.device),
+                          torch.from_numpy(np.ascontiguousarray(values)).to(device=w.device, dtype=w.dtype))
+
+    def table_quantized(self, info):
+        w = info.layer.weight
+        if w.is_quantized or not w.is_floating_point():
+            return f"its weight has dtype {w.dtype}"
+        return None
+
+    def table_freeze(self, info, rows, optimizer=None):
+        w = info.layer.weight
+        idx = torch.from_numpy(rows).to(w.device)
+        frozen = torch.zeros(info.num_rows, dtype=torch.bool, device=w.device)
+        frozen[idx] = True
+
+        def mask(g):  # runs before .grad accumulates: frozen rows get exactly zero
+            if g.layout == torch.sparse_coo:
+                g = g.coalesce()
+                vals = g.values().masked_fill(frozen[g.indices()[0]][:, None], 0)
+                return torch.sparse_coo_tensor(g.indices(), vals, g.shape, is_coalesced=True)
+            return g.masked_fill(frozen[:, None], 0)
+
+        handles = [w.register_hook(mask)]
+        if optimizer is not None:
+            # optimizer-side updates that ignore the gradient (weight decay, AdamW's decoupled
+            # decay): the rows are put back after every step, bit for bit
+            saved: list[torch.Tensor] = []
+
+            def snapshot(opt, args, kwargs):
+                saved[:] = [w.detach().index_select(0, idx)]
+
+            def restore(opt, args, kwargs):
+                with torch.no_grad():
+                    w.index_copy_(0, idx, saved[0])
+
+            handles += [optimizer.register_step_pre_hook(snapshot),
+                        optimizer.register_step_post_hook(restore)]
+        return _Handles(handles)
+
+    def check_optimizer(self, info, optimizer):
+        """EmbgradError unless ``optimizer`` is a torch optimizer that updates this table."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise EmbgradError(f"layer {info.name!r}: optimizer must be a torch.optim.Optimizer, "
+                               f"got {type(optimizer).__name__}.")
+        w = info.layer.weight
+        if not any(p is w for group in optimizer.param_groups for p in group["params"]):
+            raise EmbgradError(
+                f"layer {info.name!r}: the optimizer {type(optimizer).__name__} does not update this "
+                "table's weight, so there is nothing to guard; pass the optimizer that trains it.")
+
+
+class _Handles:
+    """Hook handles removed together (a frozen-rows guard)."""
+
+    def __init__(self, handles: list) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
