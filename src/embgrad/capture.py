@@ -7,6 +7,7 @@ module selects layers, keeps the record and builds the results with :mod:`embgra
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Sequence
@@ -98,13 +99,14 @@ class LayerGradients:
         batch = None
         for (ids, og), valid in zip(self.calls, self._valid):
             shape = b.shape(ids)
-            B, T = shape[0], (shape[1] if len(shape) > 1 else 1)
+            B = shape[0]
+            T = math.prod(shape[1:])  # lookups per example (ids may have more than 2 dims)
             batch = B if batch is None else batch
             flat_ids = b.cast(b.reshape(ids, (-1,)), "int64")
             g = b.reshape(og, (-1, self.dim))
             if b.dtype_name(g) not in ("float32", "float64"):
                 g = b.cast(g, "float32")
-            ex = b.arange(B * T, flat_ids) // T
+            ex = b.floordiv(b.arange(B * T, flat_ids), T)
             keep = None
             if valid is not None:
                 keep = b.reshape(valid, (-1,))

@@ -277,7 +277,7 @@ def coalesce_lookups(backend: Backend, example_ids: Any, ids: Any, grads: Any, n
         return RowGrad(rows, values, num_rows, b)
     keys = example_ids * num_rows + ids
     uniq, values = _coalesce(b, keys, grads)
-    ex = uniq // num_rows
+    ex = b.floordiv(uniq, num_rows)
     rows = uniq - ex * num_rows
     return ExampleGrads(ex, rows, values, batch_size, num_rows, b)
 
@@ -321,7 +321,7 @@ def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example:
             raise EmbgradError(f"id {bad_id} is out of range for a table of {num_rows} rows "
                                f"(valid ids are 0..{num_rows - 1}).")
     grads = b.reshape(output_grad, (-1, D))
-    ex = b.arange(B * T, ids) // T
+    ex = b.floordiv(b.arange(B * T, ids), T)
     if ignore_index is not None:
         keep = ids != ignore_index
         ids, grads, ex = b.boolean_mask(ids, keep), b.boolean_mask(grads, keep), b.boolean_mask(ex, keep)

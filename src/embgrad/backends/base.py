@@ -196,6 +196,11 @@ class Backend:
     def cumsum(self, x: Any) -> Any:
         raise NotImplementedError
 
+    def floordiv(self, x: Any, n: int) -> Any:
+        """``x // n`` for a non-negative int64 tensor and a positive Python int, exactly
+        (MXNet's arrays have no ``//``)."""
+        return x // n
+
     def scatter_rows(self, rows: Any, values: Any, num_rows: int) -> Any:
         """Dense (num_rows, D) tensor with ``values`` at ``rows`` (rows unique), zeros elsewhere."""
         raise NotImplementedError

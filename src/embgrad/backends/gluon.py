@@ -1,0 +1,467 @@
+"""MXNet Gluon backend: finds ``gluon.nn.Embedding`` blocks, taps them by wrapping their
+``forward`` (restored afterwards), and implements the tensor primitives with ``mxnet.numpy``.
+
+MXNet cannot differentiate with respect to an intermediate array, so during capture the tap
+adds to each recorded lookup's output a zero array marked as a variable (``attach_grad``):
+``autograd.grad(loss, [that zero])`` is dLoss/d(looked-up vectors), and the table still gets
+its gradient through the lookup. A hybridized parent runs a cached graph that never calls a
+child's Python ``forward``, so while a capture is active the hybridized ancestors of the tapped
+blocks run imperatively (their ``_active`` flag is lowered and restored, cached graphs kept).
+
+Tensors: the core's results are ``mxnet.numpy.ndarray`` (a subclass of ``NDArray``;
+``.as_nd_ndarray()`` is a zero-copy legacy view); ``ids`` and ``output_grad`` keep the type the
+model used. Legacy ``NDArray`` lacks ``//`` and ``&``, hence ``mxnet.numpy`` inside.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+if not hasattr(np, "bool"):  # pragma: no cover - numpy>=1.24 removed the aliases mxnet 1.9 uses
+    raise ImportError(
+        f"mxnet 1.9 needs numpy<1.24 (it uses np.bool), but numpy {np.__version__} is installed: "
+        "use the .venv-gluon environment (`make test-gluon`), pinned by constraints-gluon.txt.")
+
+import mxnet as mx  # noqa: E402
+from mxnet import autograd, gluon, nd  # noqa: E402
+from mxnet.base import MXNetError  # noqa: E402
+
+from ..errors import EmbgradError  # noqa: E402
+from .base import Backend, Call, EmbeddingInfo, Tap  # noqa: E402
+
+__all__ = ["GluonBackend"]
+
+_mnp = mx.np
+
+
+def _embedding_types() -> tuple[type, ...]:
+    from mxnet.gluon.contrib.nn import SparseEmbedding
+    return (gluon.nn.Embedding, SparseEmbedding)
+
+
+# ---------------------------------------------------------------------------- array helpers
+def _as_np(x: Any) -> Any:
+    """A zero-copy ``mxnet.numpy.ndarray`` view of a dense NDArray (or the array itself)."""
+    if isinstance(x, _mnp.ndarray):
+        return x
+    if isinstance(x, nd.NDArray):
+        if x.stype != "default":
+            x = x.tostype("default")
+        return x.as_np_ndarray()
+    raise EmbgradError(f"expected an MXNet NDArray, got {type(x).__name__}.")
+
+
+def _as_nd(x: Any) -> nd.NDArray:
+    """A zero-copy legacy ``NDArray`` view (legacy operators such as integer division)."""
+    return x.as_nd_ndarray() if isinstance(x, _mnp.ndarray) else x
+
+
+def _ctx(like: Any) -> mx.Context:
+    return like.context if isinstance(like, nd.NDArray) else mx.current_context()
+
+
+def _np_shape() -> Any:
+    """NumPy shape semantics (zero-size arrays allowed) for primitives that may produce them."""
+    return mx.util.np_shape(True)
+
+
+def _zeros_like_var(out: Any) -> Any:
+    """A zero array like ``out`` (same array type, dtype and context), marked as a variable."""
+    mod = _mnp if isinstance(out, _mnp.ndarray) else nd
+    z = mod.zeros(out.shape, dtype=out.dtype, ctx=out.context)
+    z.attach_grad()
+    return z
+
+
+# ---------------------------------------------------------------------------- validation
+def _validate_ids(info: EmbeddingInfo, ids: Any) -> None:
+    """Refuse ids MXNet would silently truncate (floats) or clip (out of range)."""
+    if isinstance(ids, mx.sym.Symbol):
+        raise EmbgradError(
+            f"layer {info.name!r} received a Symbol: it is being traced into a static graph "
+            "(hybridize/export), where embgrad cannot record lookups. Run the model on NDArrays "
+            "inside `with embgrad.capture(...)`.")
+    if not isinstance(ids, nd.NDArray):
+        raise EmbgradError(f"layer {info.name!r}: ids must be an MXNet NDArray of integer ids, "
+                           f"got {type(ids).__name__}.")
+    dt = np.dtype(ids.dtype)
+    if dt.kind not in "iu":
+        raise EmbgradError(
+            f"layer {info.name!r}: ids have dtype {dt.name}. MXNet's Embedding truncates float ids "
+            "silently (and loses whole numbers above 2**24 in float32); embgrad needs exact ids: "
+            f"pass ids.astype('int64') (whole numbers in [0, {info.num_rows})).")
+    if ids.size == 0:
+        raise EmbgradError(f"layer {info.name!r}: empty batch (ids of shape {tuple(ids.shape)}); "
+                           "there is nothing to look up. Pass at least one example with one token.")
+    flat = _as_nd(ids).reshape((-1,))
+    lo, hi = int(nd.min(flat).asscalar()), int(nd.max(flat).asscalar())
+    if lo < 0 or hi >= info.num_rows:
+        bad = lo if lo < 0 else hi
+        pos = tuple(int(i) for i in np.argwhere(ids.asnumpy() == bad)[0])
+        raise EmbgradError(
+            f"layer {info.name!r}: id {bad} at position {pos} is out of range for a table of "
+            f"{info.num_rows} rows (valid ids are 0..{info.num_rows - 1}); MXNet would silently "
+            "clip it to the nearest valid row. Check the vocabulary size against the Embedding's "
+            "input_dim, or map unknown tokens to an UNK id.")
+
+
+# ---------------------------------------------------------------------------- model walk
+def _walk(model: gluon.Block) -> Iterator[tuple[str, gluon.Block, tuple[gluon.Block, ...]]]:
+    """Every block under ``model`` once, as ``(child path, block, ancestors)``; the path joins
+    the registration names (attribute names, Sequential indices) with dots, '' for the model."""
+    seen: set[int] = set()
+    stack: list[tuple[str, gluon.Block, tuple[gluon.Block, ...]]] = [("", model, ())]
+    while stack:
+        path, blk, anc = stack.pop()
+        if id(blk) in seen:
+            continue
+        seen.add(id(blk))
+        yield path, blk, anc
+        kids = list(blk._children.items())
+        for key, child in reversed(kids):
+            stack.append((f"{path}.{key}" if path else str(key), child, anc + (blk,)))
+
+
+def _ancestors_of(model: gluon.Block, layers: Sequence[Any]) -> list[gluon.Block]:
+    """Every block on any path from ``model`` down to one of ``layers`` (duplicates removed)."""
+    targets = {id(x) for x in layers}
+    out: dict[int, gluon.Block] = {}
+    # a block shared under several parents is reached once by _walk; collect parents directly
+    parents: dict[int, list[gluon.Block]] = {}
+    blocks: dict[int, gluon.Block] = {}
+    for _, blk, _ in _walk(model):
+        blocks[id(blk)] = blk
+        for child in blk._children.values():
+            parents.setdefault(id(child), []).append(blk)
+    todo = [t for t in targets]
+    while todo:
+        for p in parents.get(todo.pop(), []):
+            if id(p) not in out:
+                out[id(p)] = p
+                todo.append(id(p))
+    return list(out.values())
+
+
+# ---------------------------------------------------------------------------- tap
+class _GluonCall(Call):
+    """A recorded lookup; ``grad`` also reads what the user's own ``loss.backward()`` wrote
+    into the capture variable, so ``cap.gradients()`` works after a plain backward."""
+
+    @property  # type: ignore[override]
+    def grad(self) -> Any:
+        g = self.__dict__.get("_grad")
+        if g is not None:
+            return g
+        var = self.meta.get("var")
+        if var is not None and var._fresh_grad:
+            return var.grad
+        return None
+
+    @grad.setter
+    def grad(self, value: Any) -> None:
+        self.__dict__["_grad"] = value
+
+
+class _GluonTap(Tap):
+    def __init__(self) -> None:
+        self._patched: list[gluon.Block] = []
+        self._deactivated: list[gluon.Block] = []
+
+    def remove(self) -> None:
+        for blk in self._patched:
+            blk.__dict__.pop("forward", None)
+        for blk in self._deactivated:
+            object.__setattr__(blk, "_active", True)
+        self._patched, self._deactivated = [], []
+
+    def grad(self, loss, calls, sources=None, retain_graph=False):
+        variables = []
+        for c in calls:
+            var = c.meta.get("var")
+            if var is None:
+                raise EmbgradError(
+                    f"layer {c.info.name!r} ran outside `autograd.record()`, so MXNet kept no graph "
+                    "for it: run the forward (and the loss) inside `with autograd.record():`.")
+            variables.append(var)
+        srcs = [_source_array(s) for s in (sources or [])]
+        train_mode = bool(calls[0].meta.get("train_mode", True)) if calls else True
+        targets = variables + srcs
+        try:
+            grads = autograd.grad(loss, targets, retain_graph=retain_graph, train_mode=train_mode)
+        except MXNetError as e:
+            msg = str(e)
+            if "not in a computational graph" in msg:
+                raise EmbgradError(
+                    "the loss was not recorded by MXNet autograd (computed outside "
+                    "`with autograd.record():`, or under autograd.pause()), so nothing can be "
+                    "differentiated. Compute the loss inside `autograd.record()`.") from None
+            if "unreachable" not in msg:
+                raise
+            # some outputs do not reach the loss: their gradient is zero. Tie every target
+            # to the loss with a zero weight so MXNet can return them all.
+            with autograd.record(train_mode=train_mode):
+                head = loss
+                for t in targets:
+                    term = (t * 0).sum()
+                    head = head + (term.reshape(head.shape) if term.shape != head.shape else term)
+            grads = autograd.grad(head, targets, retain_graph=retain_graph, train_mode=train_mode)
+        grads = list(grads)
+        return grads[:len(variables)], (grads[len(variables):] if sources is not None else None)
+
+
+def _source_array(s: Any) -> Any:
+    """The array autograd differentiates for a ``sources=`` entry (a Parameter or a variable)."""
+    if isinstance(s, gluon.Parameter):
+        if s.grad_req == "null":
+            raise EmbgradError(f"source parameter {s.name!r} has grad_req='null'; MXNet keeps no "
+                               "gradient for it. Set its grad_req to 'write' before the forward.")
+        return s.list_data()[0]
+    if isinstance(s, nd.NDArray):
+        return s
+    raise EmbgradError(f"sources= takes Gluon Parameters or NDArrays marked with attach_grad(), "
+                       f"got {type(s).__name__}.")
+
+
+# ---------------------------------------------------------------------------- backend
+class GluonBackend(Backend):
+    name = "gluon"
+    framework_module = "mxnet"
+    searched_types = "gluon.nn.Embedding and gluon.contrib.nn.SparseEmbedding blocks"
+
+    def is_appropriate(self, obj: Any) -> bool:
+        return isinstance(obj, (nd.NDArray, gluon.Block, gluon.Parameter))
+
+    # ------------------------------------------------------------------ surgery
+    def find_embeddings(self, model: Any) -> dict[str, EmbeddingInfo]:
+        if not isinstance(model, gluon.Block):
+            raise EmbgradError(f"expected an MXNet Gluon Block, got {type(model).__name__}.")
+        if isinstance(model, gluon.SymbolBlock):
+            raise EmbgradError(
+                f"{model.name!r} is a SymbolBlock (a graph imported from a symbol file): it has no "
+                "Python Embedding blocks whose lookups embgrad could record. Capture the Python "
+                "model it was exported from (un-hybridized or hybridized).")
+        owners: dict[int, list[gluon.Block]] = {}
+        blocks = list(_walk(model))
+        for _, blk, _ in blocks:
+            for p in blk._reg_params.values():
+                owners.setdefault(id(p), []).append(blk)
+        infos: dict[str, EmbeddingInfo] = {}
+        for path, blk, _ in blocks:
+            if not isinstance(blk, _embedding_types()):
+                continue
+            w = blk.weight
+            V, D = int(blk._kwargs["input_dim"]), int(blk._kwargs["output_dim"])
+            tied = any(o is not blk for o in owners.get(id(w), []))
+            name = blk.name if blk.name not in infos else f"{blk.name}@{path}"
+            infos[name] = EmbeddingInfo(
+                name=name, layer=blk, num_rows=V, dim=D, tied=tied,
+                frozen=w.grad_req == "null", weight=w,
+                options={"sparse": w._grad_stype == "row_sparse", "path": path})
+        return infos
+
+    def match_name(self, key: str, found: dict[str, EmbeddingInfo]) -> EmbeddingInfo | None:
+        """Also accept the child path (``"encoder.emb"``, ``"0"``) or a name's last part."""
+        for info in found.values():
+            if key == info.options.get("path"):
+                return info
+        hits = [i for i in found.values() if i.name.endswith("_" + key)]
+        return hits[0] if len(hits) == 1 else None
+
+    def install_tap(self, model, infos, on_call):
+        tap = _GluonTap()
+        try:
+            for blk in _ancestors_of(model, [i.layer for i in infos]):
+                if isinstance(blk, gluon.HybridBlock) and blk._active:
+                    object.__setattr__(blk, "_active", False)
+                    tap._deactivated.append(blk)
+            for info in infos:
+                blk = info.layer
+                if "forward" in blk.__dict__:
+                    raise EmbgradError(
+                        f"layer {info.name!r} already has a patched forward (another capture of the "
+                        "same layer is active?); capture contexts on one layer do not nest.")
+                object.__setattr__(blk, "forward", self._forward(info, blk.forward, on_call))
+                tap._patched.append(blk)
+        except BaseException:
+            tap.remove()
+            raise
+        return tap
+
+    @staticmethod
+    def _forward(info: EmbeddingInfo, orig: Callable, on_call: Callable[[Call], Any]) -> Callable:
+        def forward(x, *args):
+            _validate_ids(info, x)
+            out = orig(x, *args)
+            recording = autograd.is_recording()
+            call = _GluonCall(info=info, ids=x, output=out, grad_enabled=recording)
+            call.meta["train_mode"] = autograd.is_training()
+            replaced = on_call(call)
+            if replaced is not None:
+                if tuple(replaced.shape) != tuple(out.shape):
+                    raise EmbgradError(
+                        f"layer {info.name!r}: the replacement output has shape "
+                        f"{tuple(replaced.shape)}, the layer's is {tuple(out.shape)}.")
+                out = replaced
+            if recording:
+                var = _zeros_like_var(out)
+                out = out + var
+                call.meta["var"] = var
+                call.output = out
+            return out
+        return forward
+
+    def coupling_layers(self, model):
+        from mxnet.gluon.nn import BatchNorm
+        return [blk.name for _, blk, _ in _walk(model)
+                if isinstance(blk, BatchNorm) and not blk._kwargs.get("use_global_stats", False)]
+
+    def scalar_loss(self, loss):
+        if not isinstance(loss, nd.NDArray):
+            raise EmbgradError(f"loss must be a scalar MXNet NDArray, got {type(loss).__name__}.")
+        if loss.size != 1:
+            raise EmbgradError(
+                f"loss must be a scalar, got an array of shape {tuple(loss.shape)}; reduce it with "
+                ".sum() or .mean() and pass loss_reduction='sum' or 'mean' accordingly.")
+        return loss
+
+    # ------------------------------------------------------------------ tensor primitives
+    def to_numpy(self, x):
+        if isinstance(x, np.ndarray):
+            return x
+        return x.asnumpy()
+
+    def from_numpy(self, a, like=None):
+        a = np.ascontiguousarray(a)
+        with _np_shape():
+            return _mnp.array(a, dtype=a.dtype, ctx=_ctx(like))
+
+    def dtype_name(self, x):
+        return np.dtype(x.dtype).name
+
+    def cast(self, x, dtype):
+        x = _as_np(x)
+        return x if np.dtype(x.dtype).name == dtype else x.astype(dtype)
+
+    def reshape(self, x, shape):
+        with _np_shape():
+            return _as_np(x).reshape(tuple(shape))
+
+    def arange(self, n, like):
+        return _mnp.arange(n, dtype="int64", ctx=_ctx(like))
+
+    def zeros(self, shape, dtype, like):
+        with _np_shape():
+            return _mnp.zeros(tuple(shape), dtype=dtype, ctx=_ctx(like))
+
+    def concat(self, xs, axis=0):
+        with _np_shape():
+            return _mnp.concatenate([_as_np(x) for x in xs], axis=axis)
+
+    def floordiv(self, x, n):
+        # legacy integer division truncates in the integer dtype; mxnet.numpy would go
+        # through float (inexact above 2**24). Exact floor for the non-negative ids used here.
+        return (_as_nd(_as_np(x)) / int(n)).as_np_ndarray()
+
+    def unique(self, x):
+        with _np_shape():
+            u, inv = _mnp.unique(_as_np(x), return_inverse=True)
+        return u, inv
+
+    def segment_sum(self, data, segment_ids, num_segments):
+        data = _as_np(data)
+        shape = (int(num_segments),) + tuple(data.shape[1:])
+        if data.shape[0] == 0:
+            return self.zeros(shape, self.dtype_name(data), data)
+        # the backward of gather_nd accumulates duplicate indices: a segment sum
+        out = nd._internal._backward_gather_nd(
+            _as_nd(data), _as_nd(_as_np(segment_ids)).reshape((1, -1)), shape=shape)
+        return out.as_np_ndarray()
+
+    def gather(self, x, idx):
+        with _np_shape():
+            return _mnp.take(_as_np(x), _as_np(idx), axis=0)
+
+    def boolean_mask(self, x, mask):
+        with _np_shape():
+            return _as_np(x)[_as_np(mask).astype("bool")]
+
+    def where(self, cond, a, b):
+        return _mnp.where(_as_np(cond), _as_np(a), _as_np(b))
+
+    def sqrt(self, x):
+        return _mnp.sqrt(_as_np(x))
+
+    def sum(self, x, axis=None):
+        if axis is None:  # shape (1,): outside NumPy-shape mode MXNet reads () as "unknown"
+            return nd.sum(_as_nd(_as_np(x))).as_np_ndarray()
+        return _mnp.sum(_as_np(x), axis=axis)
+
+    def minimum(self, x, y):
+        return _mnp.minimum(_as_np(x), y if isinstance(y, (int, float)) else _as_np(y))
+
+    def maximum(self, x, y):
+        return _mnp.maximum(_as_np(x), y if isinstance(y, (int, float)) else _as_np(y))
+
+    def argsort(self, x):
+        # MXNet's sorts are not stable: break ties by position
+        x = _as_np(x)
+        return _mnp.lexsort((_mnp.arange(x.shape[0], dtype="int64", ctx=x.context), x))
+
+    def searchsorted(self, sorted_seq, values, right=False):
+        return _mnp.searchsorted(_as_np(sorted_seq), _as_np(values),
+                                 side="right" if right else "left").astype("int64")
+
+    def repeat(self, x, counts):
+        x, counts = _as_np(x), _as_np(counts).astype("int64")
+        total = int(counts.sum()) if counts.shape[0] else 0
+        if total == 0:
+            return self.zeros((0,) + tuple(x.shape[1:]), self.dtype_name(x), x)
+        ends = _mnp.cumsum(counts)
+        src = _mnp.searchsorted(ends, _mnp.arange(total, dtype="int64", ctx=x.context), side="right")
+        return self.gather(x, src.astype("int64"))
+
+    def cumsum(self, x):
+        return _mnp.cumsum(_as_np(x), axis=0)
+
+    def scatter_rows(self, rows, values, num_rows):
+        return self.segment_sum(values, rows, num_rows)  # rows are unique
+
+    def count_nonfinite(self, x):
+        x = _as_np(x)
+        if x.size == 0:
+            return 0
+        return int((~_mnp.isfinite(x)).sum())
+
+    def minmax(self, x):
+        flat = _as_nd(_as_np(x)).reshape((-1,))
+        return int(nd.min(flat).asscalar()), int(nd.max(flat).asscalar())
+
+    def row_grad_parts(self, g):
+        if not isinstance(g, nd.NDArray):
+            raise EmbgradError(f"row_grad() expected an MXNet NDArray, got {type(g).__name__}.")
+        if len(g.shape) != 2:
+            raise EmbgradError(f"row_grad(): a table gradient must be (V, D), got shape {tuple(g.shape)}.")
+        V, D = int(g.shape[0]), int(g.shape[1])
+        if g.stype == "row_sparse":
+            if g.indices.shape[0] == 0:
+                return (*self._no_rows(g, D), V)
+            return g.indices.as_np_ndarray(), g.data.as_np_ndarray(), V
+        if g.stype != "default":
+            raise EmbgradError(f"row_grad(): unsupported storage type {g.stype!r}; pass a dense or "
+                               "row_sparse gradient (g.tostype('row_sparse')).")
+        x = _as_np(g)
+        nonzero = (x != 0).astype("float32").sum(1) > 0
+        if not bool(nonzero.any()):
+            return (*self._no_rows(g, D), V)
+        return self.boolean_mask(self.arange(V, x), nonzero), self.boolean_mask(x, nonzero), V
+
+    def _no_rows(self, g: Any, D: int) -> tuple[Any, Any]:
+        # an all-zero gradient: one explicit zero row (legacy MXNet operators cannot handle
+        # zero-size arrays outside NumPy-shape mode)
+        rows = _mnp.zeros((1,), dtype="int64", ctx=g.context)
+        return rows, _mnp.zeros((1, D), dtype=np.dtype(g.dtype).name, ctx=g.context)
+
+    def no_grad(self):
+        return autograd.pause()
