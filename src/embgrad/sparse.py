@@ -10,6 +10,7 @@ their (N, D) values: example b holds only the rows it looked up.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -28,11 +29,22 @@ def _accum_dtype(backend: Backend, x: Any) -> str:
     return "float64" if name == "float64" else "float32"
 
 
-def _coalesce(backend: Backend, keys: Any, values: Any) -> tuple[Any, Any]:
+def _coalesce_impl(backend: Backend, keys: Any, values: Any) -> tuple[Any, Any]:
     """Unique sorted keys (int64) and the segment sums of their values."""
     uniq, inv = backend.unique(keys)
     n = backend.shape(uniq)[0]
     return uniq, backend.segment_sum(values, inv, n)
+
+
+def _compiled(backend: Backend, fn: Any) -> Any:
+    """``fn(backend, ...)`` compiled by the backend (a cached tf.function under TensorFlow;
+    unchanged elsewhere). ``fn`` must be a pure function of tensors and Python constants."""
+    return backend.compile(functools.partial(fn, backend))
+
+
+def _coalesce(backend: Backend, keys: Any, values: Any) -> tuple[Any, Any]:
+    """Unique sorted keys (int64) and the segment sums of their values (compiled)."""
+    return _compiled(backend, _coalesce_impl)(keys, values)
 
 
 class RowGrad:
@@ -268,18 +280,25 @@ def coalesce_lookups(backend: Backend, example_ids: Any, ids: Any, grads: Any, n
 
     The one hot path of capture: a unique over N keys and a segment sum of (N, D) values.
     """
-    b = backend
+    out = _compiled(backend, _coalesce_lookups_impl)(example_ids, ids, grads, num_rows, per_example)
+    if not per_example:
+        return RowGrad(*out, num_rows, backend)
+    return ExampleGrads(*out, batch_size, num_rows, backend)
+
+
+def _coalesce_lookups_impl(b: Backend, example_ids: Any, ids: Any, grads: Any, num_rows: int,
+                           per_example: bool) -> tuple[Any, ...]:
+    """The pure tensor part of :func:`coalesce_lookups`: ``(rows, values)``, or
+    ``(example_ids, rows, values)`` when ``per_example``; compiled under TensorFlow."""
     acc = _accum_dtype(b, grads)
     if b.dtype_name(grads) != acc:
         grads = b.cast(grads, acc)
     if not per_example:
-        rows, values = _coalesce(b, ids, grads)
-        return RowGrad(rows, values, num_rows, b)
+        return _coalesce_impl(b, ids, grads)
     keys = example_ids * num_rows + ids
-    uniq, values = _coalesce(b, keys, grads)
+    uniq, values = _coalesce_impl(b, keys, grads)
     ex = b.floordiv(uniq, num_rows)
-    rows = uniq - ex * num_rows
-    return ExampleGrads(ex, rows, values, batch_size, num_rows, b)
+    return ex, uniq - ex * num_rows, values
 
 
 def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example: bool = False,

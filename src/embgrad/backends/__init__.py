@@ -19,6 +19,7 @@ __all__ = ["get_backend", "Backend", "Call", "EmbeddingInfo", "Tap"]
 # Keras layers on the torch backend are also torch Modules, so Keras is asked first.
 _CANDIDATES = [
     ("keras", "embgrad.backends.keras", "KerasBackend"),
+    ("tf_keras", "embgrad.backends.keras", "KerasBackend"),   # Keras 2 (TF_USE_LEGACY_KERAS=1)
     ("tensorflow", "embgrad.backends.tensorflow", "TensorFlowBackend"),
     ("torch", "embgrad.backends.torch", "TorchBackend"),
     ("mxnet", "embgrad.backends.gluon", "GluonBackend"),

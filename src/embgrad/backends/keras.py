@@ -1,0 +1,336 @@
+"""Keras backend: Keras 3 on TensorFlow and on PyTorch, and tf-keras (Keras 2).
+
+Finds ``Embedding`` layers (also ``ReversibleEmbedding``, LoRA-enabled and nested ones, named
+by ``layer.name``; a ``/``-joined path of layer names also works), and taps them reversibly:
+Keras layers have no forward hooks, so the tap *shadows* the instance's ``call`` (an instance
+attribute that :meth:`Tap.remove` deletes again, also when the forward raises). A reverse call
+of a ``ReversibleEmbedding`` (the tied output projection) passes through unrecorded, so the
+layer's ``weight_grad`` is its lookup part only.
+
+Gradients: on TensorFlow a persistent ``tf.GradientTape`` opened with the tap records the
+forward (and the trainable variables it reads, for ``sources=``); on PyTorch the tensors are
+torch tensors and the torch backend's autograd machinery and primitives are reused. Tensor
+primitives come from :class:`~embgrad.backends.tensorflow.TensorFlowBackend` or
+:class:`~embgrad.backends.torch.TorchBackend` (``KerasBackend()`` returns the subclass that
+matches the running Keras backend), never a copy.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Sequence
+
+from ..errors import EmbgradError
+from .base import Backend, Call, EmbeddingInfo, Tap
+
+__all__ = ["KerasBackend", "lora_gradients"]
+
+
+def _keras3() -> Any:
+    return sys.modules.get("keras") if "keras" in sys.modules else None
+
+
+def _keras3_backend() -> str | None:
+    k = _keras3()
+    if k is None:
+        return None
+    try:
+        return k.backend.backend()
+    except AttributeError:  # a partially imported keras
+        return None
+
+
+def _keras_classes(name: str) -> tuple[type, ...]:
+    """``keras.layers.<name>`` of Keras 3 and of tf-keras, for those already imported."""
+    mods = [_keras3(), sys.modules.get("tf_keras")]
+    return tuple(getattr(m.layers, name) for m in mods if m is not None and hasattr(m, "layers"))
+
+
+def _layer_types() -> tuple[type, ...]:
+    return _keras_classes("Layer")
+
+
+def _embedding_types() -> tuple[type, ...]:
+    return _keras_classes("Embedding")
+
+
+def _children(layer: Any) -> list[Any]:
+    try:
+        return list(layer._flatten_layers(include_self=False, recursive=False))
+    except (AttributeError, TypeError):
+        return list(getattr(layer, "_layers", []) or [])
+
+
+def _own_variables(layer: Any) -> list[Any]:
+    """Variables a layer created itself (not its sublayers')."""
+    own = []
+    for attr in ("_trainable_variables", "_non_trainable_variables",  # Keras 3
+                 "_trainable_weights", "_non_trainable_weights"):      # tf-keras
+        own.extend(getattr(layer, attr, None) or [])
+    return own
+
+
+def _table_variable(layer: Any) -> Any:
+    if not getattr(layer, "built", False):
+        return None
+    # Keras 3 keeps the variable in ``_embeddings`` (``embeddings`` adds LoRA); tf-keras in ``embeddings``
+    var = getattr(layer, "_embeddings", None)
+    return var if var is not None else getattr(layer, "embeddings", None)
+
+
+class _Patch:
+    """An instance attribute shadowing a method; ``remove()`` puts the instance back exactly."""
+
+    _MISSING = object()
+
+    def __init__(self, obj: Any, attr: str, fn: Callable) -> None:
+        self.obj, self.attr, self.fn = obj, attr, fn
+        self.prev = obj.__dict__.get(attr, self._MISSING)
+        object.__setattr__(obj, attr, fn)   # bypass Keras/torch attribute tracking
+
+    def remove(self) -> None:
+        d = self.obj.__dict__
+        if d.get(self.attr, None) is self.fn:
+            if self.prev is self._MISSING:
+                del d[self.attr]
+            else:
+                object.__setattr__(self.obj, self.attr, self.prev)
+
+
+class KerasBackend(Backend):
+    """Keras models and layers. ``KerasBackend()`` is a TensorFlow- or torch-flavoured instance."""
+
+    name = "keras"
+    framework_module = "keras"
+    searched_types = "keras.layers.Embedding (and subclasses such as ReversibleEmbedding, tf-keras Embedding)"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "KerasBackend":
+        if cls is KerasBackend:
+            cls = _keras_on_torch() if _keras3_backend() == "torch" else _keras_on_tensorflow()
+        return super().__new__(cls)
+
+    def is_appropriate(self, obj: Any) -> bool:
+        if isinstance(obj, _layer_types()):
+            return True
+        k = _keras3()
+        return k is not None and hasattr(k, "Variable") and isinstance(obj, k.Variable)
+
+    # ------------------------------------------------------------------ finding layers
+    def find_embeddings(self, model: Any) -> dict[str, EmbeddingInfo]:
+        if not isinstance(model, _layer_types()):
+            raise EmbgradError(f"expected a Keras model or layer, got {type(model).__name__}.")
+        found: list[tuple[str, Any]] = []   # (path, layer), depth first, each layer once
+        seen: set[int] = set()
+
+        def walk(layer: Any, path: str) -> None:
+            if id(layer) in seen:
+                return
+            seen.add(id(layer))
+            if isinstance(layer, _embedding_types()):
+                found.append((path, layer))
+            for child in _children(layer):
+                walk(child, f"{path}/{child.name}" if path else child.name)
+
+        walk(model, "" if not isinstance(model, _embedding_types()) else model.name)
+        owners: dict[int, list[Any]] = {}
+        if found:
+            for layer in [model] + _all_layers(model):
+                for v in _own_variables(layer):
+                    owners.setdefault(id(v), []).append(layer)
+        counts: dict[str, int] = {}
+        for _, layer in found:
+            counts[layer.name] = counts.get(layer.name, 0) + 1
+        infos: dict[str, EmbeddingInfo] = {}
+        for path, layer in found:
+            name = layer.name if counts[layer.name] == 1 else path
+            infos[name] = self._info(name, path, layer, owners)
+        return infos
+
+    def _info(self, name: str, path: str, layer: Any, owners: dict[int, list[Any]]) -> EmbeddingInfo:
+        var = _table_variable(layer)
+        shared = var is not None and any(o is not layer for o in owners.get(id(var), []))
+        reversible = hasattr(layer, "tie_weights")
+        tied = bool(reversible and layer.tie_weights) or shared
+        if getattr(layer, "sparse", False):
+            raise EmbgradError(
+                f"layer {name!r} has sparse=True (its output is a tf.SparseTensor); embgrad taps "
+                "dense lookups. Use sparse=False (the table gradient stays sparse either way).")
+        lora = bool(getattr(layer, "lora_enabled", False))
+        options = {
+            "path": path,
+            "mask_zero": bool(getattr(layer, "mask_zero", False)),
+            "lora": lora,
+            "reversible": reversible,
+            "quantization_mode": getattr(layer, "quantization_mode", None),
+            "keras": "tf_keras" if type(layer).__module__.startswith("tf_keras") else "keras",
+        }
+        if lora:
+            options["lora_scale"] = float(layer.lora_alpha) / float(layer.lora_rank)
+        return EmbeddingInfo(
+            name=name, layer=layer, num_rows=int(layer.input_dim), dim=int(layer.output_dim),
+            kind="embedding", padding_idx=None, tied=tied, frozen=not layer.trainable,
+            weight=var, options=options)
+
+    def match_name(self, key: str, found: dict[str, EmbeddingInfo]) -> EmbeddingInfo | None:
+        """A nested path (``"encoder/token_embedding"``, optionally led by the model's name)."""
+        key = key.strip("/")
+        hits = [i for i in found.values()
+                if i.options.get("path") == key or i.options.get("path", "").endswith("/" + key)
+                or key.endswith("/" + i.options.get("path", "\0"))]
+        return hits[0] if len(hits) == 1 else None
+
+    # ------------------------------------------------------------------ the tap
+    def install_tap(self, model: Any, infos: Sequence[EmbeddingInfo],
+                    on_call: Callable[[Call], Any]) -> Tap:
+        tap = self._open_tap()
+        try:
+            for info in infos:
+                layer = info.layer
+                attr = "quantized_call" if info.options.get("quantization_mode") else "call"
+                patch = _Patch(layer, attr, self._shadow(tap, info, getattr(layer, attr), on_call))
+                self._add_patch(tap, patch)
+        except BaseException:
+            tap.remove()
+            raise
+        return tap
+
+    def _shadow(self, tap: Tap, info: EmbeddingInfo, inner: Callable, on_call: Callable) -> Callable:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("reverse") or (len(args) > 1 and args[1] is True):
+                return inner(*args, **kwargs)          # the tied output projection: not a lookup
+            ids = args[0] if args else kwargs.get("inputs")
+            self._check(info, ids)
+            out = inner(*args, **kwargs)
+            out, grad_enabled = self._record(tap, info, out)
+            call_ = Call(info=info, ids=ids, output=out, grad_enabled=grad_enabled)
+            self._on_grad(call_)
+            replaced = on_call(call_)
+            if replaced is not None:
+                call_.meta["original_output"] = out
+                call_.output, _ = self._record(tap, info, replaced)
+                self._on_grad(call_)
+                return call_.output
+            return out
+        return call
+
+    # hooks the flavours fill in
+    def _check(self, info: EmbeddingInfo, ids: Any) -> None:
+        """EmbgradError unless ``ids`` are integer ids in range (before Keras casts or wraps them)."""
+        raise NotImplementedError
+
+    def _open_tap(self) -> Tap:
+        raise NotImplementedError
+
+    def _add_patch(self, tap: Tap, patch: _Patch) -> None:
+        raise NotImplementedError
+
+    def _record(self, tap: Tap, info: EmbeddingInfo, out: Any) -> tuple[Any, bool]:
+        """Make ``out`` differentiable-against; returns (tensor to use, grad recording on)."""
+        raise NotImplementedError
+
+    def _on_grad(self, call: Call) -> None:
+        """Arrange for ``call.grad`` to be set by the user's own backward (torch only)."""
+
+
+def _all_layers(model: Any) -> list[Any]:
+    try:
+        return list(model._flatten_layers(include_self=False, recursive=True))
+    except (AttributeError, TypeError):
+        return []
+
+
+_FLAVOURS: dict[str, type] = {}
+
+
+def _keras_on_tensorflow() -> type:
+    """KerasBackend with TensorFlow primitives and a persistent GradientTape (built lazily:
+    importing it imports TensorFlow)."""
+    if "tensorflow" not in _FLAVOURS:
+        import tensorflow as tf
+
+        from .tensorflow import TapeTap, TensorFlowBackend
+
+        class KerasTensorFlowBackend(KerasBackend, TensorFlowBackend):
+            def _check(self, info, ids):
+                self.check_ids(ids, info.num_rows, f"Keras layer {info.name!r}")
+
+            def _open_tap(self) -> Tap:
+                return TapeTap()
+
+            def _add_patch(self, tap, patch):
+                tap.on_remove(patch.remove)
+
+            def _record(self, tap, info, out):
+                if not isinstance(out, tf.Tensor):
+                    raise EmbgradError(
+                        f"Keras layer {info.name!r} returned a {type(out).__name__}; embgrad taps "
+                        "dense lookups (pass dense int ids, not a SparseTensor/RaggedTensor).")
+                tap.watch(out)
+                return out, True
+
+        _FLAVOURS["tensorflow"] = KerasTensorFlowBackend
+    return _FLAVOURS["tensorflow"]
+
+
+def _keras_on_torch() -> type:
+    """KerasBackend for ``KERAS_BACKEND=torch``: torch primitives and autograd."""
+    if "torch" not in _FLAVOURS:
+        import torch
+
+        from .torch import TorchBackend, _TorchTap, _validate_ids
+
+        class _KerasTorchTap(_TorchTap):
+            def grad(self, loss, calls, sources=None, retain_graph=False):
+                if sources is not None:
+                    sources = [getattr(s, "value", s) if not isinstance(s, torch.Tensor) else s
+                               for s in sources]
+                return super().grad(loss, calls, sources, retain_graph)
+
+        class KerasTorchBackend(KerasBackend, TorchBackend):
+            def _check(self, info, ids):
+                _validate_ids(info, ids, "input ids")
+
+            def _open_tap(self) -> Tap:
+                return _KerasTorchTap([])
+
+            def _add_patch(self, tap, patch):
+                tap._handles.append(patch)
+
+            def _record(self, tap, info, out):
+                grad_enabled = torch.is_grad_enabled()
+                if grad_enabled and not out.requires_grad:   # frozen table: a leaf to differentiate
+                    out = out.detach().requires_grad_(True)
+                return out, grad_enabled
+
+            def _on_grad(self, call):
+                if call.grad_enabled and call.output.requires_grad:
+                    def store(g, call=call):
+                        call.grad = g
+                    call.output.register_hook(store)
+
+        _FLAVOURS["torch"] = KerasTorchBackend
+    return _FLAVOURS["torch"]
+
+
+def lora_gradients(layer_grads: Any) -> tuple[Any, Any]:
+    """Gradients of a LoRA-enabled Keras ``Embedding``'s two factors from its lookup gradient.
+
+    The layer looks up ``E = W + s · A @ B`` (``s = lora_alpha / lora_rank``, A (V, r), B (r, D),
+    W frozen). With G the (sparse) gradient of E, ``dA = s · G @ Bᵀ`` touches only G's rows and
+    is returned as a :class:`~embgrad.RowGrad` of the (V, r) table A; ``dB = s · A[rows]ᵀ @ G``
+    is a dense (r, D) tensor. Cost O(R · r · D), never O(V · D).
+    """
+    from ..sparse import RowGrad
+
+    info = layer_grads.info
+    if not info.options.get("lora"):
+        raise EmbgradError(f"layer {info.name!r} has no LoRA enabled (layer.enable_lora(rank)).")
+    from keras import ops
+
+    layer, s = info.layer, info.options["lora_scale"]
+    g = layer_grads.weight_grad
+    b = g._backend
+    a_var = b.cast(ops.convert_to_tensor(layer.lora_embeddings_a), b.dtype_name(g.values))
+    b_var = b.cast(ops.convert_to_tensor(layer.lora_embeddings_b), b.dtype_name(g.values))
+    d_a = ops.matmul(g.values, ops.transpose(b_var)) * s
+    d_b = ops.matmul(ops.transpose(b.gather(a_var, g.rows)), g.values) * s
+    return RowGrad(g.rows, d_a, info.num_rows, b), d_b

@@ -1,0 +1,309 @@
+"""TensorFlow backend: the tensor primitives over ``tf.Tensor`` / ``tf.Variable`` /
+``tf.IndexedSlices``, a ``tf.function`` compiler for the sparse hot path, and a persistent
+``tf.GradientTape`` tap that the Keras backend (``embgrad.backends.keras``) builds on.
+
+Raw TensorFlow has no embedding *layers* to tap: code that calls ``tf.nn.embedding_lookup`` on
+its own ``tf.Variable`` uses ``embgrad.rows_from_lookups(ids, tape.gradient(loss, looked_up), V)``
+or ``embgrad.row_grad(tape.gradient(loss, table))`` (an ``IndexedSlices``, never densified).
+
+Inside ``tf.function`` (graph mode) values are not known while tracing: shapes that are not
+static come back as scalar tensors, and the checks that need values (ids in range, gradients
+finite) become run-time assertions (``tf.errors.InvalidArgumentError`` carrying embgrad's
+message) instead of an immediate :class:`~embgrad.EmbgradError`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from ..errors import EmbgradError
+from .base import Backend, Call, Tap
+
+__all__ = ["TensorFlowBackend", "TapeTap"]
+
+_TF_TYPES = (tf.Tensor, tf.Variable, tf.IndexedSlices, tf.RaggedTensor, tf.SparseTensor)
+
+
+def is_symbolic(x: Any) -> bool:
+    """True for a graph tensor traced inside ``tf.function`` (no value yet)."""
+    return isinstance(x, tf.Tensor) and not hasattr(x, "numpy")
+
+
+class TapeTap(Tap):
+    """A tap whose gradients come from one persistent ``tf.GradientTape``.
+
+    The tape is opened when the tap is installed (so it records the whole forward pass and
+    watches the trainable variables it reads, for ``sources=``) and stops recording in
+    :meth:`remove`; :meth:`grad` differentiates after that. ``restore`` callbacks undo the
+    patches of the model (run first, also when the forward raised).
+    """
+
+    def __init__(self) -> None:
+        self.tape = tf.GradientTape(persistent=True)
+        self.tape.__enter__()
+        self._recording = True
+        self._restore: list[Callable[[], None]] = []
+
+    def on_remove(self, fn: Callable[[], None]) -> None:
+        self._restore.append(fn)
+
+    def watch(self, x: Any) -> None:
+        if self._recording:
+            self.tape.watch(x)
+
+    def remove(self) -> None:
+        restore, self._restore = self._restore, []
+        try:
+            for fn in reversed(restore):
+                fn()
+        finally:
+            if self._recording:
+                self._recording = False
+                self.tape.__exit__(None, None, None)
+
+    def grad(self, loss, calls, sources=None, retain_graph=False):
+        outputs = [c.output for c in calls]
+        srcs = [_unwrap_variable(s) for s in (sources or [])]
+        try:
+            grads = self.tape.gradient(loss, outputs + srcs)
+        except (TypeError, ValueError) as e:
+            raise EmbgradError(f"TensorFlow could not differentiate the loss: {e}") from e
+        out_grads = grads[:len(outputs)]
+        if all(g is None for g in out_grads):
+            raise EmbgradError(
+                "the loss does not depend on any recorded embedding output: compute the loss INSIDE "
+                "the `with embgrad.capture(model) as cap:` block (TensorFlow's tape only records "
+                "while the capture is active), from the outputs of the model called in that block.")
+        out = [tf.zeros_like(o) if g is None else _densify_slices(g) for o, g in zip(outputs, out_grads)]
+        src = list(grads[len(outputs):]) if sources is not None else None
+        return out, src
+
+
+def _unwrap_variable(v: Any) -> Any:
+    """A Keras 3 ``Variable`` differentiates through its backing ``tf.Variable``."""
+    inner = getattr(v, "value", None)
+    if not isinstance(v, (tf.Tensor, tf.Variable)) and isinstance(inner, (tf.Tensor, tf.Variable)):
+        return inner
+    return v
+
+
+def _densify_slices(g: Any) -> Any:
+    # dLoss/d(output) is dense by nature; an IndexedSlices here (a gather downstream of the
+    # lookup) covers an (B, T, D) tensor, never a table, so densifying it costs O(B·T·D).
+    return tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+
+
+class TensorFlowBackend(Backend):
+    """Primitives over TensorFlow tensors, eager or inside ``tf.function``."""
+
+    name = "tensorflow"
+    framework_module = "tensorflow"
+
+    def __init__(self) -> None:
+        self._compiled: dict[Any, Callable] = {}
+
+    def is_appropriate(self, obj: Any) -> bool:
+        return isinstance(obj, _TF_TYPES)
+
+    # ------------------------------------------------------------------ surgery
+    def find_embeddings(self, model: Any) -> dict:
+        raise EmbgradError(
+            f"{type(model).__name__} is not a Keras model or layer, and raw TensorFlow has no "
+            "embedding layers to tap. For your own tf.nn.embedding_lookup on a tf.Variable use "
+            "embgrad.rows_from_lookups(ids, tape.gradient(loss, looked_up), num_rows) or "
+            "embgrad.row_grad(tape.gradient(loss, table)).")
+
+    def install_tap(self, model, infos, on_call):
+        raise EmbgradError("raw TensorFlow has no layers to tap; pass a Keras model to capture().")
+
+    def scalar_loss(self, loss: Any) -> Any:
+        if not isinstance(loss, (tf.Tensor, tf.Variable)):
+            raise EmbgradError(f"loss must be a scalar tf.Tensor, got {type(loss).__name__}.")
+        if loss.shape.rank is not None and loss.shape.num_elements() not in (None, 1):
+            raise EmbgradError(
+                f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}; reduce it with "
+                "tf.reduce_sum or tf.reduce_mean and pass loss_reduction='sum' or 'mean' accordingly.")
+        if not loss.dtype.is_floating:
+            raise EmbgradError(f"loss must be a floating-point scalar, got dtype {loss.dtype.name}.")
+        return loss   # not reshaped: a new op after the tape stopped would cut the loss off
+
+    # ------------------------------------------------------------------ checks
+    def check_ids(self, ids: Any, num_rows: int, where: str) -> None:
+        """EmbgradError unless ``ids`` are integers in ``[0, num_rows)`` (a run-time assertion
+        in graph mode). ``where`` names the layer for the message."""
+        if isinstance(ids, tf.RaggedTensor):
+            raise EmbgradError(
+                f"{where}: ids are a tf.RaggedTensor (examples of different lengths); pad them to "
+                "a dense (B, T) tensor (e.g. ids.to_tensor(default_value=PAD)) and mask the padding.")
+        if not isinstance(ids, (tf.Tensor, tf.Variable)):
+            ids = tf.convert_to_tensor(ids)
+        dt = ids.dtype
+        if not dt.is_integer:
+            raise EmbgradError(
+                f"{where}: ids have dtype {dt.name}, but an embedding looks up integer ids (Keras "
+                f"would silently truncate them). Cast them with tf.cast(ids, 'int32') after checking "
+                f"they are whole numbers in [0, {num_rows}).")
+        if ids.shape.num_elements() == 0:
+            raise EmbgradError(f"{where}: empty batch (ids of shape {tuple(ids.shape)}); there is "
+                               "nothing to look up. Pass at least one example with one token.")
+        msg = (f"{where}: an id is out of range for a table of {num_rows} rows (valid ids are "
+               f"0..{num_rows - 1}). Check the tokenizer's vocabulary size against the layer's "
+               "input_dim, or map unknown tokens to an UNK id. (Keras wraps negative ids and "
+               "TensorFlow on GPU returns zeros for out-of-range ids: embgrad refuses both.)")
+        if is_symbolic(ids):
+            flat = tf.reshape(ids, (-1,))
+            tf.debugging.assert_non_negative(flat, message=msg)
+            tf.debugging.assert_less(flat, tf.cast(num_rows, flat.dtype), message=msg)
+            return
+        lo, hi = self.minmax(tf.reshape(ids, (-1,)))
+        if lo < 0 or hi >= num_rows:
+            bad = lo if lo < 0 else hi
+            pos = tuple(int(i) for i in tf.where(ids == bad)[0].numpy())
+            raise EmbgradError(
+                f"{where}: id {bad} at position {pos} is out of range for a table of {num_rows} rows "
+                f"(valid ids are 0..{num_rows - 1}). Check the tokenizer's vocabulary size against "
+                "the layer's input_dim, or map unknown tokens to an UNK id. (Keras would wrap a "
+                "negative id, and TensorFlow on GPU returns zeros for out-of-range ids.)")
+
+    # ------------------------------------------------------------------ tensor primitives
+    def to_numpy(self, x):
+        if isinstance(x, np.ndarray):
+            return x
+        if isinstance(x, tf.IndexedSlices):
+            raise EmbgradError("to_numpy() of a tf.IndexedSlices: use embgrad.row_grad(g).numpy().")
+        x = _unwrap_variable(x)
+        if x.dtype == tf.bfloat16:
+            x = tf.cast(x, tf.float32)
+        return x.numpy()
+
+    def from_numpy(self, a, like=None):
+        dev = getattr(like, "device", None) if isinstance(like, (tf.Tensor, tf.Variable)) else None
+        if dev:
+            with tf.device(dev):
+                return tf.constant(a)
+        return tf.constant(a)
+
+    def shape(self, x):
+        """Static dims as ints; dims unknown while tracing a ``tf.function`` as scalar tensors."""
+        static = x.shape.as_list()
+        if None not in static:
+            return tuple(static)
+        dyn = tf.shape(x, out_type=tf.int64)
+        return tuple(s if s is not None else dyn[i] for i, s in enumerate(static))
+
+    def dtype_name(self, x):
+        return x.dtype.name
+
+    def cast(self, x, dtype):
+        return tf.cast(x, dtype)
+
+    def reshape(self, x, shape):
+        return tf.reshape(x, shape)
+
+    def arange(self, n, like):
+        return tf.range(tf.cast(n, tf.int64), dtype=tf.int64)
+
+    def zeros(self, shape, dtype, like):
+        return tf.zeros(shape, dtype=dtype)
+
+    def concat(self, xs, axis=0):
+        return tf.concat(list(xs), axis)
+
+    def unique(self, x):
+        # tf.unique keeps first-occurrence order: sort the (few) unique values and remap.
+        u, idx = tf.unique(x, out_idx=tf.int64)
+        order = tf.argsort(u, stable=True)
+        rank = tf.math.invert_permutation(order)
+        return tf.gather(u, order), tf.gather(tf.cast(rank, tf.int64), idx)
+
+    def segment_sum(self, data, segment_ids, num_segments):
+        return tf.math.unsorted_segment_sum(data, segment_ids, num_segments)
+
+    def gather(self, x, idx):
+        return tf.gather(x, idx)
+
+    def boolean_mask(self, x, mask):
+        return tf.boolean_mask(x, mask)
+
+    def where(self, cond, a, b):
+        return tf.where(cond, a, b)
+
+    def sqrt(self, x):
+        return tf.sqrt(x)
+
+    def sum(self, x, axis=None):
+        return tf.reduce_sum(x, axis)
+
+    def minimum(self, x, y):
+        return tf.minimum(x, tf.cast(y, x.dtype))
+
+    def maximum(self, x, y):
+        return tf.maximum(x, tf.cast(y, x.dtype))
+
+    def argsort(self, x):
+        return tf.cast(tf.argsort(x, stable=True), tf.int64)
+
+    def searchsorted(self, sorted_seq, values, right=False):
+        return tf.searchsorted(sorted_seq, values, side="right" if right else "left", out_type=tf.int64)
+
+    def repeat(self, x, counts):
+        return tf.repeat(x, counts)
+
+    def cumsum(self, x):
+        return tf.cumsum(x, 0)
+
+    def scatter_rows(self, rows, values, num_rows):
+        shape = tf.concat([tf.cast([num_rows], tf.int64), tf.shape(values, out_type=tf.int64)[1:]], 0)
+        return tf.scatter_nd(tf.reshape(rows, (-1, 1)), values, shape)
+
+    def count_nonfinite(self, x):
+        if is_symbolic(x):
+            # graph mode: the value is not known yet; assert at run time instead
+            tf.debugging.assert_all_finite(
+                x, "embgrad: a gradient holds NaN/Inf values; the loss or the model diverged "
+                   "(or a float16 loss was scaled too far).")
+            return 0
+        if not x.dtype.is_floating:
+            return 0
+        return int(tf.reduce_sum(tf.cast(~tf.math.is_finite(x), tf.int64)))
+
+    def minmax(self, x):
+        return int(tf.reduce_min(x)), int(tf.reduce_max(x))
+
+    def row_grad_parts(self, g):
+        if isinstance(g, tf.IndexedSlices):
+            values = g.values
+            if values.shape.rank != 2:
+                raise EmbgradError(f"row_grad(): IndexedSlices values must be (N, D), got shape "
+                                   f"{tuple(values.shape)}.")
+            V = None
+            if g.dense_shape is not None:
+                static = tf.get_static_value(g.dense_shape)
+                V = int(static[0]) if static is not None else None
+            return tf.cast(g.indices, tf.int64), values, V
+        g = _unwrap_variable(g)
+        if isinstance(g, (tf.Tensor, tf.Variable)):
+            if g.shape.rank != 2:
+                raise EmbgradError(f"row_grad(): a dense table gradient must be (V, D), got "
+                                   f"{tuple(g.shape)}.")
+            rows = tf.reshape(tf.where(tf.reduce_any(g != 0, axis=1)), (-1,))
+            return rows, tf.gather(g, rows), self.shape(g)[0]
+        raise EmbgradError(f"row_grad() expected a tf.IndexedSlices or a (V, D) tf.Tensor, got "
+                           f"{type(g).__name__}.")
+
+    def compile(self, fn: Callable) -> Callable:
+        """``fn`` as a ``tf.function`` (cached per function; shapes generalise, no retrace storm)."""
+        key = fn.func if isinstance(fn, functools.partial) else fn
+        key = (key, tuple(fn.args) if isinstance(fn, functools.partial) else ())
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = tf.function(fn, reduce_retracing=True, autograph=False)
+            self._compiled[key] = compiled
+        return compiled
+
+    def no_grad(self):
+        return contextlib.nullcontext()
