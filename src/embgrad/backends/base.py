@@ -231,3 +231,32 @@ class Backend:
         """A context in which no autograd graph is recorded (sparse algebra runs in it)."""
         import contextlib
         return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ attribution
+    # Used by :mod:`embgrad.attribution` (integrated gradients, SmoothGrad, HotFlip, Jacobians).
+    def value_and_grads(self, fn: Callable[[Callable[[Any], Any]], Any]) -> tuple[Any, list[Any]]:
+        """Run ``fn(watch)`` recording gradients; ``fn`` passes exactly one tensor x through
+        ``watch`` (which returns the tensor to use in its place) and returns y (N, K).
+
+        Returns ``(y, grads)``: y detached, and for each k the gradient of ``sum(y[:, k])``
+        with respect to x (zeros where y does not depend on x), K backward passes over one
+        forward. Never writes any parameter's accumulated gradient.
+        """
+        raise NotImplementedError
+
+    def embed(self, info: EmbeddingInfo, ids: Any) -> Any:
+        """The layer's own output for int ids (..., ) -> (..., D), without recording gradients
+        (includes any scaling the layer applies, e.g. Hugging Face ``embed_scale``)."""
+        raise NotImplementedError
+
+    def pick(self, x: Any, idx: Any) -> Any:
+        """x[n, idx[n]] for x (N, C) and int64 idx (N,): (N,), differentiable in x."""
+        raise NotImplementedError
+
+    def matmul_t(self, a: Any, b: Any) -> Any:
+        """a @ b.T for a (N, D) and b (C, D): (N, C)."""
+        raise NotImplementedError
+
+    def topk(self, x: Any, k: int) -> tuple[Any, Any]:
+        """The k largest values along the last axis of x and their int64 indices."""
+        raise NotImplementedError

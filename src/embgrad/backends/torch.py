@@ -349,6 +349,43 @@ class TorchBackend(Backend):
     def no_grad(self):
         return torch.no_grad()
 
+    # ------------------------------------------------------------------ attribution
+    def value_and_grads(self, fn):
+        watched: list[torch.Tensor] = []
+
+        def watch(t: torch.Tensor) -> torch.Tensor:
+            leaf = t.detach().requires_grad_(True)
+            watched.append(leaf)
+            return leaf
+
+        with torch.enable_grad():
+            y = fn(watch)
+        if len(watched) != 1:
+            raise EmbgradError(f"value_and_grads: fn watched {len(watched)} tensors, expected exactly one.")
+        x = watched[0]
+        k_out = int(y.shape[1])
+        grads = []
+        for k in range(k_out):
+            g = None
+            if y.requires_grad:
+                (g,) = torch.autograd.grad(y[:, k].sum(), x, retain_graph=k < k_out - 1, allow_unused=True)
+            grads.append(torch.zeros_like(x) if g is None else g)
+        return y.detach(), grads
+
+    def embed(self, info, ids):
+        with torch.no_grad():
+            return info.layer(ids)
+
+    def pick(self, x, idx):
+        return x.gather(1, idx.reshape(-1, 1).to(x.device)).reshape(-1)
+
+    def matmul_t(self, a, b):
+        return a @ b.T
+
+    def topk(self, x, k):
+        v, i = torch.topk(x, k, dim=-1)
+        return v, i
+
     # ------------------------------------------------------------------ tables (embgrad.table)
     def table_variable(self, info):
         return info.layer.weight

@@ -1,0 +1,76 @@
+"""Self-contained HTML token heatmaps: one row of tokens per example, each token's background
+a diverging colour (red = positive score, blue = negative, white = 0), its exact score shown
+on hover. Inline styles only (no scripts, no external CSS); every token and label is escaped,
+so a token ``<script>`` shows as text. Used by :meth:`embgrad.Attribution.to_html` and the report.
+"""
+from __future__ import annotations
+
+import html
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["token_heatmap", "score_colors", "POSITIVE_RGB", "NEGATIVE_RGB"]
+
+POSITIVE_RGB = (178, 24, 43)    # ColorBrewer RdBu ends: red for positive scores
+NEGATIVE_RGB = (33, 102, 172)   # and blue for negative ones
+
+_ROW = "margin:2px 0;line-height:1.9;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:13px"
+_TOK = "padding:1px 3px;margin:0 1px;border-radius:3px;white-space:pre"
+_LABEL = "display:inline-block;min-width:9em;color:#555;font-family:sans-serif;font-size:12px"
+
+
+def score_colors(scores: np.ndarray, vmax: float) -> list[tuple[str, str]]:
+    """(background, text colour) CSS pairs for ``scores`` (any shape, flattened), scaled so
+    that |score| = ``vmax`` is the full colour."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    t = np.clip(np.abs(s) / vmax, 0.0, 1.0) if vmax > 0 else np.zeros_like(s)
+    out = []
+    for v, f in zip(s, t):
+        end = POSITIVE_RGB if v >= 0 else NEGATIVE_RGB
+        r, g, b = (round(255 + (c - 255) * f) for c in end)
+        out.append((f"rgb({r},{g},{b})", "#fff" if f > 0.6 else "#111"))
+    return out
+
+
+def token_heatmap(tokens: Sequence[Sequence[str]], scores: np.ndarray | Sequence[Sequence[float]], *,
+                  mask: np.ndarray | None = None, labels: Sequence[str] | None = None,
+                  title: str | None = None, scale: str = "row") -> str:
+    """An HTML ``<div>`` fragment: row b shows ``tokens[b]`` coloured by ``scores[b]``.
+
+    ``scores``: (B, T) numbers (rows may be ragged lists); tokens beyond a row's scores, or with
+    ``mask[b, t]`` False (padding), are left out. ``labels``: one caption per row.
+    ``scale``: ``"row"`` (each row's largest |score| is full colour) or ``"global"``.
+    Hovering a token shows its exact score.
+    """
+    if scale not in ("row", "global"):
+        raise ValueError(f"scale must be 'row' or 'global', got {scale!r}")
+    rows = [np.asarray(r, dtype=np.float64).reshape(-1) for r in scores]
+    if len(tokens) != len(rows):
+        raise ValueError(f"token_heatmap: {len(tokens)} token rows but {len(rows)} score rows")
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"token_heatmap: {len(labels)} labels for {len(rows)} rows")
+    gmax = max((float(np.abs(r).max()) for r in rows if r.size), default=0.0)
+    parts = ['<div class="embgrad-heatmap" style="padding:4px">']
+    if title:
+        parts.append(f'<div style="font-family:sans-serif;font-weight:600;margin-bottom:4px">'
+                     f'{html.escape(title)}</div>')
+    for b, (toks, row) in enumerate(zip(tokens, rows)):
+        n = min(len(toks), row.size)
+        keep = np.ones(n, dtype=bool) if mask is None else np.asarray(mask[b], dtype=bool)[:n]
+        vmax = gmax if scale == "global" else (float(np.abs(row[:n][keep]).max()) if keep.any() else 0.0)
+        colors = score_colors(row[:n], vmax)
+        parts.append(f'<div class="embgrad-row" style="{_ROW}">')
+        if labels is not None:
+            parts.append(f'<span style="{_LABEL}">{html.escape(str(labels[b]))}</span>')
+        for t in range(n):
+            if not keep[t]:
+                continue
+            tok = str(toks[t])
+            bg, fg = colors[t]
+            tip = html.escape(f"{tok}: {float(row[t])!r}", quote=True)
+            parts.append(f'<span class="embgrad-tok" title="{tip}" data-score="{float(row[t])!r}" '
+                         f'style="{_TOK};background:{bg};color:{fg}">{html.escape(tok or "∅")}</span>')
+        parts.append("</div>")
+    parts.append("</div>")
+    return "".join(parts)
