@@ -8,11 +8,13 @@ from __future__ import annotations
 from .capture import Gradients, LayerGradients, capture
 from .errors import EmbgradError
 from .sparse import ExampleGrads, RowGrad, row_grad, rows_from_lookups
+from .tables import load_vectors, regularize, table
 
 __version__ = "0.1.0"
 
 __all__ = [
     "capture", "Gradients", "LayerGradients",
     "RowGrad", "ExampleGrads", "rows_from_lookups", "row_grad",
+    "table", "load_vectors", "regularize",
     "EmbgradError",
 ]

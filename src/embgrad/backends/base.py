@@ -260,3 +260,38 @@ class Backend:
     def topk(self, x: Any, k: int) -> tuple[Any, Any]:
         """The k largest values along the last axis of x and their int64 indices."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ tables (embgrad.table)
+    # Reading, writing and freezing rows of one embedding table; used by :mod:`embgrad.tables`.
+    def table_variable(self, info: EmbeddingInfo) -> Any:
+        """The framework's own parameter/variable holding the (V, D) table of ``info.layer``
+        (for a Keras layer with LoRA: the base ``embeddings`` variable)."""
+        raise NotImplementedError
+
+    def table_gather(self, info: EmbeddingInfo, rows: Any, effective: bool = False) -> Any:
+        """Framework tensor (R, D): rows ``rows`` (int64 framework tensor (R,)) of the table,
+        detached from autograd. ``effective``: the table the layer really looks up in (base +
+        LoRA part in Keras); identical to the variable elsewhere."""
+        raise NotImplementedError
+
+    def table_read(self, info: EmbeddingInfo, rows: np.ndarray, effective: bool = False) -> np.ndarray:
+        """NumPy (R, D): rows ``rows`` (int64 NumPy (R,)) of the table."""
+        var = self.table_variable(info)
+        return self.to_numpy(self.table_gather(info, self.from_numpy(rows, like=var), effective))
+
+    def table_write(self, info: EmbeddingInfo, rows: np.ndarray, values: np.ndarray) -> None:
+        """Write ``values`` (NumPy (R, D), already in the table's dtype or float32 for
+        bfloat16) into rows ``rows`` (unique int64 NumPy (R,)) in place, through the framework's
+        own assignment, without recording autograd history."""
+        raise NotImplementedError
+
+    def table_quantized(self, info: EmbeddingInfo) -> str | None:
+        """Why the table cannot be written row by row (it is quantized), or None."""
+        return None
+
+    def table_freeze(self, info: EmbeddingInfo, rows: np.ndarray, optimizer: Any = None) -> Any:
+        """Keep rows ``rows`` (unique int64 NumPy (R,)) out of training: mask their gradient
+        (hook / constraint). ``optimizer``: where the framework needs it, the optimizer whose
+        steps must also leave the rows alone (decoupled weight decay). Returns a handle whose
+        ``remove()`` takes every trace away again."""
+        raise NotImplementedError

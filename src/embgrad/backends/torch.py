@@ -415,9 +415,12 @@ class TorchBackend(Backend):
             if g.layout == torch.sparse_coo:
                 g = g.coalesce()
                 vals = g.values().masked_fill(frozen[g.indices()[0]][:, None], 0)
-                return torch.sparse_coo_tensor(g.indices(), vals, g.shape, is_coalesced=True)
+                return torch.sparse_coo_tensor(g.indices(), vals, g.shape, is_coalesced=True,
+                                               check_invariants=False)
             return g.masked_fill(frozen[:, None], 0)
 
+        if optimizer is not None:
+            self._check_optimizer(info, optimizer)
         handles = [w.register_hook(mask)]
         if optimizer is not None:
             # optimizer-side updates that ignore the gradient (weight decay, AdamW's decoupled
@@ -435,7 +438,7 @@ class TorchBackend(Backend):
                         optimizer.register_step_post_hook(restore)]
         return _Handles(handles)
 
-    def check_optimizer(self, info, optimizer):
+    def _check_optimizer(self, info, optimizer):
         """EmbgradError unless ``optimizer`` is a torch optimizer that updates this table."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise EmbgradError(f"layer {info.name!r}: optimizer must be a torch.optim.Optimizer, "
