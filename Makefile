@@ -8,7 +8,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: demo test test-main bench clean
+.PHONY: demo test test-main test-gluon bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,23 @@ demo: $(VENV)/.stamp-demo
 test-main: $(VENV)/.stamp-test
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-test: test-main
+# MXNet 1.9.1 needs numpy<1.24, so the Gluon suite runs in its own venv, .venv-gluon; there
+# EMBGRAD_REQUIRE_GLUON=1 turns "mxnet missing, skipped" into a failure.
+GLUON_VENV := .venv-gluon
+GLUON_CONSTRAINTS := constraints-gluon.txt
+
+$(GLUON_VENV)/bin/python:
+	$(PYTHON) -m venv $(GLUON_VENV)
+
+$(GLUON_VENV)/.stamp-test: pyproject.toml $(GLUON_CONSTRAINTS) | $(GLUON_VENV)/bin/python
+	$(GLUON_VENV)/bin/pip install -q -c $(GLUON_CONSTRAINTS) mxnet==1.9.1 numpy==1.23.5 -e ".[gluon,test]"
+	$(GLUON_VENV)/bin/python -c "import mxnet, numpy; print('mxnet', mxnet.__version__, 'numpy', numpy.__version__)"
+	touch $@
+
+test-gluon: $(GLUON_VENV)/.stamp-test
+	EMBGRAD_REQUIRE_GLUON=1 $(GLUON_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/gluon
+
+test: test-main test-gluon
 
 bench: $(VENV)/.stamp-test
 	$(PY) benchmarks/run.py

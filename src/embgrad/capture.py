@@ -270,10 +270,11 @@ class Capture:
                 "the `with embgrad.capture(...)` block (calls after the block are not recorded), and "
                 "check that the model actually uses these layers for its inputs.")
         if not all(c.grad_enabled for c in self.calls):
+            hint = getattr(self._backend, "no_grad_hint", "torch.no_grad() / inference mode")
             raise EmbgradError(
-                f"the forward pass ran with gradients disabled (torch.no_grad() / inference mode), so "
+                f"the forward pass ran with gradients disabled ({hint}), so "
                 f"layers {names} produced no graph to differentiate. Run the forward inside capture "
-                "without no_grad.")
+                "with gradient recording on.")
         tap = self._tap or getattr(self, "_tap_done", None)
         src = None
         if loss is not None:

@@ -124,6 +124,10 @@ def _walk(model: gluon.Block) -> Iterator[tuple[str, gluon.Block, tuple[gluon.Bl
             stack.append((f"{path}.{key}" if path else str(key), child, anc + (blk,)))
 
 
+def _hybrid_active(blk: gluon.Block) -> bool:
+    return isinstance(blk, gluon.HybridBlock) and bool(blk._active)
+
+
 def _ancestors_of(model: gluon.Block, layers: Sequence[Any]) -> list[gluon.Block]:
     """Every block on any path from ``model`` down to one of ``layers`` (duplicates removed)."""
     targets = {id(x) for x in layers}
@@ -229,6 +233,7 @@ class GluonBackend(Backend):
     name = "gluon"
     framework_module = "mxnet"
     searched_types = "gluon.nn.Embedding and gluon.contrib.nn.SparseEmbedding blocks"
+    no_grad_hint = "outside `with autograd.record():`, or under autograd.pause()"
 
     def is_appropriate(self, obj: Any) -> bool:
         return isinstance(obj, (nd.NDArray, gluon.Block, gluon.Parameter))
@@ -272,10 +277,14 @@ class GluonBackend(Backend):
     def install_tap(self, model, infos, on_call):
         tap = _GluonTap()
         try:
-            for blk in _ancestors_of(model, [i.layer for i in infos]):
-                if isinstance(blk, gluon.HybridBlock) and blk._active:
-                    object.__setattr__(blk, "_active", False)
-                    tap._deactivated.append(blk)
+            # an active ancestor would run its cached graph and bypass the tap; everything
+            # under it then runs imperatively, without building cached graphs of its own
+            tops = [b for b in _ancestors_of(model, [i.layer for i in infos]) if _hybrid_active(b)]
+            for top in tops:
+                for _, blk, _ in _walk(top):
+                    if _hybrid_active(blk):
+                        object.__setattr__(blk, "_active", False)
+                        tap._deactivated.append(blk)
             for info in infos:
                 blk = info.layer
                 if "forward" in blk.__dict__:

@@ -1,0 +1,289 @@
+"""Gluon capture: ids, output gradients and table gradients, checked against MXNet's own
+``weight.grad()`` (dense, and row_sparse with ``sparse_grad=True``); the model untouched."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+mx = pytest.importorskip("mxnet", reason="mxnet is not installed here: the Gluon tests run in "
+                         ".venv-gluon (`make test-gluon`)")
+
+import numpy as np  # noqa: E402
+from mxnet import autograd, gluon, nd  # noqa: E402
+from mxnet.gluon import nn  # noqa: E402
+
+import embgrad  # noqa: E402
+from embgrad import EmbgradError  # noqa: E402
+from gluon_helpers import (LOSS, Classifier, TwoTower, assert_unchanged, dense_grads,  # noqa: E402
+                           ids, labels, make, snapshot)
+
+
+def _capture(model, *inputs, y, layers=None, **kw):
+    with embgrad.capture(model, layers=layers) as cap:
+        with autograd.record():
+            loss = LOSS(model(*inputs), y).sum()
+    return cap, cap.gradients(loss, **kw)
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_weight_grad_matches_gluon_and_leaves_model_alone(sparse_grad, hybridize):
+    x, y = ids(5, 7, 30), labels(5, 3)
+    model = make(Classifier(sparse_grad=sparse_grad), x)
+    if hybridize:
+        model.hybridize()
+        model(x)                                  # builds the cached graph
+    before = snapshot(model)
+    cap, grads = _capture(model, x, y=y)
+    assert_unchanged(model, before)               # no grad written, forward and flags restored
+    g = grads.only()
+    assert g is grads[model.emb.name] and g.name == model.emb.name
+    assert (g.num_rows, g.dim, g.tied, g.frozen) == (30, 6, False, False)
+    assert g.ids is x and isinstance(g.output_grad, nd.NDArray)
+    assert tuple(g.output_grad.shape) == (5, 7, 6)
+    rg = g.weight_grad
+    assert isinstance(rg.values, nd.NDArray) and rg.rows.dtype == np.int64
+    assert rg.values.dtype == np.float32
+    rows, values = rg.numpy()
+    np.testing.assert_array_equal(rows, np.unique(x.asnumpy()))
+    ref, = dense_grads(model, lambda: LOSS(model(x), y).sum(), [model.emb.weight])
+    np.testing.assert_allclose(rg.to_dense().asnumpy(), ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(rg.norm(), np.linalg.norm(ref), rtol=1e-5)
+    np.testing.assert_allclose(rg.row_norms().asnumpy(), np.linalg.norm(ref[rows], axis=1), rtol=1e-5)
+    # dLoss/d(looked-up vectors), reconstructed into the table, is the table gradient
+    dense = np.zeros((30, 6))
+    np.add.at(dense, x.asnumpy().ravel(), g.output_grad.asnumpy().reshape(-1, 6))
+    np.testing.assert_allclose(dense, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_row_grad_of_gluons_row_sparse_gradient():
+    x, y = ids(4, 6, 30, seed=3), labels(4, 3)
+    model = make(Classifier(sparse_grad=True), x)
+    with autograd.record():
+        loss = LOSS(model(x), y).sum()
+    loss.backward()
+    wg = model.emb.weight.grad()
+    assert wg.stype == "row_sparse"
+    rg = embgrad.row_grad(wg)
+    _, grads = _capture(model, x, y=y)
+    mine = grads.only().weight_grad
+    np.testing.assert_array_equal(rg.numpy()[0], mine.numpy()[0])
+    np.testing.assert_allclose(rg.numpy()[1], mine.numpy()[1], rtol=1e-5, atol=1e-7)
+    dense = embgrad.row_grad(wg.tostype("default"))           # dense (V, D) input as well
+    np.testing.assert_array_equal(dense.numpy()[0], np.unique(x.asnumpy()))
+    zero = embgrad.row_grad(nd.zeros((30, 6)))                # all-zero gradient
+    assert zero.norm() == 0.0 and zero.to_dense().shape == (30, 6)
+    with pytest.raises(EmbgradError, match=r"\(V, D\)"):
+        embgrad.row_grad(nd.zeros((30,)))
+    with pytest.raises(EmbgradError, match="num_rows=7"):
+        embgrad.row_grad(wg, num_rows=7)
+
+
+def test_user_backward_then_gradients_without_loss():
+    """The Gluon training loop: loss.backward() (the user's own), then cap.gradients()."""
+    x, y = ids(3, 5, 30), labels(3, 3)
+    model = make(Classifier(), x)
+    with embgrad.capture(model) as cap:
+        with autograd.record():
+            loss = LOSS(model(x), y).sum()
+    with pytest.raises(EmbgradError, match="no backward pass"):
+        cap.gradients()
+    loss.backward()
+    g = cap.gradients().only()
+    np.testing.assert_allclose(g.weight_grad.to_dense().asnumpy(),
+                               model.emb.weight.grad().asnumpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_block_with_two_calls_and_two_tables():
+    a, b, y = ids(4, 6, 25, seed=1), ids(4, 3, 25, seed=2), labels(4, 2)
+    model = make(TwoTower(), a, b)
+    before = snapshot(model)
+    cap, grads = _capture(model, a, b, y=y)
+    assert_unchanged(model, before)
+    assert set(grads) == {model.words.name, model.pos.name}
+    words = grads[model.words.name]
+    assert len(words.calls) == 2 and words.ids is a and words.calls[1][0] is b
+    ref_w, ref_p = dense_grads(model, lambda: LOSS(model(a, b), y).sum(),
+                               [model.words.weight, model.pos.weight])
+    np.testing.assert_allclose(words.weight_grad.to_dense().asnumpy(), ref_w, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grads[model.pos.name].weight_grad.to_dense().asnumpy(), ref_p,
+                               rtol=1e-5, atol=1e-7)
+    with pytest.raises(EmbgradError, match="exactly one"):
+        grads.only()
+    # selecting by Gluon name, by child path, by object
+    for sel in (model.pos.name, "pos", model.pos):
+        _, one = _capture(model, a, b, y=y, layers=sel)
+        assert list(one) == [model.pos.name]
+
+
+def test_grad_req_add_and_accumulated_grads_untouched():
+    x, y = ids(3, 4, 30), labels(3, 3)
+    model = make(Classifier(), x)
+    for p in model.collect_params().values():
+        p.grad_req = "add"
+    with autograd.record():
+        LOSS(model(x), y).sum().backward()             # something accumulated already
+    model.head.bias.grad_req = "null"                   # and one frozen parameter
+    before = snapshot(model)
+    _capture(model, x, y=y)
+    assert_unchanged(model, before)
+    assert model.emb.weight.grad_req == "add" and model.head.bias.grad_req == "null"
+
+
+def test_frozen_and_tied_tables():
+    x, y = ids(3, 4, 30), labels(3, 3)
+    model = make(Classifier(), x)
+    model.emb.weight.grad_req = "null"
+    _, grads = _capture(model, x, y=y)
+    g = grads.only()
+    assert g.frozen and g.weight_grad.norm() > 0         # lookups still have a gradient
+
+    class TiedLM(gluon.Block):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            with self.name_scope():
+                self.emb = nn.Embedding(20, 4)
+                self.out = nn.Dense(20, in_units=4, params=self.emb.params)   # shares the table
+        def forward(self, x):
+            return self.out(self.emb(x).mean(axis=1))
+
+    lm = make(TiedLM(), x)
+    _, grads = _capture(lm, ids(3, 4, 20), y=labels(3, 20))
+    assert grads.only().tied
+    assert "tied=True" in repr(grads.only())
+
+
+def test_sources_return_parameter_gradients():
+    x, y = ids(3, 4, 30), labels(3, 3)
+    model = make(Classifier(), x)
+    before = snapshot(model)
+    _, grads = _capture(model, x, y=y, sources=[model.head.weight])
+    assert_unchanged(model, before)
+    ref, = dense_grads(model, lambda: LOSS(model(x), y).sum(), [model.head.weight])
+    np.testing.assert_allclose(grads.sources[0].asnumpy(), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_unused_lookup_gets_zero_gradient():
+    class Unused(gluon.Block):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            with self.name_scope():
+                self.emb = nn.Embedding(10, 3)
+                self.head = nn.Dense(2, in_units=3)
+        def forward(self, x):
+            self.emb(x[:, :1])                         # looked up, never used
+            return self.head(self.emb(x).sum(axis=1))
+
+    x = ids(2, 3, 10)
+    model = make(Unused(), x)
+    _, grads = _capture(model, x, y=labels(2, 2))
+    g = grads.only()
+    assert len(g.calls) == 2 and float(nd.abs(g.calls[0][1]).sum().asscalar()) == 0.0
+    ref, = dense_grads(model, lambda: LOSS(model(x), labels(2, 2)).sum(), [model.emb.weight])
+    np.testing.assert_allclose(g.weight_grad.to_dense().asnumpy(), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_ids_with_more_dims_and_int32():
+    x3 = nd.array(np.random.RandomState(0).randint(0, 30, size=(2, 3, 4)), dtype="int32")
+    emb = nn.Embedding(30, 5)
+    emb.initialize()
+    with embgrad.capture(emb) as cap:
+        with autograd.record():
+            loss = (emb(x3) ** 2).sum()
+    g = cap.gradients(loss).only()
+    ref, = dense_grads(emb, lambda: (emb(x3) ** 2).sum(), [emb.weight])
+    np.testing.assert_allclose(g.weight_grad.to_dense().asnumpy(), ref, rtol=1e-5)
+    pe = g.per_example()
+    assert pe.batch_size == 2                          # (B, T, K) ids: B examples of T*K lookups
+    np.testing.assert_allclose(pe.sum().to_dense().asnumpy(), ref, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------- bad input
+def test_out_of_range_ids_refused_not_clipped():
+    x = ids(2, 4, 30)
+    model = make(Classifier(), x)
+    before = snapshot(model)
+    bad = x.copy()
+    bad[1, 2] = 30
+    with pytest.raises(EmbgradError, match=r"id 30 at position \(1, 2\).*30 rows.*clip"):
+        with embgrad.capture(model):
+            with autograd.record():
+                model(bad)
+    assert_unchanged(model, before)                    # restored after the error mid-forward
+    bad[1, 2] = -1
+    with pytest.raises(EmbgradError, match=r"id -1"):
+        with embgrad.capture(model):
+            model(bad)
+
+
+def test_float_ids_refused():
+    x = ids(2, 4, 30)
+    model = make(Classifier(), x)
+    with pytest.raises(EmbgradError, match=r"float32.*astype\('int64'\)"):
+        with embgrad.capture(model):
+            model(x.astype("float32"))
+
+
+def test_unknown_layer_and_no_embedding():
+    x = ids(2, 4, 30)
+    model = make(Classifier(), x)
+    with pytest.raises(EmbgradError, match=r"no embedding layer named 'embeding'.*closest"):
+        embgrad.capture(model, layers="embeding")
+    dense = nn.Dense(3, in_units=4)
+    dense.initialize()
+    with pytest.raises(EmbgradError, match="no embedding layer.*gluon.nn.Embedding"):
+        embgrad.capture(dense)
+    with pytest.raises(EmbgradError, match="not an embedding layer"):
+        embgrad.capture(model, layers=model.head)
+
+
+@pytest.mark.filterwarnings("ignore:Cannot decide type")
+def test_symbol_block_refused_with_advice(tmp_path):
+    x = ids(2, 4, 30)
+    model = make(Classifier(), x)
+    model.hybridize()
+    model(x)
+    model.export(str(tmp_path / "clf"))
+    sb = gluon.SymbolBlock.imports(str(tmp_path / "clf-symbol.json"), ["data"],
+                                   str(tmp_path / "clf-0000.params"))
+    with pytest.raises(EmbgradError, match="SymbolBlock.*exported from"):
+        embgrad.capture(sb)
+
+
+def test_forward_or_loss_not_recorded():
+    x, y = ids(2, 4, 30), labels(2, 3)
+    model = make(Classifier(), x)
+    with embgrad.capture(model) as cap:
+        loss = LOSS(model(x), y).sum()                  # no autograd.record()
+    with pytest.raises(EmbgradError, match=r"gradients disabled \(outside `with autograd.record\(\):`"):
+        cap.gradients(loss)
+    with embgrad.capture(model) as cap:
+        with autograd.record():
+            out = model(x)
+        loss = LOSS(out, y).sum()                       # loss outside record
+    with pytest.raises(EmbgradError, match="not recorded.*autograd.record"):
+        cap.gradients(loss)
+    with pytest.raises(EmbgradError, match="scalar"):
+        with embgrad.capture(model) as cap:
+            with autograd.record():
+                loss = LOSS(model(x), y)
+        cap.gradients(loss)
+
+
+def test_nested_capture_of_same_layer_refused_and_model_restored():
+    x = ids(2, 4, 30)
+    model = make(Classifier(), x)
+    before = snapshot(model)
+    with embgrad.capture(model):
+        with pytest.raises(EmbgradError, match="do not nest"):
+            with embgrad.capture(model):
+                pass
+    assert_unchanged(model, before)
+
+
+def test_import_embgrad_loads_no_mxnet():
+    code = ("import sys, embgrad, embgrad.backends, embgrad.sparse, embgrad.capture\n"
+            "assert 'mxnet' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
