@@ -153,6 +153,16 @@ class Trained:
         """Cross-entropy (framework scalar) of logits (B, C) against int labels (B,)."""
         raise NotImplementedError
 
+    def plain_backward(self, ids: Any, labels: np.ndarray) -> Any:
+        """The plain forward + backward pass over every trainable parameter (summed loss),
+        without writing any accumulated gradient; returns the embedding table's gradient as
+        the framework gives it (dense tensor, or ``tf.IndexedSlices``)."""
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        """Number of trainable scalars in the model."""
+        raise NotImplementedError
+
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)
 
@@ -194,6 +204,15 @@ class _TorchTrained(Trained):
         with torch.no_grad():
             return super().predict_proba(ids)
 
+    def plain_backward(self, ids: Any, labels: np.ndarray) -> Any:
+        import torch
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(self.loss(self.logits(ids), labels), params)
+        return grads[params.index(self.model.embedding.weight)]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
 
 class _KerasTrained(Trained):
     framework = "tensorflow"
@@ -213,6 +232,18 @@ class _KerasTrained(Trained):
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x)
+
+    def plain_backward(self, ids: Any, labels: np.ndarray) -> Any:
+        import tensorflow as tf
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            loss = self.loss(self.logits(ids), labels)
+        grads = tape.gradient(loss, variables)
+        table = self.model.get_layer(EMBEDDING_NAME).embeddings
+        return grads[[v is table for v in variables].index(True)]
+
+    def num_parameters(self) -> int:
+        return int(sum(np.prod(v.shape) for v in self.model.trainable_variables))
 
 
 def _epochs(n: int, epochs: int, batch_size: int, seed: int, step: Callable[[np.ndarray], float],

@@ -1,0 +1,254 @@
+"""What the demo report shows, computed with embgrad from a trained demo model.
+
+One function per report section, each returning a small immutable result holding NumPy
+arrays and strings only (so the console summary, the figures and the HTML page never touch a
+framework). The few framework-specific operations (forward, loss, the plain backward pass)
+come from :class:`embgrad.demo.models.Trained`; everything else is the public embgrad API.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from ..capture import capture
+from ..demo.data import LABELS, DemoData, SentimentData
+from ..demo.models import EMBEDDING_NAME, Trained
+from ..sparse import ExampleGrads, row_grad
+
+__all__ = ["LayerInfo", "ModelInfo", "WeightGradInfo", "PerExampleInfo", "Timing",
+           "SimilarityInfo", "model_info", "gradient_info", "similarity_info", "capture_layer",
+           "timed"]
+
+
+# ---------------------------------------------------------------------------- section 1
+@dataclass(frozen=True)
+class LayerInfo:
+    """One embedding layer: name, class, table size (V, D), padding (e.g. ``padding_idx=0``,
+    ``mask_zero``, or ``""``), tied / frozen."""
+
+    name: str
+    type_name: str
+    num_rows: int
+    dim: int
+    padding: str
+    tied: bool
+    frozen: bool
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The trained model: framework, class, size, its embedding layers and how training went."""
+
+    framework: str
+    model_type: str
+    num_parameters: int
+    layers: tuple[LayerInfo, ...]
+    losses: tuple[float, ...]
+    train_seconds: float
+    train_accuracy: float
+    test_accuracy: float
+    train_size: int
+    test_size: int
+    vocab_size: int
+
+
+def _padding(info: Any) -> str:
+    if info.padding_idx is not None:
+        return f"padding_idx={info.padding_idx}"
+    return "mask_zero" if info.options.get("mask_zero") else ""
+
+
+def model_info(trained: Trained, data: DemoData) -> ModelInfo:
+    """Section 1: the model and its embedding layers, as embgrad finds them."""
+    found = capture(trained.model).layers
+    layers = tuple(LayerInfo(i.name, type(i.layer).__name__, i.num_rows, i.dim, _padding(i), i.tied, i.frozen)
+                   for i in found)
+    return ModelInfo(trained.framework, type(trained.model).__name__, trained.num_parameters(), layers,
+                     trained.losses, trained.seconds, trained.train_accuracy, trained.test_accuracy,
+                     len(data.train), len(data.test), len(data.vocab))
+
+
+# ---------------------------------------------------------------------------- capture helpers
+def capture_layer(trained: Trained, ids: Any, labels: np.ndarray) -> Any:
+    """``LayerGradients`` of the demo embedding for the summed cross-entropy of ``ids``."""
+    with capture(trained.model, layers=EMBEDDING_NAME) as cap:
+        loss = trained.loss(trained.logits(ids), labels, "sum")
+    return cap.gradients(loss, loss_reduction="sum")[EMBEDDING_NAME]
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+# ---------------------------------------------------------------------------- sections 2 and 3
+@dataclass(frozen=True, eq=False)
+class WeightGradInfo:
+    """Section 2: the sparse weight gradient of one batch.
+
+    ``rows`` (R,) touched rows, ``tokens`` their strings, ``row_norms`` (R,), ``counts`` (R,)
+    how often each row occurs in the batch, ``total_norm``; ``max_abs_diff``: the largest
+    difference to the framework's own dense gradient of the table (exactness check).
+    """
+
+    batch_size: int
+    num_rows: int
+    rows: np.ndarray
+    tokens: tuple[str, ...]
+    row_norms: np.ndarray
+    counts: np.ndarray
+    total_norm: float
+    max_abs_diff: float
+
+    def top(self, k: int = 10) -> list[tuple[int, str, int, float]]:
+        """The ``k`` rows with the largest gradient norm: (row, token, count, norm)."""
+        order = np.argsort(-self.row_norms, kind="stable")[:k]
+        return [(int(self.rows[i]), self.tokens[i], int(self.counts[i]), float(self.row_norms[i]))
+                for i in order]
+
+    def __repr__(self) -> str:
+        return (f"WeightGradInfo(rows={len(self.rows)} of {self.num_rows}, batch={self.batch_size}, "
+                f"norm={self.total_norm:.4g}, max_abs_diff={self.max_abs_diff:.2g})")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median milliseconds of: the plain forward + backward over all parameters, the same with
+    embgrad's capture and the sparse weight gradient, and with per-example norms too."""
+
+    plain_ms: float
+    capture_ms: float
+    per_example_ms: float
+    batch_size: int
+    repeats: int
+
+
+@dataclass(frozen=True, eq=False)
+class PerExampleInfo:
+    """Section 3: per-example gradients of the same batch.
+
+    ``norms`` / ``clipped`` (B,) before / after clipping at ``max_norm``; ``texts``, ``labels``
+    and ``flipped`` (label noise) of the batch; ``token_norms``: (example, token, norm) for the
+    tokens whose row got the largest gradient from one example; ``sum_diff``: largest difference between the sum of the
+    per-example gradients and the batch weight gradient.
+    """
+
+    norms: np.ndarray
+    clipped: np.ndarray
+    max_norm: float
+    texts: tuple[str, ...]
+    labels: np.ndarray
+    flipped: np.ndarray
+    token_norms: tuple[tuple[int, str, float], ...]
+    sum_diff: float
+    timing: Timing
+
+    def top(self, k: int = 8) -> list[tuple[int, float, str, str, bool]]:
+        """The ``k`` examples with the largest norms: (index, norm, text, label, flipped)."""
+        order = np.argsort(-self.norms, kind="stable")[:k]
+        return [(int(i), float(self.norms[i]), self.texts[i], LABELS[int(self.labels[i])],
+                 bool(self.flipped[i])) for i in order]
+
+    def __repr__(self) -> str:
+        return (f"PerExampleInfo(B={len(self.norms)}, max_norm={self.max_norm:.3g}, "
+                f"clipped={int((self.norms > self.max_norm).sum())})")
+
+
+def _token_norms(trained: Trained, pe: ExampleGrads, batch: SentimentData, k: int) -> tuple:
+    """The ``k`` tokens whose row got the largest gradient from a single example:
+    (example, token, norm), one entry per token, largest first."""
+    values = trained.to_numpy(pe.values).astype(np.float64)
+    norms = np.sqrt((values * values).sum(1))                       # (N,) per (example, row)
+    ex, rows = trained.to_numpy(pe.example_ids), trained.to_numpy(pe.rows)
+    order = np.lexsort((-norms, rows))                              # by row, largest norm first
+    first = order[np.r_[True, rows[order][1:] != rows[order][:-1]]]  # each row's largest entry
+    best = first[np.argsort(-norms[first], kind="stable")[:k]]
+    return tuple((int(ex[i]), batch.vocab.tokens[int(rows[i])], float(norms[i])) for i in best)
+
+
+def gradient_info(trained: Trained, batch: SentimentData, clip_quantile: float = 0.5,
+                  repeats: int = 25) -> tuple[WeightGradInfo, PerExampleInfo]:
+    """Sections 2 and 3 for one training batch (summed loss): the weight gradient, the
+    per-example gradients clipped at the ``clip_quantile`` of their norms, and timings."""
+    ids = trained.tensor(batch.ids)
+    g = capture_layer(trained, ids, batch.labels)
+    wg = g.weight_grad
+    rows, values = wg.numpy()
+    dense = trained.to_numpy(row_grad(trained.plain_backward(ids, batch.labels), g.num_rows).to_dense())
+    ours = np.zeros_like(dense)
+    ours[rows] = values
+    counts = np.bincount(batch.ids[batch.mask], minlength=g.num_rows)
+    weight = WeightGradInfo(
+        len(batch), g.num_rows, rows, tuple(batch.vocab.tokens[r] for r in rows),
+        trained.to_numpy(wg.row_norms()).astype(np.float64), counts[rows], wg.norm(),
+        float(np.abs(dense - ours).max()))
+
+    pe = g.per_example()
+    norms = trained.to_numpy(pe.norms()).astype(np.float64)
+    max_norm = float(np.quantile(norms, clip_quantile))
+    clipped = trained.to_numpy(pe.clip(max_norm).norms()).astype(np.float64)
+    s_rows, s_values = pe.sum().numpy()
+    sum_diff = float(np.abs(s_values - values).max()) if np.array_equal(s_rows, rows) else float("inf")
+
+    timing = Timing(
+        plain_ms=timed(lambda: trained.plain_backward(ids, batch.labels), repeats),
+        capture_ms=timed(lambda: capture_layer(trained, ids, batch.labels).weight_grad, repeats),
+        per_example_ms=timed(
+            lambda: trained.to_numpy(capture_layer(trained, ids, batch.labels).per_example().norms()), repeats),
+        batch_size=len(batch), repeats=repeats)
+    per_example = PerExampleInfo(norms, clipped, max_norm, batch.texts, batch.labels, batch.flipped,
+                                 _token_norms(trained, pe, batch, 10), sum_diff, timing)
+    return weight, per_example
+
+
+# ---------------------------------------------------------------------------- section 6
+@dataclass(frozen=True, eq=False)
+class SimilarityInfo:
+    """Section 6: TracIn-style similarity of one test example to a training batch.
+
+    ``scores`` (B,): the inner products <g_query, g_b> of per-example loss gradients of the
+    embedding table (positive: training on b lowers the query's loss).
+    """
+
+    query_text: str
+    query_label: str
+    predicted: str
+    scores: np.ndarray
+    texts: tuple[str, ...]
+    labels: np.ndarray
+    flipped: np.ndarray
+
+    def proponents(self, k: int = 5) -> list[tuple[int, float, str, str, bool]]:
+        """The ``k`` training examples with the largest scores: (index, score, text, label, flipped)."""
+        return self._rows(np.argsort(-self.scores, kind="stable")[:k])
+
+    def opponents(self, k: int = 5) -> list[tuple[int, float, str, str, bool]]:
+        """The ``k`` training examples with the most negative scores."""
+        return self._rows(np.argsort(self.scores, kind="stable")[:k])
+
+    def _rows(self, order: np.ndarray) -> list[tuple[int, float, str, str, bool]]:
+        return [(int(i), float(self.scores[i]), self.texts[i], LABELS[int(self.labels[i])],
+                 bool(self.flipped[i])) for i in order]
+
+    def __repr__(self) -> str:
+        return f"SimilarityInfo({self.query_text!r}, B={len(self.scores)})"
+
+
+def similarity_info(trained: Trained, query: SentimentData, batch: SentimentData) -> SimilarityInfo:
+    """Section 6 for the first example of ``query`` against the training ``batch``."""
+    q = capture_layer(trained, trained.tensor(query.ids[:1]), query.labels[:1]).per_example()
+    t = capture_layer(trained, trained.tensor(batch.ids), batch.labels).per_example()
+    scores = trained.to_numpy(q.dot(t)).astype(np.float64)[0]
+    pred = int(trained.predict_proba(query.ids[:1]).argmax(1)[0])
+    return SimilarityInfo(query.texts[0], LABELS[int(query.labels[0])], LABELS[pred], scores,
+                          batch.texts, batch.labels, batch.flipped)

@@ -1,0 +1,78 @@
+"""The demo's terminal summary with ``rich``: rows that received gradient, the tokens with the
+largest per-example gradient norms, per-example norms before and after clipping, and the cost
+of capture next to the plain backward pass."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .analysis import ModelInfo, PerExampleInfo, WeightGradInfo
+
+__all__ = ["summary_tables", "print_summary"]
+
+
+def _stats(x: np.ndarray) -> str:
+    return f"min {x.min():.3g} · median {np.median(x):.3g} · max {x.max():.3g}"
+
+
+def _short(text: str, n: int = 48) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def summary_tables(model: ModelInfo, weight: WeightGradInfo, per_example: PerExampleInfo,
+                   k: int = 8) -> list[Table]:
+    """The rich tables of the summary, in print order."""
+    rows = Table(title=f"Rows that received gradient: {len(weight.rows)} of {weight.num_rows}",
+                 caption=f"one batch of {weight.batch_size}, ‖G‖ = {weight.total_norm:.4g}, "
+                         f"max |embgrad − dense autograd| = {weight.max_abs_diff:.2g}",
+                 title_justify="left", caption_justify="left")
+    for col, kw in (("row", {"justify": "right"}), ("token", {}), ("count in batch", {"justify": "right"}),
+                    ("row gradient norm", {"justify": "right"})):
+        rows.add_column(col, **kw)
+    for r, tok, count, norm in weight.top(k):
+        rows.add_row(str(r), tok, str(count), f"{norm:.4g}")
+
+    tokens = Table(title="Tokens with the largest per-example gradient norms", title_justify="left")
+    for col, kw in (("token", {}), ("norm", {"justify": "right"}), ("from example", {})):
+        tokens.add_column(col, **kw)
+    for ex, tok, norm in per_example.token_norms[:k]:
+        tokens.add_row(tok, f"{norm:.4g}", _short(per_example.texts[ex]))
+
+    pe = per_example
+    clip = Table(title=f"Per-example gradient norms, clipped at {pe.max_norm:.3g} (the median)",
+                 caption=f"{int((pe.norms > pe.max_norm).sum())} of {len(pe.norms)} examples scaled down",
+                 title_justify="left", caption_justify="left")
+    clip.add_column("")
+    clip.add_column("norms")
+    clip.add_row("before clipping", _stats(pe.norms))
+    clip.add_row("after clipping", _stats(pe.clipped))
+    top = Table(title="Examples with the largest gradient norms (★ = label flipped by noise)",
+                title_justify="left")
+    for col, kw in (("#", {"justify": "right"}), ("norm", {"justify": "right"}), ("label", {}), ("text", {})):
+        top.add_column(col, **kw)
+    for i, norm, text, label, flipped in pe.top(k):
+        top.add_row(str(i), f"{norm:.4g}", label + (" ★" if flipped else ""), _short(text, 60))
+
+    t = pe.timing
+    cost = Table(title=f"Cost per batch of {t.batch_size} ({model.framework}, median of {t.repeats})",
+                 title_justify="left")
+    for col in ("pass", "ms", "× plain"):
+        cost.add_column(col, justify="right" if col != "pass" else "left")
+    for name, ms in (("plain forward + backward (all parameters)", t.plain_ms),
+                     ("with embgrad capture + sparse weight gradient", t.capture_ms),
+                     ("… + per-example norms", t.per_example_ms)):
+        cost.add_row(name, f"{ms:.2f}", f"{ms / t.plain_ms:.1f}")
+    return [rows, tokens, clip, top, cost]
+
+
+def print_summary(console: Console, model: ModelInfo, weight: WeightGradInfo,
+                  per_example: PerExampleInfo, extra: Sequence[Table] = ()) -> None:
+    """Print the summary tables (and any ``extra`` ones) to ``console``."""
+    console.print(f"[bold]{model.model_type}[/] ({model.framework}): {model.num_parameters} parameters, "
+                  f"trained {len(model.losses)} epochs in {model.train_seconds:.1f} s, "
+                  f"test accuracy {model.test_accuracy:.1%}")
+    for table in [*summary_tables(model, weight, per_example), *extra]:
+        console.print(table)

@@ -1,0 +1,79 @@
+"""The demo pipeline: seeded data → trained tiny classifier → every report section.
+
+:func:`run_demo` computes (nothing is written); :func:`embgrad.report.html.write_report`
+writes the page. Steps report to an optional ``step(name)`` callback so the CLI can show
+progress.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..demo.data import DemoData, SentimentData, demo_data
+from ..demo.models import Trained, train
+from .analysis import (ModelInfo, PerExampleInfo, SimilarityInfo, WeightGradInfo, gradient_info,
+                       model_info, similarity_info)
+
+__all__ = ["DemoResults", "run_demo", "pick_test_sentences"]
+
+
+@dataclass(frozen=True, eq=False)
+class DemoResults:
+    """Everything the report shows. Sections whose feature is unavailable are None."""
+
+    model: ModelInfo
+    weight: WeightGradInfo
+    per_example: PerExampleInfo
+    similarity: SimilarityInfo
+    attribution: Any = None
+    hotflip: Any = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        have = [n for n in ("attribution", "hotflip") if getattr(self, n) is not None]
+        return (f"DemoResults({self.model.framework}, test_accuracy={self.model.test_accuracy:.3f}, "
+                f"sections: model, weight, per_example, similarity{''.join(', ' + h for h in have)})")
+
+
+def pick_test_sentences(test: SentimentData, n: int = 12, seed: int = 0) -> SentimentData:
+    """``n`` seeded test sentences, half of them with negation (when there are enough)."""
+    negated = np.array([any(t.startswith("not_") for t in toks) for toks in test.tokens])
+    rng = np.random.default_rng([seed, 2])
+    neg = rng.permutation(np.flatnonzero(negated))[: n // 2]
+    rest = rng.permutation(np.flatnonzero(~negated))[: n - len(neg)]
+    return test.subset(np.sort(np.concatenate([neg, rest])))
+
+
+def run_demo(framework: str = "torch", *, seed: int = 0, batch_size: int = 256,
+             data: DemoData | None = None, epochs: int = 6,
+             progress: Callable[[int, int, float], None] | None = None,
+             step: Callable[[str], None] | None = None) -> tuple[DemoResults, Trained, DemoData]:
+    """Train the demo model in ``framework`` and compute every report section.
+
+    ``batch_size``: the training batch whose gradients sections 2, 3 and 6 show.
+    ``progress``: the trainer's per-epoch callback; ``step(name)``: called before each section.
+    """
+    step = step or (lambda name: None)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    data = data or demo_data(seed=seed)
+    trained = train(data, framework, seed=seed, epochs=epochs, progress=progress)
+    seconds["train"] = time.perf_counter() - t
+    batch = data.train.subset(np.arange(min(batch_size, len(data.train))))
+    sentences = pick_test_sentences(data.test, seed=seed)
+
+    step("gradients of one batch")
+    t = time.perf_counter()
+    model = model_info(trained, data)
+    weight, per_example = gradient_info(trained, batch)
+    seconds["gradients"] = time.perf_counter() - t
+
+    step("gradient similarity")
+    t = time.perf_counter()
+    query = sentences.subset([int(np.argmax([any(x.startswith("not_") for x in s) for s in sentences.tokens]))])
+    similarity = similarity_info(trained, query, batch)
+    seconds["similarity"] = time.perf_counter() - t
+    return DemoResults(model, weight, per_example, similarity, seconds=seconds), trained, data

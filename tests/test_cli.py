@@ -1,0 +1,26 @@
+"""The ``embgrad`` command line: ``demo`` prints the summary and writes the report."""
+from __future__ import annotations
+
+import pytest
+
+from embgrad.cli import build_parser, main
+
+
+def test_demo_prints_the_summary(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "r")]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps at the console width
+    for heading in ("Rows that received gradient", "Tokens with the largest per-example gradient norms",
+                    "clipped at", "before clipping", "after clipping", "plain forward + backward",
+                    "with embgrad capture", "test accuracy"):
+        assert heading in out, heading
+    # the exactness check against the framework's dense gradient is printed, and it is exact
+    assert "max |embgrad − dense autograd| = 0" in out
+
+
+def test_bad_arguments_exit_with_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--framework", "jax"])
+    assert e.value.code == 2 and "invalid choice: 'jax'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([])
+    assert build_parser().parse_args(["demo"]).framework == "torch"
