@@ -331,7 +331,13 @@ def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example:
     T = ishape[1] if len(ishape) == 2 else 1
     D = gshape[-1]
     ids = b.cast(b.reshape(ids, (-1,)), "int64")
-    lo, hi = b.minmax(ids)
+    if b.traced(ids):  # inside tf.function: checked when the graph runs
+        checked = ids if ignore_index is None else b.where(ids == ignore_index, b.zeros((1,), "int64", ids), ids)
+        b.assert_in_range(checked, num_rows, f"embgrad: an id is out of range for a table of {num_rows} "
+                          f"rows (valid ids are 0..{num_rows - 1}).")
+        lo, hi = 0, 0
+    else:
+        lo, hi = b.minmax(ids)
     if lo < 0 or hi >= num_rows:
         valid_ids = b.where(ids == ignore_index, b.zeros((1,), "int64", ids), ids) if ignore_index is not None else ids
         lo, hi = b.minmax(valid_ids)
@@ -367,9 +373,13 @@ def row_grad(g: Any, num_rows: int | None = None) -> RowGrad:
     acc = _accum_dtype(b, values)
     if b.dtype_name(values) != acc:
         values = b.cast(values, acc)
-    if b.shape(ids)[0] == 0:
+    if b.traced(ids):  # inside tf.function: checked when the graph runs
+        b.assert_in_range(ids, num_rows, f"embgrad row_grad(): a row index is out of range for {num_rows} rows.")
+        lo, hi = 0, 0
+    elif b.shape(ids)[0] == 0:
         return RowGrad(ids, values, num_rows, b)
-    lo, hi = b.minmax(ids)
+    else:
+        lo, hi = b.minmax(ids)
     if lo < 0 or hi >= num_rows:
         raise EmbgradError(f"row_grad(): row index {lo if lo < 0 else hi} is out of range for {num_rows} rows.")
     rows, values = _coalesce(b, b.cast(ids, "int64"), values)

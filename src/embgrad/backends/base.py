@@ -212,6 +212,16 @@ class Backend:
         """(min, max) of an int tensor, as Python ints (x non-empty)."""
         raise NotImplementedError
 
+    def traced(self, x: Any) -> bool:
+        """True when ``x`` has no value yet (a tensor traced inside ``tf.function``): checks
+        that need values then become run-time assertions (:meth:`assert_in_range`)."""
+        return False
+
+    def assert_in_range(self, ids: Any, num_rows: int, message: str) -> None:
+        """For traced int ``ids``: a run-time assertion that 0 <= ids < num_rows, failing
+        with ``message`` when the graph runs."""
+        raise NotImplementedError
+
     def is_integer(self, x: Any) -> bool:
         return self.dtype_name(x).startswith(("int", "uint"))
 

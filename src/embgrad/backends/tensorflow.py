@@ -155,9 +155,7 @@ class TensorFlowBackend(Backend):
                "input_dim, or map unknown tokens to an UNK id. (Keras wraps negative ids and "
                "TensorFlow on GPU returns zeros for out-of-range ids: embgrad refuses both.)")
         if is_symbolic(ids):
-            flat = tf.reshape(ids, (-1,))
-            tf.debugging.assert_non_negative(flat, message=msg)
-            tf.debugging.assert_less(flat, tf.cast(num_rows, flat.dtype), message=msg)
+            self.assert_in_range(ids, num_rows, msg)
             return
         lo, hi = self.minmax(tf.reshape(ids, (-1,)))
         if lo < 0 or hi >= num_rows:
@@ -273,6 +271,14 @@ class TensorFlowBackend(Backend):
 
     def minmax(self, x):
         return int(tf.reduce_min(x)), int(tf.reduce_max(x))
+
+    def traced(self, x):
+        return is_symbolic(x)
+
+    def assert_in_range(self, ids, num_rows, message):
+        flat = tf.reshape(ids, (-1,))
+        tf.debugging.assert_non_negative(flat, message=message)
+        tf.debugging.assert_less(flat, tf.cast(num_rows, flat.dtype), message=message)
 
     def row_grad_parts(self, g):
         if isinstance(g, tf.IndexedSlices):

@@ -1,0 +1,207 @@
+"""Raw TensorFlow: row_grad(IndexedSlices), rows_from_lookups on one's own tf.nn.embedding_lookup,
+per-example gradients against tf.vectorized_map and a loop, graph mode, and the TF primitives."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+import embgrad
+from embgrad import EmbgradError
+from embgrad.backends import get_backend
+
+V, D, C = 40, 6, 3
+
+
+def _model(seed=0):
+    """A tiny raw-TF classifier: lookup -> mean -> dense. Returns (table, kernel, forward)."""
+    rng = np.random.default_rng(seed)
+    table = tf.Variable(rng.normal(size=(V, D)).astype(np.float32))
+    kernel = tf.Variable(rng.normal(size=(D, C)).astype(np.float32))
+
+    def forward(ids):
+        looked = tf.nn.embedding_lookup(table, ids)               # (B, T, D)
+        return looked, tf.reduce_mean(looked, 1) @ kernel         # (B, C)
+    return table, kernel, forward
+
+
+def _data(B=5, T=7, seed=1):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, V, (B, T))
+    ids[0, :3] = 4          # duplicates inside one example
+    ids[1, 0] = 4           # ... and across examples
+    return tf.constant(ids, tf.int64), tf.constant(rng.integers(0, C, B))
+
+
+def _xent(logits, y):
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)   # (B,)
+
+
+def test_backend_is_tensorflow_for_raw_tensors():
+    assert get_backend(tf.constant([1.0])).name == "tensorflow"
+    assert get_backend(tf.Variable([1.0])).name == "tensorflow"
+    assert get_backend(tf.IndexedSlices(tf.ones((1, 2)), tf.constant([0]))).name == "tensorflow"
+
+
+def test_row_grad_of_indexed_slices_matches_dense_tape_gradient():
+    table, _, forward = _model()
+    ids, y = _data()
+    with tf.GradientTape() as tape:
+        _, logits = forward(ids)
+        loss = tf.reduce_sum(_xent(logits, y))
+    g = tape.gradient(loss, table)
+    assert isinstance(g, tf.IndexedSlices)
+    rg = embgrad.row_grad(g)
+    rows, values = rg.numpy()
+    assert rg.num_rows == V and rg.rows.dtype == tf.int64 and rg.values.dtype == tf.float32
+    np.testing.assert_array_equal(rows, np.unique(ids.numpy()))            # unique, ascending
+    np.testing.assert_allclose(rg.to_dense().numpy(), tf.convert_to_tensor(g).numpy(), atol=1e-6)
+    # dense (V, D) tensor too: rows with any nonzero are kept
+    dense = embgrad.row_grad(tf.convert_to_tensor(g))
+    np.testing.assert_array_equal(dense.numpy()[0], rows)
+    np.testing.assert_allclose(dense.numpy()[1], values, atol=1e-6)
+
+
+def test_row_grad_never_densifies_a_huge_table():
+    # a (10^12, 4) table would need 16 TB dense: only the 3 looked-up rows are ever touched
+    huge = 10 ** 12
+    g = tf.IndexedSlices(values=tf.constant([[1.0] * 4, [2.0] * 4, [3.0] * 4]),
+                         indices=tf.constant([huge - 1, 7, huge - 1], tf.int64),
+                         dense_shape=tf.constant([huge, 4], tf.int64))
+    rg = embgrad.row_grad(g)
+    rows, values = rg.numpy()
+    np.testing.assert_array_equal(rows, [7, huge - 1])
+    np.testing.assert_allclose(values, [[2.0] * 4, [4.0] * 4])
+    assert rg.num_rows == huge and abs(rg.norm() - np.sqrt(4 * 4 + 16 * 4)) < 1e-5
+
+
+def test_row_grad_bad_input():
+    g = tf.IndexedSlices(tf.ones((2, 3)), tf.constant([0, 9]), tf.constant([5, 3]))
+    with pytest.raises(EmbgradError, match="out of range"):
+        embgrad.row_grad(g)
+    with pytest.raises(EmbgradError, match="cannot tell the table size"):
+        embgrad.row_grad(tf.IndexedSlices(tf.ones((2, 3)), tf.constant([0, 1])))
+    assert embgrad.row_grad(tf.IndexedSlices(tf.ones((2, 3)), tf.constant([0, 1])), num_rows=4).num_rows == 4
+    with pytest.raises(EmbgradError, match=r"\(V, D\)"):
+        embgrad.row_grad(tf.ones((2, 3, 4)))
+
+
+def test_rows_from_lookups_matches_tape_and_coalesces_float16():
+    table, _, forward = _model()
+    ids, y = _data()
+    with tf.GradientTape(persistent=True) as tape:
+        looked, logits = forward(ids)
+        loss = tf.reduce_sum(_xent(logits, y))
+    og = tape.gradient(loss, looked)
+    rg = embgrad.rows_from_lookups(ids, og, V)
+    np.testing.assert_allclose(rg.to_dense().numpy(), tf.convert_to_tensor(tape.gradient(loss, table)).numpy(),
+                               atol=1e-6)
+    half = embgrad.rows_from_lookups(ids, tf.cast(og, tf.float16), V)
+    assert half.values.dtype == tf.float32                          # accumulated in float32
+    np.testing.assert_allclose(half.values.numpy(), rg.values.numpy(), atol=2e-3)
+    # ignore_index drops one id entirely; numpy ids are accepted too
+    ig = embgrad.rows_from_lookups(ids.numpy(), og, V, ignore_index=4)
+    assert 4 not in ig.numpy()[0].tolist()
+    assert set(ig.numpy()[0].tolist()) == set(rg.numpy()[0].tolist()) - {4}
+
+
+def _per_example_reference(forward, table, ids, y):
+    """(B, V, D) dense per-example gradients by tf.vectorized_map over a per-example tape."""
+    def one(args):
+        x, t = args
+        with tf.GradientTape() as tape:
+            _, logits = forward(x[None])
+            loss = tf.reduce_sum(_xent(logits, t[None]))
+        return tf.convert_to_tensor(tape.gradient(loss, table))
+    return tf.vectorized_map(one, (ids, y)).numpy()
+
+
+def test_per_example_matches_vectorized_map_and_a_loop():
+    table, _, forward = _model()
+    ids, y = _data()
+    with tf.GradientTape() as tape:
+        looked, logits = forward(ids)
+        loss = tf.reduce_sum(_xent(logits, y))
+    eg = embgrad.rows_from_lookups(ids, tape.gradient(loss, looked), V, per_example=True)
+    ref = _per_example_reference(forward, table, ids, y)
+    np.testing.assert_allclose(eg.to_dense().numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(eg.norms().numpy(), np.linalg.norm(ref.reshape(len(ref), -1), axis=1), rtol=1e-5)
+    flat = ref.reshape(len(ref), -1)
+    np.testing.assert_allclose(eg.dot().numpy(), flat @ flat.T, rtol=1e-4, atol=1e-5)
+    for b in range(len(ref)):                                  # the plain loop, one tape per example
+        with tf.GradientTape() as t:
+            _, logits = forward(ids[b:b + 1])
+            loss = tf.reduce_sum(_xent(logits, y[b:b + 1]))
+        rows, vals = eg.example(b).numpy()
+        dense_b = tf.convert_to_tensor(t.gradient(loss, table)).numpy()
+        np.testing.assert_array_equal(rows, np.unique(ids[b].numpy()))
+        np.testing.assert_allclose(vals, dense_b[rows], atol=1e-6)
+    clipped = eg.clip(0.1)
+    assert float(tf.reduce_max(clipped.norms())) <= 0.1 + 1e-6
+    np.testing.assert_allclose(eg.sum().to_dense().numpy(), ref.sum(0), atol=1e-5)
+
+
+def test_graph_mode_matches_eager():
+    table, _, forward = _model()
+    ids, y = _data()
+
+    @tf.function
+    def step(ids, y):
+        with tf.GradientTape(persistent=True) as tape:
+            looked, logits = forward(ids)
+            loss = tf.reduce_sum(_xent(logits, y))
+        eg = embgrad.rows_from_lookups(ids, tape.gradient(loss, looked), V, per_example=True)
+        rg = embgrad.row_grad(tape.gradient(loss, table))
+        return rg.rows, rg.values, eg.norms(), eg.sum().values
+
+    rows, values, norms, summed = step(ids, y)
+    with tf.GradientTape(persistent=True) as tape:
+        looked, logits = forward(ids)
+        loss = tf.reduce_sum(_xent(logits, y))
+    eager = embgrad.row_grad(tape.gradient(loss, table))
+    eg = embgrad.rows_from_lookups(ids, tape.gradient(loss, looked), V, per_example=True)
+    np.testing.assert_array_equal(rows.numpy(), eager.rows.numpy())
+    np.testing.assert_allclose(values.numpy(), eager.values.numpy(), atol=1e-6)
+    np.testing.assert_allclose(summed.numpy(), eager.values.numpy(), atol=1e-6)
+    np.testing.assert_allclose(norms.numpy(), eg.norms().numpy(), rtol=1e-6)
+
+
+def test_graph_mode_refuses_out_of_range_ids_at_run_time():
+    @tf.function
+    def f(ids, og):
+        return embgrad.rows_from_lookups(ids, og, 5).values
+
+    og = tf.ones((2, 3, 4))
+    assert f(tf.constant([[0, 1, 2], [3, 4, 0]]), og).shape == (5, 4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="out of range for a table of 5 rows"):
+        f(tf.constant([[0, 1, 2], [3, 5, 0]]), og)
+
+
+def test_rows_from_lookups_bad_input():
+    og = tf.ones((2, 3, 4))
+    with pytest.raises(EmbgradError, match="out of range"):
+        embgrad.rows_from_lookups(tf.constant([[0, 1, 2], [3, -1, 0]]), og, 5)   # no silent wrap
+    with pytest.raises(EmbgradError, match="out of range"):
+        embgrad.rows_from_lookups(tf.constant([[0, 1, 2], [3, 5, 0]]), og, 5)
+    with pytest.raises(EmbgradError, match="integers"):
+        embgrad.rows_from_lookups(tf.constant([[0.0, 1, 2], [3, 4, 0]]), og, 5)
+    with pytest.raises(EmbgradError, match="NaN"):
+        embgrad.rows_from_lookups(tf.constant([[0, 1, 2], [3, 4, 0]]), og * np.nan, 5)
+    with pytest.raises(EmbgradError, match="empty batch"):
+        embgrad.rows_from_lookups(tf.zeros((0, 3), tf.int32), tf.zeros((0, 3, 4)), 5)
+    with pytest.raises(EmbgradError, match="shape"):
+        embgrad.rows_from_lookups(tf.constant([[0, 1]]), og, 5)
+
+
+def test_tf_unique_is_sorted_with_inverse():
+    b = get_backend(tf.constant([1]))
+    x = tf.constant([5, 3, 5, 9, 0, 3], tf.int64)
+    u, inv = b.unique(x)
+    np.testing.assert_array_equal(u.numpy(), [0, 3, 5, 9])
+    np.testing.assert_array_equal(tf.gather(u, inv).numpy(), x.numpy())
+    assert inv.dtype == tf.int64 and b.argsort(x).dtype == tf.int64
