@@ -5,6 +5,7 @@ you pass, among the frameworks you already imported.
 """
 from __future__ import annotations
 
+from .attribution import Attribution, attribute, hotflip, jacobian
 from .capture import Gradients, LayerGradients, capture
 from .errors import EmbgradError
 from .sparse import ExampleGrads, RowGrad, row_grad, rows_from_lookups
@@ -16,5 +17,6 @@ __all__ = [
     "capture", "Gradients", "LayerGradients",
     "RowGrad", "ExampleGrads", "rows_from_lookups", "row_grad",
     "table", "load_vectors", "regularize",
+    "attribute", "Attribution", "hotflip", "jacobian",
     "EmbgradError",
 ]

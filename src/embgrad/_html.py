@@ -17,6 +17,7 @@ NEGATIVE_RGB = (33, 102, 172)   # and blue for negative ones
 
 _ROW = "margin:2px 0;line-height:1.9;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:13px"
 _TOK = "padding:1px 3px;margin:0 1px;border-radius:3px;white-space:pre"
+_MARK = ";box-shadow:inset 0 -3px 0 #111"
 _LABEL = "display:inline-block;min-width:9em;color:#555;font-family:sans-serif;font-size:12px"
 
 
@@ -35,13 +36,14 @@ def score_colors(scores: np.ndarray, vmax: float) -> list[tuple[str, str]]:
 
 def token_heatmap(tokens: Sequence[Sequence[str]], scores: np.ndarray | Sequence[Sequence[float]], *,
                   mask: np.ndarray | None = None, labels: Sequence[str] | None = None,
-                  title: str | None = None, scale: str = "row") -> str:
+                  title: str | None = None, scale: str = "row", marks: np.ndarray | None = None) -> str:
     """An HTML ``<div>`` fragment: row b shows ``tokens[b]`` coloured by ``scores[b]``.
 
     ``scores``: (B, T) numbers (rows may be ragged lists); tokens beyond a row's scores, or with
     ``mask[b, t]`` False (padding), are left out. ``labels``: one caption per row.
     ``scale``: ``"row"`` (each row's largest |score| is full colour) or ``"global"``.
-    Hovering a token shows its exact score.
+    Hovering a token shows its exact score. ``marks``: optional bool (B, T); marked tokens
+    (e.g. words known to carry the label) are underlined and get the class ``embgrad-mark``.
     """
     if scale not in ("row", "global"):
         raise ValueError(f"scale must be 'row' or 'global', got {scale!r}")
@@ -69,8 +71,10 @@ def token_heatmap(tokens: Sequence[Sequence[str]], scores: np.ndarray | Sequence
             tok = str(toks[t])
             bg, fg = colors[t]
             tip = html.escape(f"{tok}: {float(row[t])!r}", quote=True)
-            parts.append(f'<span class="embgrad-tok" title="{tip}" data-score="{float(row[t])!r}" '
-                         f'style="{_TOK};background:{bg};color:{fg}">{html.escape(tok or "∅")}</span>')
+            marked = marks is not None and bool(marks[b][t])
+            cls, mark = ("embgrad-tok embgrad-mark", _MARK) if marked else ("embgrad-tok", "")
+            parts.append(f'<span class="{cls}" title="{tip}" data-score="{float(row[t])!r}" '
+                         f'style="{_TOK};background:{bg};color:{fg}{mark}">{html.escape(tok or "∅")}</span>')
         parts.append("</div>")
     parts.append("</div>")
     return "".join(parts)

@@ -422,9 +422,14 @@ class _Engine:
     """
 
     def __init__(self, model: Any, inputs: Any, layer: Any, forward: Callable | None,
-                 target: Any, batch_size: int | None, progress: bool | None, what: str = "target"):
+                 target: Any, batch_size: int | None, progress: bool | None, what: str = "target",
+                 call: int | None = None):
         self.backend = b = get_backend(model)
         self.model, self.forward, self.progress = model, forward, progress
+        if call is not None and (not _is_int(call) or call < 0):
+            raise EmbgradError(f"call must be None or the index (≥ 0) of the layer's lookup within one "
+                               f"forward pass, got {call!r}.")
+        self.call_index = None if call is None else int(call)
         self.info = _pick_layer(b, model, layer)
         self.inputs = _Inputs(inputs, b)
         self.B = self.inputs.batch
@@ -462,14 +467,19 @@ class _Engine:
     def _chunk(self, ix, sl, point, grad, consume) -> None:
         b, info, n = self.backend, self.info, int(ix.shape[0])
         sub = self.inputs.take(ix)
-        state: dict[str, Any] = {"call": None, "watch": None}
+        state: dict[str, Any] = {"call": None, "watch": None, "count": 0}
 
         def replace(call):
-            if state["call"] is not None:
+            k = state["count"]
+            state["count"] = k + 1
+            if self.call_index is None and k == 1:
                 raise EmbgradError(
-                    f"layer {info.name!r} was called more than once in one forward pass; attribution "
-                    "replaces a single lookup per forward. Attribute a layer that is called once, or "
-                    "pass forward= that calls it once.")
+                    f"layer {info.name!r} was called more than once in one forward pass (e.g. a table "
+                    "shared by an encoder and a decoder); attribution replaces one lookup per forward: "
+                    "pass call=0 for the first lookup (call=1 for the second, ...), or forward= that "
+                    "calls the layer once.")
+            if k != (self.call_index or 0):
+                return None
             state["call"] = call
             shape = b.shape(call.output)
             if not shape or shape[0] != n:
@@ -494,8 +504,9 @@ class _Engine:
             self.cap.calls = []
             if state["call"] is None:
                 raise EmbgradError(
-                    f"the forward pass never called layer {info.name!r}: check that inputs reach it, "
-                    "or name the embedding layer the model uses with layer=.")
+                    f"the forward pass called layer {info.name!r} {state['count']} times, so lookup "
+                    f"call={self.call_index or 0} never happened: check that the inputs reach it, or "
+                    "name the embedding layer the model uses with layer=.")
             return self.targets(out, ix, state["call"].ids)
 
         if grad:
@@ -715,7 +726,7 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
               rule: str = "gauss_legendre", forward: Callable | None = None,
               batch_size: int | None = None, *, tolerance: float = 0.01, max_steps: int = 256,
               noise: float = 0.1, seed: int = 0, mask: Any = None, pad_id: int | None = None,
-              tokens: Any = None, progress: bool | None = None) -> Attribution:
+              tokens: Any = None, progress: bool | None = None, call: int | None = None) -> Attribution:
     """Attribute a target output of ``model`` to the tokens of ``inputs``.
 
     ``inputs``: ids tensor, tuple, or dict of keyword arguments (e.g. a Hugging Face
@@ -734,6 +745,8 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
     ``mask``: (B, T) 1 = token, 0 = padding (default: ``inputs["attention_mask"]``); padding
     scores are 0. ``tokens``: a tokenizer, vocabulary or token lists, for ``.tokens``/HTML.
     ``progress``: rich progress bar (None: only when slow and stderr is a terminal).
+    ``call``: which lookup of the layer to attribute when one forward calls it several times
+    (e.g. a table shared by encoder and decoder); None requires a single lookup.
     """
     if method not in METHODS:
         raise EmbgradError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} "
@@ -752,7 +765,7 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
     elif method == "smoothgrad" and (not _is_int(steps) or steps < 1 or not noise >= 0):
         raise EmbgradError(f"smoothgrad needs steps (noise samples) ≥ 1 and noise ≥ 0, got "
                            f"steps={steps!r}, noise={noise!r}.")
-    eng = _Engine(model, inputs, layer, forward, target, batch_size, progress)
+    eng = _Engine(model, inputs, layer, forward, target, batch_size, progress, call=call)
     b = eng.backend
     obs = eng.observe(grad=method in ("saliency", "grad_x_input"))
     ids_np = b.to_numpy(obs["ids"]).astype(np.int64)
@@ -878,7 +891,8 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
 
 # ----------------------------------------------------------------------------- jacobian
 def jacobian(model: Any, inputs: Any, outputs: Any = None, *, layer: Any = None,
-             forward: Callable | None = None, batch_size: int | None = None) -> Any:
+             forward: Callable | None = None, batch_size: int | None = None,
+             call: int | None = None) -> Any:
     """Gradients of several outputs with respect to the embedding layer's output.
 
     ``outputs``: None (every column of the model's (B, C) output), or a list of targets as in
@@ -887,7 +901,7 @@ def jacobian(model: Any, inputs: Any, outputs: Any = None, *, layer: Any = None,
     ``batch_size`` examples, K backward passes over it.
     """
     spec = "all" if outputs is None else (list(outputs) if isinstance(outputs, (list, tuple)) else [outputs])
-    eng = _Engine(model, inputs, layer, forward, spec, batch_size, None, "outputs")
+    eng = _Engine(model, inputs, layer, forward, spec, batch_size, None, "outputs", call=call)
     b = eng.backend
     obs = eng.observe(grad=True)
     with b.no_grad():
@@ -948,7 +962,7 @@ def _vocab_strings(tokenizer: Any, V: int) -> list[str]:
 def hotflip(model: Any, inputs: Any, target: Any, k: int = 10, layer: Any = None,
             candidates: Any = None, *, direction: str = "decrease", verify: bool = False,
             tokenizer: Any = None, positions: Any = None, forward: Callable | None = None,
-            batch_size: int | None = None, mask: Any = None) -> HotFlip:
+            batch_size: int | None = None, mask: Any = None, call: int | None = None) -> HotFlip:
     """HotFlip (Ebrahimi et al., 2018): the k single-token swaps per example that most lower
     (``direction="decrease"``) or raise (``"increase"``) the target, to first order.
 
@@ -964,7 +978,7 @@ def hotflip(model: Any, inputs: Any, target: Any, k: int = 10, layer: Any = None
         raise EmbgradError(f"direction must be 'decrease' or 'increase', got {direction!r}.")
     if not _is_int(k) or k < 1:
         raise EmbgradError(f"k must be a positive int (swaps per example), got {k!r}.")
-    eng = _Engine(model, inputs, layer, forward, target, batch_size, None)
+    eng = _Engine(model, inputs, layer, forward, target, batch_size, None, call=call)
     if eng.targets.multi:
         raise EmbgradError("hotflip takes one target (a class index, (B,) indices or a callable), not a list.")
     b, info = eng.backend, eng.info

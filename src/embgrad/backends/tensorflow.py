@@ -313,3 +313,37 @@ class TensorFlowBackend(Backend):
 
     def no_grad(self):
         return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ attribution
+    def value_and_grads(self, fn):
+        watched: list[Any] = []
+        with tf.GradientTape(persistent=True) as tape:
+            def watch(t: Any) -> Any:
+                tape.watch(t)
+                watched.append(t)
+                return t
+
+            y = fn(watch)
+            sums = [tf.reduce_sum(y[:, k]) for k in range(int(y.shape[1]))]
+        if len(watched) != 1:
+            raise EmbgradError(f"value_and_grads: fn watched {len(watched)} tensors, expected exactly one.")
+        x = watched[0]
+        grads = []
+        for s in sums:
+            g = tape.gradient(s, x)
+            grads.append(tf.zeros_like(x) if g is None else _densify_slices(g))
+        del tape
+        return tf.stop_gradient(y), grads
+
+    def embed(self, info, ids):
+        return tf.stop_gradient(info.layer(ids))
+
+    def pick(self, x, idx):
+        return tf.reshape(tf.gather(x, tf.reshape(idx, (-1, 1)), batch_dims=1), (-1,))
+
+    def matmul_t(self, a, b):
+        return tf.matmul(a, b, transpose_b=True)
+
+    def topk(self, x, k):
+        v, i = tf.math.top_k(x, k)
+        return v, tf.cast(i, tf.int64)
