@@ -58,6 +58,14 @@ def _as_nd(x: Any) -> nd.NDArray:
     return x.as_nd_ndarray() if isinstance(x, _mnp.ndarray) else x
 
 
+def _like(x: Any, model_array: Any) -> Any:
+    """``x`` as the array type of ``model_array`` (legacy NDArray or mxnet.numpy), zero-copy;
+    what goes back into the user's model must be of the type its operators accept."""
+    if isinstance(model_array, _mnp.ndarray):
+        return _as_np(x)
+    return _as_nd(_as_np(x))
+
+
 def _ctx(like: Any) -> mx.Context:
     return like.context if isinstance(like, nd.NDArray) else mx.current_context()
 
@@ -304,7 +312,8 @@ class GluonBackend(Backend):
             _validate_ids(info, x)
             out = orig(x, *args)
             recording = autograd.is_recording()
-            call = _GluonCall(info=info, ids=x, output=out, grad_enabled=recording)
+            # the core sees an mxnet.numpy view of the output; the model gets its own type back
+            call = _GluonCall(info=info, ids=x, output=_as_np(out), grad_enabled=recording)
             call.meta["train_mode"] = autograd.is_training()
             replaced = on_call(call)
             if replaced is not None:
@@ -312,12 +321,11 @@ class GluonBackend(Backend):
                     raise EmbgradError(
                         f"layer {info.name!r}: the replacement output has shape "
                         f"{tuple(replaced.shape)}, the layer's is {tuple(out.shape)}.")
-                out = replaced
+                out = _like(replaced, out)
             if recording:
                 var = _zeros_like_var(out)
                 out = out + var
                 call.meta["var"] = var
-                call.output = out
             return out
         return forward
 
@@ -389,8 +397,10 @@ class GluonBackend(Backend):
         return out.as_np_ndarray()
 
     def gather(self, x, idx):
+        # keeps x's array type: rows of the user's inputs go back into the model
         with _np_shape():
-            return _mnp.take(_as_np(x), _as_np(idx), axis=0)
+            out = _mnp.take(_as_np(x), _as_np(idx), axis=0)
+        return _like(out, x)
 
     def boolean_mask(self, x, mask):
         with _np_shape():
@@ -474,3 +484,52 @@ class GluonBackend(Backend):
 
     def no_grad(self):
         return autograd.pause()
+
+    # ------------------------------------------------------------------ attribution
+    def value_and_grads(self, fn):
+        # attribution explains the model as it predicts: recorded in predict mode (no dropout)
+        watched: list[Any] = []
+
+        def watch(t: Any) -> Any:
+            with autograd.pause():
+                leaf = _as_np(t).copy()
+            leaf.attach_grad()
+            watched.append(leaf)
+            return leaf
+
+        with autograd.record(train_mode=False):
+            y = _as_np(fn(watch))
+            if len(watched) != 1:
+                raise EmbgradError(f"value_and_grads: fn watched {len(watched)} arrays, expected exactly one.")
+            heads = [y[:, k].sum() for k in range(int(y.shape[1]))]
+        x = watched[0]
+        grads = []
+        for k, head in enumerate(heads):
+            try:
+                (g,) = autograd.grad(head, [x], retain_graph=k < len(heads) - 1, train_mode=False)
+                g = _as_np(g)
+            except MXNetError as e:
+                if "unreachable" not in str(e):
+                    raise
+                g = _mnp.zeros(x.shape, dtype=x.dtype, ctx=x.context)   # y does not depend on x
+            grads.append(g)
+        with autograd.pause():
+            y = y.copy()
+        return y, grads
+
+    def embed(self, info, ids):
+        blk = info.layer
+        # the class's forward: an instance-level capture patch must not record this lookup
+        with autograd.pause():
+            out = type(blk).forward(blk, _like(ids, blk.weight.data()))
+        return _as_np(out)
+
+    def pick(self, x, idx):
+        return nd.pick(_as_nd(_as_np(x)), _as_nd(_as_np(idx)).astype(x.dtype), axis=1).as_np_ndarray()
+
+    def matmul_t(self, a, b):
+        return _mnp.dot(_as_np(a), _as_np(b).T)
+
+    def topk(self, x, k):
+        v, i = nd.topk(_as_nd(_as_np(x)), k=int(k), axis=-1, ret_typ="both", dtype="int64")
+        return v.as_np_ndarray(), i.as_np_ndarray()
