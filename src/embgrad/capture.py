@@ -250,13 +250,18 @@ class Capture:
         return None
 
     def gradients(self, loss: Any = None, loss_reduction: str = "sum", *,
-                  sources: Sequence[Any] | None = None, retain_graph: bool = False) -> Gradients:
+                  sources: Sequence[Any] | None = None, retain_graph: bool = False,
+                  loss_scale: Any = None) -> Gradients:
         """Gradients of ``loss`` for every captured layer (one backward pass, no ``.grad`` written).
 
         With ``loss=None`` (PyTorch), returns what the user's own ``loss.backward()`` produced.
         ``loss_reduction``: "sum" or "mean", how the loss combines the examples (only
         ``per_example()`` depends on it). ``sources``: extra variables whose gradients come
         back in ``.sources`` (same order). ``retain_graph``: keep the graph for another backward.
+        ``loss_scale``: the factor a mixed-precision loss was multiplied by (e.g. a Keras
+        ``LossScaleOptimizer``'s ``dynamic_scale``, or ``torch.amp.GradScaler.get_scale()``):
+        embgrad's results are divided by it in float32; ``sources`` stay scaled, as the
+        loss-scale optimizer's own ``apply`` expects them.
         """
         if loss_reduction not in _REDUCTIONS:
             raise EmbgradError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}.")
@@ -290,6 +295,7 @@ class Capture:
                     "cap.gradients(loss), or call loss.backward() before cap.gradients().")
             grads = [c.grad for c in self.calls]
         b = self._backend
+        inv_scale = None if loss_scale is None else 1.0 / _positive_scale(b, loss_scale)
         by_layer: dict[str, tuple[list, list]] = {i.name: ([], []) for i in self.layers}
         for call, g in zip(self.calls, grads):
             bad = b.count_nonfinite(g)
@@ -298,6 +304,8 @@ class Capture:
                     f"layer {call.info.name!r}: the gradient of its output holds {bad} NaN/Inf values "
                     f"(of {int(__import__('math').prod(b.shape(g)))}). The loss or the model diverged "
                     "(check the learning rate, or an unscaled float16 loss).")
+            if inv_scale is not None:
+                g = b.cast(g, "float64" if b.dtype_name(g) == "float64" else "float32") * inv_scale
             call.grad = g
             tg = call.token_grad(g) if call.token_grad is not None else g
             by_layer[call.info.name][0].append((call.ids, tg))
@@ -313,6 +321,15 @@ class Capture:
         state = "active" if self._tap is not None else ("done" if self._used else "not entered")
         return (f"Capture({type(self.model).__name__}, layers=[{', '.join(i.name for i in self.layers)}], "
                 f"calls={len(self.calls)}, {state})")
+
+
+def _positive_scale(b: Backend, scale: Any) -> float:
+    """``loss_scale`` (a number, scalar tensor or variable) as a positive finite float."""
+    s = float(scale) if isinstance(scale, (int, float)) else float(b.to_numpy(scale))
+    if not (s > 0 and s != float("inf")):
+        raise EmbgradError(f"loss_scale must be a positive finite number (the factor the loss was "
+                           f"multiplied by), got {s!r}.")
+    return s
 
 
 def capture(model: Any, layers: Any = None) -> Capture:
