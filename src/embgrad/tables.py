@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import codecs
 import gzip
-import itertools
 import math
 import weakref
 import zlib
@@ -498,7 +497,7 @@ class Vectors:
 
 
 _FORMATS = ("auto", "word2vec_text", "word2vec_binary", "glove")
-_CHUNK_LINES = 8192
+_CHUNK_BYTES = 1 << 20      # lines (or binary records) parsed at once: memory stays O(this + found)
 _MAX_WORD_BYTES = 1 << 16
 
 
@@ -615,7 +614,7 @@ def _text_chunks(f: Any, path: Any, dim: int | None, lineno: int, dim_from: str,
     parsed line by line to name the line and the problem (or accept words with spaces).
     """
     while True:
-        raw = list(itertools.islice(f, _CHUNK_LINES))
+        raw = f.readlines(_CHUNK_BYTES)
         if not raw:
             return
         words: list[str] = []
@@ -680,14 +679,14 @@ def _binary_chunks(f: Any, path: Any, count: int, dim: int, encoding: str, unico
         sp = buf.find(b" ", pos)
         while sp < 0:
             if len(buf) - pos > _MAX_WORD_BYTES:
-                raise _fail(path, f"record {rec + 1} (byte {offset + pos})",
+                raise _fail(path, f"record {rec + 1} (byte {offset + _word_start(buf, pos)})",
                             f"no space after a word within {_MAX_WORD_BYTES} bytes: not a word2vec binary "
                             "file, or it is corrupt (try format='word2vec_text' or 'glove').")
             if not more():
                 left = buf[pos:]
                 what = ("the file ends" if not left.strip() else
                         f"the file ends inside record {rec + 1} ({left[:20]!r}...)")
-                raise _fail(path, f"record {rec + 1} (byte {offset + pos})",
+                raise _fail(path, f"record {rec + 1} (byte {offset + _word_start(buf, pos)})",
                             f"{what} after {rec} vectors, but the header announced {count}: the file "
                             "is truncated or the header lies about the count.")
             sp = buf.find(b" ", pos)
@@ -695,19 +694,19 @@ def _binary_chunks(f: Any, path: Any, count: int, dim: int, encoding: str, unico
             start = sp - pos
             if not more():
                 wb = buf[pos:sp].lstrip(b"\r\n")
-                raise _fail(path, f"record {rec + 1} (byte {offset + pos})",
+                raise _fail(path, f"record {rec + 1} (byte {offset + _word_start(buf, pos)})",
                             f"truncated: the vector of {wb[:40]!r} needs {nbytes} bytes ({dim} float32), "
                             f"only {len(buf) - sp - 1} remain.")
             sp = pos + start
         wb = buf[pos:sp].lstrip(b"\r\n")
         rec += 1
         if not wb:
-            raise _fail(path, f"record {rec} (byte {offset + pos})", "empty word before the vector.")
-        words.append(_decode(wb, path, f"record {rec} (byte {offset + pos})", encoding, unicode_errors))
+            raise _fail(path, f"record {rec} (byte {offset + _word_start(buf, pos)})", "empty word before the vector.")
+        words.append(_decode(wb, path, f"record {rec} (byte {offset + _word_start(buf, pos)})", encoding, unicode_errors))
         locs.append(rec)
         parts.append(buf[sp + 1:sp + 1 + nbytes])
         pos = sp + 1 + nbytes
-        if len(words) == _CHUNK_LINES:
+        if len(words) * nbytes >= _CHUNK_BYTES:
             yield words, locs, np.frombuffer(b"".join(parts), dtype="<f4").reshape(-1, dim).astype(np.float32)
             words, locs, parts = [], [], []
     if words:
@@ -716,9 +715,15 @@ def _binary_chunks(f: Any, path: Any, count: int, dim: int, encoding: str, unico
         return
     tail = buf[pos:pos + 4096] + (f.read(4096) if len(buf) - pos < 4096 else b"")
     if tail.strip():
-        raise _fail(path, f"after record {count} (byte {offset + pos})",
+        raise _fail(path, f"after record {count} (byte {offset + _word_start(buf, pos)})",
                     f"the header announced {count} vectors but more data follows ({tail.strip()[:20]!r}...): "
                     "the header lies about the count.")
+
+
+def _word_start(buf: bytes, pos: int) -> int:
+    """Where the word of the record at ``pos`` starts (past the previous record's newline)."""
+    seg = buf[pos:pos + 8]
+    return pos + len(seg) - len(seg.lstrip(b"\r\n"))
 
 
 def load_vectors(path: str | Path, vocab: Any, *, format: str = "auto", encoding: str = "utf-8",
@@ -773,11 +778,12 @@ def _load(f: Any, path: Any, lookup: dict[str, int], lower: bool, transform: Any
             fmt = "word2vec_binary" if _is_binary(sample) else "word2vec_text"
     else:
         fmt = format
+    shown = first.decode("utf-8", "replace").strip()[:60]
     if fmt.startswith("word2vec") and header is None:
-        raise _fail(path, "line 1", f"{first[:60]!r} is not a word2vec header 'count dim' (two integers); "
+        raise _fail(path, "line 1", f"{shown!r} is not a word2vec header 'count dim' (two integers); "
                     "a GloVe file has no header: pass format='glove' (or 'auto').")
     if fmt == "glove" and header is not None:
-        raise _fail(path, "line 1", f"{first.strip()[:60]!r} looks like a word2vec header, not a GloVe "
+        raise _fail(path, "line 1", f"{shown!r} looks like a word2vec header, not a GloVe "
                     "vector; pass format='word2vec_text' or 'word2vec_binary' (or 'auto').")
     count, dim = header if header is not None else (None, None)
     if count is not None:
@@ -806,7 +812,7 @@ def _load(f: Any, path: Any, lookup: dict[str, int], lower: bool, transform: Any
     seen: set[int] = set()
     dups: list[str] = []
     n_dups = 0
-    read = 0
+    read = last = extra_at = 0
     for words, locs, vecs in chunks:
         if limit is not None and read + len(words) > limit:
             words, locs, vecs = words[:limit - read], locs[:limit - read], vecs[:limit - read]
@@ -840,11 +846,15 @@ def _load(f: Any, path: Any, lookup: dict[str, int], lower: bool, transform: Any
             if len(ids) > buf.shape[0]:
                 buf.resize((min(cap, max(2 * buf.shape[0], len(ids))), dim), refcheck=False)
             buf[start:len(ids)] = vecs[take]
+        if count is not None and read <= count < read + len(words):
+            extra_at = locs[count - read]              # the first vector beyond the header's count
         read += len(words)
+        last = locs[-1]
         if limit is not None and read >= limit:
             break
     if fmt == "word2vec_text" and limit is None and read != count:
-        raise _fail(path, f"line {read + 1}", f"the header announced {count} vectors but the file holds "
+        at = extra_at if read > count else last + 1
+        raise _fail(path, f"line {at}", f"the header announced {count} vectors but the file holds "
                     f"{read}: the header lies about the count, or the file is truncated.")
     if read == 0:
         raise _fail(path, f"{where} 1", "the file holds no vectors.")
