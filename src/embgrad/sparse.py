@@ -104,7 +104,8 @@ class RowGrad:
         return RowGrad(self.rows, self.values * factor, self.num_rows, self._backend)
 
     def clip_by_norm(self, max_norm: float) -> "RowGrad":
-        """Scaled by ``min(1, max_norm / norm)``: the whole gradient's norm is at most max_norm."""
+        """Scaled by ``min(1, max_norm / norm)``: the whole gradient's norm is at most
+        max_norm, up to float rounding (a relative 1e-7 in float32)."""
         _check_positive(max_norm, "max_norm")
         n = self.norm()
         return self if n <= max_norm else self.scale(max_norm / n)
