@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -152,8 +153,15 @@ class TorchBackend(Backend):
             else:
                 call = Call(info=info, ids=ids, output=out, grad_enabled=grad_enabled)
             if grad_enabled:
-                def store(g, call=call):
-                    call.grad = g
+                # a weak reference: a strong one would make an output -> hook -> call -> output
+                # cycle through the C++ graph that Python's GC cannot see (every capture leaked
+                # its (B, T, D) outputs and graph)
+                ref = weakref.ref(call)
+
+                def store(g, ref=ref):
+                    c = ref()
+                    if c is not None:
+                        c.grad = g
                 out.register_hook(store)
             replaced = on_call(call)
             if replaced is not None:
