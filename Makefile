@@ -38,7 +38,9 @@ $(GLUON_VENV)/bin/python:
 
 $(GLUON_VENV)/.stamp-test: pyproject.toml $(GLUON_CONSTRAINTS) | $(GLUON_VENV)/bin/python
 	$(GLUON_VENV)/bin/pip install -q -c $(GLUON_CONSTRAINTS) mxnet==1.9.1 numpy==1.23.5 -e ".[gluon,test]"
-	$(GLUON_VENV)/bin/python -c "import mxnet, numpy; print('mxnet', mxnet.__version__, 'numpy', numpy.__version__)"
+	$(GLUON_VENV)/bin/python -c "import mxnet, numpy; print('mxnet', mxnet.__version__, 'numpy', numpy.__version__)" \
+	  || { echo "mxnet does not import: its wheel bundles OpenBLAS/libgfortran but needs the system's" \
+	       "libgomp1 and libquadmath0 (apt-get install libgomp1 libquadmath0)"; exit 1; }
 	touch $@
 
 test-gluon: $(GLUON_VENV)/.stamp-test
