@@ -287,3 +287,76 @@ def test_import_embgrad_loads_no_mxnet():
     code = ("import sys, embgrad, embgrad.backends, embgrad.sparse, embgrad.capture\n"
             "assert 'mxnet' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_second_differentiation_of_a_freed_graph_explains_retain_graph():
+    x, y = ids(2, 4, 30), labels(2, 3)
+    model = make(Classifier(), x)
+    with embgrad.capture(model) as cap:
+        with autograd.record():
+            loss = LOSS(model(x), y).sum()
+    first = cap.gradients(loss, retain_graph=True).only().weight_grad
+    second = cap.gradients(loss).only().weight_grad             # frees the graph
+    np.testing.assert_allclose(first.to_dense().asnumpy(), second.to_dense().asnumpy())
+    with pytest.raises(EmbgradError, match="already freed.*retain_graph=True"):
+        cap.gradients(loss)
+    with embgrad.capture(model) as cap:
+        with autograd.record():
+            loss = LOSS(model(x), y).sum()
+    loss.backward()                                               # the user's own backward
+    assert cap.gradients().only().weight_grad.norm() > 0
+    with pytest.raises(EmbgradError, match="already freed"):
+        cap.gradients(loss)
+
+
+def test_model_restored_when_user_code_raises_mid_forward():
+    x = ids(2, 4, 30)
+    model = make(Classifier(), x)
+    model.hybridize()
+    model(x)
+    before = snapshot(model)
+    with pytest.raises(ZeroDivisionError):
+        with embgrad.capture(model):
+            with autograd.record():
+                model(x)
+                1 / 0
+    assert_unchanged(model, before)
+    assert model._active and "forward" not in model.emb.__dict__
+
+
+def test_float16_table_accumulates_in_float32():
+    x = ids(3, 4, 30)
+    emb = nn.Embedding(30, 4, dtype="float16")
+    emb.initialize()
+    with embgrad.capture(emb) as cap:
+        with autograd.record():
+            loss = (emb(x).astype("float32") ** 2).sum()
+    g = cap.gradients(loss).only()
+    assert g.output_grad.dtype == np.float16 and g.weight_grad.values.dtype == np.float32
+    ref = np.zeros((30, 4))
+    np.add.at(ref, x.asnumpy().ravel(), 2 * emb(x).asnumpy().astype(np.float64).reshape(-1, 4))
+    np.testing.assert_allclose(g.weight_grad.to_dense().asnumpy(), ref, rtol=2e-3, atol=1e-3)
+
+
+def test_numpy_mode_gluon():
+    """Gluon's NumPy interface (npx.set_np): mxnet.numpy arrays in and out."""
+    from mxnet import np as mnp, npx
+    npx.set_np()
+    try:
+        emb = nn.Embedding(20, 3)
+        head = nn.Dense(2, in_units=3, flatten=False)
+        net = nn.HybridSequential()
+        net.add(emb, head)
+        net.initialize()
+        x = mnp.array(np.random.RandomState(0).randint(0, 20, size=(3, 4)), dtype="int64")
+        with embgrad.capture(net) as cap:
+            with autograd.record():
+                loss = (net(x) ** 2).sum()
+        g = cap.gradients(loss, retain_graph=True).only()
+        assert isinstance(g.output_grad, mnp.ndarray)
+        loss.backward()
+        np.testing.assert_allclose(g.weight_grad.to_dense().asnumpy(), emb.weight.grad().asnumpy(),
+                                   rtol=1e-5, atol=1e-7)
+        assert g.per_example().batch_size == 3
+    finally:
+        npx.reset_np()

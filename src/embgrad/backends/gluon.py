@@ -180,6 +180,7 @@ class _GluonTap(Tap):
     def __init__(self) -> None:
         self._patched: list[gluon.Block] = []
         self._deactivated: list[gluon.Block] = []
+        self._freed = False          # an earlier grad() without retain_graph freed the graph
 
     def remove(self) -> None:
         for blk in self._patched:
@@ -204,6 +205,13 @@ class _GluonTap(Tap):
             grads = autograd.grad(loss, targets, retain_graph=retain_graph, train_mode=train_mode)
         except MXNetError as e:
             msg = str(e)
+            if "not in a computational graph" in msg and (
+                    self._freed or any(v._fresh_grad for v in variables)):
+                raise EmbgradError(
+                    "MXNet already freed this forward's graph: an earlier cap.gradients(loss) or "
+                    "loss.backward() ran without retain_graph=True. Pass retain_graph=True to the "
+                    "earlier call (or call loss.backward() last, then cap.gradients() without a "
+                    "loss).") from None
             if "not in a computational graph" in msg:
                 raise EmbgradError(
                     "the loss was not recorded by MXNet autograd (computed outside "
@@ -219,7 +227,8 @@ class _GluonTap(Tap):
                     term = (t * 0).sum()
                     head = head + (term.reshape(head.shape) if term.shape != head.shape else term)
             grads = autograd.grad(head, targets, retain_graph=retain_graph, train_mode=train_mode)
-        grads = list(grads)
+        self._freed = self._freed or not retain_graph
+        grads = [_like(g, t) for g, t in zip(grads, targets)]   # autograd.grad gives legacy arrays
         return grads[:len(variables)], (grads[len(variables):] if sources is not None else None)
 
 
