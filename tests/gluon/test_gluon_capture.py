@@ -20,10 +20,16 @@ from gluon_helpers import (LOSS, Classifier, TwoTower, assert_unchanged, dense_g
                            ids, labels, make, snapshot)
 
 
-def _capture(model, *inputs, y, layers=None, **kw):
+def _record(model, *inputs, y, layers=None):
+    """The Gluon way: forward and loss inside autograd.record(), inside a capture."""
     with embgrad.capture(model, layers=layers) as cap:
         with autograd.record():
             loss = LOSS(model(*inputs), y).sum()
+    return cap, loss
+
+
+def _capture(model, *inputs, y, layers=None, **kw):
+    cap, loss = _record(model, *inputs, y=y, layers=layers)
     return cap, cap.gradients(loss, **kw)
 
 
@@ -85,9 +91,7 @@ def test_user_backward_then_gradients_without_loss():
     """The Gluon training loop: loss.backward() (the user's own), then cap.gradients()."""
     x, y = ids(3, 5, 30), labels(3, 3)
     model = make(Classifier(), x)
-    with embgrad.capture(model) as cap:
-        with autograd.record():
-            loss = LOSS(model(x), y).sum()
+    cap, loss = _record(model, x, y=y)
     with pytest.raises(EmbgradError, match="no backward pass"):
         cap.gradients()
     loss.backward()
@@ -292,17 +296,13 @@ def test_import_embgrad_loads_no_mxnet():
 def test_second_differentiation_of_a_freed_graph_explains_retain_graph():
     x, y = ids(2, 4, 30), labels(2, 3)
     model = make(Classifier(), x)
-    with embgrad.capture(model) as cap:
-        with autograd.record():
-            loss = LOSS(model(x), y).sum()
+    cap, loss = _record(model, x, y=y)
     first = cap.gradients(loss, retain_graph=True).only().weight_grad
     second = cap.gradients(loss).only().weight_grad             # frees the graph
     np.testing.assert_allclose(first.to_dense().asnumpy(), second.to_dense().asnumpy())
     with pytest.raises(EmbgradError, match="already freed.*retain_graph=True"):
         cap.gradients(loss)
-    with embgrad.capture(model) as cap:
-        with autograd.record():
-            loss = LOSS(model(x), y).sum()
+    cap, loss = _record(model, x, y=y)
     loss.backward()                                               # the user's own backward
     assert cap.gradients().only().weight_grad.norm() > 0
     with pytest.raises(EmbgradError, match="already freed"):
