@@ -14,7 +14,7 @@ model used. Legacy ``NDArray`` lacks ``//`` and ``&``, hence ``mxnet.numpy`` ins
 """
 from __future__ import annotations
 
-import contextlib
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -67,7 +67,11 @@ def _like(x: Any, model_array: Any) -> Any:
 
 
 def _ctx(like: Any) -> mx.Context:
-    return like.context if isinstance(like, nd.NDArray) else mx.current_context()
+    if isinstance(like, nd.NDArray):
+        return like.context
+    if isinstance(like, gluon.Parameter):
+        return like.list_ctx()[0]
+    return mx.current_context()
 
 
 def _np_shape() -> Any:
@@ -243,6 +247,56 @@ def _source_array(s: Any) -> Any:
         return s
     raise EmbgradError(f"sources= takes Gluon Parameters or NDArrays marked with attach_grad(), "
                        f"got {type(s).__name__}.")
+
+
+# ---------------------------------------------------------------------------- frozen rows
+class _RowGuard:
+    """Rows of one table kept out of a ``gluon.Trainer``'s updates: before each ``step`` /
+    ``update`` their gradient is zeroed (dense gradients) and their values saved, afterwards
+    the values are written back bit for bit (weight decay and momentum included). The trainer's
+    ``step``/``update`` are wrapped per instance while any guard is active."""
+
+    _active: "weakref.WeakKeyDictionary[gluon.Trainer, list[_RowGuard]]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, trainer: gluon.Trainer, weight: gluon.Parameter, rows: np.ndarray):
+        self.trainer, self.weight, self.rows = trainer, weight, rows
+        guards = self._active.setdefault(trainer, [])
+        if not guards:
+            for name in ("step", "update"):
+                object.__setattr__(trainer, name, _guarded(trainer, getattr(type(trainer), name)))
+        guards.append(self)
+
+    def remove(self) -> None:
+        guards = self._active.get(self.trainer)
+        if guards is None or self not in guards:
+            return
+        guards.remove(self)
+        if not guards:
+            del self._active[self.trainer]
+            for name in ("step", "update"):
+                self.trainer.__dict__.pop(name, None)
+
+    def _before(self) -> list[tuple[Any, Any, Any]]:
+        saved = []
+        with autograd.pause():
+            for d, g in zip(self.weight.list_data(), self.weight.list_grad()):
+                idx = nd.array(self.rows, dtype="int64", ctx=d.context)
+                if g.stype == "default":
+                    g[idx] = 0
+                saved.append((d, idx, nd.take(d, idx)))
+        return saved
+
+
+def _guarded(trainer: gluon.Trainer, method: Callable) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        saved = [s for guard in list(_RowGuard._active.get(trainer, [])) for s in guard._before()]
+        try:
+            return method(trainer, *args, **kwargs)
+        finally:
+            with autograd.pause():
+                for d, idx, vals in saved:
+                    d[idx] = vals
+    return call
 
 
 # ---------------------------------------------------------------------------- backend
@@ -542,3 +596,40 @@ class GluonBackend(Backend):
     def topk(self, x, k):
         v, i = nd.topk(_as_nd(_as_np(x)), k=int(k), axis=-1, ret_typ="both", dtype="int64")
         return v.as_np_ndarray(), i.as_np_ndarray()
+
+    # ------------------------------------------------------------------ tables (embgrad.table)
+    def table_variable(self, info):
+        return info.layer.weight
+
+    def table_quantized(self, info):
+        w = info.layer.weight
+        if w._stype != "default":
+            return f"its weight is stored {w._stype} (SparseEmbedding); use gluon.nn.Embedding"
+        if np.dtype(w.dtype).kind != "f":
+            return f"its weight has dtype {np.dtype(w.dtype).name}"
+        return None
+
+    def table_gather(self, info, rows, effective=False):
+        w = info.layer.weight
+        if w._stype != "default":
+            raise EmbgradError(f"table {info.name!r}: {self.table_quantized(info)}.")
+        return self.gather(_as_np(w.data()), rows)
+
+    def table_write(self, info, rows, values):
+        w = info.layer.weight
+        with autograd.pause():
+            for d in w.list_data():          # every context holds a copy of the table
+                d[nd.array(rows, dtype="int64", ctx=d.context)] = nd.array(values, dtype=d.dtype, ctx=d.context)
+
+    def table_freeze(self, info, rows, optimizer=None):
+        if not isinstance(optimizer, gluon.Trainer):
+            raise EmbgradError(
+                f"table {info.name!r}: Gluon parameters have no gradient hooks, so embgrad keeps rows "
+                "frozen through the optimizer: pass optimizer=trainer (the gluon.Trainer that updates "
+                f"this model), got {type(optimizer).__name__}. To freeze the whole table set "
+                "weight.grad_req = 'null'.")
+        w = info.layer.weight
+        if not any(p is w for p in optimizer._params):
+            raise EmbgradError(f"table {info.name!r}: the given Trainer does not update this table's "
+                               f"parameter {w.name!r}; pass the Trainer built on this model's parameters.")
+        return _RowGuard(optimizer, w, np.asarray(rows, dtype=np.int64))
