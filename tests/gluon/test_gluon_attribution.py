@@ -105,3 +105,24 @@ def test_attribution_bad_input():
         embgrad.attribute(model, x.astype("float32"), 0, method="saliency")
     with pytest.raises(EmbgradError, match="pad id"):
         embgrad.attribute(model, x, 0, baseline="pad")          # Gluon tables have no padding index
+
+
+def test_jacobian_and_hotflip():
+    x = ids(B, T, V, seed=6)
+    model = make(Classifier(V=V, C=3), x)
+    jac = embgrad.jacobian(model, x)                       # (K=3 classes, B, T, D)
+    assert tuple(jac.shape) == (3, B, T, 6)
+    e = model.emb(x)
+    for k in range(3):
+        g, _ = _grad_at(model, e, k)
+        np.testing.assert_allclose(jac[k].asnumpy(), g, rtol=1e-4, atol=1e-7)
+    hf = embgrad.hotflip(model, x, TARGET, k=3, verify=True)
+    g, f = _grad_at(model, e, TARGET)
+    W = model.emb.weight.data().asnumpy().astype(np.float64)
+    for b in range(B):
+        for pos, old, new, predicted, actual in hf.swaps(b):
+            np.testing.assert_allclose(predicted, (W[new] - W[old]) @ g[b, pos], rtol=1e-4, atol=1e-7)
+            xs = x.copy()
+            xs[b, pos] = new
+            _, f2 = _grad_at(model, model.emb(xs), TARGET)
+            np.testing.assert_allclose(actual, f2[b] - f[b], rtol=1e-4, atol=1e-6)
