@@ -138,7 +138,7 @@ class Table:
     @property
     def dtype(self) -> str:
         """The table's dtype name: 'float32', 'bfloat16', 'int8' (quantized), ..."""
-        return self._backend.dtype_name(self.variable)
+        return self._backend.table_dtype(self.info)
 
     @property
     def lora(self) -> bool:
@@ -210,6 +210,9 @@ class Table:
         dt = self.dtype
         self._backend.table_write(self.info, rows, values.astype(dt if dt in ("float16", "float32", "float64")
                                                                   else np.float32, copy=False))
+        guard = _guard_of(self.variable)
+        if guard is not None and np.intersect1d(rows, guard.rows).size:   # forced: frozen rows' new values
+            self._install_guard(self.variable, guard.rows, guard.optimizer, guard)
         return previous[0] if scalar else previous
 
     def assign_vectors(self, vectors: "Vectors", *, missing: str | Callable[[int, int], Any] = "keep",

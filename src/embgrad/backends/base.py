@@ -278,6 +278,10 @@ class Backend:
         (for a Keras layer with LoRA: the base ``embeddings`` variable)."""
         raise NotImplementedError
 
+    def table_dtype(self, info: EmbeddingInfo) -> str:
+        """The dtype name of the table variable ('float32', 'bfloat16', 'int8', ...)."""
+        return self.dtype_name(self.table_variable(info))
+
     def table_gather(self, info: EmbeddingInfo, rows: Any, effective: bool = False) -> Any:
         """Framework tensor (R, D): rows ``rows`` (int64 framework tensor (R,)) of the table,
         detached from autograd. ``effective``: the table the layer really looks up in (base +

@@ -230,6 +230,81 @@ class KerasBackend(Backend):
     def _on_grad(self, call: Call) -> None:
         """Arrange for ``call.grad`` to be set by the user's own backward (torch only)."""
 
+    # ------------------------------------------------------------------ tables (embgrad.table)
+    def table_variable(self, info):
+        var = _table_variable(info.layer)
+        if var is None:
+            raise EmbgradError(f"Keras layer {info.name!r} is not built yet, so it has no table: call the "
+                               "model on a batch (or model.build(input_shape)) first.")
+        return var
+
+    def table_dtype(self, info):
+        dt = self.table_variable(info).dtype
+        return dt if isinstance(dt, str) else dt.name
+
+    def table_gather(self, info, rows, effective=False):
+        with self.no_grad():
+            if effective:   # what the layer looks up: base + LoRA part, dequantized; bypasses taps
+                quantized = getattr(info.layer, "quantization_mode", None)
+                call = type(info.layer).quantized_call if quantized else type(info.layer).call
+                return call(info.layer, rows)
+            return self.gather(self._var_tensor(self.table_variable(info)), rows)
+
+    def table_read(self, info, rows, effective=False):
+        like = self._var_tensor(self.table_variable(info))
+        return self.to_numpy(self.table_gather(info, self.from_numpy(rows, like=like), effective))
+
+    def table_quantized(self, info):
+        mode = getattr(info.layer, "quantization_mode", None)
+        return f"quantization_mode={mode!r}, table dtype {self.table_dtype(info)}" if mode else None
+
+    def table_freeze(self, info, rows, optimizer=None):
+        """A variable constraint that puts the frozen rows back after every optimizer step, so
+        also weight decay and a tied use of the table leave them as they are (``optimizer`` is
+        not needed). A ``tf.function``-compiled train step reads the constraint when traced."""
+        if info.options.get("lora"):
+            raise EmbgradError(
+                f"Keras layer {info.name!r} has LoRA enabled: every row of the table it looks up "
+                "changes through the shared low-rank factor, so single rows cannot be frozen. Freeze "
+                "rows before layer.enable_lora(), or merge the LoRA weights first.")
+        var = self.table_variable(info)
+        idx = self.from_numpy(rows, like=self._var_tensor(var))
+        saved = self.table_gather(info, idx)
+        prev = var.constraint
+
+        def constraint(w: Any) -> Any:
+            return self._put_rows(prev(w) if prev is not None else w, idx, saved)
+
+        _set_constraint(var, constraint)
+        return _ConstraintGuard(var, constraint, prev)
+
+    def _var_tensor(self, var: Any) -> Any:
+        """The framework tensor/variable behind a Keras variable (read without copying)."""
+        raise NotImplementedError
+
+    def _put_rows(self, w: Any, rows: Any, values: Any) -> Any:
+        """A new tensor: ``w`` with ``values`` in rows ``rows``."""
+        raise NotImplementedError
+
+
+def _set_constraint(var: Any, fn: Any) -> None:
+    try:
+        var.constraint = fn
+    except AttributeError:          # a tf.Variable (tf-keras): constraint is a read-only property
+        var._constraint = fn
+
+
+class _ConstraintGuard:
+    """Removes a frozen-rows constraint again, restoring the variable's own constraint."""
+
+    def __init__(self, var: Any, fn: Any, prev: Any) -> None:
+        self.var, self.fn, self.prev = var, fn, prev
+
+    def remove(self) -> None:
+        if self.var is not None and self.var.constraint is self.fn:
+            _set_constraint(self.var, self.prev)
+        self.var = None
+
 
 def _all_layers(model: Any) -> list[Any]:
     try:
@@ -258,6 +333,23 @@ def _keras_on_tensorflow() -> type:
 
             def _add_patch(self, tap, patch):
                 tap.on_remove(patch.remove)
+
+            def _var_tensor(self, var):
+                inner = var if isinstance(var, tf.Variable) else var.value
+                return inner if isinstance(inner, (tf.Variable, tf.Tensor)) else tf.convert_to_tensor(var)
+
+            def _put_rows(self, w, rows, values):
+                return tf.tensor_scatter_nd_update(tf.convert_to_tensor(w), rows[:, None], values)
+
+            def table_write(self, info, rows, values):
+                var = self.table_variable(info)
+                inner = self._var_tensor(var)
+                idx = tf.constant(rows)
+                vals = tf.cast(tf.constant(values), inner.dtype)
+                if isinstance(inner, tf.Variable):
+                    inner.scatter_update(tf.IndexedSlices(vals, idx))
+                else:
+                    var.assign(self._put_rows(var, idx, vals))
 
             def _record(self, tap, info, out):
                 if not isinstance(out, tf.Tensor):
@@ -300,6 +392,19 @@ def _keras_on_torch() -> type:
                 if grad_enabled and not out.requires_grad:   # frozen table: a leaf to differentiate
                     out = out.detach().requires_grad_(True)
                 return out, grad_enabled
+
+            def _var_tensor(self, var):
+                return var.value.detach()
+
+            def _put_rows(self, w, rows, values):
+                w = w.value if hasattr(w, "value") else w
+                return w.index_copy(0, rows, values.to(w.dtype))
+
+            def table_write(self, info, rows, values):
+                p = self.table_variable(info).value
+                with torch.no_grad():
+                    p.index_copy_(0, torch.from_numpy(rows).to(p.device),
+                                  torch.from_numpy(values).to(device=p.device, dtype=p.dtype))
 
             def _on_grad(self, call):
                 if call.grad_enabled and call.output.requires_grad:
