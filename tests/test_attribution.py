@@ -12,7 +12,7 @@ from torch import nn
 
 import embgrad
 from embgrad import EmbgradError
-from embgrad.attribution import RULES, attribute, quadrature
+from embgrad.attribution import RULES, attribute, quadrature, refine
 from torch_helpers import assert_unchanged, snapshot
 
 V, D, C = 40, 6, 3
@@ -98,6 +98,22 @@ def test_gauss_legendre_exact_and_peer_nodes():
         np.testing.assert_allclose(a, alphas(7), atol=1e-6)
         scale = 7 / 6 if ours == "trapezoid" else 1.0      # Captum's trapezoid weights sum to 6/7
         np.testing.assert_allclose(w, np.array(sizes(7)) * scale, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule,n", [("trapezoid", 9), ("left", 8), ("right", 8), ("middle", 9)])
+def test_nested_refinement_reuses_every_node(rule, n):
+    for _ in range(3):
+        a, w = quadrature(rule, n)
+        n2, new, w_new, keep = refine(rule, n)
+        a2, w2 = quadrature(rule, n2)
+        both = np.concatenate([a, new])
+        weights = np.concatenate([keep * w, np.full(len(new), w_new)])
+        order = np.argsort(both)
+        np.testing.assert_allclose(both[order], a2, atol=1e-12)
+        np.testing.assert_allclose(weights[order], w2, atol=1e-12)
+        n = n2
+    with pytest.raises(EmbgradError, match="nested"):
+        refine("gauss_legendre", 8)
 
 
 def test_quadrature_errors():
@@ -240,17 +256,20 @@ def test_auto_steps_refine_only_hard_examples():
     with torch.no_grad():
         model.emb.weight[30:] *= 0.05                      # rows 30.. give nearly linear examples
     ids = torch.tensor([[31, 32, 33, 34], [1, 2, 3, 4], [35, 36, 37, 38]])
-    auto = attribute(model, ids, 0, steps="auto", tolerance=1e-3, max_steps=128)
+    auto = attribute(model, ids, 0, steps="auto", tolerance=1e-2, max_steps=256)
     fixed = attribute(model, ids, 0, steps=128)
-    assert auto.converged.all()
-    assert auto.steps[0] == auto.steps[2] == 8 and auto.steps[1] > 8
+    assert auto.converged.all() and auto.rule == "trapezoid"
+    assert auto.steps[0] == auto.steps[2] == 9 and auto.steps[1] > 9
+    assert auto.evaluations == auto.steps.sum() + 2 * 3          # nested: no evaluation wasted
     assert auto.evaluations < fixed.evaluations / 2
-    tol = 1e-3 * np.abs(auto.outputs - auto.baseline_outputs)
+    tol = 1e-2 * np.abs(auto.outputs - auto.baseline_outputs)
     assert (np.abs(auto.delta) <= np.maximum(tol, 1e-7)).all()
     np.testing.assert_allclose(auto.scores, fixed.scores, atol=5e-3 * np.abs(fixed.scores).max())
     with pytest.warns(UserWarning, match="tolerance"):
         hard = attribute(model, ids[1:2], 0, steps="auto", tolerance=1e-9, max_steps=16)
-    assert not hard.converged.any() and hard.steps[0] == 16
+    assert not hard.converged.any() and hard.steps[0] == 9         # 17 points would exceed 16
+    mid = attribute(model, ids, 0, steps="auto", rule="middle", tolerance=1e-3, max_steps=300)
+    assert mid.rule == "middle" and set(mid.steps) <= {9, 27, 81, 243} and mid.converged.all()
 
 
 # ----------------------------------------------------------------------------- model untouched

@@ -7,7 +7,8 @@ embedding layer (the looked-up vectors e, shape (B, T, D)):
 * ``grad_x_input``: ∂f/∂e_t · e_t per token (sign kept);
 * ``integrated_gradients``: (e − e₀) · ∫₀¹ ∂f/∂e(e₀ + α(e − e₀)) dα, by a quadrature ``rule``
   whose weights sum to 1; ``delta`` is the completeness gap Σ_t score_t − (f(e) − f(e₀));
-  ``steps="auto"`` doubles the steps only for the examples whose gap is above ``tolerance``;
+  ``steps="auto"`` refines a nested rule (every evaluation reused) only for the examples whose
+  gap is still above ``tolerance``;
 * ``smoothgrad``: the gradient averaged over ``steps`` noisy copies e + ε (ε scaled to the
   table's typical row norm), reported as gradient × input.
 
@@ -42,7 +43,10 @@ __all__ = ["attribute", "Attribution", "hotflip", "HotFlip", "jacobian", "quadra
 
 METHODS = ("saliency", "grad_x_input", "integrated_gradients", "smoothgrad")
 RULES = ("gauss_legendre", "trapezoid", "left", "right", "middle")
-_AUTO_START = 8          # steps of the first round of steps="auto"
+# steps="auto": the nested rule used for each rule, and its first number of points
+_NESTED = {"gauss_legendre": "trapezoid", "trapezoid": "trapezoid", "left": "left", "right": "right",
+           "middle": "middle"}
+_AUTO_START = {"trapezoid": 9, "left": 8, "right": 8, "middle": 9}
 
 
 # ----------------------------------------------------------------------------- quadrature
@@ -71,6 +75,25 @@ def quadrature(rule: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         return np.linspace(0.0, 1.0, n), w
     offset = {"left": 0.0, "middle": 0.5, "right": 1.0}[rule]
     return (np.arange(n) + offset) / n, w
+
+
+def refine(rule: str, n: int) -> tuple[int, np.ndarray, float, float]:
+    """One nested refinement of the n-point ``rule`` (trapezoid, left, right, middle):
+    ``(n_next, new_nodes, new_weight, old_scale)`` such that the n_next-point rule is
+    ``old_scale`` × (the n-point rule) + ``new_weight`` × Σ over ``new_nodes`` — so a running
+    weighted sum of gradients is refined by evaluating only the new nodes. Trapezoid and
+    left/right halve the step; middle divides it by three (the old midpoints stay midpoints).
+    """
+    if rule == "trapezoid":
+        m = n - 1
+        return 2 * m + 1, (2 * np.arange(m) + 1) / (2 * m), 1.0 / (2 * m), 0.5
+    if rule in ("left", "right"):
+        return 2 * n, (2 * np.arange(n) + 1) / (2 * n), 1.0 / (2 * n), 0.5
+    if rule == "middle":
+        i = np.arange(3 * n)
+        i = i[i % 3 != 1]
+        return 3 * n, (2 * i + 1) / (6 * n), 1.0 / (3 * n), 1.0 / 3.0
+    raise EmbgradError(f"rule {rule!r} has no nested refinement; use trapezoid, left, right or middle.")
 
 
 # ----------------------------------------------------------------------------- result
@@ -737,9 +760,11 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
     embedding (default: ``get_input_embeddings()`` or the only embedding layer).
     ``baseline``: None/"zeros", "pad" (``pad_id``, the config's pad_token_id or the layer's
     padding index), an int id, or ids shaped like the inputs. ``steps``: quadrature points
-    (noise samples for SmoothGrad), or "auto" (integrated gradients: from 8 steps, doubling
-    per round for the examples whose |delta| > ``tolerance`` · |f(input) − f(baseline)|, up to
-    ``max_steps``). ``rule``: see :func:`quadrature`. ``forward(model, **inputs)``: how to call
+    (noise samples for SmoothGrad), or "auto": integrated gradients with a nested rule whose
+    step is halved (a third for "middle") round by round, every earlier evaluation reused, for
+    the examples whose |delta| > ``tolerance`` · |f(input) − f(baseline)| only, up to
+    ``max_steps`` points; Gauss–Legendre nodes are not nested, so the default rule runs as
+    the trapezoid rule (9, 17, 33, 65, ... points) under "auto" (``.rule`` says so). ``rule``: see :func:`quadrature`. ``forward(model, **inputs)``: how to call
     the model. ``batch_size``: rows (example × step) per forward pass (default from T · D).
     ``noise``: SmoothGrad noise norm as a fraction of the table's median row norm; ``seed``.
     ``mask``: (B, T) 1 = token, 0 = padding (default: ``inputs["attention_mask"]``); padding
@@ -758,9 +783,10 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
         raise EmbgradError(f"steps='auto' refines integrated gradients by their completeness gap; "
                            f"method={method!r} needs an int number of steps.")
     if method == "integrated_gradients":
-        quadrature(rule, _AUTO_START if auto else steps)          # validates rule and steps
-        if auto and (not _is_int(max_steps) or max_steps < _AUTO_START or not tolerance > 0):
-            raise EmbgradError(f"steps='auto' needs tolerance > 0 and max_steps ≥ {_AUTO_START}, got "
+        quadrature(rule, 2 if auto else steps)                     # validates rule and steps
+        start = _AUTO_START[_NESTED[rule]]
+        if auto and (not _is_int(max_steps) or max_steps < start or not tolerance > 0):
+            raise EmbgradError(f"steps='auto' needs tolerance > 0 and max_steps ≥ {start}, got "
                                f"tolerance={tolerance!r}, max_steps={max_steps!r}.")
     elif method == "smoothgrad" and (not _is_int(steps) or steps < 1 or not noise >= 0):
         raise EmbgradError(f"smoothgrad needs steps (noise samples) ≥ 1 and noise ≥ 0, got "
@@ -813,9 +839,8 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
         used_rule = rule
         scale = np.abs(fx - f0)
 
-        def integrate(examples: np.ndarray, n: int) -> list[Any]:
-            nodes, w = quadrature(rule, n)
-            idx = np.repeat(examples, n)
+        def integrate(examples: np.ndarray, nodes: np.ndarray, w: np.ndarray) -> list[Any]:
+            idx = np.repeat(examples, len(nodes))
             alpha = np.tile(nodes, len(examples))
 
             def point(ix, sl, call):
@@ -823,7 +848,8 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
                 a = b.reshape(b.cast(b.from_numpy(alpha[sl], like=e), b.dtype_name(e)), (-1,) + (1,) * (nd - 1))
                 return b.gather(e0, it) + a * b.cast(b.gather(diff, it), b.dtype_name(e))
 
-            return eng.accumulate(idx, np.tile(w, len(examples)), point, e, f"integrated gradients ({n} steps)")
+            return eng.accumulate(idx, np.tile(w, len(examples)), point, e,
+                                  f"integrated gradients ({len(nodes)} points)")
 
         def finish(acc: list[Any]) -> tuple[list[Any], list[np.ndarray], np.ndarray]:
             with b.no_grad():
@@ -832,40 +858,38 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
             d = np.stack([si.reshape(B, -1).sum(1) for si in s], axis=1) - (fx - f0)
             return at, s, d
 
+        everyone = np.arange(B, dtype=np.int64)
         if not auto:
-            attr, sc, dl = finish(integrate(np.arange(B, dtype=np.int64), int(steps)))
+            attr, sc, dl = finish(integrate(everyone, *quadrature(rule, int(steps))))
             steps_used = np.full(B, int(steps), np.int64)
         else:
-            active = np.arange(B, dtype=np.int64)
-            steps_used = np.zeros(B, np.int64)
-            acc: list[Any] | None = None
-            n = _AUTO_START
+            used_rule = _NESTED[rule]
+            n = _AUTO_START[used_rule]
+            acc = integrate(everyone, *quadrature(used_rule, n))
+            steps_used = np.full(B, n, np.int64)
             tol = float(tolerance) * np.maximum(scale, 1e-4)
             while True:
-                new = integrate(active, n)
-                steps_used[active] = n
-                if acc is None:
-                    acc = new
-                else:
-                    sel = np.zeros(B, np.float32)
-                    sel[active] = 1.0
-                    with b.no_grad():
-                        st = b.reshape(b.cast(b.from_numpy(sel, like=e), _acc_dtype(b, e)), (-1,) + (1,) * (nd - 1))
-                        acc = [a * (1 - st) + nw * st for a, nw in zip(acc, new)]
                 attr, sc, dl = finish(acc)
                 ok = (np.abs(dl) <= tol).all(axis=1)
-                active = active[~ok[active]]
-                if not active.size or 2 * n > max_steps:
+                active = everyone[~ok]
+                n_next, nodes, w_new, keep = refine(used_rule, n)
+                if not active.size or n_next > max_steps:
                     break
-                n *= 2
-            extra["converged"] = (np.abs(dl) <= tol).all(axis=1)
-            if not extra["converged"].all():
-                bad = np.flatnonzero(~extra["converged"])
+                new = integrate(active, nodes, np.full(len(nodes), w_new))
+                sel = np.ones(B, np.float64)
+                sel[active] = keep                    # the old sum of active examples is rescaled
+                with b.no_grad():
+                    st = b.reshape(b.cast(b.from_numpy(sel, like=e), _acc_dtype(b, e)), (-1,) + (1,) * (nd - 1))
+                    acc = [a * st + nw for a, nw in zip(acc, new)]
+                steps_used[active] = n = n_next
+            extra["converged"] = ok
+            if not ok.all():
+                bad = np.flatnonzero(~ok)
                 warnings.warn(
                     f"steps='auto': {bad.size} of {B} examples (e.g. #{int(bad[0])}) still have a completeness "
-                    f"gap above tolerance={tolerance} after {max_steps} steps (worst |delta| "
-                    f"{float(np.abs(dl).max()):.3g}); raise max_steps, or check the model for "
-                    "non-smooth parts (e.g. ReLU kinks, argmax).", stacklevel=2)
+                    f"gap above tolerance={tolerance} with {int(steps_used.max())} points (max_steps="
+                    f"{max_steps}; worst |delta| {float(np.abs(dl).max()):.3g}); raise max_steps, or check "
+                    "the model for non-smooth parts (e.g. ReLU kinks, argmax).", stacklevel=2)
         delta = dl.T                                     # (K, B)
 
     scores = np.stack([np.asarray(s, dtype=np.float64).astype(np.float32) for s in sc])   # (K, B, T)
