@@ -360,3 +360,23 @@ def test_numpy_mode_gluon():
         assert g.per_example().batch_size == 3
     finally:
         npx.reset_np()
+
+
+def test_contrib_sparse_embedding():
+    """gluon.contrib.nn.SparseEmbedding (row_sparse weight, needs a Trainer to look up)."""
+    from mxnet.gluon.contrib.nn import SparseEmbedding
+    emb = SparseEmbedding(20, 3)
+    emb.initialize()
+    gluon.Trainer(emb.collect_params(), "sgd", {"learning_rate": 0.1})
+    x = ids(3, 4, 20, seed=9)
+    with embgrad.capture(emb) as cap:
+        with autograd.record():
+            loss = (emb(x) ** 2).sum()
+    g = cap.gradients(loss, retain_graph=True).only()
+    assert g.name == emb.name and g.num_rows == 20
+    loss.backward()
+    assert emb.weight.grad().stype == "row_sparse"
+    np.testing.assert_allclose(g.weight_grad.to_dense().asnumpy(), emb.weight.grad().asnumpy(),
+                               rtol=1e-5, atol=1e-7)
+    with pytest.raises(EmbgradError, match="row_sparse"):
+        embgrad.table(emb).assign([1], np.zeros((1, 3), np.float32))

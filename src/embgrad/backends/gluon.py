@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-if not hasattr(np, "bool"):  # pragma: no cover - numpy>=1.24 removed the aliases mxnet 1.9 uses
+if tuple(int(p) for p in np.__version__.split(".")[:2]) >= (1, 24):  # pragma: no cover
+    # numpy 1.24 removed the aliases (np.bool, np.int, ...) that mxnet 1.9 uses
     raise ImportError(
         f"mxnet 1.9 needs numpy<1.24 (it uses np.bool), but numpy {np.__version__} is installed: "
         "use the .venv-gluon environment (`make test-gluon`), pinned by constraints-gluon.txt.")
@@ -120,20 +121,19 @@ def _validate_ids(info: EmbeddingInfo, ids: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- model walk
-def _walk(model: gluon.Block) -> Iterator[tuple[str, gluon.Block, tuple[gluon.Block, ...]]]:
-    """Every block under ``model`` once, as ``(child path, block, ancestors)``; the path joins
-    the registration names (attribute names, Sequential indices) with dots, '' for the model."""
+def _walk(model: gluon.Block) -> Iterator[tuple[str, gluon.Block]]:
+    """Every block under ``model`` once, as ``(child path, block)``; the path joins the
+    registration names (attribute names, Sequential indices) with dots, '' for the model."""
     seen: set[int] = set()
-    stack: list[tuple[str, gluon.Block, tuple[gluon.Block, ...]]] = [("", model, ())]
+    stack: list[tuple[str, gluon.Block]] = [("", model)]
     while stack:
-        path, blk, anc = stack.pop()
+        path, blk = stack.pop()
         if id(blk) in seen:
             continue
         seen.add(id(blk))
-        yield path, blk, anc
-        kids = list(blk._children.items())
-        for key, child in reversed(kids):
-            stack.append((f"{path}.{key}" if path else str(key), child, anc + (blk,)))
+        yield path, blk
+        for key, child in reversed(list(blk._children.items())):
+            stack.append((f"{path}.{key}" if path else str(key), child))
 
 
 def _hybrid_active(blk: gluon.Block) -> bool:
@@ -142,16 +142,13 @@ def _hybrid_active(blk: gluon.Block) -> bool:
 
 def _ancestors_of(model: gluon.Block, layers: Sequence[Any]) -> list[gluon.Block]:
     """Every block on any path from ``model`` down to one of ``layers`` (duplicates removed)."""
-    targets = {id(x) for x in layers}
     out: dict[int, gluon.Block] = {}
     # a block shared under several parents is reached once by _walk; collect parents directly
     parents: dict[int, list[gluon.Block]] = {}
-    blocks: dict[int, gluon.Block] = {}
-    for _, blk, _ in _walk(model):
-        blocks[id(blk)] = blk
+    for _, blk in _walk(model):
         for child in blk._children.values():
             parents.setdefault(id(child), []).append(blk)
-    todo = [t for t in targets]
+    todo = [id(x) for x in layers]
     while todo:
         for p in parents.get(todo.pop(), []):
             if id(p) not in out:
@@ -320,11 +317,11 @@ class GluonBackend(Backend):
                 "model it was exported from (un-hybridized or hybridized).")
         owners: dict[int, list[gluon.Block]] = {}
         blocks = list(_walk(model))
-        for _, blk, _ in blocks:
+        for _, blk in blocks:
             for p in blk._reg_params.values():
                 owners.setdefault(id(p), []).append(blk)
         infos: dict[str, EmbeddingInfo] = {}
-        for path, blk, _ in blocks:
+        for path, blk in blocks:
             if not isinstance(blk, _embedding_types()):
                 continue
             w = blk.weight
@@ -352,7 +349,7 @@ class GluonBackend(Backend):
             # under it then runs imperatively, without building cached graphs of its own
             tops = [b for b in _ancestors_of(model, [i.layer for i in infos]) if _hybrid_active(b)]
             for top in tops:
-                for _, blk, _ in _walk(top):
+                for _, blk in _walk(top):
                     if _hybrid_active(blk):
                         object.__setattr__(blk, "_active", False)
                         tap._deactivated.append(blk)
@@ -394,7 +391,7 @@ class GluonBackend(Backend):
 
     def coupling_layers(self, model):
         from mxnet.gluon.nn import BatchNorm
-        return [blk.name for _, blk, _ in _walk(model)
+        return [blk.name for _, blk in _walk(model)
                 if isinstance(blk, BatchNorm) and not blk._kwargs.get("use_global_stats", False)]
 
     def scalar_loss(self, loss):
