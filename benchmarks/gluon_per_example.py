@@ -230,22 +230,21 @@ def _summary(cr: Any) -> dict:
 
 
 def main(quick: bool = False) -> dict:
-    """Run every case (each method in its own .venv-gluon process); returns
-    ``{case key: {"title", "params", "methods": {method: {status, median_s, peak_bytes,
-    check, time_vs_embgrad}}}}``. The harness's CaseResults are in ``"_results"``."""
+    """Run every case (each method in its own .venv-gluon process). Returns a JSON-able dict:
+    ``{"markdown": the cases' tables (report.case_markdown), "cases": {case key: {"title",
+    "params", "methods": {method: {status, median_s, peak_bytes, check, time_vs_embgrad}}}}}``."""
+    from report import case_markdown
+
     results = [run_case(c, quiet_wait_s=0 if quick else 20) for c in cases(quick)]
-    out: dict[str, Any] = {cr.case.key: _summary(cr) for cr in results}
-    out["_results"] = results
-    return out
+    return {"markdown": "\n".join(case_markdown(cr) for cr in results),
+            "cases": {cr.case.key: _summary(cr) for cr in results}}
 
 
 def _cli(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     args = ap.parse_args(argv)
-    res = main(args.quick)
-    res.pop("_results")
-    print(json.dumps(res, indent=2))
+    print(json.dumps(main(args.quick)["cases"], indent=2))
     return 0
 
 
