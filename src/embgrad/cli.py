@@ -38,8 +38,9 @@ def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .report.console import print_summary
+    from .report.console import attribution_table, print_summary
     from .report.demo import run_demo
+    from .report.html import write_report
 
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -60,8 +61,16 @@ def _demo(args: argparse.Namespace) -> int:
             bar.update(steps, visible=True, description=name, advance=1)
 
         results, _, _ = run_demo(args.framework, seed=args.seed, progress=progress, step=step)
+        step("writing the report")
+        command = f"embgrad demo --framework {args.framework} --seed {args.seed}"
+        page = write_report(results, args.out, command)
         bar.update(steps, description="report", info="done")
-    print_summary(console, results.model, results.weight, results.per_example)
+    print_summary(console, results.model, results.weight, results.per_example,
+                  extra=[attribution_table(results.attribution, results.hotflip)])
+    console.print(f"[bold green]Report written to[/] {page.resolve()}")
+    if args.open:
+        import webbrowser
+        webbrowser.open(page.resolve().as_uri())
     return 0
 
 

@@ -11,9 +11,10 @@ one token ``not_good`` (see :mod:`embgrad.demo.data`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -163,6 +164,11 @@ class Trained:
         """Number of trainable scalars in the model."""
         raise NotImplementedError
 
+    def one_thread(self) -> contextlib.AbstractContextManager:
+        """A context running the framework on one intra-op thread where it can be changed
+        (torch), restored on exit: a tiny model gains nothing from threads."""
+        return contextlib.nullcontext()
+
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)
 
@@ -212,6 +218,9 @@ class _TorchTrained(Trained):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def one_thread(self) -> contextlib.AbstractContextManager:
+        return _one_thread()
 
 
 class _KerasTrained(Trained):
@@ -267,22 +276,45 @@ def _train_torch(data: DemoData, epochs: int, batch_size: int, lr: float, dim: i
     import torch
 
     model = torch_classifier(len(data.vocab), dim, seed=seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    params = list(model.parameters())
+    # Adam by hand: torch.optim's first use imports torch._dynamo (seconds on a busy 2-core box)
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
     ids = torch.as_tensor(data.train.ids)
     labels = torch.as_tensor(data.train.labels)
+    count = [0]
 
     def step(idx: np.ndarray) -> float:
         idx_t = torch.as_tensor(idx)
         loss = torch.nn.functional.cross_entropy(model(ids[idx_t]), labels[idx_t])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        grads = torch.autograd.grad(loss, params)
+        count[0] += 1
+        c1, c2 = 1 - beta1 ** count[0], 1 - beta2 ** count[0]
+        with torch.no_grad():
+            for p, g, (m, v) in zip(params, grads, moments):
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                p.addcdiv_(m, (v / c2).sqrt_().add_(eps), value=-lr / c1)
         return float(loss.detach())
 
-    losses, seconds = _epochs(len(labels), epochs, batch_size, seed, step, progress)
-    model.zero_grad(set_to_none=True)
+    with _one_thread():
+        losses, seconds = _epochs(len(labels), epochs, batch_size, seed, step, progress)
     model.eval()
     return _TorchTrained(model, losses, seconds, data)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for a tiny model (threads only add sync cost; on a busy
+    2-core machine 2 threads made training 30× slower), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _train_keras(data: DemoData, epochs: int, batch_size: int, lr: float, dim: int, seed: int,

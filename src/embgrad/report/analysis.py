@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -20,8 +20,9 @@ from ..demo.models import EMBEDDING_NAME, Trained
 from ..sparse import ExampleGrads, row_grad
 
 __all__ = ["LayerInfo", "ModelInfo", "WeightGradInfo", "PerExampleInfo", "Timing",
-           "SimilarityInfo", "model_info", "gradient_info", "similarity_info", "capture_layer",
-           "timed"]
+           "SimilarityInfo", "AttributionInfo", "HotFlipInfo", "FlipRow", "model_info",
+           "gradient_info", "similarity_info", "attribution_info", "hotflip_info", "top_is_planted",
+           "capture_layer", "timed", "ATTRIBUTION_METHODS"]
 
 
 # ---------------------------------------------------------------------------- section 1
@@ -80,15 +81,21 @@ def capture_layer(trained: Trained, ids: Any, labels: np.ndarray) -> Any:
     return cap.gradients(loss, loss_reduction="sum")[EMBEDDING_NAME]
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def timed(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median wall time of each ``fn()`` in milliseconds, after one warm-up call each.
+
+    The functions run interleaved (round-robin), so a slowdown from other processes on a
+    shared machine hits them alike and their ratios stay meaningful.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [1e3 * statistics.median(ts) for ts in times]
 
 
 # ---------------------------------------------------------------------------- sections 2 and 3
@@ -200,12 +207,12 @@ def gradient_info(trained: Trained, batch: SentimentData, clip_quantile: float =
     s_rows, s_values = pe.sum().numpy()
     sum_diff = float(np.abs(s_values - values).max()) if np.array_equal(s_rows, rows) else float("inf")
 
-    timing = Timing(
-        plain_ms=timed(lambda: trained.plain_backward(ids, batch.labels), repeats),
-        capture_ms=timed(lambda: capture_layer(trained, ids, batch.labels).weight_grad, repeats),
-        per_example_ms=timed(
-            lambda: trained.to_numpy(capture_layer(trained, ids, batch.labels).per_example().norms()), repeats),
-        batch_size=len(batch), repeats=repeats)
+    plain_ms, capture_ms, per_example_ms = timed([
+        lambda: trained.plain_backward(ids, batch.labels),
+        lambda: capture_layer(trained, ids, batch.labels).weight_grad.norm(),
+        lambda: trained.to_numpy(capture_layer(trained, ids, batch.labels).per_example().norms()),
+    ], repeats)
+    timing = Timing(plain_ms, capture_ms, per_example_ms, len(batch), repeats)
     per_example = PerExampleInfo(norms, clipped, max_norm, batch.texts, batch.labels, batch.flipped,
                                  _token_norms(trained, pe, batch, 10), sum_diff, timing)
     return weight, per_example
@@ -252,3 +259,137 @@ def similarity_info(trained: Trained, query: SentimentData, batch: SentimentData
     pred = int(trained.predict_proba(query.ids[:1]).argmax(1)[0])
     return SimilarityInfo(query.texts[0], LABELS[int(query.labels[0])], LABELS[pred], scores,
                           batch.texts, batch.labels, batch.flipped)
+
+
+# ---------------------------------------------------------------------------- sections 4 and 5
+ATTRIBUTION_METHODS = ("saliency", "grad_x_input", "integrated_gradients")
+
+
+def top_is_planted(scores: np.ndarray, mask: np.ndarray, planted: np.ndarray) -> np.ndarray:
+    """bool (B,): True where the highest-scoring token(s) of an example are all planted words.
+
+    Tokens within a relative 1e-5 of the maximum tie; a tie between a planted and another
+    token does not count (a method that scores every token alike ranks nothing).
+    """
+    s = np.where(mask, scores.astype(np.float64), -np.inf)
+    mx = s.max(1, keepdims=True)
+    top = s >= mx - 1e-5 * np.maximum(np.abs(mx), 1e-12)
+    return (top & planted).any(1) & ~(top & ~planted).any(1)
+
+
+@dataclass(frozen=True, eq=False)
+class AttributionInfo:
+    """Section 4: attributions of the target (true) class for a dozen test sentences.
+
+    ``scores[method]`` (B, T) for each of :data:`ATTRIBUTION_METHODS`; ``planted`` / ``mask``
+    (B, T); ``share[method]``: fraction of the shown sentences whose top token is a planted
+    word, ``test_share[method]`` the same over the whole test split; ``max_delta``: largest
+    |completeness gap| of integrated gradients; ``steps``: its quadrature points.
+    """
+
+    tokens: tuple[tuple[str, ...], ...]
+    texts: tuple[str, ...]
+    labels: np.ndarray
+    planted: np.ndarray
+    mask: np.ndarray
+    scores: dict[str, np.ndarray]
+    share: dict[str, float]
+    test_share: dict[str, float]
+    test_size: int
+    max_delta: float
+    steps: int
+    seconds: float
+
+    def __repr__(self) -> str:
+        shares = ", ".join(f"{m}={self.share[m]:.0%}" for m in self.scores)
+        return f"AttributionInfo({len(self.texts)} sentences, top token planted: {shares})"
+
+
+def attribution_info(trained: Trained, sentences: SentimentData, test: SentimentData,
+                     steps: int = 50) -> AttributionInfo:
+    """Section 4 with :func:`embgrad.attribution.attribute`: saliency, gradient × input and
+    integrated gradients (zero baseline) of each sentence's true class."""
+    from ..attribution import attribute
+
+    t = time.perf_counter()
+    scores, share, test_share = {}, {}, {}
+    max_delta = 0.0
+    for method in ATTRIBUTION_METHODS:
+        for split, out in ((sentences, None), (test, test_share)):
+            a = attribute(trained.model, trained.tensor(split.ids), split.labels.tolist(), method=method,
+                          steps=steps, mask=split.mask)
+            hit = float(top_is_planted(a.scores, split.mask, split.planted).mean())
+            if out is None:
+                scores[method], share[method] = a.scores, hit
+                if a.delta is not None:
+                    max_delta = max(max_delta, float(np.abs(a.delta).max()))
+            else:
+                out[method] = hit
+    return AttributionInfo(sentences.tokens, sentences.texts, sentences.labels, sentences.planted,
+                           sentences.mask, scores, share, test_share, len(test), max_delta, steps,
+                           time.perf_counter() - t)
+
+
+@dataclass(frozen=True)
+class FlipRow:
+    """One HotFlip suggestion: swap ``old`` at ``position`` for ``new`` in ``text``; the
+    predicted (first-order) and actual change of the margin of the predicted class, and the
+    prediction before / after the swap."""
+
+    text: str
+    new_text: str
+    position: int
+    old: str
+    new: str
+    margin: float
+    predicted: float
+    actual: float
+    before: str
+    after: str
+
+
+@dataclass(frozen=True)
+class HotFlipInfo:
+    """Section 5: the best single-token swap (HotFlip) for a few sentences."""
+
+    rows: tuple[FlipRow, ...]
+    seconds: float
+
+    @property
+    def flipped(self) -> int:
+        """How many swaps change the predicted label."""
+        return sum(r.before != r.after for r in self.rows)
+
+    def __repr__(self) -> str:
+        return f"HotFlipInfo({len(self.rows)} sentences, {self.flipped} predictions flipped)"
+
+
+def hotflip_info(trained: Trained, sentences: SentimentData, per_class: int = 3) -> HotFlipInfo:
+    """Section 5 with :func:`embgrad.attribution.hotflip`: for ``per_class`` sentences of each
+    predicted class, the swap that most lowers the margin logit[pred] − logit[other], verified
+    by a real forward pass. Candidates: every real token (not PAD, not UNK)."""
+    from ..attribution import hotflip
+
+    t = time.perf_counter()
+    pred = trained.predict_proba(sentences.ids).argmax(1)
+    candidates = np.arange(2, len(sentences.vocab))
+    rows: list[FlipRow] = []
+    for c in (1, 0):
+        pick = np.flatnonzero(pred == c)[:per_class]
+        if not pick.size:
+            continue
+        part = sentences.subset(pick)
+        h = hotflip(trained.model, trained.tensor(part.ids), lambda out, c=c: out[:, c] - out[:, 1 - c],
+                    k=1, candidates=candidates, verify=True, tokenizer=part.vocab, mask=part.mask)
+        for b in range(len(part)):
+            swaps = h.swaps(b)
+            if not swaps:
+                continue
+            pos, _, new_id, predicted, actual = swaps[0]
+            toks = list(part.tokens[b])
+            old, toks[pos] = toks[pos], part.vocab.tokens[new_id]
+            after = c if float(h.output[b]) + actual > 0 else 1 - c
+            text = " ".join(w.replace("not_", "not ", 1) for w in toks)
+            rows.append(FlipRow(part.texts[b], text, pos, old, toks[pos], float(h.output[b]),
+                                predicted, float(actual), LABELS[c], LABELS[after]))
+    return HotFlipInfo(tuple(rows), time.perf_counter() - t)

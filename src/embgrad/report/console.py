@@ -9,9 +9,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .analysis import ModelInfo, PerExampleInfo, WeightGradInfo
+from .analysis import AttributionInfo, HotFlipInfo, ModelInfo, PerExampleInfo, WeightGradInfo
 
-__all__ = ["summary_tables", "print_summary"]
+__all__ = ["summary_tables", "print_summary", "attribution_table"]
 
 
 def _stats(x: np.ndarray) -> str:
@@ -76,3 +76,15 @@ def print_summary(console: Console, model: ModelInfo, weight: WeightGradInfo,
                   f"test accuracy {model.test_accuracy:.1%}")
     for table in [*summary_tables(model, weight, per_example), *extra]:
         console.print(table)
+
+
+def attribution_table(attribution: AttributionInfo, hotflip: HotFlipInfo) -> Table:
+    """How often each attribution method's top token is a planted word; HotFlip flips."""
+    t = Table(title=f"Attribution: is the top token a planted word? ({attribution.test_size} test sentences)",
+              caption=f"HotFlip: {hotflip.flipped} of {len(hotflip.rows)} single-token swaps flip the prediction",
+              title_justify="left", caption_justify="left")
+    t.add_column("method")
+    t.add_column("top token planted", justify="right")
+    for method, share in attribution.test_share.items():
+        t.add_row(method, f"{share:.0%}")
+    return t

@@ -8,34 +8,34 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from ..demo.data import DemoData, SentimentData, demo_data
 from ..demo.models import Trained, train
-from .analysis import (ModelInfo, PerExampleInfo, SimilarityInfo, WeightGradInfo, gradient_info,
-                       model_info, similarity_info)
+from .analysis import (AttributionInfo, HotFlipInfo, ModelInfo, PerExampleInfo, SimilarityInfo,
+                       WeightGradInfo, attribution_info, gradient_info, hotflip_info, model_info,
+                       similarity_info)
 
 __all__ = ["DemoResults", "run_demo", "pick_test_sentences"]
 
 
 @dataclass(frozen=True, eq=False)
 class DemoResults:
-    """Everything the report shows. Sections whose feature is unavailable are None."""
+    """Everything the report shows, one field per section; ``seconds`` times each step."""
 
     model: ModelInfo
     weight: WeightGradInfo
     per_example: PerExampleInfo
     similarity: SimilarityInfo
-    attribution: Any = None
-    hotflip: Any = None
+    attribution: AttributionInfo
+    hotflip: HotFlipInfo
     seconds: dict[str, float] = field(default_factory=dict)
 
     def __repr__(self) -> str:
-        have = [n for n in ("attribution", "hotflip") if getattr(self, n) is not None]
         return (f"DemoResults({self.model.framework}, test_accuracy={self.model.test_accuracy:.3f}, "
-                f"sections: model, weight, per_example, similarity{''.join(', ' + h for h in have)})")
+                f"{self.weight!r}, {self.attribution!r}, {self.hotflip!r})")
 
 
 def pick_test_sentences(test: SentimentData, n: int = 12, seed: int = 0) -> SentimentData:
@@ -62,6 +62,12 @@ def run_demo(framework: str = "torch", *, seed: int = 0, batch_size: int = 256,
     data = data or demo_data(seed=seed)
     trained = train(data, framework, seed=seed, epochs=epochs, progress=progress)
     seconds["train"] = time.perf_counter() - t
+    with trained.one_thread():
+        return _sections(trained, data, batch_size, seed, step, seconds), trained, data
+
+
+def _sections(trained: Trained, data: DemoData, batch_size: int, seed: int, step: Callable[[str], None],
+              seconds: dict[str, float]) -> DemoResults:
     batch = data.train.subset(np.arange(min(batch_size, len(data.train))))
     sentences = pick_test_sentences(data.test, seed=seed)
 
@@ -76,4 +82,14 @@ def run_demo(framework: str = "torch", *, seed: int = 0, batch_size: int = 256,
     query = sentences.subset([int(np.argmax([any(x.startswith("not_") for x in s) for s in sentences.tokens]))])
     similarity = similarity_info(trained, query, batch)
     seconds["similarity"] = time.perf_counter() - t
-    return DemoResults(model, weight, per_example, similarity, seconds=seconds), trained, data
+
+    step("attributions")
+    t = time.perf_counter()
+    attribution = attribution_info(trained, sentences, data.test)
+    seconds["attribution"] = time.perf_counter() - t
+
+    step("HotFlip")
+    t = time.perf_counter()
+    flips = hotflip_info(trained, sentences)
+    seconds["hotflip"] = time.perf_counter() - t
+    return DemoResults(model, weight, per_example, similarity, attribution, flips, seconds)

@@ -1,0 +1,119 @@
+"""PNG figures of the demo report, drawn with matplotlib's Agg backend (no display needed).
+
+Each function takes a section's result and a path, writes one PNG and returns its file name.
+PNG metadata is stripped of matplotlib's URL so the report holds no external address at all.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..demo.data import is_planted
+from .analysis import AttributionInfo, ModelInfo, PerExampleInfo, Timing, WeightGradInfo
+
+__all__ = ["loss_figure", "rows_figure", "norms_figure", "cost_figure", "attribution_figure",
+           "PLANTED_COLOR", "OTHER_COLOR"]
+
+PLANTED_COLOR = "#b2182b"
+OTHER_COLOR = "#2166ac"
+_GREY = "#777777"
+
+
+def _plt() -> Any:
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
+                         "axes.titlesize": 10, "axes.titleweight": "bold"})
+    return plt
+
+
+def _save(fig: Any, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    _plt().close(fig)
+    return path.name
+
+
+def loss_figure(model: ModelInfo, path: Path) -> str:
+    """Mean training loss per epoch."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(3.6, 2.4))
+    epochs = np.arange(1, len(model.losses) + 1)
+    ax.plot(epochs, model.losses, "o-", color=OTHER_COLOR)
+    ax.set(xlabel="epoch", ylabel="mean cross-entropy", title="Training loss", xticks=epochs)
+    return _save(fig, path)
+
+
+def rows_figure(weight: WeightGradInfo, path: Path, label: int = 8) -> str:
+    """Row gradient norm against the row's count in the batch (log-log), planted words red."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    planted = np.array([is_planted(t) for t in weight.tokens])
+    norms = np.maximum(weight.row_norms, 1e-12)
+    for sel, color, name in ((~planted, OTHER_COLOR, "other tokens"), (planted, PLANTED_COLOR, "planted words")):
+        ax.scatter(weight.counts[sel], norms[sel], s=22, alpha=0.8, color=color, label=name,
+                   edgecolors="white", linewidths=0.5)
+    points: dict[tuple[int, float], list[str]] = {}      # tokens at the same spot share a label
+    for _, tok, count, norm in weight.top(label):
+        points.setdefault((count, float(f"{max(norm, 1e-12):.3g}")), []).append(tok)
+    for (count, norm), toks in points.items():
+        ax.annotate(", ".join(toks), (count, norm), xytext=(-4, 3), textcoords="offset points",
+                    fontsize=8, ha="right")
+    ax.set(xscale="log", yscale="log", xlabel="occurrences of the token in the batch",
+           ylabel="row gradient norm",
+           title=f"{len(weight.rows)} of {weight.num_rows} rows received gradient")
+    ax.legend(frameon=False, loc="lower right")
+    return _save(fig, path)
+
+
+def norms_figure(per_example: PerExampleInfo, path: Path) -> str:
+    """Histograms (log-spaced bins) of per-example norms before and after clipping."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    pe = per_example
+    lo = max(min(pe.norms.min(), pe.clipped.min()), 1e-12)
+    bins = np.geomspace(lo, pe.norms.max() * 1.01, 40)
+    ax.hist(pe.norms, bins=bins, color=OTHER_COLOR, alpha=0.55, label="before clipping")
+    ax.hist(pe.clipped, bins=bins, color="#f4a582", alpha=0.75, label="after clipping", histtype="stepfilled")
+    ax.axvline(pe.max_norm, color="#111", lw=1, ls="--")
+    ax.annotate(f"max_norm = {pe.max_norm:.3g}", (pe.max_norm, ax.get_ylim()[1] * 0.92),
+                xytext=(4, 0), textcoords="offset points", fontsize=8)
+    flipped = pe.norms[pe.flipped]
+    if flipped.size:
+        ax.plot(flipped, np.full(flipped.shape, ax.get_ylim()[1] * 0.04), "v", color=PLANTED_COLOR,
+                ms=6, label="label flipped by noise")
+    ax.set(xscale="log", xlabel="per-example gradient norm", ylabel="examples",
+           title=f"Per-example gradient norms (batch of {len(pe.norms)})")
+    ax.legend(frameon=False, loc="upper left")
+    return _save(fig, path)
+
+
+def cost_figure(timing: Timing, path: Path) -> str:
+    """Median milliseconds of the plain backward, capture, and capture + per-example norms."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 1.9))
+    names = ["plain backward", "capture + weight grad", "… + per-example norms"]
+    ms = [timing.plain_ms, timing.capture_ms, timing.per_example_ms]
+    ax.barh(names[::-1], ms[::-1], color=[OTHER_COLOR, OTHER_COLOR, _GREY][::-1])
+    for y, v in enumerate(ms[::-1]):
+        ax.annotate(f"{v:.2f} ms", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.set(xlabel=f"milliseconds per batch of {timing.batch_size} (median of {timing.repeats})")
+    ax.set_xlim(0, max(ms) * 1.3)
+    return _save(fig, path)
+
+
+def attribution_figure(attribution: AttributionInfo, path: Path) -> str:
+    """Share of test sentences whose top token is a planted word, per method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 2.2))
+    methods = list(attribution.test_share)
+    vals = [100 * attribution.test_share[m] for m in methods]
+    ax.bar([m.replace("_", " ") for m in methods], vals, color=[PLANTED_COLOR if v >= 50 else _GREY for v in vals])
+    for x, v in enumerate(vals):
+        ax.annotate(f"{v:.0f}%", (x, v), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=8)
+    ax.set(ylim=(0, 110), ylabel="% of sentences",
+           title=f"Top token is planted ({attribution.test_size} test sentences)")
+    return _save(fig, path)

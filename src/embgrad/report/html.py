@@ -1,0 +1,231 @@
+"""The demo report as one self-contained HTML page (inline CSS, no scripts, no external URL,
+fonts or requests) plus the PNG figures it shows, written next to it.
+
+Every string that comes from data is escaped. Sections carry ``id`` and ``data-section``
+attributes (``model``, ``weight-gradient``, ``per-example``, ``attribution``, ``hotflip``,
+``similarity``) so tests and readers can find them.
+"""
+from __future__ import annotations
+
+import html
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .. import __version__
+from .._html import token_heatmap
+from ..errors import EmbgradError
+from .analysis import AttributionInfo, HotFlipInfo, SimilarityInfo
+from .demo import DemoResults
+from .figures import attribution_figure, cost_figure, loss_figure, norms_figure, rows_figure
+
+__all__ = ["write_report", "render_page", "SECTIONS"]
+
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("model", "The model and its embedding layers"),
+    ("weight-gradient", "The weight gradient of one batch"),
+    ("per-example", "Per-example gradients"),
+    ("attribution", "Attributions"),
+    ("hotflip", "HotFlip"),
+    ("similarity", "Gradient similarity"),
+)
+_METHOD_NAMES = {"saliency": "Saliency ‖∂f/∂e‖", "grad_x_input": "Gradient × input",
+                 "integrated_gradients": "Integrated gradients"}
+
+esc = html.escape
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[object]], num: Sequence[int] = ()) -> str:
+    """An HTML table; cells are escaped unless given as ``Markup`` (a ``_Raw`` string)."""
+    def cell(tag: str, i: int, v: object) -> str:
+        cls = ' class="num"' if i in num else ""
+        text = v if isinstance(v, _Raw) else esc(str(v))
+        return f"<{tag}{cls}>{text}</{tag}>"
+    head = "".join(cell("th", i, h) for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class _Raw(str):
+    """A string that is already HTML (not escaped again by :func:`_table`)."""
+
+
+def _label(label: str, flipped: bool) -> _Raw:
+    return _Raw(esc(label) + (' <span class="star" title="label flipped by noise">★</span>' if flipped else ""))
+
+
+def _fig(name: str, alt: str) -> str:
+    return f'<img class="fig" src="{esc(name, quote=True)}" alt="{esc(alt, quote=True)}">'
+
+
+def _section(key: str, n: int, intro: str, body: str) -> str:
+    title = dict(SECTIONS)[key]
+    return (f'<section id="{key}" data-section="{key}"><h2>{n}. {esc(title)}</h2>'
+            f'<p class="intro">{intro}</p>{body}</section>')
+
+
+def _cards(r: DemoResults) -> str:
+    t = r.per_example.timing
+    ig = r.attribution.share.get("integrated_gradients", float("nan"))
+    items = [
+        (f"{r.model.test_accuracy:.1%}", "test accuracy"),
+        (f"{len(r.weight.rows)} / {r.weight.num_rows}", "rows with gradient in one batch"),
+        (f"{r.weight.max_abs_diff:.1g}", "max |embgrad − dense autograd|"),
+        (f"{t.per_example_ms / t.plain_ms:.1f}×", "per-example norms vs plain backward"),
+        (f"{ig:.0%}", "IG top token is a planted word"),
+        (f"{r.hotflip.flipped} / {len(r.hotflip.rows)}", "HotFlip swaps that flip the label"),
+    ]
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><div class="v">{esc(v)}</div><div class="k">{esc(k)}</div></div>'
+        for v, k in items) + "</div>"
+
+
+def _model_section(r: DemoResults, figs: dict[str, str]) -> str:
+    m = r.model
+    layers = _table(["layer", "type", "rows V", "dim D", "padding", "tied", "frozen"],
+                    [(l.name, l.type_name, l.num_rows, l.dim, l.padding or "—", "yes" if l.tied else "no",
+                      "yes" if l.frozen else "no") for l in m.layers], num=(2, 3))
+    intro = (f"<b>{esc(m.model_type)}</b> ({esc(m.framework)}), {m.num_parameters:,} parameters: "
+             "embedding → mean over the non-padding tokens → linear. Trained for "
+             f"{len(m.losses)} epochs on {m.train_size:,} synthetic sentences (a few labels flipped on "
+             f"purpose) in {m.train_seconds:.1f} s; accuracy {m.train_accuracy:.1%} on the training set, "
+             f"<b>{m.test_accuracy:.1%}</b> on {m.test_size} test sentences. Vocabulary of {m.vocab_size} "
+             "tokens: the tokenizer merges <code>not good</code> into one token <code>not_good</code>, "
+             "so a bag of embeddings can learn negation. The embedding layers embgrad finds:")
+    return _section("model", 1, intro, f'<div class="row"><div>{layers}</div>{_fig(figs["loss"], "training loss")}</div>')
+
+
+def _weight_section(r: DemoResults, figs: dict[str, str]) -> str:
+    w = r.weight
+    exact = ('<span class="ok">exact</span>' if w.max_abs_diff == 0 else
+             f"max difference {w.max_abs_diff:.2g}")
+    intro = (f"One training batch of {w.batch_size} sentences, summed loss: {len(w.rows)} of {w.num_rows} "
+             f"rows received gradient (‖G‖ = {w.total_norm:.4g}). Compared with the framework's own dense "
+             f"gradient of the table: {exact}. A row collects gradient from every example that looks it "
+             "up, so row norms grow with token frequency; the PAD row gets none.")
+    code = ("<pre><code>with embgrad.capture(model) as cap:\n    loss = cross_entropy(model(ids), labels)\n"
+            "g = cap.gradients(loss)[\"embedding\"]\nrg = g.weight_grad          # RowGrad: rows, values, "
+            "row_norms()</code></pre>")
+    top = _table(["row", "token", "count in batch", "row gradient norm"],
+                 [(row, tok, count, f"{norm:.4g}") for row, tok, count, norm in w.top(10)], num=(0, 2, 3))
+    return _section("weight-gradient", 2, intro,
+                    f'<div class="row">{_fig(figs["rows"], "row gradient norm against token frequency")}'
+                    f"<div><h3>Rows with the largest gradient</h3>{top}{code}</div></div>")
+
+
+def _per_example_section(r: DemoResults, figs: dict[str, str]) -> str:
+    pe, t = r.per_example, r.per_example.timing
+    n_clipped = int((pe.norms > pe.max_norm).sum())
+    intro = (f"<code>g.per_example()</code> keeps, for each example, only the rows it looked up. Clipped "
+             f"at the median norm {pe.max_norm:.3g} (DP-SGD style): {n_clipped} of {len(pe.norms)} examples "
+             f"scaled down. The sum of the per-example gradients equals the batch gradient (max difference "
+             f"{pe.sum_diff:.1g}). The largest norms belong to the examples whose label was flipped "
+             '(<span class="star">★</span>): the model disagrees with them most.')
+    top = _table(["#", "norm", "label", "text"],
+                 [(i, f"{norm:.4g}", _label(label, fl), text) for i, norm, text, label, fl in pe.top(8)],
+                 num=(0, 1))
+    toks = _table(["token", "norm", "from example"],
+                  [(tok, f"{norm:.4g}", pe.texts[ex]) for ex, tok, norm in pe.token_norms[:8]], num=(1,))
+    cost = _table(["pass", "ms", "× plain"], [
+        ("plain forward + backward (all parameters)", f"{t.plain_ms:.2f}", "1.0"),
+        ("capture + sparse weight gradient", f"{t.capture_ms:.2f}", f"{t.capture_ms / t.plain_ms:.1f}"),
+        ("… + per-example norms", f"{t.per_example_ms:.2f}", f"{t.per_example_ms / t.plain_ms:.1f}")],
+        num=(1, 2))
+    return _section("per-example", 3, intro,
+                    f'<div class="row">{_fig(figs["norms"], "per-example norms before and after clipping")}'
+                    f"<div><h3>Examples with the largest norms</h3>{top}</div></div>"
+                    f'<div class="row"><div><h3>Tokens with the largest per-example gradient norms</h3>{toks}'
+                    f"<p class=\"legend\">With mean pooling every token of an example receives the same "
+                    f"gradient (divided by the sentence length), so the tokens of one example tie.</p></div>"
+                    f"<div><h3>Cost</h3>{cost}{_fig(figs['cost'], 'cost of capture next to the plain backward')}"
+                    f"</div></div>")
+
+
+def _attribution_section(a: AttributionInfo, figs: dict[str, str]) -> str:
+    intro = ("<code>embgrad.attribute</code> on the true class of a dozen test sentences, at the output of "
+             "the embedding layer. Planted words (the words that carry the label, negated ones included) "
+             "are <span class=\"embgrad-mark\">underlined</span>; red supports the class, blue opposes it. "
+             f"Integrated gradients use a zero baseline, {a.steps} Gauss–Legendre steps; largest "
+             f"completeness gap {a.max_delta:.1e}. Saliency ‖∂f/∂e<sub>t</sub>‖ is the same for every "
+             "token of a mean-pooled model (∂f/∂e<sub>t</sub> = Wᵀ/n for all t), so it cannot rank "
+             "tokens: a known limit of plain gradients that gradient × input and integrated gradients fix.")
+    maps = "".join(
+        "<div>" + token_heatmap([list(t) for t in a.tokens], a.scores[m], mask=a.mask, marks=a.planted,
+                                title=_METHOD_NAMES.get(m, m)) + "</div>"
+        for m in a.scores)
+    share = _table(["method", "top token planted (shown)", f"(all {a.test_size} test sentences)"],
+                   [(_METHOD_NAMES.get(m, m), f"{a.share[m]:.0%}", f"{a.test_share[m]:.0%}") for m in a.scores],
+                   num=(1, 2))
+    return _section("attribution", 4, intro,
+                    f'<div class="heatmaps">{maps}</div><p class="legend">The same sentences in the same '
+                    f"order in each column; each row is scaled to its own largest |score|. Hover a token for "
+                    f"its exact score.</p>"
+                    f'<div class="row"><div><h3>Is the top token a planted word?</h3>{share}</div>'
+                    f'{_fig(figs["attribution"], "share of top tokens that are planted words")}</div>')
+
+
+def _hotflip_section(h: HotFlipInfo) -> str:
+    intro = ("<code>embgrad.attribution.hotflip</code>: from one gradient, the single-token swap that most "
+             "lowers the margin logit[predicted] − logit[other], to first order; then a real forward pass "
+             "measures it. This model is linear in each embedding, so the first-order prediction is exact "
+             f"here. {h.flipped} of {len(h.rows)} swaps flip the prediction.")
+    rows = [(r.text, _Raw(f"<code>{esc(r.old)}</code> → <code>{esc(r.new)}</code> (token {r.position})"),
+             f"{r.margin:+.3g}", f"{r.predicted:+.3g}", f"{r.actual:+.3g}",
+             _Raw(esc(r.before) + " → " + (f'<span class="bad">{esc(r.after)}</span>' if r.after != r.before
+                                          else esc(r.after))), r.new_text) for r in h.rows]
+    return _section("hotflip", 5, intro, _table(
+        ["sentence", "suggested swap", "margin", "predicted Δ", "actual Δ", "prediction", "after the swap"],
+        rows, num=(2, 3, 4)))
+
+
+def _similarity_section(s: SimilarityInfo) -> str:
+    intro = (f"TracIn-style: the inner product of per-example loss gradients of the embedding table, "
+             f"<code>ExampleGrads.dot</code>, between the test sentence <b>“{esc(s.query_text)}”</b> "
+             f"(label {esc(s.query_label)}, predicted {esc(s.predicted)}) and each sentence of the training "
+             "batch. Positive: a gradient step on that example lowers this sentence's loss (a proponent); "
+             "negative: it raises it (an opponent). Mislabelled examples (★) dominate, as TracIn is known "
+             "for: their gradients are large.")
+    def table(rows: list) -> str:
+        return _table(["#", "score", "label", "text"],
+                      [(i, f"{sc:+.3g}", _label(lab, fl), text) for i, sc, text, lab, fl in rows], num=(0, 1))
+    return _section("similarity", 6, intro,
+                    f'<div class="row"><div><h3>Proponents</h3>{table(s.proponents(5))}</div>'
+                    f"<div><h3>Opponents</h3>{table(s.opponents(5))}</div></div>")
+
+
+def render_page(r: DemoResults, figs: dict[str, str], command: str = "embgrad demo") -> str:
+    """The HTML page for ``r``; ``figs`` maps figure keys to PNG file names next to the page."""
+    css = resources.files("embgrad.report").joinpath("style.css").read_text(encoding="utf-8")
+    nav = "".join(f'<a href="#{k}">{n}. {esc(t)}</a>' for n, (k, t) in enumerate(SECTIONS, 1))
+    body = "".join([
+        _cards(r), _model_section(r, figs), _weight_section(r, figs), _per_example_section(r, figs),
+        _attribution_section(r.attribution, figs), _hotflip_section(r.hotflip), _similarity_section(r.similarity)])
+    total = sum(r.seconds.values())
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>embgrad report · {esc(r.model.framework)}</title><style>{css}</style></head><body>"
+            f"<header><h1>embgrad report</h1><p>Everything embgrad knows about the embedding gradients of "
+            f"the demo classifier ({esc(r.model.framework)}), computed in {total:.1f} s.</p><nav>{nav}</nav></header>"
+            f"<main>{body}</main><footer>Generated by embgrad {esc(__version__)} with <code>{esc(command)}</code> "
+            f"on {esc(time.strftime('%Y-%m-%d %H:%M'))}. This page loads nothing from the network.</footer>"
+            "</body></html>\n")
+
+
+def write_report(r: DemoResults, out_dir: Path | str, command: str = "embgrad demo") -> Path:
+    """Write ``out_dir/index.html`` and its PNG figures; return the page's path."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EmbgradError(f"--out {str(out)!r} is a file; the report needs a directory (index.html and "
+                           "PNG figures go into it). Pass a directory path.")
+    out.mkdir(parents=True, exist_ok=True)
+    figs = {
+        "loss": loss_figure(r.model, out / "loss.png"),
+        "rows": rows_figure(r.weight, out / "rows.png"),
+        "norms": norms_figure(r.per_example, out / "norms.png"),
+        "cost": cost_figure(r.per_example.timing, out / "cost.png"),
+        "attribution": attribution_figure(r.attribution, out / "attribution.png"),
+    }
+    page = out / "index.html"
+    page.write_text(render_page(r, figs, command), encoding="utf-8")
+    return page

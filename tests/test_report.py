@@ -1,0 +1,170 @@
+"""The demo report: every section's numbers checked against the framework's own autograd and
+a per-example loop, the HTML page (sections, escaping, no external URL) and its figures."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+from embgrad import EmbgradError
+from embgrad.report.analysis import top_is_planted
+from embgrad.report.demo import pick_test_sentences, run_demo
+from embgrad.report.html import SECTIONS, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return run_demo("torch")
+
+
+@pytest.fixture(scope="module")
+def page(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return write_report(demo[0], out)
+
+
+def _dense_example_grads(trained, ids, labels):
+    """(B, V, D) per-example gradients of the table by a plain loop over examples."""
+    import torch
+    w = trained.model.embedding.weight
+    out = []
+    for b in range(len(labels)):
+        loss = trained.loss(trained.logits(torch.as_tensor(ids[b:b + 1])), labels[b:b + 1])
+        out.append(torch.autograd.grad(loss, w)[0])
+    return torch.stack(out).numpy().astype(np.float64)
+
+
+def test_weight_and_per_example_sections_match_autograd_and_a_loop(demo):
+    results, trained, data = demo
+    w, pe = results.weight, results.per_example
+    batch = data.train.subset(np.arange(w.batch_size))
+    assert w.max_abs_diff == 0.0 and pe.sum_diff < 1e-5
+    # rows touched: exactly the distinct non-PAD ids of the batch
+    np.testing.assert_array_equal(w.rows, np.unique(batch.ids[batch.mask]))
+    assert w.counts.sum() == batch.mask.sum()
+    dense = _dense_example_grads(trained, batch.ids[:16], batch.labels[:16])
+    np.testing.assert_allclose(pe.norms[:16], np.sqrt((dense ** 2).sum((1, 2))), rtol=1e-4, atol=1e-7)
+    total = _dense_example_grads(trained, batch.ids, batch.labels).sum(0)
+    np.testing.assert_allclose(w.row_norms, np.linalg.norm(total[w.rows], axis=1), rtol=1e-4, atol=1e-6)
+    # clipping: nothing above max_norm, examples below it unchanged
+    assert pe.clipped.max() <= pe.max_norm * (1 + 1e-5)
+    small = pe.norms <= pe.max_norm
+    np.testing.assert_allclose(pe.clipped[small], pe.norms[small], rtol=1e-5)
+    # the examples with the largest gradients are the ones whose label noise flipped
+    assert all(flipped for *_, flipped in pe.top(5)) and pe.flipped.any()
+    t = pe.timing
+    assert min(t.plain_ms, t.capture_ms, t.per_example_ms) > 0 and t.batch_size == w.batch_size
+
+
+def test_similarity_is_the_inner_product_of_loop_gradients(demo):
+    results, trained, data = demo
+    s = results.similarity
+    batch = data.train.subset(np.arange(12))
+    q = data.test.subset([data.test.texts.index(s.query_text)])
+    gq = _dense_example_grads(trained, q.ids, q.labels)[0]
+    gb = _dense_example_grads(trained, batch.ids, batch.labels)
+    np.testing.assert_allclose(s.scores[:12], (gb * gq).sum((1, 2)), rtol=1e-4, atol=1e-7)
+    pro, opp = s.proponents(3), s.opponents(3)
+    assert pro[0][1] >= pro[-1][1] > 0 > opp[-1][1] >= opp[0][1]
+
+
+def test_attribution_and_hotflip_sections(demo):
+    results, trained, data = demo
+    a, h = results.attribution, results.hotflip
+    assert set(a.scores) == {"saliency", "grad_x_input", "integrated_gradients"}
+    assert a.share["integrated_gradients"] >= 0.9 and a.test_share["integrated_gradients"] >= 0.9
+    assert a.test_share["grad_x_input"] >= 0.9
+    # saliency of a mean-pooled model is the same for every token of a sentence: it ranks nothing
+    sal = np.where(a.mask, a.scores["saliency"], np.nan)
+    np.testing.assert_allclose(np.nanmax(sal, 1), np.nanmin(sal, 1), rtol=1e-5)
+    assert a.share["saliency"] == 0.0 and a.max_delta < 1e-3
+    assert len(a.texts) == 12 and sum(any(t.startswith("not_") for t in toks) for toks in a.tokens) == 6
+    assert len(h.rows) == 6
+    for r in h.rows:
+        # the model is linear in each embedding: the first-order prediction is the real effect
+        assert r.predicted == pytest.approx(r.actual, rel=1e-4, abs=1e-4) and r.actual < 0
+        ids = data.vocab.encode([r.new_text.replace("not ", "not_")], max_len=data.train.ids.shape[1])
+        margin = np.diff(trained.to_numpy(trained.logits(ids))[0])[0]
+        sign = 1 if r.before == "positive" else -1
+        assert sign * margin == pytest.approx(r.margin + r.actual, rel=1e-4, abs=1e-4)
+
+
+def test_top_is_planted_counts_ties_as_misses():
+    mask = np.array([[1, 1, 1, 0]], bool)
+    planted = np.array([[0, 1, 0, 0]], bool)
+    assert top_is_planted(np.array([[0.1, 0.9, 0.2, 5.0]]), mask, planted).tolist() == [True]
+    assert top_is_planted(np.array([[0.9, 0.9, 0.2, 0.0]]), mask, planted).tolist() == [False]
+    assert top_is_planted(np.array([[0.9, 0.1, 0.2, 0.0]]), mask, planted).tolist() == [False]
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sections, self.srcs, self.tags, self.hrefs = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append(tag)
+        if tag == "section":
+            self.sections.append(a.get("data-section"))
+        if "src" in a:
+            self.srcs.append(a["src"])
+        if "href" in a:
+            self.hrefs.append(a["href"])
+
+
+def test_page_has_every_section_figures_and_no_external_reference(page):
+    text = page.read_text(encoding="utf-8")
+    p = _Collect()
+    p.feed(text)
+    assert p.sections == [key for key, _ in SECTIONS]
+    assert "script" not in p.tags and "link" not in p.tags and "iframe" not in p.tags
+    assert all(h.startswith("#") for h in p.hrefs)
+    assert not re.search(r"(https?:|ftp:|//[a-z0-9])", text, re.I), "an external reference in the page"
+    assert "url(" not in text and "@import" not in text
+    assert len(p.srcs) == 5
+    for src in p.srcs:
+        png = page.parent / src
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+        assert b"matplotlib.org" not in data
+    assert text.count('class="embgrad-tok embgrad-mark"') >= 3 * 12  # planted words marked, 3 methods
+
+
+def test_data_text_is_escaped(demo, tmp_path):
+    results = demo[0]
+    texts = list(results.per_example.texts)
+    texts[results.per_example.top(1)[0][0]] = "<script>alert(1)</script>"   # a text the page shows
+    pe = dataclasses.replace(results.per_example, texts=tuple(texts))
+    evil = dataclasses.replace(results, per_example=pe)
+    text = write_report(evil, tmp_path).read_text(encoding="utf-8")
+    assert "<script>" not in text and "&lt;script&gt;" in text
+
+
+def test_out_must_be_a_directory(demo, tmp_path):
+    f = tmp_path / "file.html"
+    f.write_text("x")
+    with pytest.raises(EmbgradError, match="is a file"):
+        write_report(demo[0], f)
+
+
+def test_pick_test_sentences_is_seeded_and_half_negated(demo):
+    data = demo[2]
+    a, b = pick_test_sentences(data.test), pick_test_sentences(data.test)
+    assert a.texts == b.texts and len(a) == 12
+    assert pick_test_sentences(data.test, seed=1).texts != a.texts
+
+
+def test_keras_report_sections():
+    pytest.importorskip("tensorflow")
+    results, trained, data = run_demo("tensorflow")
+    assert results.model.framework == "tensorflow" and results.model.layers[0].padding == "mask_zero"
+    assert results.weight.max_abs_diff == 0.0 and results.per_example.sum_diff < 1e-5
+    assert results.attribution.test_share["integrated_gradients"] >= 0.9
+    assert all(r.predicted == pytest.approx(r.actual, rel=1e-4, abs=1e-4) for r in results.hotflip.rows)
+    assert np.isfinite(results.similarity.scores).all()
