@@ -153,3 +153,18 @@ def test_property_per_example_sums_and_dots(B, T, V, D, seed):
     flat = ref.reshape(B, -1)
     np.testing.assert_allclose(pe.dot().asnumpy(), flat @ flat.T, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(pe.sum().to_dense().asnumpy(), ref.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_coupling_is_warned():
+    from mxnet import gluon
+    from mxnet.gluon import nn
+    net = nn.HybridSequential()
+    net.add(nn.Embedding(20, 4), nn.BatchNorm(axis=2), nn.Dense(2, flatten=True))
+    x = ids(3, 5, 20)
+    make(net, x)
+    with embgrad.capture(net) as cap:
+        with autograd.record():
+            loss = (net(x) ** 2).sum()
+    with pytest.warns(UserWarning, match="couple the examples.*BatchNorm"):
+        cap.gradients(loss).only().per_example()
+    assert isinstance(net[1], gluon.nn.BatchNorm)
