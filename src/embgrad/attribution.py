@@ -691,11 +691,20 @@ def _tokens(tokens: Any, ids: np.ndarray, what: str = "tokens") -> list[list[str
                            "a tokenizer, a vocabulary (id -> token), or lists of token strings.") from None
 
 
-def _pad_id(model: Any, info: EmbeddingInfo, pad_id: int | None) -> int:
-    if pad_id is None:
-        pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+def _known_pad_id(model: Any, info: EmbeddingInfo) -> int | None:
+    """The pad id the model declares: Hugging Face ``config.pad_token_id``, the layer's padding
+    index, or 0 for a Keras ``mask_zero`` layer; None if there is none."""
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
     if pad_id is None:
         pad_id = info.padding_idx
+    if pad_id is None and info.options.get("mask_zero"):
+        pad_id = 0
+    return pad_id
+
+
+def _pad_id(model: Any, info: EmbeddingInfo, pad_id: int | None) -> int:
+    if pad_id is None:
+        pad_id = _known_pad_id(model, info)
     if pad_id is None:
         raise EmbgradError(f"baseline='pad' needs the pad id: layer {info.name!r} has no padding index and "
                            "the model has no config.pad_token_id. Pass pad_id=ID, or baseline=ID.")
@@ -1013,8 +1022,7 @@ def hotflip(model: Any, inputs: Any, target: Any, k: int = 10, layer: Any = None
         raise EmbgradError(f"hotflip needs (B, T) ids, layer {info.name!r} looked up {ids_np.shape}.")
     B, T = ids_np.shape
     special = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
-    pid = getattr(getattr(model, "config", None), "pad_token_id", None)
-    pid = info.padding_idx if pid is None else pid
+    pid = _known_pad_id(model, info)
     exclude = special | ({int(pid)} if pid is not None else set())
     cand = _candidate_ids(candidates, info.num_rows, tokenizer, exclude)
     if positions is None:
