@@ -72,7 +72,7 @@ class Case:
     handed to ``build``. ``methods``: method names, in table order; ``reference``: the one
     whose result the others are checked against (it runs first); ``ratio_to``: the method the
     ratios are taken against (embgrad). ``budget_bytes``: the memory budget per method.
-    ``tolerance``: ``(rtol, atol)`` of the check. ``python``: interpreter for the children.
+    ``tolerance``: ``(rtol, atol)`` of the check, atol relative to the largest reference value. ``python``: interpreter for the children.
     """
 
     key: str
@@ -201,12 +201,13 @@ def compare(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], rtol: float,
         if g.shape != r.shape:
             raise Mismatch(f"{key}: shape {g.shape} != reference {r.shape}")
         err = np.abs(g - r)
-        scale = atol + rtol * np.abs(r)
+        floor = atol * (float(np.abs(r).max()) if r.size else 0.0)   # atol is relative to the largest |r|
+        scale = floor + rtol * np.abs(r)
         if not np.all(err <= scale):
             i = np.unravel_index(int(np.argmax(err - scale)), err.shape)
             raise Mismatch(f"{key}: at {tuple(int(k) for k in i)} got {g[i]:.6g}, reference {r[i]:.6g} "
                            f"(max abs error {err.max():.3g}, rtol={rtol}, atol={atol})")
-        denom = np.maximum(np.abs(r), atol)
+        denom = np.maximum(np.abs(r), max(floor, 1e-30))
         worst = max(worst, float((err / denom).max()) if err.size else 0.0)
     names = ", ".join(k[:-5] if k.endswith("_rows") else k for k in shared)
     return f"{names}: max rel err {worst:.1e}"
@@ -233,6 +234,9 @@ def _child(spec_path: str) -> None:
         sys.path.insert(0, str(HERE))
         import importlib
 
+        # the benchmark modules `from harness import Unsupported`: make that this very module
+        # (run as __main__), so that their exceptions are the classes caught here
+        sys.modules.setdefault("harness", sys.modules[__name__])
         mod = importlib.import_module(spec["module"])
         try:
             bench: Bench = mod.build(spec["method"], spec["params"])
@@ -401,24 +405,32 @@ def _one_line(case: Case, r: MethodResult) -> str:
     return f"  {case.key:<28} {r.method:<26} {r.status}: {r.reason[:150]}"
 
 
-def run_case(case: Case, quiet_wait_s: float = 0.0, log: Callable[[str], None] = print) -> CaseResult:
-    """Run the reference, then every other method of ``case``, each in its own process."""
+def run_case(case: Case, quiet_wait_s: float = 0.0, log: Callable[[str], None] = print,
+             jobs: int = 1) -> CaseResult:
+    """Run the reference, then every other method of ``case``, each in its own process.
+
+    ``jobs`` > 1 runs that many methods at once (quick mode: the processes then share the
+    CPUs, so times are not comparable; full runs use 1).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     log(f"[{case.key}] {case.title}")
     with tempfile.TemporaryDirectory(prefix=f"bench-{case.key}-") as tmp:
         work = Path(tmp)
         ref_res = run_method(case, case.reference, work, None, quiet_wait_s, log)
         ref_path = work / f"{case.key}.reference.npz"
-        results = {case.reference: ref_res}
-        for m in case.methods:
-            if m == case.reference:
-                continue
-            if not ref_path.exists():
-                r = run_method(case, m, work, None, quiet_wait_s, log)
-                if r.status == "reference":
-                    r.status, r.check = "ok", "unchecked: the reference method failed"
-                results[m] = r
-                continue
-            results[m] = run_method(case, m, work, ref_path, quiet_wait_s, log)
+        have_ref = ref_path.exists()
+
+        def one(m: str) -> MethodResult:
+            r = run_method(case, m, work, ref_path if have_ref else None, quiet_wait_s, log)
+            if not have_ref and r.status == "reference":
+                r.status, r.check = "ok", "unchecked: the reference method failed"
+            return r
+
+        others = [m for m in case.methods if m != case.reference]
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            results = dict(zip(others, pool.map(one, others)))
+        results[case.reference] = ref_res
     return CaseResult(case, [results[m] for m in case.methods])
 
 

@@ -1,0 +1,208 @@
+"""`make bench`: every benchmark of issue 6 in one run → BENCHMARKS.md and benchmarks/results.json.
+
+Sections (each a module of benchmarks/, each method of each case in its own process):
+
+1. per-example gradients, norms + clipped sum (``per_example``: PyTorch; ``per_example_tf``:
+   TensorFlow; ``gluon_per_example``: MXNet Gluon, run in ``.venv-gluon`` when it exists);
+2. weight-gradient extraction (``weight_grad``);
+3. attribution: integrated gradients on MiniLM (``attribution``);
+4. gradient similarity (``similarity``);
+5. loading pretrained vectors (``load_vectors``, when present).
+
+``--quick`` runs the same code on small sizes (a test runs it so the harness cannot rot);
+its outputs go to ``build/bench-quick/`` unless ``--out`` says otherwise, so the committed
+full-size BENCHMARKS.md is only rewritten by a full run.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from harness import CaseResult, run_case  # noqa: E402
+from report import (case_markdown, machine_info, machine_markdown, print_case,  # noqa: E402
+                    targets_markdown)
+from targets import evaluate  # noqa: E402
+
+#: section key -> (title, module whose ``cases(quick)`` lists its cases)
+SECTIONS: dict[str, tuple[str, str]] = {
+    "per_example": ("1. Per-example embedding gradients (PyTorch)", "per_example"),
+    "per_example_tf": ("1. Per-example embedding gradients (TensorFlow)", "per_example_tf"),
+    "weight_grad": ("2. Weight-gradient extraction", "weight_grad"),
+    "attribution": ("3. Attribution: integrated gradients on MiniLM", "attribution"),
+    "similarity": ("4. Gradient similarity", "similarity"),
+}
+#: sections run by another module's ``main(quick) -> dict`` (other developers' scripts)
+EXTERNAL: dict[str, tuple[str, str]] = {
+    "gluon": ("1. Per-example embedding gradients (MXNet Gluon)", "gluon_per_example"),
+    "load_vectors": ("5. Loading pretrained vectors", "load_vectors"),
+}
+GLUON_PYTHON = ROOT / ".venv-gluon" / "bin" / "python"
+
+
+def _section_cases(module: str, quick: bool) -> list:
+    if not (HERE / f"{module}.py").exists():
+        return []
+    return importlib.import_module(module).cases(quick)
+
+
+def _run_external(key: str, module: str, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run ``module.main(quick)`` in a subprocess (Gluon in .venv-gluon) and return its dict."""
+    path = HERE / f"{module}.py"
+    if not path.exists():
+        return {"status": "unavailable", "reason": f"benchmarks/{module}.py does not exist yet"}
+    python = sys.executable
+    if key == "gluon":
+        if not GLUON_PYTHON.exists():
+            return {"status": "unavailable",
+                    "reason": "no .venv-gluon (MXNet needs its own environment: `make test-gluon` builds it)"}
+        python = str(GLUON_PYTHON)
+    code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import {module} as m; "
+            f"print('@@RESULT@@' + json.dumps(m.main({quick!r}), default=str))")
+    log(f"[{key}] {module}.main(quick={quick}) in {python}")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=str(ROOT),
+                              timeout=600 if quick else 3600,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2"))
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "reason": "did not finish in time"}
+    marker = [line for line in proc.stdout.splitlines() if line.startswith("@@RESULT@@")]
+    if proc.returncode != 0 or not marker:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"status": "error", "reason": f"exit code {proc.returncode}: {tail[0][:300]}"}
+    out = json.loads(marker[-1][len("@@RESULT@@"):])
+    log(f"  done in {time.perf_counter() - t0:.1f} s")
+    return {"status": "ok", "result": out}
+
+
+def _external_markdown(title: str, res: dict[str, Any]) -> str:
+    lines = [f"## {title}", ""]
+    if res["status"] != "ok":
+        return "\n".join(lines + [f"Not run: **{res['status']}**: {res['reason']}", ""]) + "\n"
+    out = res["result"]
+    md = out.get("markdown") if isinstance(out, dict) else None
+    if md:
+        return "\n".join(lines + [md.strip(), ""]) + "\n"
+    rows = out.get("rows") if isinstance(out, dict) else None
+    if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+        head = list(rows[0])
+        lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(str(r.get(h, "")) for h in head) + " |" for r in rows]
+        return "\n".join(lines + [""]) + "\n"
+    return "\n".join(lines + ["```json", json.dumps(out, indent=2, default=str)[:6000], "```", ""]) + "\n"
+
+
+HOW_TO_READ = """\
+## How to read these tables
+
+- Every method of every case ran in **its own process**, so its peak memory is its own:
+  *peak memory* is the process's peak resident set size (`VmHWM`, reset after setup) minus
+  its resident size after building the model and the data: what the method itself allocated.
+- Before anything is timed, one warm-up call's **result is checked against the reference**
+  method of the case (named in the last column; the framework's own autograd or a
+  per-example loop). A method whose result differs is reported as a *mismatch*, not timed.
+- Times are the **median of at least 5 calls** (more for fast methods, until 1 s is timed);
+  *CPU time* is the process's CPU time per call (both cores count), less sensitive than wall
+  time to other processes on this shared machine.
+- *time / embgrad* and *memory / embgrad* are ratios to embgrad in the same run: above 1 means
+  embgrad is faster or smaller. A method that cannot run is reported with the reason:
+  *over-budget* (the parent stopped it when its memory passed the case's budget), *oom*,
+  *unsupported*, *timeout* or *error*.
+- The machine has 2 cores shared with other developers' processes; each method waited (up to
+  15 s) for the CPUs to be idle before it started, but other work may still have overlapped.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run the embgrad benchmarks → BENCHMARKS.md + results.json")
+    ap.add_argument("--quick", action="store_true", help="small sizes, same code (< 3 minutes)")
+    ap.add_argument("--only", default="", help="comma-separated section keys: "
+                    + ", ".join(list(SECTIONS) + list(EXTERNAL)))
+    ap.add_argument("--out", default=None, help="directory for BENCHMARKS.md and results.json "
+                    "(default: the repository root + benchmarks/; build/bench-quick/ with --quick)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="methods run at once (default 1; 2 with --quick, whose times are not for reading)")
+    ap.add_argument("--quiet-wait", type=float, default=None,
+                    help="seconds to wait for idle CPUs before each method (default 15; 0 with --quick)")
+    args = ap.parse_args(argv)
+    only = {s for s in args.only.split(",") if s}
+    unknown = only - set(SECTIONS) - set(EXTERNAL)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(list(SECTIONS) + list(EXTERNAL))}")
+    if args.out:
+        md_path, json_path = Path(args.out) / "BENCHMARKS.md", Path(args.out) / "results.json"
+    elif args.quick:
+        md_path, json_path = ROOT / "build/bench-quick/BENCHMARKS.md", ROOT / "build/bench-quick/results.json"
+    else:
+        md_path, json_path = ROOT / "BENCHMARKS.md", HERE / "results.json"
+    jobs = args.jobs if args.jobs is not None else (2 if args.quick else 1)
+    quiet = args.quiet_wait if args.quiet_wait is not None else (0.0 if args.quick else 15.0)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}" if msg.startswith("[") else msg, flush=True)
+
+    info = machine_info()
+    results: dict[str, list[CaseResult]] = {}
+    for key, (title, module) in SECTIONS.items():
+        if only and key not in only:
+            continue
+        cases = _section_cases(module, args.quick)
+        if not cases:
+            log(f"[{key}] skipped: benchmarks/{module}.py not present")
+        results[key] = [run_case(c, quiet_wait_s=quiet, log=log, jobs=jobs) for c in cases]
+    external: dict[str, dict[str, Any]] = {}
+    for key, (title, module) in EXTERNAL.items():
+        if only and key not in only:
+            continue
+        external[key] = _run_external(key, module, args.quick, log)
+    flat = {cr.case.key: cr for crs in results.values() for cr in crs}
+    targets = evaluate(flat, args.quick)
+    elapsed = time.perf_counter() - t0
+
+    md = [f"# embgrad benchmarks{' (quick sizes)' if args.quick else ''}", "",
+          "Produced by `make bench` (`benchmarks/run.py`"
+          f"{' --quick' if args.quick else ''}) in {elapsed / 60:.1f} minutes. "
+          "Reproduce with `make bench`; `make bench ARGS=--quick` runs the same code on small sizes.",
+          "", machine_markdown(info), "## Targets", "",
+          targets_markdown(targets), HOW_TO_READ]
+    for key, (title, _) in SECTIONS.items():
+        if key not in results:
+            continue
+        md += [f"## {title}", ""]
+        if not results[key]:
+            md += ["Not run: the benchmark module is not present yet.", ""]
+        for cr in results[key]:
+            md.append(case_markdown(cr))
+    for key, (title, _) in EXTERNAL.items():
+        if key in external:
+            md.append(_external_markdown(title, external[key]))
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text("\n".join(md))
+    json_path.write_text(json.dumps({
+        "quick": args.quick, "machine": info, "elapsed_s": elapsed,
+        "targets": [t.__dict__ for t in targets],
+        "sections": {k: [cr.to_json() for cr in v] for k, v in results.items()},
+        "external": external,
+    }, indent=1, default=str))
+    for crs in results.values():
+        for cr in crs:
+            print_case(cr)
+    print(f"wrote {md_path} and {json_path} in {elapsed:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
