@@ -163,3 +163,20 @@ def test_tied_input_output_table():
         f0 = model(inputs_embeds=torch.zeros(1, 5, 16)).logits[:, -1, 7]
     np.testing.assert_allclose(ours.baseline_outputs, f0.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ours.delta, ours.scores.sum(1) - (ours.outputs - f0.numpy()), atol=1e-5)
+
+
+def test_hotflip_on_minilm_whole_words(setup):
+    model, tok, enc = setup
+    flips = embgrad.hotflip(model, enc, 1, k=3, candidates="words", tokenizer=tok, verify=True)
+    special = set(tok.all_special_ids)
+    ids = enc["input_ids"].numpy()
+    for b in range(len(SENTENCES)):
+        for p, old, new, predicted, actual in flips.swaps(b):
+            assert ids[b, p] == old and old not in special and new not in special
+            word = tok.convert_ids_to_tokens([new])[0]
+            assert word.isalpha() and not word.startswith("##")
+    assert (np.diff(flips.predicted, axis=1) >= 0).all() and (flips.predicted < 0).all()
+    assert np.isfinite(flips.actual).all()
+    # the first-order prediction ranks real swaps: the best predicted swap really lowers the logit
+    assert (flips.actual[:, 0] < 0).all()
+    assert flips.new_tokens[0][0] == tok.convert_ids_to_tokens([int(flips.new_ids[0, 0])])[0]
