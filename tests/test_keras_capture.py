@@ -376,3 +376,19 @@ def test_forward_or_loss_outside_the_block_and_nan():
     with pytest.raises(EmbgradError, match="RaggedTensor"):
         with embgrad.capture(model.get_layer("tok")):
             model.get_layer("tok")(tf.ragged.constant([[1, 2], [3]]))
+
+
+def test_model_fit_inside_capture_is_refused_clearly():
+    model = _classifier()
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    snap = _snapshot(model)[1:]       # fit itself adds attributes (history, ...) to the model
+    with pytest.raises(EmbgradError, match="traced inside the capture"):
+        with embgrad.capture(model):
+            model.fit(_ids(), _labels(), epochs=1, verbose=0)
+    _assert_unchanged(model, snap)
+    # once fit's step is traced, it no longer calls the layer from Python: nothing is recorded
+    model.fit(_ids(), _labels(), epochs=1, verbose=0)
+    with embgrad.capture(model) as cap:
+        model.fit(_ids(), _labels(), epochs=1, verbose=0)
+    with pytest.raises(EmbgradError, match="no lookup of the captured layers"):
+        cap.gradients(tf.constant(1.0))

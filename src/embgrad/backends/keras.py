@@ -356,8 +356,13 @@ def _keras_on_tensorflow() -> type:
                     raise EmbgradError(
                         f"Keras layer {info.name!r} returned a {type(out).__name__}; embgrad taps "
                         "dense lookups (pass dense int ids, not a SparseTensor/RaggedTensor).")
-                tap.watch(out)
+                tap.watch(out, f"Keras layer {info.name!r}")
                 return out, True
+
+            def _shadow(self, tap, info, inner, on_call):
+                # plain Python even when traced: autograph must not rewrite embgrad's checks
+                return tf.autograph.experimental.do_not_convert(
+                    KerasBackend._shadow(self, tap, info, inner, on_call))
 
         _FLAVOURS["tensorflow"] = KerasTensorFlowBackend
     return _FLAVOURS["tensorflow"]

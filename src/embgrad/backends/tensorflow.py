@@ -46,12 +46,21 @@ class TapeTap(Tap):
         self.tape = tf.GradientTape(persistent=True)
         self.tape.__enter__()
         self._recording = True
+        self._graph = _current_graph()
         self._restore: list[Callable[[], None]] = []
 
     def on_remove(self, fn: Callable[[], None]) -> None:
         self._restore.append(fn)
 
-    def watch(self, x: Any) -> None:
+    def watch(self, x: Any, where: str = "a layer") -> None:
+        """Make ``x`` a source of the tape; EmbgradError if ``x`` lives in another graph (a
+        ``tf.function`` such as ``model.fit``'s train step, traced inside the capture)."""
+        if _current_graph() is not self._graph:
+            raise EmbgradError(
+                f"{where} ran inside a tf.function (e.g. model.fit / predict, or a @tf.function) "
+                "that was traced inside the capture, so its lookups cannot be differentiated from "
+                "here. Put the `with embgrad.capture(model) as cap:` block INSIDE that function "
+                "(e.g. a custom train_step), or call the model eagerly inside the block.")
         if self._recording:
             self.tape.watch(x)
 
@@ -81,6 +90,11 @@ class TapeTap(Tap):
         out = [tf.zeros_like(o) if g is None else _densify_slices(g) for o, g in zip(outputs, out_grads)]
         src = list(grads[len(outputs):]) if sources is not None else None
         return out, src
+
+
+def _current_graph() -> Any:
+    """The graph being traced (a ``tf.function``'s FuncGraph), or None when executing eagerly."""
+    return None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
 
 
 def _unwrap_variable(v: Any) -> Any:
