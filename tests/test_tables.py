@@ -173,7 +173,8 @@ def test_frozen_and_quantized_tables_are_refused():
     q.weight = nn.Parameter(torch.zeros(6, 3, dtype=torch.int8), requires_grad=False)
     tq = embgrad.table(q)
     assert tq.dtype == "int8"
-    with pytest.raises(EmbgradError, match=r"is quantized \(its weight has dtype torch.int8\)"):
+    with pytest.raises(EmbgradError, match=r"assign\(\) cannot write float rows into it: its weight has dtype torch.int8 "
+                                           r"\(quantized\); write the float table before quantizing"):
         tq.assign([0], np.ones((1, 3)), force=True)
 
 

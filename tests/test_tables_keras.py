@@ -174,8 +174,8 @@ def test_quantized_table_is_refused_and_reads_dequantized():
     m.quantize("int8")
     t = embgrad.table(m)
     assert t.dtype == "int8"
-    with pytest.raises(EmbgradError, match="is quantized \\(quantization_mode='int8'.*write the float table "
-                                           "before quantizing"):
+    with pytest.raises(EmbgradError, match="cannot write float rows into it: it is quantized "
+                                           "\\(quantization_mode='int8'.*write the float table before quantizing"):
         t.assign([0], np.zeros((1, D)), force=True)
     np.testing.assert_allclose(t.read([0, 5], effective=True), W[[0, 5]], atol=2e-3)
 

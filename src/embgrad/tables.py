@@ -330,9 +330,7 @@ class Table:
     def _check_writable(self, rows: np.ndarray, force: bool, what: str) -> None:
         why = self._backend.table_quantized(self.info)
         if why is not None:
-            raise EmbgradError(
-                f"table {self.name!r} is quantized ({why}), so {what}() cannot write float rows into "
-                "it; write the float table before quantizing the model.")
+            raise EmbgradError(f"table {self.name!r}: {what}() cannot write float rows into it: {why}.")
         if force:
             return
         if not self.trainable:

@@ -300,7 +300,8 @@ class Backend:
         raise NotImplementedError
 
     def table_quantized(self, info: EmbeddingInfo) -> str | None:
-        """Why the table cannot be written row by row (it is quantized), or None."""
+        """Why float rows cannot be written into the table (it is quantized, or stored in a
+        way embgrad cannot write), with what to do instead; None when they can."""
         return None
 
     def table_freeze(self, info: EmbeddingInfo, rows: np.ndarray, optimizer: Any = None) -> Any:

@@ -256,7 +256,8 @@ class KerasBackend(Backend):
 
     def table_quantized(self, info):
         mode = getattr(info.layer, "quantization_mode", None)
-        return f"quantization_mode={mode!r}, table dtype {self.table_dtype(info)}" if mode else None
+        return (f"it is quantized (quantization_mode={mode!r}, table dtype {self.table_dtype(info)}); "
+                "write the float table before quantizing the model") if mode else None
 
     def table_freeze(self, info, rows, optimizer=None):
         """A variable constraint that puts the frozen rows back after every optimizer step, so

@@ -410,7 +410,8 @@ class TorchBackend(Backend):
     def table_quantized(self, info):
         w = info.layer.weight
         if w.is_quantized or not w.is_floating_point():
-            return f"its weight has dtype {w.dtype}"
+            return (f"its weight has dtype {w.dtype} (quantized); write the float table before "
+                    "quantizing the model")
         return None
 
     def table_freeze(self, info, rows, optimizer=None):
