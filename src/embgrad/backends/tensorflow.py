@@ -92,6 +92,14 @@ class TapeTap(Tap):
         return out, src
 
 
+def _leading_shape(n: Any, like: Any) -> Any:
+    """The shape ``(n, *like.shape[1:])`` as int64: a constant when static (eager: no ops)."""
+    rest = like.shape.as_list()[1:]
+    if isinstance(n, (int, np.integer)) and None not in rest:
+        return tf.constant([int(n)] + rest, tf.int64)
+    return tf.concat([tf.reshape(tf.cast(n, tf.int64), (1,)), tf.shape(like, out_type=tf.int64)[1:]], 0)
+
+
 def _current_graph() -> Any:
     """The graph being traced (a ``tf.function``'s FuncGraph), or None when executing eagerly."""
     return None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
@@ -171,7 +179,7 @@ class TensorFlowBackend(Backend):
         if is_symbolic(ids):
             self.assert_in_range(ids, num_rows, msg)
             return
-        lo, hi = self.minmax(tf.reshape(ids, (-1,)))
+        lo, hi = self.minmax(ids)
         if lo < 0 or hi >= num_rows:
             bad = lo if lo < 0 else hi
             pos = tuple(int(i) for i in tf.where(ids == bad)[0].numpy())
@@ -234,8 +242,8 @@ class TensorFlowBackend(Backend):
 
     def segment_sum(self, data, segment_ids, num_segments):
         # scatter_nd sums duplicate indices like unsorted_segment_sum, ~5x faster on CPU
-        shape = tf.concat([tf.cast([num_segments], tf.int64), tf.shape(data, out_type=tf.int64)[1:]], 0)
-        return tf.scatter_nd(tf.reshape(tf.cast(segment_ids, tf.int64), (-1, 1)), data, shape)
+        return tf.scatter_nd(tf.reshape(tf.cast(segment_ids, tf.int64), (-1, 1)), data,
+                             _leading_shape(num_segments, data))
 
     def gather(self, x, idx):
         return tf.gather(x, idx)
@@ -271,8 +279,8 @@ class TensorFlowBackend(Backend):
         return tf.cumsum(x, 0)
 
     def scatter_rows(self, rows, values, num_rows):
-        shape = tf.concat([tf.cast([num_rows], tf.int64), tf.shape(values, out_type=tf.int64)[1:]], 0)
-        return tf.scatter_nd(tf.reshape(rows, (-1, 1)), values, shape)
+        return tf.scatter_nd(tf.reshape(tf.cast(rows, tf.int64), (-1, 1)), values,
+                             _leading_shape(num_rows, values))
 
     def count_nonfinite(self, x):
         if is_symbolic(x):
@@ -281,8 +289,8 @@ class TensorFlowBackend(Backend):
                 x, "embgrad: a gradient holds NaN/Inf values; the loss or the model diverged "
                    "(or a float16 loss was scaled too far).")
             return 0
-        if not x.dtype.is_floating:
-            return 0
+        if not x.dtype.is_floating or bool(tf.reduce_all(tf.math.is_finite(x))):
+            return 0   # the common case in two ops; count only when something is wrong
         return int(tf.reduce_sum(tf.cast(~tf.math.is_finite(x), tf.int64)))
 
     def minmax(self, x):
