@@ -392,3 +392,25 @@ def test_model_fit_inside_capture_is_refused_clearly():
         model.fit(_ids(), _labels(), epochs=1, verbose=0)
     with pytest.raises(EmbgradError, match="no lookup of the captured layers"):
         cap.gradients(tf.constant(1.0))
+
+
+def test_one_embedding_shared_by_two_inputs():
+    keras.utils.set_random_seed(6)
+    a, b = keras.Input((T,), dtype="int32"), keras.Input((T,), dtype="int32")
+    shared = keras.layers.Embedding(V, D, name="shared")
+    pool = keras.layers.GlobalAveragePooling1D()
+    diff = keras.layers.Subtract()([pool(shared(a)), pool(shared(b))])
+    model = keras.Model([a, b], keras.layers.Dense(C)(diff))
+    ids_a, ids_b, y = _ids(0), _ids(1), _labels()
+    with embgrad.capture(model) as cap:
+        loss = tf.reduce_sum(_xent(y, model([ids_a, ids_b])))
+    g = cap.gradients(loss)["shared"]
+    assert len(g.calls) == 2 and g.ids is g.calls[0][0]
+    ref = _tape_grads(model, lambda: tf.reduce_sum(_xent(y, model([ids_a, ids_b]))), [shared.embeddings])[0]
+    np.testing.assert_allclose(g.weight_grad.to_dense().numpy(), ref, atol=1e-6)
+    eg = g.per_example()                     # both calls look up the same B examples
+    np.testing.assert_allclose(eg.sum().to_dense().numpy(), ref, atol=1e-6)
+    for i in range(B):
+        one = _tape_grads(model, lambda: tf.reduce_sum(_xent(y[i:i + 1], model([ids_a[i:i + 1], ids_b[i:i + 1]]))),
+                          [shared.embeddings])[0]
+        np.testing.assert_allclose(eg.to_dense().numpy()[i], one, atol=1e-6)

@@ -105,7 +105,9 @@ class KerasBackend(Backend):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "KerasBackend":
         if cls is KerasBackend:
-            cls = _keras_on_torch() if _keras3_backend() == "torch" else _keras_on_tensorflow()
+            kb = _keras3_backend()
+            cls = (_keras_on_torch() if kb == "torch" else _UnsupportedKeras
+                   if kb not in (None, "tensorflow") else _keras_on_tensorflow())
         return super().__new__(cls)
 
     def is_appropriate(self, obj: Any) -> bool:
@@ -305,6 +307,16 @@ class _ConstraintGuard:
         if self.var is not None and self.var.constraint is self.fn:
             _set_constraint(self.var, self.prev)
         self.var = None
+
+
+class _UnsupportedKeras(KerasBackend):
+    """Keras 3 on a backend embgrad has no primitives for (JAX, OpenVINO, NumPy): recognises
+    Keras objects (so they are not mistaken for another framework's) and says so."""
+
+    def find_embeddings(self, model: Any) -> dict[str, EmbeddingInfo]:
+        raise EmbgradError(
+            f"Keras is running on the {_keras3_backend()!r} backend, which embgrad does not support; "
+            "set KERAS_BACKEND=tensorflow or KERAS_BACKEND=torch before importing keras.")
 
 
 def _all_layers(model: Any) -> list[Any]:
