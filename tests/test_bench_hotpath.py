@@ -1,11 +1,12 @@
-"""Regressions found by the benchmarks (benchmarks/per_example.py): the hot path of capture must
-not keep a batch's tensors alive after the user drops the results.
+"""Hot paths the benchmarks (benchmarks/) exercised: capture must not keep a batch's tensors
+alive after the user drops the results; ExampleGrads.dot's dense/sparse split must be exact.
 """
 from __future__ import annotations
 
 import gc
 import weakref
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -69,3 +70,59 @@ def test_repeated_captures_do_not_grow_memory() -> None:
     for _ in range(20):
         _step(model, x, y, backward=False)
     assert live_tensors() <= before + 2
+
+
+# ---------------------------------------------------------------------------- ExampleGrads.dot
+def _zipf_lookups(rng, batch: int, length: int, vocab: int):
+    ranks = np.arange(1, vocab + 1, dtype=np.float64)
+    cdf = np.cumsum(1.0 / ranks)
+    cdf /= cdf[-1]
+    return np.minimum(np.searchsorted(cdf, rng.random((batch, length))), vocab - 1).astype(np.int64)
+
+
+def _example_grads(framework: str, ids: np.ndarray, grads: np.ndarray, vocab: int):
+    if framework == "torch":
+        return embgrad.rows_from_lookups(torch.from_numpy(ids), torch.from_numpy(grads), vocab,
+                                         per_example=True)
+    tf = pytest.importorskip("tensorflow")
+    return embgrad.rows_from_lookups(tf.constant(ids), tf.constant(grads), vocab, per_example=True)
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_dot_mixes_dense_and_sparse_rows_exactly(framework: str) -> None:
+    """dot() sends the rows most pairs share through a matrix product and the rest through the
+    sparse join; together they equal the dense (B1, V·D) @ (V·D, B2) product."""
+    from embgrad.sparse import _DENSE_ROW_SHARE, _heavy_rows
+
+    rng = np.random.default_rng(3)
+    V, D = 400, 5
+    ids_a, ids_b = _zipf_lookups(rng, 64, 12, V), _zipf_lookups(rng, 48, 9, V)
+    ga = rng.standard_normal(ids_a.shape + (D,)).astype(np.float32)
+    gb = rng.standard_normal(ids_b.shape + (D,)).astype(np.float32)
+    a = _example_grads(framework, ids_a, ga, V)
+    o = _example_grads(framework, ids_b, gb, V)
+    heavy = _heavy_rows(a.rows.numpy(), o.rows.numpy(), 64 * 48)
+    shared = np.intersect1d(ids_a, ids_b)
+    assert 0 < len(heavy) < len(shared), (len(heavy), len(shared), _DENSE_ROW_SHARE)   # both paths run
+
+    def dense(ids, g, B):
+        out = np.zeros((B, V, D), np.float64)
+        np.add.at(out, (np.repeat(np.arange(B), ids.shape[1]), ids.reshape(-1)), g.reshape(-1, D))
+        return out.reshape(B, -1)
+
+    da, db = dense(ids_a, ga, 64), dense(ids_b, gb, 48)
+    np.testing.assert_allclose(np.asarray(a.dot(o)), da @ db.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(a.dot()), da @ da.T, rtol=1e-4, atol=1e-4)
+
+
+def test_dot_disjoint_rows_is_zero_and_all_heavy_is_exact() -> None:
+    """No shared row: zeros. One example each (every shared row heavy): the plain inner product."""
+    V, D = 50, 3
+    g = torch.ones(2, 3, D)
+    a = embgrad.rows_from_lookups(torch.tensor([[1, 2, 3], [4, 5, 6]]), g, V, per_example=True)
+    o = embgrad.rows_from_lookups(torch.tensor([[7, 8, 9], [10, 11, 12]]), g, V, per_example=True)
+    assert torch.equal(a.dot(o), torch.zeros(2, 2))
+    x = embgrad.rows_from_lookups(torch.tensor([[1, 1, 2]]), torch.arange(9.).reshape(1, 3, D), V,
+                                  per_example=True)
+    # row 1 holds [0,1,2] + [3,4,5] = [3,5,7], row 2 holds [6,7,8]
+    assert float(x.dot()[0, 0]) == pytest.approx(9 + 25 + 49 + 36 + 49 + 64)

@@ -22,6 +22,8 @@ from .errors import EmbgradError
 __all__ = ["RowGrad", "ExampleGrads", "rows_from_lookups", "row_grad", "coalesce_lookups"]
 
 _PAIR_CHUNK = 1 << 22  # elements (pairs × D) per chunk of the sparse join in ExampleGrads.dot
+_DENSE_ROW_SHARE = 512  # dot(): a row shared by ≥ 1/512 of all example pairs goes through a matmul
+_DENSE_CHUNK = 1 << 24  # elements (examples × rows × D) of one dense block in ExampleGrads.dot
 
 
 def _accum_dtype(backend: Backend, x: Any) -> str:
@@ -129,6 +131,89 @@ def _check_positive(x: float, what: str) -> None:
         raise EmbgradError(f"{what} must be a positive finite number, got {x!r}.")
 
 
+def _heavy_rows(rows_a: np.ndarray, rows_b: np.ndarray, all_pairs: int) -> np.ndarray:
+    """Sorted rows whose (i, j) pairs are at least 1/_DENSE_ROW_SHARE of all B1·B2 pairs: for
+    those a dense matrix product beats gathering every pair (BLAS vs. gather per pair)."""
+    ua, na = np.unique(rows_a, return_counts=True)
+    ub, nb = np.unique(rows_b, return_counts=True)
+    common, ia, ib = np.intersect1d(ua, ub, assume_unique=True, return_indices=True)
+    pairs = na[ia].astype(np.int64) * nb[ib]
+    return common[pairs * _DENSE_ROW_SHARE >= all_pairs]
+
+
+def _without_rows(b: Backend, entries: tuple, rows_np: np.ndarray, drop: np.ndarray) -> tuple:
+    """The (example_ids, rows, values) entries whose row is not in ``drop`` (sorted)."""
+    keep = b.from_numpy(~np.isin(rows_np, drop, assume_unique=False), like=entries[1])
+    return tuple(b.boolean_mask(x, keep) for x in entries)
+
+
+def _dense_dot(b: Backend, a: tuple, rows_a: np.ndarray, o: tuple, rows_b: np.ndarray,
+               heavy: np.ndarray, B1: int, B2: int, D: int, acc: str) -> Any:
+    """(B1·B2,) inner products restricted to the ``heavy`` rows: per chunk of k rows, both
+    sides scattered into (B, k·D) blocks and multiplied (B1, k·D) @ (k·D, B2)."""
+    out = None
+    per_chunk = max(1, _DENSE_CHUNK // (max(B1, B2) * max(D, 1)))
+    for s in range(0, len(heavy), per_chunk):
+        rows = heavy[s:s + per_chunk]
+        blocks = [_dense_block(b, ent, rows_np, rows, B, D, acc)
+                  for ent, rows_np, B in ((a, rows_a, B1), (o, rows_b, B2))]
+        part = b.reshape(b.matmul_t(*blocks), (B1 * B2,))
+        out = part if out is None else out + part
+    return out
+
+
+def _dense_block(b: Backend, entries: tuple, rows_np: np.ndarray, rows: np.ndarray, B: int, D: int,
+                 acc: str) -> Any:
+    """(B, k·D): each example's gradient on the k sorted ``rows`` (zeros where it has none)."""
+    ex, _, values = entries
+    k = len(rows)
+    pos = np.searchsorted(rows, rows_np)
+    hit = (pos < k) & (rows[np.minimum(pos, k - 1)] == rows_np)
+    sel = b.from_numpy(hit, like=entries[1])
+    keys = b.boolean_mask(ex, sel) * k + b.from_numpy(pos[hit].astype(np.int64), like=entries[1])
+    vals = b.cast(b.boolean_mask(values, sel), acc)
+    return b.reshape(b.scatter_rows(keys, vals, B * k), (B, k * D))
+
+
+def _sparse_join(b: Backend, a: tuple, o: tuple, B1: int, B2: int, D: int, acc: str, out: Any) -> Any:
+    """``out`` (B1·B2,) plus the inner products over rows shared by entries of ``a`` and ``o``
+    (each (example_ids, rows, values)), one gathered pair at a time, in bounded chunks."""
+    a_ex, a_rows, a_vals = a
+    o_ex, o_rows, o_vals = o
+    n_a = b.shape(a_rows)[0]
+    if n_a == 0 or b.shape(o_rows)[0] == 0:
+        return out
+    order = b.argsort(o_rows)
+    rb = b.gather(o_rows, order)
+    left = b.searchsorted(rb, a_rows)
+    cnt = b.searchsorted(rb, a_rows, right=True) - left              # (Na,) matches per entry
+    csum = np.cumsum(b.to_numpy(cnt))
+    total = int(csum[-1])
+    if total == 0:
+        return out
+    # split entries of a into chunks whose pair count × D stays under _PAIR_CHUNK
+    per_chunk = max(1, _PAIR_CHUNK // max(D, 1))
+    bounds = np.searchsorted(csum, np.arange(per_chunk, total, per_chunk), side="left")
+    starts = [0] + [int(x) + 1 for x in bounds]
+    ends = starts[1:] + [n_a]
+    for s, e in zip(starts, ends):
+        if s >= e:
+            continue
+        idx = b.from_numpy(np.arange(s, e, dtype=np.int64), like=a_rows)
+        c = b.gather(cnt, idx)
+        a_idx = b.repeat(idx, c)                                       # (P,) entry of a
+        if b.shape(a_idx)[0] == 0:
+            continue
+        first = b.cumsum(c) - c                                        # start of each entry's pairs
+        local = b.arange(b.shape(a_idx)[0], a_rows) - b.repeat(first, c)
+        b_pos = b.repeat(b.gather(left, idx), c) + local
+        b_idx = b.gather(order, b_pos)
+        prod = b.sum(b.cast(b.gather(a_vals, a_idx), acc) * b.cast(b.gather(o_vals, b_idx), acc), 1)
+        key = b.gather(a_ex, a_idx) * B2 + b.gather(o_ex, b_idx)
+        out = out + b.segment_sum(prod, key, B1 * B2)
+    return out
+
+
 class ExampleGrads:
     """Per-example sparse gradients of one (V, D) table.
 
@@ -206,8 +291,11 @@ class ExampleGrads:
     def dot(self, other: "ExampleGrads | None" = None) -> Any:
         """(B1, B2) matrix of inner products <G_i, H_j> (with itself when ``other`` is None).
 
-        A sparse join on rows: only (i, j) pairs that share a row cost anything; the
-        per-example gradients are never densified. Runs in chunks of bounded memory.
+        Only (i, j) pairs that share a row cost anything; the per-example gradients are never
+        densified over the vocabulary. Rows shared by a large share of all pairs (the frequent
+        tokens of real text) go through one dense (B1, k·D) @ (k·D, B2) product over just
+        those k rows; the other rows through a sparse join on rows. Both run in chunks of
+        bounded memory.
         """
         other = self if other is None else other
         if not isinstance(other, ExampleGrads):
@@ -222,37 +310,15 @@ class ExampleGrads:
         out = b.zeros((B1 * B2,), acc, self.values)
         if self.nnz == 0 or other.nnz == 0:
             return b.reshape(out, (B1, B2))
-        order = b.argsort(other.rows)
-        rb = b.gather(other.rows, order)
-        left = b.searchsorted(rb, self.rows)
-        cnt = b.searchsorted(rb, self.rows, right=True) - left          # (Na,) matches per entry
-        cnt_np = b.to_numpy(cnt)
-        # split entries of self into chunks whose pair count × D stays under _PAIR_CHUNK
-        per_chunk = max(1, _PAIR_CHUNK // max(self.dim, 1))
-        csum = np.cumsum(cnt_np)
-        total = int(csum[-1])
-        if total == 0:
-            return b.reshape(out, (B1, B2))
-        bounds = np.searchsorted(csum, np.arange(per_chunk, total, per_chunk), side="left")
-        starts = [0] + [int(x) + 1 for x in bounds]
-        ends = starts[1:] + [self.nnz]
-        for s, e in zip(starts, ends):
-            if s >= e:
-                continue
-            idx = b.from_numpy(np.arange(s, e, dtype=np.int64), like=self.rows)
-            c = b.gather(cnt, idx)
-            a_idx = b.repeat(idx, c)                                   # (P,) entry of self
-            if b.shape(a_idx)[0] == 0:
-                continue
-            first = b.cumsum(c) - c                                    # start of each entry's pairs
-            local = b.arange(b.shape(a_idx)[0], self.rows) - b.repeat(first, c)
-            b_pos = b.repeat(b.gather(left, idx), c) + local
-            b_idx = b.gather(order, b_pos)
-            prod = b.sum(b.cast(b.gather(self.values, a_idx), acc) *
-                         b.cast(b.gather(other.values, b_idx), acc), 1)
-            key = b.gather(self.example_ids, a_idx) * B2 + b.gather(other.example_ids, b_idx)
-            out = out + b.segment_sum(prod, key, B1 * B2)
-        return b.reshape(out, (B1, B2))
+        rows_a, rows_b = b.to_numpy(self.rows), b.to_numpy(other.rows)
+        heavy = _heavy_rows(rows_a, rows_b, B1 * B2)
+        a = (self.example_ids, self.rows, self.values)
+        o = (other.example_ids, other.rows, other.values)
+        if len(heavy):
+            out = out + _dense_dot(b, a, rows_a, o, rows_b, heavy, B1, B2, self.dim, acc)
+            a = _without_rows(b, a, rows_a, heavy)
+            o = _without_rows(b, o, rows_b, heavy)
+        return b.reshape(_sparse_join(b, a, o, B1, B2, self.dim, acc, out), (B1, B2))
 
     def to_dense(self, max_bytes: int = 2 ** 30) -> Any:
         """(B, V, D) dense per-example gradients; EmbgradError if that exceeds ``max_bytes``."""
