@@ -623,7 +623,10 @@ def _text_chunks(f: Any, path: Any, dim: int | None, lineno: int, dim_from: str,
         locs: list[int] = []
         for b in raw:
             lineno += 1
-            s = _decode(b, path, f"line {lineno}", encoding, unicode_errors)
+            try:
+                s = b.decode(encoding, unicode_errors)
+            except (UnicodeDecodeError, LookupError):    # the message (where, why) is built only now
+                s = _decode(b, path, f"line {lineno}", encoding, unicode_errors)
             w, sep, rest = s.partition(" ")
             if not sep:
                 w, sep, rest = s.partition("\t")
@@ -703,7 +706,11 @@ def _binary_chunks(f: Any, path: Any, count: int, dim: int, encoding: str, unico
         rec += 1
         if not wb:
             raise _fail(path, f"record {rec} (byte {offset + _word_start(buf, pos)})", "empty word before the vector.")
-        words.append(_decode(wb, path, f"record {rec} (byte {offset + _word_start(buf, pos)})", encoding, unicode_errors))
+        try:
+            words.append(wb.decode(encoding, unicode_errors))
+        except (UnicodeDecodeError, LookupError):
+            words.append(_decode(wb, path, f"record {rec} (byte {offset + _word_start(buf, pos)})",
+                                 encoding, unicode_errors))
         locs.append(rec)
         parts.append(buf[sp + 1:sp + 1 + nbytes])
         pos = sp + 1 + nbytes
