@@ -291,6 +291,11 @@ def test_mixed_precision_float16_output_grads_coalesced_in_float32():
     np.testing.assert_allclose(raw.scale(1.0 / scale).to_dense().numpy(), ref, rtol=1e-2, atol=1e-4)
     with pytest.raises(EmbgradError, match="loss_scale must be a positive"):
         cap.gradients(scaled, loss_scale=0.0)
+    with embgrad.capture(model) as cap:                # a scale too large for float16: overflow
+        loss = tf.reduce_sum(tf.cast(_xent(y, model(ids)), "float32"))
+        scaled = loss * 1e30
+    with pytest.raises(EmbgradError, match="scaled loss overflowed: skip this step"):
+        cap.gradients(scaled, loss_scale=1e30)
 
 
 def test_capture_inside_tf_function_matches_eager():

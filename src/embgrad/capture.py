@@ -302,8 +302,11 @@ class Capture:
             if bad:
                 raise EmbgradError(
                     f"layer {call.info.name!r}: the gradient of its output holds {bad} NaN/Inf values "
-                    f"(of {int(__import__('math').prod(b.shape(g)))}). The loss or the model diverged "
-                    "(check the learning rate, or an unscaled float16 loss).")
+                    f"(of {int(__import__('math').prod(b.shape(g)))}). " + (
+                        "The scaled loss overflowed: skip this step, as the loss-scale optimizer "
+                        "does (it lowers its scale for the next one)." if inv_scale is not None else
+                        "The loss or the model diverged (check the learning rate, or an unscaled "
+                        "float16 loss)."))
             if inv_scale is not None:
                 g = b.cast(g, "float64" if b.dtype_name(g) == "float64" else "float32") * inv_scale
             call.grad = g
