@@ -127,6 +127,20 @@ def test_lenient_text_layouts(tmp_path):
     assert embgrad.load_vectors(p, VOCAB).vectors.tolist() == [[1, 2, 3], [4, 5, 6]]
 
 
+@pytest.mark.parametrize("kind", ["glove", "word2vec_text", "word2vec_binary"])
+def test_a_utf8_byte_order_mark_is_skipped(tmp_path, kind):
+    vecs = _vecs(3)
+    p = tmp_path / "v"
+    if kind == "word2vec_binary":
+        write_binary(p, WORDS[:3], vecs)
+    else:
+        write_text(p, WORDS[:3], vecs, header=kind == "word2vec_text")
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    v = embgrad.load_vectors(p, VOCAB)
+    assert v.report.format == kind and v.words == ("the", "cat", "sat")
+    _check_found(v, WORDS[:3], vecs)
+
+
 def test_words_with_spaces_in_glove(tmp_path):
     """GloVe 840B has tokens like '. . .': the last D fields are the vector."""
     p = tmp_path / "g.txt"

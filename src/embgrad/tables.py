@@ -285,7 +285,8 @@ class Table:
         AdamW's decoupled decay) ignores the gradient and still moves frozen rows; pass the
         ``optimizer`` (PyTorch) and the rows are put back after each of its steps. Freezing more
         rows adds to the frozen set. Returns the :class:`FrozenRows` guard; ``unfreeze()`` or
-        ``guard.remove()`` removes it.
+        ``guard.remove()`` removes it. :func:`embgrad.capture` still reports the rows' true
+        gradient (of the loss); the mask acts on what the optimizer is given.
         """
         rows, _ = self._rows(ids, "ids")
         rows = np.unique(rows)
@@ -772,6 +773,8 @@ def load_vectors(path: str | Path, vocab: Any, *, format: str = "auto", encoding
 def _load(f: Any, path: Any, lookup: dict[str, int], lower: bool, transform: Any, format: str,
           encoding: str, unicode_errors: str, max_vectors: int | None) -> Vectors:
     first = f.readline(_MAX_WORD_BYTES)
+    bom = len(codecs.BOM_UTF8) if first.startswith(codecs.BOM_UTF8) else 0   # saved by some editors
+    first = first[bom:]
     if not first.strip():
         rest = f.read(1 << 16)
         raise _fail(path, "line 1", "the file is empty." if not first + rest else
@@ -802,12 +805,12 @@ def _load(f: Any, path: Any, lookup: dict[str, int], lower: bool, transform: Any
     limit = max_vectors if max_vectors is not None else None
     if fmt == "word2vec_binary":
         n = count if limit is None else min(count, limit)
-        chunks = _binary_chunks(f, path, n, dim, encoding, unicode_errors, offset=len(first),
+        chunks = _binary_chunks(f, path, n, dim, encoding, unicode_errors, offset=bom + len(first),
                                 check_tail=limit is None)
         where = "record"
     else:
         if fmt == "glove":
-            f.seek(0)
+            f.seek(bom)
         chunks = _text_chunks(f, path, dim, 1 if fmt == "word2vec_text" else 0,
                               "the header's dimension" if dim else "the dimension of line 1",
                               encoding, unicode_errors)
