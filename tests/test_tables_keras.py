@@ -124,6 +124,20 @@ def test_freeze_keeps_the_layers_own_constraint_and_unfreeze_restores_it():
     assert (np.delete(W, 4, axis=0) >= 0).all()                   # the own NonNeg still applies
     t.unfreeze()
     assert var.constraint is own
+    # freezing more and unfreezing some re-installs one guard over the layer's own constraint
+    t.freeze([1])
+    t.freeze([2])
+    t.unfreeze([1])
+    assert t.frozen_rows.tolist() == [2]
+    before = var.numpy()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, m(x), from_logits=True))
+    opt.apply_gradients(zip(tape.gradient(loss, m.trainable_variables), m.trainable_variables))
+    after = var.numpy()
+    np.testing.assert_array_equal(after[2], before[2])
+    assert 1 in x and (after[1] != before[1]).any()
+    t.unfreeze()
+    assert var.constraint is own
 
 
 def test_freeze_a_tied_reversible_embedding_also_its_projection_part():

@@ -274,10 +274,12 @@ class KerasBackend(Backend):
         idx = self.from_numpy(rows, like=self._var_tensor(var))
         saved = self.table_gather(info, idx)
         prev = var.constraint
+        prev = getattr(prev, "_embgrad_own", prev)   # replacing an earlier guard: wrap the layer's own
 
         def constraint(w: Any) -> Any:
             return self._put_rows(prev(w) if prev is not None else w, idx, saved)
 
+        constraint._embgrad_own = prev
         _set_constraint(var, constraint)
         return _ConstraintGuard(var, constraint, prev)
 
