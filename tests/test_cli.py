@@ -15,6 +15,16 @@ def test_demo_prints_the_summary(tmp_path, capsys):
         assert heading in out, heading
     # the exactness check against the framework's dense gradient is printed, and it is exact
     assert "max |embgrad − dense autograd| = 0" in out
+    page = tmp_path / "r" / "index.html"
+    assert page.exists() and "Report written to" in out and str(page) in out.replace(" ", "")
+    assert "top token planted" in out and "HotFlip" in out
+
+
+def test_demo_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    f = tmp_path / "report.html"
+    f.write_text("")
+    assert main(["demo", "--out", str(f)]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_bad_arguments_exit_with_usage(capsys):

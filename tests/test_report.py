@@ -160,9 +160,12 @@ def test_pick_test_sentences_is_seeded_and_half_negated(demo):
     assert pick_test_sentences(data.test, seed=1).texts != a.texts
 
 
-def test_keras_report_sections():
+def test_keras_report_sections(tmp_path):
     pytest.importorskip("tensorflow")
     results, trained, data = run_demo("tensorflow")
+    p = _Collect()
+    p.feed(write_report(results, tmp_path).read_text(encoding="utf-8"))
+    assert p.sections == [key for key, _ in SECTIONS]
     assert results.model.framework == "tensorflow" and results.model.layers[0].padding == "mask_zero"
     assert results.weight.max_abs_diff == 0.0 and results.per_example.sum_diff < 1e-5
     assert results.attribution.test_share["integrated_gradients"] >= 0.9

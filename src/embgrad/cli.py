@@ -94,6 +94,30 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_tensorflow() -> None:
+    """Import TensorFlow and Keras and initialise TF's devices with the process's stderr (fd 2)
+    caught: TensorFlow's C++ start-up logs ignore TF_CPP_MIN_LOG_LEVEL. What was caught is
+    shown again if this fails."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+            import tensorflow as tf
+            tf.constant(0.0) + 1.0     # the first op initialises the devices (and logs about CUDA)
+        except BaseException:
+            os.dup2(saved, 2)
+            caught.seek(0)
+            sys.stderr.write(caught.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -102,6 +126,9 @@ def _demo(args: argparse.Namespace) -> int:
     from .report.demo import run_demo
     from .report.html import write_report
 
+    if args.out.exists() and not args.out.is_dir():   # refuse before minutes of work, not after
+        raise EmbgradError(f"--out {str(args.out)!r} is a file; the report needs a directory (index.html "
+                           "and PNG figures go into it). Pass a directory path.")
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn())
@@ -109,6 +136,7 @@ def _demo(args: argparse.Namespace) -> int:
         load = bar.add_task(f"importing {args.framework}", total=None, info="")
         if args.framework == "tensorflow":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            _start_tensorflow()
         task = bar.add_task(f"training ({args.framework})", total=None, info="")
 
         def progress(epoch: int, epochs: int, loss: float) -> None:

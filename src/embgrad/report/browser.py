@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ..errors import EmbgradError
 
-__all__ = ["find_chromium", "Rendered", "render"]
+__all__ = ["find_chromium", "Rendered", "render", "trim_bottom"]
 
 _NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 # host-resolver-rules: no host name resolves, so not even Chromium's own background requests
@@ -93,14 +93,34 @@ def render(page: Path | str, screenshot: Path | str, *, width: int = 1500, heigh
     return Rendered(outs[1], shot, tuple(dict.fromkeys(urls)))
 
 
+def trim_bottom(png: Path | str, colors: int | None = None) -> tuple[int, int]:
+    """Cut the rows at the bottom of a screenshot that only repeat its last row (the empty
+    page below the content), optionally reduce it to a palette of ``colors`` (a smaller file);
+    returns the new (width, height). Needs Pillow (matplotlib's)."""
+    from PIL import Image
+    import numpy as np
+
+    with Image.open(png) as im:
+        a = np.asarray(im.convert("RGB"))
+    same = np.all(a == a[-1], axis=(1, 2))
+    keep = len(same) - int(np.argmin(same[::-1])) if not same.all() else 1
+    out = Image.fromarray(a[:min(len(a), keep + 16)])
+    if colors:
+        out = out.quantize(colors, dither=Image.Dither.NONE)
+    out.save(png, optimize=True)
+    return a.shape[1], min(len(a), keep + 16)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m embgrad.report.browser PAGE PNG [WIDTH HEIGHT]``: screenshot a report."""
+    """``python -m embgrad.report.browser PAGE PNG [WIDTH HEIGHT]``: screenshot a report
+    (the whole page when HEIGHT is large: the empty bottom is trimmed)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) not in (2, 4):
         print("usage: python -m embgrad.report.browser PAGE PNG [WIDTH HEIGHT]", file=sys.stderr)
         return 2
     size = {"width": int(args[2]), "height": int(args[3])} if len(args) == 4 else {}
     r = render(args[0], args[1], **size)
+    trim_bottom(r.screenshot, colors=256)
     print(f"{r.screenshot}: {len(r.dom)} characters of DOM, network requests: {list(r.requests) or 'none'}")
     return 0
 
