@@ -4,12 +4,12 @@ bit-identical under Adam with weight decay, lazy regularisation against the fram
 gradient of the dense penalty."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
+from test_keras_subprocess import FLAVOURS, _result   # the flavours' environments, RESULT parsing
 
 pytestmark = pytest.mark.slow   # each subprocess pays one framework import (seconds)
 
@@ -97,8 +97,6 @@ except EmbgradError as e:
 print("RESULT " + json.dumps(out))
 '''
 
-FLAVOURS = {"tf_keras": {"TF_USE_LEGACY_KERAS": "1"}, "torch": {"KERAS_BACKEND": "torch"}}
-
 
 @pytest.fixture(scope="module")
 def procs():
@@ -116,10 +114,7 @@ def procs():
 
 
 def _check(proc: subprocess.Popen) -> None:
-    out, err = proc.communicate(timeout=300)
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, out[-3000:] + err[-5000:]
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = _result(proc)
     assert r["frozen_identical"] and r["others_moved"] and r["constraint_removed"]
     assert r["regularize_max_err"] < 1e-5 and r["untouched_dense_nonzero"]
     assert "vectors have shape (1, 3) but 1 id of a table of dimension 4" in r["error"]
