@@ -6,8 +6,12 @@ import pytest
 from embgrad.cli import build_parser, main
 
 
-def test_demo_prints_the_summary(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "r")]) == 0
+def test_demo_prints_the_summary(tmp_path, capsys, monkeypatch):
+    import webbrowser
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", opened.append)
+    assert main(["demo", "--out", str(tmp_path / "r"), "--open"]) == 0
+    assert opened == [(tmp_path / "r" / "index.html").resolve().as_uri()]
     out = " ".join(capsys.readouterr().out.split())  # rich wraps at the console width
     for heading in ("Rows that received gradient", "Tokens with the largest per-example gradient norms",
                     "clipped at", "before clipping", "after clipping", "plain forward + backward",
