@@ -109,8 +109,10 @@ def test_token_frequencies_have_a_long_tail(data):
     assert build_vocab(["b a", "a"]).tokens == ("<pad>", "<unk>", "a", "b")
 
 
-def test_import_demo_loads_no_framework():
-    code = ("import sys, embgrad.demo, embgrad.demo.models; "
-            "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'mxnet') if m in sys.modules))")
+def test_import_demo_report_and_cli_loads_no_framework():
+    code = ("import sys, embgrad.demo, embgrad.demo.models, embgrad.cli, embgrad.report.html, "
+            "embgrad.report.explain, embgrad.report.console, embgrad.report.browser; "
+            "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'mxnet', 'transformers', 'matplotlib') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
