@@ -263,11 +263,11 @@ class Table:
         if missing == "zeros":
             return np.zeros((n, D), np.float32)
         if callable(missing):
-            init = missing(n, D)
-            if not self._backend_free_array(init).shape == (n, D):
+            init = self._backend_free_array(missing(n, D))
+            if init.shape != (n, D):
                 raise EmbgradError(f"table {self.name!r}: missing= callable returned shape "
-                                   f"{np.shape(init)}, expected ({n}, {D}) for the {n} rows without a vector.")
-            return self._backend_free_array(init)
+                                   f"{init.shape}, expected ({n}, {D}) for the {n} rows without a vector.")
+            return init
         std = float(loaded.std()) if loaded.size else 1.0
         rng = np.random.default_rng(seed)
         if missing == "normal":
