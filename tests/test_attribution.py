@@ -409,3 +409,21 @@ def test_layer_choice_and_call_errors():
     assert np.abs(first.delta).max() < 1e-4 and np.abs(second.delta).max() < 1e-4
     with pytest.raises(EmbgradError, match="call=2 never happened"):
         attribute(siam, (IDS, IDS), None, call=2, method="saliency")
+
+
+def test_progress_bar_only_when_asked_or_slow_on_a_terminal(toy, capsys, monkeypatch):
+    from embgrad.attribution import _Progress
+    quiet = _Progress(None, total=100, what="x")              # captured stderr is not a terminal
+    quiet.t0 -= 60                                              # even a slow run stays quiet
+    quiet.advance()
+    assert quiet.bar is None
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    slow = _Progress(None, total=100, what="x")
+    slow.advance()
+    assert slow.bar is None                                     # fast so far: no bar
+    slow.t0 -= 60
+    slow.advance()
+    assert slow.bar is not None
+    slow.close()
+    attribute(toy, inputs(), 0, steps=4, progress=True)         # forced: runs and cleans up
+    assert capsys.readouterr().out == ""                        # never on stdout

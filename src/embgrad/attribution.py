@@ -424,8 +424,9 @@ class _Progress:
         if self.bar is None:
             el = time.perf_counter() - self.t0
             if self.force or (el > 1.0 and el / self.done * self.total > 4.0):
+                from rich.console import Console
                 from rich.progress import Progress
-                self.bar = Progress(transient=True)
+                self.bar = Progress(transient=True, console=Console(stderr=True))
                 self.bar.start()
                 self.task = self.bar.add_task(self.what, total=self.total, completed=self.done)
         else:
