@@ -205,3 +205,24 @@ def test_tf_unique_is_sorted_with_inverse():
     np.testing.assert_array_equal(u.numpy(), [0, 3, 5, 9])
     np.testing.assert_array_equal(tf.gather(u, inv).numpy(), x.numpy())
     assert inv.dtype == tf.int64 and b.argsort(x).dtype == tf.int64
+
+
+def test_compiled_hot_path_is_correct_across_shapes_without_retracing_each():
+    import functools
+
+    from embgrad.backends.tensorflow import TensorFlowBackend
+    from embgrad.sparse import _coalesce_lookups_impl, coalesce_lookups
+
+    b = TensorFlowBackend()                       # its own cache of compiled functions
+    rng = np.random.default_rng(3)
+    for n in range(1, 10):                        # a new number of lookups every call
+        ids = rng.integers(0, 7, (n, 3))
+        og = rng.normal(size=(n, 3, 2)).astype(np.float32)
+        ex = tf.constant(np.repeat(np.arange(n), 3))
+        eg = coalesce_lookups(b, ex, tf.constant(ids.ravel()), tf.constant(og.reshape(-1, 2)), 7, n, True)
+        ref = np.zeros((n, 7, 2), np.float32)
+        np.add.at(ref, (np.repeat(np.arange(n), 3), ids.ravel()), og.reshape(-1, 2))
+        np.testing.assert_allclose(eg.to_dense().numpy(), ref, atol=1e-6)
+    compiled = b.compile(functools.partial(_coalesce_lookups_impl, b))
+    assert isinstance(compiled, tf.types.experimental.GenericFunction)
+    assert compiled.experimental_get_tracing_count() <= 3     # shapes generalise after a few
