@@ -427,3 +427,14 @@ def test_progress_bar_only_when_asked_or_slow_on_a_terminal(toy, capsys, monkeyp
     slow.close()
     attribute(toy, inputs(), 0, steps=4, progress=True)         # forced: runs and cleans up
     assert capsys.readouterr().out == ""                        # never on stdout
+
+
+def test_dropout_in_training_mode_warns():
+    model = nn.Sequential(nn.Embedding(V, D), nn.Dropout(0.5), nn.Flatten(), nn.Linear(6 * D, 2))
+    ids = IDS.clamp(min=1)
+    with pytest.warns(UserWarning, match="dropout.*model.eval"):
+        attribute(model, ids, 0, method="saliency")
+    assert model.training                                        # the mode is left as it was
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attribute(model.eval(), ids, 0, method="saliency")

@@ -465,6 +465,13 @@ class _Engine:
             raise EmbgradError(f"batch_size must be a positive int (rows per forward pass), got {batch_size!r}.")
         self.batch_size = int(batch_size)
         self.evaluations = 0
+        random_layers = b.stochastic_layers(model)
+        if random_layers:
+            warnings.warn(
+                f"{type(model).__name__} is in training mode with active dropout ({', '.join(random_layers[:3])}"
+                f"{', ...' if len(random_layers) > 3 else ''}): every forward pass draws new masks, so "
+                "gradients and attributions are random. Call model.eval() first (embgrad does not "
+                "change the mode of your model).", stacklevel=3)
         coupling = b.coupling_layers(model)
         if coupling:
             warnings.warn(

@@ -116,6 +116,11 @@ class Backend:
         """Names of layers that couple examples of a batch (e.g. BatchNorm in training)."""
         return []
 
+    def stochastic_layers(self, model: Any) -> list[str]:
+        """Names of layers whose output is random in the model's current mode (e.g. Dropout in
+        training mode): attribution warns, as its results would not be repeatable."""
+        return []
+
     def scalar_loss(self, loss: Any) -> Any:
         """Validate that ``loss`` is a scalar tensor of this framework (else EmbgradError)."""
         return loss

@@ -234,6 +234,10 @@ class TorchBackend(Backend):
         from torch.nn.modules.batchnorm import _BatchNorm
         return [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.training]
 
+    def stochastic_layers(self, model):
+        from torch.nn.modules.dropout import _DropoutNd
+        return [n for n, m in model.named_modules() if isinstance(m, _DropoutNd) and m.training and m.p > 0]
+
     def scalar_loss(self, loss):
         if not isinstance(loss, torch.Tensor):
             raise EmbgradError(f"loss must be a scalar torch.Tensor, got {type(loss).__name__}.")
