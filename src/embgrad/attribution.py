@@ -597,8 +597,7 @@ class _Engine:
 
         def consume(sl, ix, state, values, grads):
             it = b.from_numpy(ix, like=like)
-            w = b.cast(b.from_numpy(weights[sl].astype(np.float64), like=like), dt)
-            w = b.reshape(w, (-1,) + (1,) * (len(b.shape(like)) - 1))
+            w = _per_row(b, weights[sl], like, dt)
             for k, g in enumerate(grads):
                 s = b.segment_sum(b.cast(g, dt) * w, it, self.B)
                 if k < len(acc):
@@ -608,6 +607,13 @@ class _Engine:
 
         self.run(idx, point, True, consume, what)
         return acc
+
+
+def _per_row(b: Backend, v: np.ndarray, like: Any, dtype: str) -> Any:
+    """NumPy (n,) as a framework tensor (n, 1, ..., 1) of ``dtype`` that scales the rows of
+    tensors shaped like ``like``."""
+    t = b.cast(b.from_numpy(np.asarray(v, dtype=np.float64), like=like), dtype)
+    return b.reshape(t, (-1,) + (1,) * (len(b.shape(like)) - 1))
 
 
 def _values_np(b: Backend, v: Any) -> np.ndarray:
@@ -862,7 +868,7 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
 
             def point(ix, sl, call):
                 it = b.from_numpy(ix, like=e)
-                a = b.reshape(b.cast(b.from_numpy(alpha[sl], like=e), b.dtype_name(e)), (-1,) + (1,) * (nd - 1))
+                a = _per_row(b, alpha[sl], e, b.dtype_name(e))
                 return b.gather(e0, it) + a * b.cast(b.gather(diff, it), b.dtype_name(e))
 
             return eng.accumulate(idx, np.tile(w, len(examples)), point, e,
@@ -896,7 +902,7 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
                 sel = np.ones(B, np.float64)
                 sel[active] = keep                    # the old sum of active examples is rescaled
                 with b.no_grad():
-                    st = b.reshape(b.cast(b.from_numpy(sel, like=e), _acc_dtype(b, e)), (-1,) + (1,) * (nd - 1))
+                    st = _per_row(b, sel, e, _acc_dtype(b, e))
                     acc = [a * st + nw for a, nw in zip(acc, new)]
                 steps_used[active] = n = n_next
             extra["converged"] = ok
