@@ -105,6 +105,15 @@ try:
     embgrad.capture(model, layers="tokk")
 except EmbgradError as e:
     errors["name"] = str(e)
+if FLAVOUR == "tf_keras":                   # Keras 2's sparse=True returns a SparseTensor
+    sparse_emb = keras.layers.Embedding(V, D, sparse=True, name="sp")
+    sparse_emb.build((None, 4))
+    try:
+        with embgrad.capture(sparse_emb):
+            pass
+    except EmbgradError as e:
+        errors["sparse"] = str(e)
+    assert "call" not in sparse_emb.__dict__
 print("RESULT " + json.dumps({
     "rows": rg.numpy()[0].tolist(), "values": rg.numpy()[1].tolist(),
     "norms": eg.norms().detach().numpy().tolist() if FLAVOUR == "torch" else eg.norms().numpy().tolist(),
@@ -178,7 +187,9 @@ def _compare(result: dict, module: str) -> None:
 
 def test_tf_keras_legacy_same_as_keras3(procs):
     pytest.importorskip("tf_keras")
-    _compare(_result(procs["tf_keras"]), "tensorflow")
+    result = _result(procs["tf_keras"])
+    _compare(result, "tensorflow")
+    assert "sparse=True" in result["errors"]["sparse"]
 
 
 def test_keras3_on_torch_same_as_on_tensorflow(procs):

@@ -5,7 +5,9 @@ by ``layer.name``; a ``/``-joined path of layer names also works), and taps them
 Keras layers have no forward hooks, so the tap *shadows* the instance's ``call`` (an instance
 attribute that :meth:`Tap.remove` deletes again, also when the forward raises). A reverse call
 of a ``ReversibleEmbedding`` (the tied output projection) passes through unrecorded, so the
-layer's ``weight_grad`` is its lookup part only.
+layer's ``weight_grad`` is its lookup part only; so is it with an ``embeddings_regularizer``,
+whose dense gradient reaches the table through ``model.losses`` (``embgrad.regularize`` adds
+the lazy, sparse version of that term to a ``RowGrad``).
 
 Gradients: on TensorFlow a persistent ``tf.GradientTape`` opened with the tap records the
 forward (and the trainable variables it reads, for ``sources=``); on PyTorch the tensors are
@@ -152,10 +154,6 @@ class KerasBackend(Backend):
         shared = var is not None and any(o is not layer for o in owners.get(id(var), []))
         reversible = hasattr(layer, "tie_weights")
         tied = bool(reversible and layer.tie_weights) or shared
-        if getattr(layer, "sparse", False):
-            raise EmbgradError(
-                f"layer {name!r} has sparse=True (its output is a tf.SparseTensor); embgrad taps "
-                "dense lookups. Use sparse=False (the table gradient stays sparse either way).")
         lora = bool(getattr(layer, "lora_enabled", False))
         options = {
             "path": path,
@@ -164,6 +162,8 @@ class KerasBackend(Backend):
             "reversible": reversible,
             "quantization_mode": getattr(layer, "quantization_mode", None),
             "keras": "tf_keras" if type(layer).__module__.startswith("tf_keras") else "keras",
+            "sparse": bool(getattr(layer, "sparse", False)),           # tf-keras sparse outputs
+            "regularizer": getattr(layer, "embeddings_regularizer", None),
         }
         if lora:
             options["lora_scale"] = float(layer.lora_alpha) / float(layer.lora_rank)
@@ -183,6 +183,12 @@ class KerasBackend(Backend):
     # ------------------------------------------------------------------ the tap
     def install_tap(self, model: Any, infos: Sequence[EmbeddingInfo],
                     on_call: Callable[[Call], Any]) -> Tap:
+        for info in infos:
+            if info.options.get("sparse"):
+                raise EmbgradError(
+                    f"Keras layer {info.name!r} has sparse=True (its output is a tf.SparseTensor); "
+                    "embgrad taps dense lookups. Use sparse=False (the table gradient stays sparse "
+                    "either way).")
         tap = self._open_tap()
         try:
             for info in infos:
