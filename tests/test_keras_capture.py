@@ -317,6 +317,10 @@ def test_capture_inside_tf_function_matches_eager():
     np.testing.assert_allclose(values.numpy(), g.weight_grad.values.numpy(), atol=1e-6)
     np.testing.assert_allclose(norms.numpy(), g.per_example().norms().numpy(), rtol=1e-5)
     assert "call" not in model.get_layer("tok").__dict__
+    bad = ids.copy()
+    bad[1, 2] = V                              # values are unknown while tracing: a run-time check
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"out of range for a table of {V} rows"):
+        step(tf.constant(bad), tf.constant(y))
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -100,6 +100,13 @@ def _leading_shape(n: Any, like: Any) -> Any:
     return tf.concat([tf.reshape(tf.cast(n, tf.int64), (1,)), tf.shape(like, out_type=tf.int64)[1:]], 0)
 
 
+def _out_of_range(where: str, what: str, num_rows: int) -> str:
+    return (f"{where}: {what} is out of range for a table of {num_rows} rows (valid ids are "
+            f"0..{num_rows - 1}). Check the tokenizer's vocabulary size against the layer's "
+            "input_dim, or map unknown tokens to an UNK id. (Keras would wrap a negative id, and "
+            "TensorFlow on GPU returns zeros for out-of-range ids: embgrad refuses both.)")
+
+
 def _current_graph() -> Any:
     """The graph being traced (a ``tf.function``'s FuncGraph), or None when executing eagerly."""
     return None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
@@ -172,22 +179,14 @@ class TensorFlowBackend(Backend):
         if ids.shape.num_elements() == 0:
             raise EmbgradError(f"{where}: empty batch (ids of shape {tuple(ids.shape)}); there is "
                                "nothing to look up. Pass at least one example with one token.")
-        msg = (f"{where}: an id is out of range for a table of {num_rows} rows (valid ids are "
-               f"0..{num_rows - 1}). Check the tokenizer's vocabulary size against the layer's "
-               "input_dim, or map unknown tokens to an UNK id. (Keras wraps negative ids and "
-               "TensorFlow on GPU returns zeros for out-of-range ids: embgrad refuses both.)")
         if is_symbolic(ids):
-            self.assert_in_range(ids, num_rows, msg)
+            self.assert_in_range(ids, num_rows, _out_of_range(where, "an id", num_rows))
             return
         lo, hi = self.minmax(ids)
         if lo < 0 or hi >= num_rows:
             bad = lo if lo < 0 else hi
             pos = tuple(int(i) for i in tf.where(ids == bad)[0].numpy())
-            raise EmbgradError(
-                f"{where}: id {bad} at position {pos} is out of range for a table of {num_rows} rows "
-                f"(valid ids are 0..{num_rows - 1}). Check the tokenizer's vocabulary size against "
-                "the layer's input_dim, or map unknown tokens to an UNK id. (Keras would wrap a "
-                "negative id, and TensorFlow on GPU returns zeros for out-of-range ids.)")
+            raise EmbgradError(_out_of_range(where, f"id {bad} at position {pos}", num_rows))
 
     # ------------------------------------------------------------------ tensor primitives
     def to_numpy(self, x):
