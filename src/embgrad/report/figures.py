@@ -51,14 +51,16 @@ def rows_figure(weight: WeightGradInfo, path: Path, label: int = 8) -> str:
     """Row gradient norm against the row's count in the batch (log-log), planted words red."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    planted = np.array([is_planted(t) for t in weight.tokens])
-    norms = np.maximum(weight.row_norms, 1e-12)
-    for sel, color, name in ((~planted, OTHER_COLOR, "other tokens"), (planted, PLANTED_COLOR, "planted words")):
+    planted = np.array([is_planted(t) for t in weight.tokens], dtype=bool)
+    norms = weight.row_norms
+    shown = (norms > 0) & (weight.counts > 0)      # a log-log plot: zero rows (e.g. PAD) left out
+    for sel, color, name in ((~planted & shown, OTHER_COLOR, "other tokens"),
+                             (planted & shown, PLANTED_COLOR, "planted words")):
         ax.scatter(weight.counts[sel], norms[sel], s=22, alpha=0.8, color=color, label=name,
                    edgecolors="white", linewidths=0.5)
     points: dict[tuple[int, float], list[str]] = {}      # tokens at the same spot share a label
     for _, tok, count, norm in weight.top(label):
-        points.setdefault((count, float(f"{max(norm, 1e-12):.3g}")), []).append(tok)
+        points.setdefault((count, float(f"{norm:.3g}")), []).append(tok)
     for (count, norm), toks in points.items():
         ax.annotate(", ".join(toks), (count, norm), xytext=(-4, 3), textcoords="offset points",
                     fontsize=8, ha="right")

@@ -13,6 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from .. import __version__
 from .._html import token_heatmap
 from ..errors import EmbgradError
@@ -100,10 +102,14 @@ def _weight_section(r: DemoResults, figs: dict[str, str]) -> str:
     w = r.weight
     exact = ('<span class="ok">exact</span>' if w.max_abs_diff == 0 else
              f"max difference {w.max_abs_diff:.2g}")
+    pad = np.flatnonzero(w.rows == 0)
+    pad_text = ("the PAD row (id 0) gets none: the layer's padding index excludes it." if not pad.size else
+                f"the PAD row (id 0) is looked up too, so it is a stored row, with gradient norm "
+                f"{w.row_norms[pad[0]]:.2g} (the pooling masks it; the plot leaves zero rows out).")
     intro = (f"One training batch of {w.batch_size} sentences, summed loss: {len(w.rows)} of {w.num_rows} "
              f"rows received gradient (‖G‖ = {w.total_norm:.4g}). Compared with the framework's own dense "
              f"gradient of the table: {exact}. A row collects gradient from every example that looks it "
-             "up, so row norms grow with token frequency; the PAD row gets none.")
+             f"up, so row norms grow with token frequency; {pad_text}")
     code = ("<pre><code>with embgrad.capture(model) as cap:\n    loss = cross_entropy(model(ids), labels)\n"
             "g = cap.gradients(loss)[\"embedding\"]\nrg = g.weight_grad          # RowGrad: rows, values, "
             "row_norms()</code></pre>")
