@@ -72,6 +72,11 @@ def test_integrated_gradients_equal_captum(setup):
     assert ours.tokens[0][0] == "[CLS]" and ours.tokens[2][-1] == "[PAD]"
     assert (ours.scores[mask.numpy() == 0] == 0).all()
     assert "wonderful" in ours.to_html()
+    # padding never leaks: the padded sentence alone gives the same scores
+    n = int(mask[2].sum())
+    alone = embgrad.attribute(model, {"input_ids": ids[2:, :n], "attention_mask": mask[2:, :n]}, 1,
+                              baseline="pad", steps=8)
+    np.testing.assert_allclose(ours.scores[2, :n], alone.scores[0], rtol=1e-3, atol=1e-5 * np.abs(alone.scores).max())
 
 
 def test_saliency_and_grad_x_input_equal_captum(setup):
