@@ -226,3 +226,30 @@ def test_compiled_hot_path_is_correct_across_shapes_without_retracing_each():
     compiled = b.compile(functools.partial(_coalesce_lookups_impl, b))
     assert isinstance(compiled, tf.types.experimental.GenericFunction)
     assert compiled.experimental_get_tracing_count() <= 3     # shapes generalise after a few
+
+
+def test_same_results_as_pytorch_on_random_lookups():
+    torch = pytest.importorskip("torch")
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=10, deadline=None, derandomize=True)
+    @given(B=st.integers(1, 5), T=st.integers(1, 6), V=st.integers(1, 9), seed=st.integers(0, 2**16))
+    def check(B, T, V, seed):
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(0, V, (B, T))
+        og = rng.normal(size=(B, T, 3)).astype(np.float32)
+        e_tf = embgrad.rows_from_lookups(tf.constant(ids), tf.constant(og), V, per_example=True)
+        e_pt = embgrad.rows_from_lookups(torch.tensor(ids), torch.tensor(og), V, per_example=True)
+        for a, b in ((e_tf.example_ids, e_pt.example_ids), (e_tf.rows, e_pt.rows)):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_allclose(e_tf.values.numpy(), e_pt.values.numpy(), atol=1e-6)
+        np.testing.assert_allclose(e_tf.dot().numpy(), e_pt.dot().numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(e_tf.clip(0.5).sum().values.numpy(), e_pt.clip(0.5).sum().values.numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        r_tf, r_pt = e_tf.sum() + e_tf.example(0), e_pt.sum() + e_pt.example(0)
+        np.testing.assert_array_equal(r_tf.rows.numpy(), r_pt.rows.numpy())
+        np.testing.assert_allclose(r_tf.values.numpy(), r_pt.values.numpy(), atol=1e-5)
+
+    check()
