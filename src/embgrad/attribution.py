@@ -966,8 +966,8 @@ def _candidate_ids(candidates: Any, V: int, tokenizer: Any, exclude: set[int]) -
                                "callable token -> bool.")
         if tokenizer is None:
             raise EmbgradError("candidates='words' needs tokenizer= (to read the vocabulary's strings).")
-        strs = _vocab_strings(tokenizer, V)
-        keep = np.array([s.isalpha() and not s.startswith("##") for s in strs], dtype=bool)
+        strs = np.array(_vocab_strings(tokenizer, V), dtype=str)
+        keep = np.char.isalpha(strs) & ~np.char.startswith(strs, "##")
     elif callable(candidates):
         if tokenizer is None:
             raise EmbgradError("a callable candidates filter is called on token strings: pass tokenizer= "
