@@ -775,26 +775,37 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
               tokens: Any = None, progress: bool | None = None, call: int | None = None) -> Attribution:
     """Attribute a target output of ``model`` to the tokens of ``inputs``.
 
-    ``inputs``: ids tensor, tuple, or dict of keyword arguments (e.g. a Hugging Face
-    ``input_ids``/``attention_mask`` encoding). ``target``: a class index, a (B,) list/tensor of
-    indices, a callable ``outputs -> (B,)`` (or ``(outputs, example_index) -> (B,)``), or a list
-    of such targets (a list of ints of length ≠ B is several class targets: scores (K, B, T));
-    None for a model with one output. ``method``: one of :data:`METHODS`. ``layer``: the token
-    embedding (default: ``get_input_embeddings()`` or the only embedding layer).
-    ``baseline``: None/"zeros", "pad" (``pad_id``, the config's pad_token_id or the layer's
-    padding index), an int id, or ids shaped like the inputs. ``steps``: quadrature points
-    (noise samples for SmoothGrad), or "auto": integrated gradients with a nested rule whose
-    step is halved (a third for "middle") round by round, every earlier evaluation reused, for
-    the examples whose |delta| > ``tolerance`` · |f(input) − f(baseline)| only, up to
-    ``max_steps`` points; Gauss–Legendre nodes are not nested, so the default rule runs as
-    the trapezoid rule (9, 17, 33, 65, ... points) under "auto" (``.rule`` says so). ``rule``: see :func:`quadrature`. ``forward(model, **inputs)``: how to call
-    the model. ``batch_size``: rows (example × step) per forward pass (default from T · D).
-    ``noise``: SmoothGrad noise norm as a fraction of the table's median row norm; ``seed``.
-    ``mask``: (B, T) 1 = token, 0 = padding (default: ``inputs["attention_mask"]``); padding
-    scores are 0. ``tokens``: a tokenizer, vocabulary or token lists, for ``.tokens``/HTML.
-    ``progress``: rich progress bar (None: only when slow and stderr is a terminal).
-    ``call``: which lookup of the layer to attribute when one forward calls it several times
-    (e.g. a table shared by encoder and decoder); None requires a single lookup.
+    Args:
+        inputs: the model's inputs: an ids tensor (B, T), a tuple, or a dict of keyword
+            arguments (e.g. a Hugging Face ``input_ids``/``attention_mask`` encoding).
+        target: a class index; a (B,) list/tensor of indices; a callable ``outputs -> (B,)``
+            (or ``(outputs, example_index) -> (B,)``); None for a model with one output; or a
+            list of targets (a list of ints whose length is not B means several classes),
+            which share every forward pass and give scores (K, B, T).
+        method: one of :data:`METHODS`.
+        layer: the token embedding (name or object); default ``get_input_embeddings()``, else
+            the model's only embedding layer.
+        baseline: None/"zeros" (zero vectors), "pad" (``pad_id``, else ``config.pad_token_id``,
+            else the layer's padding index), an int id, or ids shaped like the inputs.
+        steps: quadrature points (noise samples for SmoothGrad), or "auto": a nested rule is
+            refined round by round (step halved; a third for "middle"), every evaluation
+            reused, only for the examples whose |delta| > ``tolerance`` ·
+            max(|f(input) − f(baseline)|, 1e-4), up to ``max_steps`` points. Gauss–Legendre
+            nodes are not nested, so the default rule runs as the trapezoid rule (9, 17, 33, 65,
+            ... points) under "auto"; ``.rule`` says which rule ran.
+        rule: see :func:`quadrature`.
+        forward: ``forward(model, **inputs) -> outputs``; default ``model(**inputs)``.
+        batch_size: rows (example × step) per forward pass; default from T · D.
+        noise, seed: SmoothGrad noise norm as a fraction of the table's median row norm.
+        mask: (B, T), 1 = token, 0 = padding; default ``inputs["attention_mask"]`` (or ids ≠ 0
+            for a Keras ``mask_zero`` layer). Padding scores are 0.
+        tokens: a tokenizer, a vocabulary (id -> str) or token lists, for ``.tokens`` and HTML.
+        progress: a rich progress bar on stderr (None: only when slow and on a terminal).
+        call: which lookup of the layer to attribute when one forward calls it several times
+            (e.g. a table shared by encoder and decoder); None requires a single lookup.
+
+    Returns an :class:`Attribution`; ``EmbgradError`` on bad input, before the model runs
+    where it can be checked.
     """
     if method not in METHODS:
         raise EmbgradError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} "
