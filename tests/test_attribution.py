@@ -38,7 +38,7 @@ class Toy(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        return self.head(self.emb(input_ids), mask.float())
+        return self.head(self.emb(input_ids), mask.to(self.emb.weight.dtype))
 
 
 @pytest.fixture(scope="module")
@@ -438,3 +438,14 @@ def test_dropout_in_training_mode_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attribute(model.eval(), ids, 0, method="saliency")
+
+
+def test_accumulates_in_float32_or_wider():
+    m32 = Toy().eval()
+    for dtype, tol in ((torch.float64, 1e-6), (torch.bfloat16, 5e-2)):
+        model = Toy().to(dtype).eval()
+        for method in ("grad_x_input", "integrated_gradients"):
+            ours = attribute(model, inputs(), 1, method=method, steps=8)
+            ref = attribute(m32, inputs(), 1, method=method, steps=8)
+            assert ours.attributions.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            np.testing.assert_allclose(ours.scores, ref.scores, atol=tol * np.abs(ref.scores).max())
