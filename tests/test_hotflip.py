@@ -92,9 +92,20 @@ def test_hotflip_candidates_and_positions(toy):
     pos[:, 1] = True
     at1 = embgrad.hotflip(toy, inputs(), 0, k=2, positions=pos)
     assert (at1.positions == 1).all()
+    # one candidate, k swaps at k different positions
+    one = embgrad.hotflip(toy, inputs(), 0, k=3, candidates=[7], verify=True)
+    allowed = admissible(pred, [i for i in range(V) if i != 7])
+    for b in range(3):
+        best = np.sort(allowed[b].ravel())[:3]
+        n = int(np.isfinite(best).sum())                    # example 2 has only 2 tokens
+        assert n == min(3, int(MASK[b].sum()))
+        np.testing.assert_allclose(one.predicted[b], np.where(np.isfinite(best), best, np.nan), rtol=1e-5, atol=1e-6)
+        assert (one.new_ids[b, :n] == 7).all() and len(set(one.positions[b, :n])) == n
     # fewer admissible swaps than k: the rest are marked
-    tiny = embgrad.hotflip(toy, inputs(), 0, k=3, candidates=[7], positions=pos)
+    tiny = embgrad.hotflip(toy, inputs(), 0, k=3, candidates=[7], positions=pos, verify=True)
+    assert tiny.positions.shape == (3, 3)
     assert (tiny.positions[:, 1:] == -1).all() and np.isnan(tiny.predicted[:, 1:]).all()
+    assert np.isnan(tiny.actual[:, 1:]).all() and np.isfinite(tiny.actual[:, 0]).all()
     assert len(tiny.swaps(0)) == 1
 
 

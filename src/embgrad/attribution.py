@@ -1057,7 +1057,7 @@ def hotflip(model: Any, inputs: Any, target: Any, k: int = 10, layer: Any = None
         if allowed.shape != (B, T):
             raise EmbgradError(f"positions must be bool (B, T) = {(B, T)}, got {allowed.shape}.")
     sign = -1.0 if direction == "decrease" else 1.0
-    kk = int(min(k, cand.size))
+    kk = int(min(k, cand.size))                                  # best candidates kept per position
     with b.no_grad():
         E = b.cast(b.embed(info, b.cast(b.from_numpy(cand, like=ids), b.dtype_name(ids))), _acc_dtype(b, g))
         D = info.dim
@@ -1079,16 +1079,19 @@ def hotflip(model: Any, inputs: Any, target: Any, k: int = 10, layer: Any = None
     gain[~allowed.reshape(-1)] = -np.inf
     gain[best_v < -1e29] = -np.inf
     gain = gain.reshape(B, T * kk)
-    order = np.argsort(-gain, axis=1, kind="stable")[:, :kk]
+    if T * kk < k:                                               # fewer (position, token) pairs than k
+        gain = np.concatenate([gain, np.full((B, k - T * kk), -np.inf)], axis=1)
+    order = np.argsort(-gain, axis=1, kind="stable")[:, :k]
     top = np.take_along_axis(gain, order, 1)
     ok = np.isfinite(top)
+    order = np.where(ok, order, 0)
     pos = np.where(ok, order // kk, -1)
     new = np.where(ok, cand[best_i.reshape(B, T * kk)[np.arange(B)[:, None], order]], -1)
     old = np.where(ok, ids_np[np.arange(B)[:, None], np.maximum(pos, 0)], -1)
     predicted = np.where(ok, sign * top, np.nan)
     actual = None
     if verify:
-        actual = np.full((B, kk), np.nan)
+        actual = np.full((B, k), np.nan)
         rows_b, rows_j = np.nonzero(ok)
         if rows_b.size:
             actual[rows_b, rows_j] = _verify(eng, e, rows_b, pos[rows_b, rows_j], new[rows_b, rows_j]) \
