@@ -237,6 +237,13 @@ def test_several_targets_share_the_forward(toy):
         single = attribute(toy, inputs(), k, steps=6)
         np.testing.assert_allclose(multi.scores[k], single.scores, rtol=1e-5, atol=1e-7)
         assert multi.evaluations == single.evaluations       # one forward for both targets
+    # K == B: a list of B ints means one class per example (API.md); a dict asks for K targets
+    three = attribute(toy, inputs(), {"neg": 0, "pos": 1, "other": 2}, steps=6)
+    assert three.scores.shape == (3, 3, 6) and three.targets == ("neg", "pos", "other")
+    np.testing.assert_allclose(three.scores[1], attribute(toy, inputs(), 1, steps=6).scores, rtol=1e-5, atol=1e-7)
+    assert attribute(toy, inputs(), [0, 1, 2], steps=6).scores.shape == (3, 6)
+    with pytest.raises(EmbgradError, match="no output"):
+        attribute(toy, inputs(), {}, steps=6)
     mixed = attribute(toy, inputs(), [lambda o: o[:, 0] - o[:, 1], [2, 2, 0]], method="grad_x_input")
     assert mixed.scores.shape == (2, 3, 6)
     assert "class 0" in mixed.to_html() or "lambda" in mixed.to_html()

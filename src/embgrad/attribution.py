@@ -325,6 +325,13 @@ class _Targets:
             self.items, self.multi, self.all_columns = [], True, True
             self.labels = ("all",)
             return
+        if isinstance(spec, Mapping):
+            # {label: target}: several targets, unambiguous whatever their number
+            if not spec:
+                raise EmbgradError(f"{what}={{}} asks for no output; pass at least one label: target.")
+            self.items, self.multi = [self._one(t) for t in spec.values()], True
+            self.labels = tuple(str(k) for k in spec)
+            return
         if isinstance(spec, (list, tuple)) and spec and all(_is_int(t) for t in spec) and len(spec) == batch:
             self.items, self.multi = [self._one(np.asarray(spec))], False
         elif isinstance(spec, (list, tuple)):
@@ -780,8 +787,9 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
             arguments (e.g. a Hugging Face ``input_ids``/``attention_mask`` encoding).
         target: a class index; a (B,) list/tensor of indices; a callable ``outputs -> (B,)``
             (or ``(outputs, example_index) -> (B,)``); None for a model with one output; or a
-            list of targets (a list of ints whose length is not B means several classes),
-            which share every forward pass and give scores (K, B, T).
+            list of targets (a list of ints whose length is not B means several classes), or a
+            dict ``{label: target}`` (several targets, unambiguous when K equals B), which share
+            every forward pass and give scores (K, B, T).
         method: one of :data:`METHODS`.
         layer: the token embedding (name or object); default ``get_input_embeddings()``, else
             the model's only embedding layer.
