@@ -48,8 +48,18 @@ test-gluon: $(GLUON_VENV)/.stamp-test
 
 test: test-main test-gluon
 
-bench: $(VENV)/.stamp-test
-	$(PY) benchmarks/run.py
+# The benchmark peers, pinned. BackPACK is installed without its dependencies: it requires
+# torchvision, which it does not use for BatchGrad and whose PyPI wheel does not import beside
+# the CPU torch build ("operator torchvision::nms does not exist"); its pure deps are in [bench].
+$(VENV)/.stamp-bench: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[torch,tensorflow,hf,viz,test,peers,bench]"
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps backpack-for-pytorch
+	touch $@
+
+# `make bench` writes BENCHMARKS.md and benchmarks/results.json (about half an hour);
+# `make bench QUICK=1` (or ARGS=--quick) runs the same code on small sizes into build/bench-quick/.
+bench: $(VENV)/.stamp-bench
+	$(PY) benchmarks/run.py $(if $(QUICK),--quick) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-gluon embgrad-report .pytest_cache .hypothesis

@@ -282,6 +282,8 @@ def _child(spec_path: str) -> None:
                    times_s=times, cpu_s=cpus, warmup_s=warm_s, warmup_cpu_s=warm_cpu,
                    median_s=statistics.median(times), median_cpu_s=statistics.median(cpus),
                    base_bytes=base, peak_bytes=max(peak - base, 0), peak_exact=can_reset)
+    except Unsupported as e:            # found out only when run (e.g. vmap cannot trace the model)
+        res.update(status="unsupported", reason=str(e))
     except Mismatch as e:
         res.update(status="mismatch", reason=f"result differs from the reference: {e}")
     except BaseException as e:  # noqa: BLE001 - every failure is reported, none is fatal

@@ -3,7 +3,7 @@
 Sections (each a module of benchmarks/, each method of each case in its own process):
 
 1. per-example gradients, norms + clipped sum (``per_example``: PyTorch; ``per_example_tf``:
-   TensorFlow; ``gluon_per_example``: MXNet Gluon, run in ``.venv-gluon`` when it exists);
+   TensorFlow; ``gluon_per_example``: MXNet Gluon, its methods run in ``.venv-gluon``);
 2. weight-gradient extraction (``weight_grad``);
 3. attribution: integrated gradients on MiniLM (``attribution``);
 4. gradient similarity (``similarity``);
@@ -16,6 +16,7 @@ full-size BENCHMARKS.md is only rewritten by a full run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -38,16 +39,16 @@ from targets import evaluate  # noqa: E402
 SECTIONS: dict[str, tuple[str, str]] = {
     "per_example": ("1. Per-example embedding gradients (PyTorch)", "per_example"),
     "per_example_tf": ("1. Per-example embedding gradients (TensorFlow)", "per_example_tf"),
+    # its methods run with .venv-gluon's interpreter (Case.python; skipped with the reason if absent)
+    "gluon": ("1. Per-example embedding gradients (MXNet Gluon)", "gluon_per_example"),
     "weight_grad": ("2. Weight-gradient extraction", "weight_grad"),
     "attribution": ("3. Attribution: integrated gradients on MiniLM", "attribution"),
     "similarity": ("4. Gradient similarity", "similarity"),
 }
-#: sections run by another module's ``main(quick) -> dict`` (other developers' scripts)
+#: sections run by a module's own ``main(quick) -> dict`` (``{"markdown": ..., ...}``), in a subprocess
 EXTERNAL: dict[str, tuple[str, str]] = {
-    "gluon": ("1. Per-example embedding gradients (MXNet Gluon)", "gluon_per_example"),
     "load_vectors": ("5. Loading pretrained vectors", "load_vectors"),
 }
-GLUON_PYTHON = ROOT / ".venv-gluon" / "bin" / "python"
 
 
 def _section_cases(module: str, quick: bool) -> list:
@@ -57,16 +58,11 @@ def _section_cases(module: str, quick: bool) -> list:
 
 
 def _run_external(key: str, module: str, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    """Run ``module.main(quick)`` in a subprocess (Gluon in .venv-gluon) and return its dict."""
+    """Run ``module.main(quick)`` in a subprocess and return its dict."""
     path = HERE / f"{module}.py"
     if not path.exists():
         return {"status": "unavailable", "reason": f"benchmarks/{module}.py does not exist yet"}
     python = sys.executable
-    if key == "gluon":
-        if not GLUON_PYTHON.exists():
-            return {"status": "unavailable",
-                    "reason": "no .venv-gluon (MXNet needs its own environment: `make test-gluon` builds it)"}
-        python = str(GLUON_PYTHON)
     code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import {module} as m; "
             f"print('@@RESULT@@' + json.dumps(m.main({quick!r}), default=str))")
     log(f"[{key}] {module}.main(quick={quick}) in {python}")
@@ -159,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if only and key not in only:
             continue
         cases = _section_cases(module, args.quick)
+        if args.quick:      # the minimum of 5 timed calls, without topping fast methods up to 1 s
+            cases = [dataclasses.replace(c, min_total_s=0.0) for c in cases]
         if not cases:
             log(f"[{key}] skipped: benchmarks/{module}.py not present")
         results[key] = [run_case(c, quiet_wait_s=quiet, log=log, jobs=jobs) for c in cases]
