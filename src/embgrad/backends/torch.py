@@ -47,7 +47,9 @@ def _validate_ids(info: EmbeddingInfo, ids: torch.Tensor, what: str = "ids") -> 
             "vocabulary size against the embedding's num_embeddings, or map unknown tokens to an UNK id.")
 
 
-class _TorchTap(Tap):
+class _Handles:
+    """Hook handles removed together (a tap, or a frozen-rows guard)."""
+
     def __init__(self, handles: list) -> None:
         self._handles = handles
 
@@ -56,6 +58,8 @@ class _TorchTap(Tap):
             h.remove()
         self._handles = []
 
+
+class _TorchTap(_Handles, Tap):
     def grad(self, loss, calls, sources=None, retain_graph=False):
         outputs = [c.output for c in calls]
         inputs = outputs + list(sources or [])
@@ -462,14 +466,3 @@ class TorchBackend(Backend):
                 f"layer {info.name!r}: the optimizer {type(optimizer).__name__} does not update this "
                 "table's weight, so there is nothing to guard; pass the optimizer that trains it.")
 
-
-class _Handles:
-    """Hook handles removed together (a frozen-rows guard)."""
-
-    def __init__(self, handles: list) -> None:
-        self._handles = handles
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
