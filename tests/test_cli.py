@@ -38,3 +38,14 @@ def test_bad_arguments_exit_with_usage(capsys):
     with pytest.raises(SystemExit):
         main([])
     assert build_parser().parse_args(["demo"]).framework == "torch"
+
+
+def test_demo_without_its_framework_says_what_to_install(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorflow" else real(name, *a))
+    assert main(["demo", "--framework", "tensorflow", "--out", str(tmp_path / "r")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "needs tensorflow" in err and "pip install" in err and "[tensorflow,viz]" in err
+    assert not (tmp_path / "r").exists()

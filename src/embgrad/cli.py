@@ -129,6 +129,12 @@ def _demo(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():   # refuse before minutes of work, not after
         raise EmbgradError(f"--out {str(args.out)!r} is a file; the report needs a directory (index.html "
                            "and PNG figures go into it). Pass a directory path.")
+    needed = {"torch": ("torch", "torch"), "tensorflow": ("tensorflow", "tensorflow")}[args.framework]
+    import importlib.util
+    if importlib.util.find_spec(needed[0]) is None:
+        raise EmbgradError(
+            f"embgrad demo --framework {args.framework} needs {needed[0]}, which is not installed here. "
+            f"Install it with: pip install -c constraints.txt -e '.[{needed[1]},viz]'")
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn())
