@@ -221,10 +221,11 @@ class ExampleGrads:
     ``rows`` (N,), ``values`` (N, D), float32 or wider. Memory O(N · D) with N ≤ B · T.
     """
 
-    __slots__ = ("example_ids", "rows", "values", "batch_size", "num_rows", "_backend", "_norms")
+    __slots__ = ("example_ids", "rows", "values", "batch_size", "num_rows", "_backend", "_norms",
+                 "_row_index")
 
     def __init__(self, example_ids: Any, rows: Any, values: Any, batch_size: int, num_rows: int,
-                 backend: Backend | None = None):
+                 backend: Backend | None = None, row_index: tuple[Any, Any] | None = None):
         self._backend = backend or get_backend(values)
         self.example_ids = example_ids
         self.rows = rows
@@ -232,6 +233,14 @@ class ExampleGrads:
         self.batch_size = int(batch_size)
         self.num_rows = int(num_rows)
         self._norms = None
+        # optional (unique_rows (R,), slot (N,)) with rows == unique_rows[slot]: sum() then
+        # needs no second sort (capture builds it from its one unique over the looked-up ids)
+        self._row_index = row_index
+
+    def _with_values(self, values: Any) -> "ExampleGrads":
+        """The same (example, row) pairs with other values."""
+        return ExampleGrads(self.example_ids, self.rows, values, self.batch_size, self.num_rows,
+                            self._backend, self._row_index)
 
     @property
     def dim(self) -> int:
@@ -259,22 +268,23 @@ class ExampleGrads:
         b = self._backend
         factor = b.minimum(max_norm / b.maximum(self.norms(), 1e-30), 1.0)   # (B,)
         per_entry = b.reshape(b.gather(factor, self.example_ids), (-1, 1))
-        return ExampleGrads(self.example_ids, self.rows, self.values * per_entry,
-                            self.batch_size, self.num_rows, b)
+        return self._with_values(self.values * per_entry)
 
     def scale(self, factors: Any) -> "ExampleGrads":
         """Example b scaled by ``factors[b]`` ((B,) tensor) or all by one float."""
         b = self._backend
         if isinstance(factors, (int, float)):
-            return ExampleGrads(self.example_ids, self.rows, self.values * factors,
-                                self.batch_size, self.num_rows, b)
+            return self._with_values(self.values * factors)
         per_entry = b.reshape(b.gather(b.cast(factors, b.dtype_name(self.values)), self.example_ids), (-1, 1))
-        return ExampleGrads(self.example_ids, self.rows, self.values * per_entry,
-                            self.batch_size, self.num_rows, b)
+        return self._with_values(self.values * per_entry)
 
     def sum(self) -> RowGrad:
         """The sum over examples: a :class:`RowGrad` equal to the layer's ``weight_grad``."""
         b = self._backend
+        if self._row_index is not None:
+            unique_rows, slot = self._row_index
+            values = b.segment_sum(self.values, slot, b.shape(unique_rows)[0])
+            return RowGrad(unique_rows, values, self.num_rows, b)
         rows, values = _coalesce(b, self.rows, self.values)
         return RowGrad(rows, values, self.num_rows, b)
 
@@ -350,22 +360,27 @@ def coalesce_lookups(backend: Backend, example_ids: Any, ids: Any, grads: Any, n
     out = _compiled(backend, _coalesce_lookups_impl)(example_ids, ids, grads, num_rows, per_example)
     if not per_example:
         return RowGrad(*out, num_rows, backend)
-    return ExampleGrads(*out, batch_size, num_rows, backend)
+    ex, rows, values, unique_rows, slot = out
+    return ExampleGrads(ex, rows, values, batch_size, num_rows, backend, row_index=(unique_rows, slot))
 
 
 def _coalesce_lookups_impl(b: Backend, example_ids: Any, ids: Any, grads: Any, num_rows: int,
                            per_example: bool) -> tuple[Any, ...]:
     """The pure tensor part of :func:`coalesce_lookups`: ``(rows, values)``, or
-    ``(example_ids, rows, values)`` when ``per_example``; compiled under TensorFlow."""
+    ``(example_ids, rows, values, unique_rows, slot)`` when ``per_example``; compiled under
+    TensorFlow. Per example, the ids are first ranked among the unique rows (one sort), so that
+    the (example, row) keys are compact and the sum over examples needs no second sort."""
     acc = _accum_dtype(b, grads)
     if b.dtype_name(grads) != acc:
         grads = b.cast(grads, acc)
     if not per_example:
         return _coalesce_impl(b, ids, grads)
-    keys = example_ids * num_rows + ids
+    unique_rows, rank = b.unique(ids)                 # rank < R <= num_rows
+    keys = example_ids * num_rows + rank
     uniq, values = _coalesce_impl(b, keys, grads)
     ex = b.floordiv(uniq, num_rows)
-    return ex, uniq - ex * num_rows, values
+    slot = uniq - ex * num_rows
+    return ex, b.gather(unique_rows, slot), values, unique_rows, slot
 
 
 def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example: bool = False,
