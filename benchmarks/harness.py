@@ -7,8 +7,11 @@ A benchmark module (``per_example``, ``weight_grad``, ...) describes its cases w
 1. runs the case's *reference* method first, in its own process, and stores its result;
 2. runs every other method in its own process: build (model, data), one warm-up call whose
    result is checked against the reference, then at least ``repeats`` timed calls (median);
-3. measures the method's peak memory as the process's peak resident set size (``VmHWM``,
-   reset after setup) minus its resident size after setup: what the method itself needs;
+3. measures the method's peak memory per call: the process's peak resident set size
+   (``VmHWM``) during the timed calls minus its resident size before them (after the warm-up,
+   a garbage collection and ``malloc_trim``), or, where the framework pools freed memory out
+   of the RSS's sight (TensorFlow), its allocator's peak above its level before them,
+   whichever is larger;
 4. enforces a memory budget (the parent kills a child whose RSS exceeds it) and a time limit,
    and reports a method that cannot run (unsupported, out of memory, over budget, timed out,
    wrong answer) with the reason instead of a number.
@@ -21,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -37,6 +41,15 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 GiB = 2 ** 30
 MiB = 2 ** 20
+
+
+#: glibc malloc as a long-running training process has it: glibc raises its mmap threshold to
+#: the size of the largest block freed so far (up to 32 MiB) and its trim threshold to twice
+#: that. A fresh process (each benchmark child) has not freed a large block yet, so every
+#: temporary above 128 KiB is a fresh mmap whose pages fault in one by one — a cost of the
+#: kernel's page-fault handler, not of the method (measured ~1,200 faults, 2.7 ms per call for
+#: embgrad at V=50k). Every child of a "steady" case gets the same settings.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2 ** 20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2 ** 20)}
 
 
 class Unsupported(Exception):
@@ -90,6 +103,7 @@ class Case:
     python: str = sys.executable
     notes: tuple[str, ...] = ()
     skip: dict[str, str] = field(default_factory=dict)   # method -> reason, decided up front
+    malloc: str = "steady"            # glibc malloc settings of the children: "steady" or "default"
 
 
 @dataclass
@@ -103,8 +117,8 @@ class MethodResult:
     cpu_s: list[float] = field(default_factory=list)
     median_s: float | None = None
     median_cpu_s: float | None = None
-    peak_bytes: int | None = None    # method's own peak: VmHWM - RSS after setup
-    base_bytes: int | None = None    # RSS after setup (model, data, imports)
+    peak_bytes: int | None = None    # method's own peak per call (see the module docstring)
+    base_bytes: int | None = None    # RSS before the timed calls (model, data, imports, warm-up)
     evals: int | None = None
     check: str = ""
     wall_s: float = 0.0              # the child's whole run (setup + warm-up + repeats)
@@ -154,13 +168,68 @@ def _reset_peak() -> bool:
         return False
 
 
+def _settle() -> int:
+    """Collect garbage and hand freed heap memory back to the OS (glibc ``malloc_trim``), so
+    that what the next calls allocate shows up in the RSS; returns the RSS then."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return _proc_status().get("VmRSS", 0)
+
+
+class _TensorFlowPool:
+    """TensorFlow keeps freed CPU memory in its own allocator, out of the RSS's sight: its
+    allocator statistics give the peak bytes allocated above the level at ``reset``."""
+
+    def __init__(self, tf: Any):
+        self.tf = tf
+        tf.config.experimental.get_memory_info("CPU:0")      # raises where unsupported
+
+    def reset(self) -> int:
+        self.tf.config.experimental.reset_memory_stats("CPU:0")
+        return int(self.tf.config.experimental.get_memory_info("CPU:0")["current"])
+
+    def peak(self, start: int) -> int:
+        return int(self.tf.config.experimental.get_memory_info("CPU:0")["peak"]) - start
+
+
+def _allocator_pool() -> _TensorFlowPool | None:
+    """The pooling allocator of a loaded framework that reports its own peak, if any."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return None
+    try:
+        return _TensorFlowPool(tf)
+    except Exception:   # noqa: BLE001 - no statistics on this build: the RSS alone
+        return None
+
+
 def _oom_reason(exc: BaseException) -> str | None:
     text = f"{type(exc).__name__}: {exc}"
     keys = ("can't allocate memory", "out of memory", "OOM", "Cannot allocate memory",
             "ResourceExhausted", "DefaultCPUAllocator", "MemoryError", "bad_alloc")
-    if isinstance(exc, MemoryError) or any(k in text for k in keys):
-        return text.splitlines()[0][:300]
-    return None
+    if not (isinstance(exc, MemoryError) or any(k in text for k in keys)):
+        return None
+    m = re.search(r"tried to allocate (\d+) bytes", text)
+    if m:
+        return (f"the allocator refused {int(m.group(1)) / GiB:.1f} GiB in one piece "
+                f"({text.splitlines()[0][:160]})")
+    return text.splitlines()[0][:300]
+
+
+def where_raised(exc: BaseException, skip: tuple[str, ...] = ("/torch/",)) -> str:
+    """``path:line `code``` of the innermost frame of ``exc`` outside ``skip`` (for reasons)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not any(k in f.filename for k in skip)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"{f.filename.split('site-packages/')[-1]}:{f.lineno} `{(f.line or '').strip()}`"
 
 
 # ----------------------------------------------------------------------------- result checks
@@ -245,16 +314,10 @@ def _child(spec_path: str) -> None:
             return finish()
         res["evals"] = bench.evals
         res["meta"] = bench.meta
-        import gc
-
-        gc.collect()
-        base = _proc_status().get("VmRSS", 0)
-        can_reset = _reset_peak()
         # warm-up call, whose result is checked before anything is timed
         t0, c0 = time.perf_counter(), time.process_time()
         out = bench.run()
         warm_s, warm_cpu = time.perf_counter() - t0, time.process_time() - c0
-        peak = _proc_status().get("VmHWM", 0)
         got = bench.result(out)
         del out
         if spec["reference_path"]:
@@ -265,9 +328,12 @@ def _child(spec_path: str) -> None:
             np.savez(spec["save_reference"], **got)
             res["check"] = "is the reference"
         del got
-        gc.collect()
-        if can_reset:
-            _reset_peak()
+        # memory: what the timed calls add on top of the settled process (one-time costs of
+        # the first call, e.g. thread pools, are not the method's per-call memory)
+        base = _settle()
+        can_reset = _reset_peak()
+        pool = _allocator_pool()
+        pool_start = pool.reset() if pool else 0
         times, cpus = [], []
         repeats = int(spec["repeats"])
         min_total = float(spec.get("min_total_s", 1.0))
@@ -277,11 +343,13 @@ def _child(spec_path: str) -> None:
             times.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
             del out
-        peak = max(peak, _proc_status().get("VmHWM", 0))
+        rss_peak = max(_proc_status().get("VmHWM", 0) - base, 0)
+        pool_peak = max(pool.peak(pool_start), 0) if pool else None
         res.update(status="reference" if not spec["reference_path"] else "ok",
                    times_s=times, cpu_s=cpus, warmup_s=warm_s, warmup_cpu_s=warm_cpu,
                    median_s=statistics.median(times), median_cpu_s=statistics.median(cpus),
-                   base_bytes=base, peak_bytes=max(peak - base, 0), peak_exact=can_reset)
+                   base_bytes=base, peak_bytes=max(rss_peak, pool_peak or 0),
+                   rss_peak_bytes=rss_peak, pool_peak_bytes=pool_peak, peak_exact=can_reset)
     except Unsupported as e:            # found out only when run (e.g. vmap cannot trace the model)
         res.update(status="unsupported", reason=str(e))
     except Mismatch as e:
@@ -367,6 +435,8 @@ def run_method(case: Case, method: str, workdir: Path, reference: Path | None,
     busy = wait_quiet(quiet_wait_s) if quiet_wait_s > 0 else None
     env = dict(os.environ, PYTHONHASHSEED="0", TF_CPP_MIN_LOG_LEVEL="2", HF_HUB_OFFLINE="1",
                PYTHONWARNINGS="ignore")
+    if case.malloc == "steady":
+        env.update(STEADY_MALLOC)
     log_path = workdir / f"{case.key}.{method}.log"
     with open(log_path, "w") as logf:
         proc = subprocess.Popen([case.python, str(HERE / "harness.py"), str(spec_path)],
@@ -390,7 +460,7 @@ def run_method(case: Case, method: str, workdir: Path, reference: Path | None,
         known = {f.name for f in dataclasses.fields(MethodResult)}
         r = MethodResult(**{k: v for k, v in d.items() if k in known})
         r.meta = dict(r.meta or {})
-        for k in ("warmup_s", "warmup_cpu_s", "peak_exact", "traceback"):
+        for k in ("warmup_s", "warmup_cpu_s", "peak_exact", "rss_peak_bytes", "pool_peak_bytes", "traceback"):
             if k in d:
                 r.meta[k] = d[k]
     if busy is not None:

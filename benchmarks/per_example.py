@@ -23,6 +23,7 @@ Run alone (issue 2's sizes: V=50,000, D=128, B=64, T=64): ``python benchmarks/pe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import GiB, Bench, Case, Unsupported, sparse_rows  # noqa: E402
+from harness import GiB, Bench, Case, Unsupported, sparse_rows, where_raised  # noqa: E402
 from models import BERT_LAYER, PAD, labels, torch_bert, torch_classifier, zipf_ids  # noqa: E402
 
 METHODS = ("embgrad", "plain", "loop", "vmap", "opacus_hooks", "opacus_ghost", "backpack")
@@ -59,9 +60,15 @@ def _describe(p: dict) -> str:
 
 def make_case(key: str, params: dict, budget: int, time_limit: float = 900.0,
               methods: tuple[str, ...] = METHODS) -> Case:
+    # the encoder's float32 sums run in another order for one example than for 64 (attention,
+    # layer norms): batched results differ from the loop's by up to ~1e-3 relative there
+    tol = (2e-4, 1e-6) if params["model"] == "classifier" else (5e-3, 1e-5)
+    notes = () if params["model"] == "classifier" else (
+        "Checked at rtol 5e-3: four transformer layers in float32 give batched and one-example "
+        "results that differ by up to ~1e-3 relative (different summation order), whoever computes them.",)
     return Case(key=key, title=f"Per-example gradients, norms + clipped sum: {_describe(params)}",
                 module="per_example", params=params, methods=methods, reference=REFERENCE,
-                budget_bytes=budget, time_limit_s=time_limit, tolerance=(2e-4, 1e-6))
+                budget_bytes=budget, time_limit_s=time_limit, tolerance=tol, notes=notes)
 
 
 def cases(quick: bool) -> list[Case]:
@@ -70,7 +77,13 @@ def cases(quick: bool) -> list[Case]:
         return [make_case("pe_classifier_quick", classifier_params(5000, 32, 16, 16), 2 * GiB, 120),
                 make_case("pe_bert_quick", bert_params(1000, 32, 1, 2, 8, 16), 2 * GiB, 120,
                           methods=("embgrad", "loop"))]
-    return [make_case("pe_classifier_50k", classifier_params(50_000), 8 * GiB),
+    default_malloc = make_case("pe_classifier_50k_default_malloc", classifier_params(50_000), 8 * GiB,
+                               methods=("embgrad", "plain", "loop"))
+    default_malloc = dataclasses.replace(
+        default_malloc, malloc="default", title=default_malloc.title + " — glibc malloc defaults",
+        notes=("The same case with glibc's default malloc settings in each fresh process (see "
+               "*How to read*): what the page faults of fresh multi-MB temporaries cost.",))
+    return [make_case("pe_classifier_50k", classifier_params(50_000), 8 * GiB), default_malloc,
             make_case("pe_classifier_1m", classifier_params(1_000_000), 8 * GiB),
             make_case("pe_bert", bert_params(), 8 * GiB)]
 
@@ -157,9 +170,10 @@ def _embgrad(s: _Setup) -> Bench:
 
 def _plain(s: _Setup) -> Bench:
     def run() -> Any:
-        s.model.zero_grad(set_to_none=True)
         s.loss(s.model, s.x, s.mask, s.y).backward()
-        return s.emb.weight.grad
+        g = s.emb.weight.grad
+        s.model.zero_grad(set_to_none=True)   # the model holds nothing between calls
+        return g
 
     def result(g: Any) -> dict[str, np.ndarray]:
         rows, values = sparse_rows(g.numpy())
@@ -223,7 +237,8 @@ def _vmap(s: _Setup) -> Bench:
         except RuntimeError as e:
             if "vmap" not in str(e):
                 raise
-            raise Unsupported(f"torch.func.vmap cannot trace this model: {str(e).splitlines()[0][:240]}") from None
+            raise Unsupported(f"torch.func.vmap cannot trace this model at {where_raised(e)}: "
+                              f"{str(e).splitlines()[0][:200]}") from None
         return _dense_per_example_result(s, per)
 
     return Bench(run, _result_dense)
@@ -268,7 +283,8 @@ def _opacus_ghost(s: _Setup) -> Bench:
             (coeff * per_loss).sum().backward()                   # 2nd pass: the clipped sum
         finally:
             gsm.enable_hooks()
-        return norms, w.grad
+        g, w.grad = w.grad, None
+        return norms, g
 
     return Bench(run, _result_dense)
 
@@ -296,6 +312,7 @@ def _backpack(s: _Setup) -> Bench:
         per = w.grad_batch                                         # (B, V, D)
         out = _dense_per_example_result(s, per)
         del w.grad_batch
+        w.grad = None
         return out
 
     return Bench(run, _result_dense)

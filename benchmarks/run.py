@@ -103,8 +103,16 @@ HOW_TO_READ = """\
 ## How to read these tables
 
 - Every method of every case ran in **its own process**, so its peak memory is its own:
-  *peak memory* is the process's peak resident set size (`VmHWM`, reset after setup) minus
-  its resident size after building the model and the data: what the method itself allocated.
+  *peak memory* is what one call adds on top of the settled process: the peak resident set
+  size (`VmHWM`, reset before the timed calls) minus the resident size before them (after the
+  warm-up call, a garbage collection and `malloc_trim`); for TensorFlow, which keeps freed
+  memory in its own allocator out of the RSS's sight, its allocator's peak if that is larger.
+- The children run with glibc's malloc set as a long-running training process has it
+  (`MALLOC_MMAP_THRESHOLD_`=32 MiB, `MALLOC_TRIM_THRESHOLD_`=64 MiB: where glibc's own dynamic
+  thresholds end up once a large block has been freed). In a fresh process every temporary
+  above 128 KiB is a fresh `mmap` whose pages fault in one by one; that measures the kernel's
+  page-fault handler in this VM, not the method. The table marked *glibc malloc defaults*
+  repeats the V=50k classifier case without these settings, to show that cost.
 - Before anything is timed, one warm-up call's **result is checked against the reference**
   method of the case (named in the last column; the framework's own autograd or a
   per-example loop). A method whose result differs is reported as a *mismatch*, not timed.

@@ -89,17 +89,19 @@ def _build_torch(method: str, p: dict) -> Bench:
 
     if method == "dense":
         def run() -> Any:
-            model.zero_grad(set_to_none=True)
             loss().backward()
-            return emb.weight.grad
+            g = emb.weight.grad
+            model.zero_grad(set_to_none=True)     # the model holds nothing between calls
+            return g
         return Bench(run, lambda g: _dense_result(g.numpy()))
     if method == "torch_sparse":
         emb.sparse = True
 
         def run() -> Any:
-            model.zero_grad(set_to_none=True)
             loss().backward()
-            return emb.weight.grad.coalesce()
+            g = emb.weight.grad.coalesce()
+            model.zero_grad(set_to_none=True)
+            return g
         return Bench(run, lambda g: _result(g.indices()[0].numpy(), g.values().numpy()))
     if method == "embgrad":
         def run() -> Any:

@@ -126,3 +126,19 @@ def test_dot_disjoint_rows_is_zero_and_all_heavy_is_exact() -> None:
                                   per_example=True)
     # row 1 holds [0,1,2] + [3,4,5] = [3,5,7], row 2 holds [6,7,8]
     assert float(x.dot()[0, 0]) == pytest.approx(9 + 25 + 49 + 36 + 49 + 64)
+
+
+def test_torch_backend_unique_matches_torch_unique() -> None:
+    """The torch backend's unique (NumPy's SIMD sort on CPU) is torch.unique(sorted, inverse)."""
+    from embgrad.backends import get_backend
+
+    b = get_backend(torch.zeros(1))
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randint(0, 50, (1000,), generator=g), torch.randint(-5, 3_000_000, (777,), generator=g),
+             torch.randint(0, 9, (40, 30), generator=g).t()[3],            # non-contiguous view
+             torch.tensor([7]), torch.tensor([], dtype=torch.int64)]
+    for x in cases:
+        u, inv = b.unique(x)
+        ru, rinv = torch.unique(x, sorted=True, return_inverse=True)
+        assert torch.equal(u, ru) and torch.equal(inv, rinv) and inv.dtype == torch.int64
+        assert torch.equal(u[inv], x)

@@ -287,6 +287,11 @@ class TorchBackend(Backend):
         return torch.cat(list(xs), dim=axis)
 
     def unique(self, x):
+        if x.device.type == "cpu" and not x.requires_grad:
+            # NumPy's SIMD sort is ~3x faster than torch.unique on CPU (one of the two sorts
+            # of every per-example capture); both views share the tensors' memory
+            u, inv = np.unique(x.numpy(), return_inverse=True)
+            return torch.from_numpy(u), torch.from_numpy(inv.reshape(-1).astype(np.int64, copy=False))
         u, inv = torch.unique(x, sorted=True, return_inverse=True)
         return u, inv
 
