@@ -151,7 +151,8 @@ def test_rows_from_lookups_and_row_grad_low_level():
     assert embgrad.row_grad(dense).rows.tolist() == [0, 1, 2]
     sp = dense.to_sparse()
     torch.testing.assert_close(embgrad.row_grad(sp).to_dense(), dense)
-    dup = torch.sparse_coo_tensor(torch.tensor([[2, 0, 2]]), torch.ones(3, 3), (4, 3))  # uncoalesced
+    dup = torch.sparse_coo_tensor(torch.tensor([[2, 0, 2]]), torch.ones(3, 3), (4, 3),
+                                  check_invariants=True)  # uncoalesced
     assert embgrad.row_grad(dup).values[1].tolist() == [2.0, 2.0, 2.0]
     s = rg + embgrad.rows_from_lookups(torch.tensor([[3]]), torch.ones(1, 1, 3), 4)
     assert s.rows.tolist() == [0, 1, 2, 3]
