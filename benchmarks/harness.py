@@ -142,6 +142,16 @@ class CaseResult:
         c.pop("python", None)
         return {"case": c, "results": [dataclasses.asdict(r) for r in self.results]}
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CaseResult":
+        """The inverse of :meth:`to_json` (for re-rendering a previous run's results)."""
+        c = dict(d["case"])
+        c["methods"], c["tolerance"] = tuple(c["methods"]), tuple(c["tolerance"])
+        c["notes"] = tuple(c.get("notes", ()))
+        known = {f.name for f in dataclasses.fields(Case)}
+        return cls(Case(**{k: v for k, v in c.items() if k in known}),
+                   [MethodResult(**r) for r in d["results"]])
+
 
 # ----------------------------------------------------------------------------- memory helpers
 def _proc_status(pid: int | str = "self") -> dict[str, int]:

@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                     + ", ".join(list(SECTIONS) + list(EXTERNAL)))
     ap.add_argument("--out", default=None, help="directory for BENCHMARKS.md and results.json "
                     "(default: the repository root + benchmarks/; build/bench-quick/ with --quick)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other sections of the existing results.json (with --only: re-run some)")
     ap.add_argument("--jobs", type=int, default=None,
                     help="methods run at once (default 1; 2 with --quick, whose times are not for reading)")
     ap.add_argument("--quiet-wait", type=float, default=None,
@@ -173,13 +175,24 @@ def main(argv: list[str] | None = None) -> int:
         if only and key not in only:
             continue
         external[key] = _run_external(key, module, args.quick, log)
+    previous: dict[str, Any] = {}
+    if args.merge and json_path.exists():
+        previous = json.loads(json_path.read_text())
+        for key, crs in previous.get("sections", {}).items():
+            results.setdefault(key, [CaseResult.from_json(c) for c in crs])
+        for key, res in previous.get("external", {}).items():
+            external.setdefault(key, res)
+        results = {k: results[k] for k in SECTIONS if k in results}
     flat = {cr.case.key: cr for crs in results.values() for cr in crs}
     targets = evaluate(flat, args.quick)
     elapsed = time.perf_counter() - t0
 
     md = [f"# embgrad benchmarks{' (quick sizes)' if args.quick else ''}", "",
           "Produced by `make bench` (`benchmarks/run.py`"
-          f"{' --quick' if args.quick else ''}) in {elapsed / 60:.1f} minutes. "
+          f"{' --quick' if args.quick else ''}) in {elapsed / 60:.1f} minutes"
+          + (f" (sections {', '.join(sorted(only))} re-run with --merge into a run of "
+             f"{previous.get('elapsed_s', 0) / 60:.0f} minutes started {previous.get('machine', {}).get('date', '?')})"
+             if previous else "") + ". "
           "Reproduce with `make bench`; `make bench ARGS=--quick` runs the same code on small sizes.",
           "", machine_markdown(info), "## Targets", "",
           targets_markdown(targets), HOW_TO_READ]

@@ -3,6 +3,8 @@ method in its own process, the reference first, results checked before timing, a
 budget enforced, and every failure reported with its reason instead of a number."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -92,6 +94,10 @@ def test_every_outcome_is_reported_with_its_reason(fake_module: str) -> None:
     assert by["crash"].status == "error" and "RuntimeError: the model exploded" in by["crash"].reason
     assert by["nonesuch"].status == "unsupported" and "only knows a few" in by["nonesuch"].reason
     assert ratio(cr, "hog") is None
+    # results.json round trip (run.py --merge re-renders a previous run from it)
+    back = harness.CaseResult.from_json(json.loads(json.dumps(cr.to_json())))
+    assert back.case == dataclasses.replace(cr.case, python=back.case.python)
+    assert [dataclasses.asdict(r) for r in back.results] == [dataclasses.asdict(r) for r in cr.results]
 
 
 def test_time_limit_and_unchecked_without_reference(fake_module: str) -> None:
