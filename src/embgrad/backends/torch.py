@@ -303,6 +303,9 @@ class TorchBackend(Backend):
         return x.index_select(0, idx)
 
     def boolean_mask(self, x, mask):
+        if mask.dim() == 1 and x.dim() >= 1 and mask.shape[0] == x.shape[0]:
+            # rows of x: index_select is ~4x faster than boolean indexing of (N, D) on CPU
+            return x.index_select(0, mask.nonzero().view(-1))
         return x[mask]
 
     def where(self, cond, a, b):
