@@ -76,7 +76,8 @@ def case_markdown(cr: CaseResult) -> str:
     lines = [f"### {c.title}", ""]
     lines.append(f"Case `{c.key}`; memory budget {fmt_bytes(c.budget_bytes)} per method; "
                  f"median of ≥ {c.repeats} timed calls after a checked warm-up call; peak memory "
-                 "is the method's own (process peak minus the resident size after setup).")
+                 "is what one call adds (see *How to read*)"
+                 + ("; glibc malloc defaults." if c.malloc == "default" else "."))
     lines.append("")
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---" for _ in head) + "|")
@@ -168,7 +169,11 @@ def machine_info() -> dict[str, Any]:
 def machine_markdown(info: dict[str, Any]) -> str:
     v = ", ".join(f"{k} {x}" for k, x in info["versions"].items())
     extra = "".join(f", {k} {x}" for k, x in info.get("extra_versions", {}).items())
-    return (f"- **Date**: {info['date']} (commit `{info['commit']}`)\n"
+    commits = sorted(set((info.get("sections") or {}).values()) - {info["commit"]})
+    by = info.get("sections") or {}
+    older = "".join(f"; sections {', '.join(k for k, c in by.items() if c == old)} at commit `{old}`"
+                    for old in commits)
+    return (f"- **Date**: {info['date']} (commit `{info['commit']}`{older})\n"
             f"- **Machine**: {info['cpu']}, {info['cores']} cores, {fmt_bytes(info['memory_bytes'])} "
             f"RAM, {info['platform']}; shared with other processes (see *How to read*)\n"
             f"- **Versions**: Python {info['python']}, {v}{extra}\n")

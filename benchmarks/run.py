@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                     + ", ".join(list(SECTIONS) + list(EXTERNAL)))
     ap.add_argument("--out", default=None, help="directory for BENCHMARKS.md and results.json "
                     "(default: the repository root + benchmarks/; build/bench-quick/ with --quick)")
+    ap.add_argument("--render", action="store_true",
+                    help="run nothing: write BENCHMARKS.md again from the existing results.json")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other sections of the existing results.json (with --only: re-run some)")
     ap.add_argument("--jobs", type=int, default=None,
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine_info()
     results: dict[str, list[CaseResult]] = {}
+    if args.render:
+        args.merge, only = True, {""}            # every section from results.json, none run
     for key, (title, module) in SECTIONS.items():
         if only and key not in only:
             continue
@@ -175,9 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         if only and key not in only:
             continue
         external[key] = _run_external(key, module, args.quick, log)
+    info["sections"] = {k: info["commit"] for k in list(results) + list(external)}
     previous: dict[str, Any] = {}
     if args.merge and json_path.exists():
         previous = json.loads(json_path.read_text())
+        old_commits = previous.get("machine", {}).get("sections") or {
+            k: previous.get("machine", {}).get("commit", "?")
+            for k in list(previous.get("sections", {})) + list(previous.get("external", {}))}
+        info["sections"] = {**old_commits, **info["sections"]}
+        if args.render:
+            info = {**previous["machine"], "sections": old_commits}
         for key, crs in previous.get("sections", {}).items():
             results.setdefault(key, [CaseResult.from_json(c) for c in crs])
         for key, res in previous.get("external", {}).items():
@@ -185,14 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         results = {k: results[k] for k in SECTIONS if k in results}
     flat = {cr.case.key: cr for crs in results.values() for cr in crs}
     targets = evaluate(flat, args.quick)
-    elapsed = time.perf_counter() - t0
+    elapsed = previous.get("elapsed_s", 0.0) if args.render else time.perf_counter() - t0
 
     md = [f"# embgrad benchmarks{' (quick sizes)' if args.quick else ''}", "",
           "Produced by `make bench` (`benchmarks/run.py`"
           f"{' --quick' if args.quick else ''}) in {elapsed / 60:.1f} minutes"
-          + (f" (sections {', '.join(sorted(only))} re-run with --merge into a run of "
+          + (f" (sections {', '.join(sorted(only - {''}))} re-run with --merge into a run of "
              f"{previous.get('elapsed_s', 0) / 60:.0f} minutes started {previous.get('machine', {}).get('date', '?')})"
-             if previous else "") + ". "
+             if previous and not args.render else "") + ". "
           "Reproduce with `make bench`; `make bench ARGS=--quick` runs the same code on small sizes.",
           "", machine_markdown(info), "## Targets", "",
           targets_markdown(targets), HOW_TO_READ]
