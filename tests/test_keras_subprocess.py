@@ -124,19 +124,25 @@ print("RESULT " + json.dumps({
 FLAVOURS = {"tf_keras": {"TF_USE_LEGACY_KERAS": "1"}, "torch": {"KERAS_BACKEND": "torch"}}
 
 
-@pytest.fixture(scope="module")
-def procs():
-    """Both subprocesses started at once (their imports overlap), waited for by each test."""
+def start_flavours(script: str):
+    """One subprocess per Keras flavour running ``script``, all started at once (their imports
+    overlap); yields them and kills any still running afterwards (a fixture body)."""
     started = {}
     for flavour, extra in FLAVOURS.items():
         env = dict(os.environ, EMBGRAD_FLAVOUR=flavour, TF_CPP_MIN_LOG_LEVEL="2", **extra)
-        started[flavour] = subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, text=True,
+        started[flavour] = subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     yield started
     for p in started.values():
         if p.poll() is None:
             p.kill()
             p.communicate()
+
+
+@pytest.fixture(scope="module")
+def procs():
+    """Both subprocesses started at once (their imports overlap), waited for by each test."""
+    yield from start_flavours(SCRIPT)
 
 
 def _result(proc: subprocess.Popen) -> dict:

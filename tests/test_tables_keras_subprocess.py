@@ -4,12 +4,10 @@ bit-identical under Adam with weight decay, lazy regularisation against the fram
 gradient of the dense penalty."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
-from test_keras_subprocess import FLAVOURS, _result   # the flavours' environments, RESULT parsing
+from test_keras_subprocess import _result, start_flavours   # flavour subprocesses, RESULT parsing
 
 pytestmark = pytest.mark.slow   # each subprocess pays one framework import (seconds)
 
@@ -101,16 +99,7 @@ print("RESULT " + json.dumps(out))
 @pytest.fixture(scope="module")
 def procs():
     """Both subprocesses started at once (their imports overlap), waited for by each test."""
-    started = {}
-    for flavour, extra in FLAVOURS.items():
-        env = dict(os.environ, EMBGRAD_FLAVOUR=flavour, TF_CPP_MIN_LOG_LEVEL="2", **extra)
-        started[flavour] = subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, text=True,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    yield started
-    for p in started.values():
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    yield from start_flavours(SCRIPT)
 
 
 def _check(proc: subprocess.Popen) -> None:
