@@ -2,8 +2,11 @@
 ``tf.vectorized_map``, a per-example loop and the plain tape (the Keras demo classifier).
 
 * ``embgrad``: one forward inside ``embgrad.capture``, ``cap.gradients(loss)``,
-  ``per_example().norms()`` and ``.clip(C).sum()``;
-* ``plain``: ``tape.gradient(loss, model.trainable_variables)`` (the floor);
+  ``per_example().norms()`` and ``.clip(C).sum()``, run eagerly (op by op, as a script does);
+* ``embgrad_compiled``: the same step inside one ``tf.function`` (as a training step runs:
+  Keras compiles ``train_step``);
+* ``plain``: ``tape.gradient(loss, model.trainable_variables)``, eager (the floor);
+* ``plain_compiled``: the same plain step inside one ``tf.function``;
 * ``loop``: one tape per example, its ``IndexedSlices`` densified (the reference);
 * ``vectorized_map``: ``tf.vectorized_map`` of a per-example tape, (B, V, D) gradients;
 * ``tf_privacy``: TensorFlow Privacy's fast gradient clipping, where it installs.
@@ -20,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import GiB, Bench, Case, Unsupported, sparse_rows  # noqa: E402
 from models import labels, zipf_ids  # noqa: E402
 
-METHODS = ("embgrad", "plain", "loop", "vectorized_map", "tf_privacy")
+METHODS = ("embgrad", "embgrad_compiled", "plain", "plain_compiled", "loop", "vectorized_map", "tf_privacy")
 
 TF_PRIVACY_REASON = (
     "TensorFlow Privacy does not install on TensorFlow 2.21: its latest release (0.9.0) pins "
@@ -101,15 +104,39 @@ def _embgrad(s: _Setup) -> Bench:
     return Bench(run, result)
 
 
-def _plain(s: _Setup) -> Bench:
+def _embgrad_compiled(s: _Setup) -> Bench:
+    import embgrad
+
+    @s.tf.function
+    def step(x: Any, y: Any) -> Any:
+        with embgrad.capture(s.model) as cap:
+            loss = s.loss(x, y)
+        pe = cap.gradients(loss, loss_reduction="sum").only().per_example()
+        clipped = pe.clip(s.max_norm).sum()
+        return pe.norms(), clipped.rows, clipped.values
+
+    def result(out: Any) -> dict[str, np.ndarray]:
+        norms, rows, values = (t.numpy() for t in out)
+        rows, values = sparse_rows((rows, values))
+        return {"norms": norms, "clipped_rows": rows, "clipped_values": values}
+
+    return Bench(lambda: step(s.x, s.y), result)
+
+
+def _plain(s: _Setup, compiled: bool = False) -> Bench:
     tf = s.tf
     variables = s.model.trainable_variables
     index = next(i for i, v in enumerate(variables) if v is s.table)
 
-    def run() -> Any:
+    def step(x: Any, y: Any) -> Any:
         with tf.GradientTape() as tape:
-            loss = s.loss(s.x, s.y)
+            loss = s.loss(x, y)
         return tape.gradient(loss, variables)
+
+    step = tf.function(step) if compiled else step
+
+    def run() -> Any:
+        return step(s.x, s.y)
 
     def result(grads: Any) -> dict[str, np.ndarray]:
         rows, values = sparse_rows(tf.convert_to_tensor(grads[index]).numpy())
@@ -161,7 +188,8 @@ def _vectorized_map(s: _Setup) -> Bench:
 
 
 _BUILDERS: dict[str, Callable[[_Setup], Bench]] = {
-    "embgrad": _embgrad, "plain": _plain, "loop": _loop, "vectorized_map": _vectorized_map,
+    "embgrad": _embgrad, "embgrad_compiled": _embgrad_compiled, "plain": _plain,
+    "plain_compiled": lambda s: _plain(s, compiled=True), "loop": _loop, "vectorized_map": _vectorized_map,
 }
 
 

@@ -323,6 +323,88 @@ def test_capture_inside_tf_function_matches_eager():
         step(tf.constant(bad), tf.constant(y))
 
 
+def test_dp_sgd_train_step_compiled_by_model_fit():
+    """The capture inside a custom ``train_step``, traced by ``model.fit`` with a batch size of
+    None: per-example norms, clip and the clipped sum in graph mode, applied as the table's
+    update, equal the same computed eagerly; the closure-captured clip bound works too."""
+    clip = 0.05
+
+    class DPClassifier(keras.Model):
+        def train_step(self, data):
+            x, y = data
+            with embgrad.capture(self, layers="tok") as cap:
+                loss = tf.reduce_sum(_xent(y, self(x, training=True)))
+            g = cap.gradients(loss, sources=self.trainable_variables)
+            pe = g["tok"].per_example()
+            summed = pe.clip(clip).sum()
+            table = self.get_layer("tok").embeddings
+            grads = [tf.IndexedSlices(summed.values, summed.rows, tf.shape(table, out_type=tf.int64))
+                     if v is table else s for v, s in zip(self.trainable_variables, g.sources)]
+            self.optimizer.apply(grads, self.trainable_variables)
+            return {"max_norm": tf.reduce_max(pe.norms()), "clipped_max": tf.reduce_max(pe.clip(clip).norms())}
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None,), dtype="int32")
+    h = keras.layers.Embedding(V, D, name="tok")(inp)
+    model = DPClassifier(inp, keras.layers.Dense(C)(keras.layers.GlobalAveragePooling1D()(h)))
+    model.compile(keras.optimizers.SGD(1.0))
+    ids, y = _ids(), _labels()
+    with embgrad.capture(model) as cap:
+        loss = tf.reduce_sum(_xent(y, model(ids, training=True)))
+    pe = cap.gradients(loss).only().per_example()
+    want = pe.clip(clip).sum().to_dense().numpy()
+    before = model.get_layer("tok").embeddings.numpy()
+    hist = model.fit(ids, y, batch_size=B, epochs=1, verbose=0, shuffle=False)
+    np.testing.assert_allclose(hist.history["max_norm"][0], float(tf.reduce_max(pe.norms())), rtol=1e-5)
+    assert hist.history["clipped_max"][0] <= clip * (1 + 1e-5)
+    np.testing.assert_allclose(model.get_layer("tok").embeddings.numpy(), before - want, atol=1e-6)
+    assert "call" not in model.get_layer("tok").__dict__
+
+
+def test_traced_with_unknown_batch_size_what_works_and_what_says_why():
+    model = _classifier()
+    spec = (tf.TensorSpec((None, T), tf.int32), tf.TensorSpec((None,), tf.int32))
+
+    def grads(ids, y, reduction="sum"):
+        with embgrad.capture(model) as cap:
+            xent = _xent(y, model(ids))
+            loss = tf.reduce_sum(xent) if reduction == "sum" else tf.reduce_mean(xent)
+        return cap.gradients(loss, loss_reduction=reduction)["tok"]
+
+    @tf.function(input_signature=spec)
+    def mean_step(ids, y):
+        pe = grads(ids, y, "mean").per_example()
+        return pe.norms(), pe.scale(2.0).sum().values
+
+    ids, y = _ids(), _labels()
+    norms, values = mean_step(ids, y)
+    pe = grads(ids, y, "mean").per_example()        # eager, "mean": each example's own loss
+    np.testing.assert_allclose(norms.numpy(), pe.norms().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(values.numpy(), pe.sum().values.numpy() * 2, rtol=1e-5, atol=1e-7)
+    norms3, _ = mean_step(ids[:3], y[:3])            # another batch size: the same trace
+    assert norms3.shape == (3,) and mean_step.experimental_get_tracing_count() == 1
+
+    for what in ("len()", "dot()", "to_dense()", "example()"):
+        @tf.function(input_signature=spec)
+        def needs_batch(ids, y, what=what):
+            pe = grads(ids, y).per_example()
+            return {"len()": lambda: len(pe), "dot()": pe.dot, "to_dense()": pe.to_dense,
+                    "example()": lambda: pe.example(0).values}[what]()
+
+        with pytest.raises(EmbgradError, match=f"ExampleGrads.{what.replace('(', '[(]').replace(')', '[)]')} "
+                                               "needs the batch size"):
+            needs_batch(ids, y)
+
+    @tf.function(input_signature=spec)
+    def nan_step(ids, y):
+        with embgrad.capture(model) as cap:
+            loss = tf.reduce_sum(_xent(y, model(ids))) * np.float32(np.nan)
+        return cap.gradients(loss)["tok"].weight_grad.values
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN/Inf"):
+        nan_step(ids, y)
+
+
 # ---------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("bad, match", [
     (np.array([[1, 2, V]]), f"id {V} at position \\(0, 2\\) is out of range for a table of {V} rows"),

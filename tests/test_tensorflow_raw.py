@@ -211,7 +211,7 @@ def test_compiled_hot_path_is_correct_across_shapes_without_retracing_each():
     import functools
 
     from embgrad.backends.tensorflow import TensorFlowBackend
-    from embgrad.sparse import _coalesce_lookups_impl, coalesce_lookups
+    from embgrad.sparse import _coalesce_lookups_impl, _norms_impl, coalesce_lookups
 
     b = TensorFlowBackend()                       # its own cache of compiled functions
     rng = np.random.default_rng(3)
@@ -224,8 +224,15 @@ def test_compiled_hot_path_is_correct_across_shapes_without_retracing_each():
         np.add.at(ref, (np.repeat(np.arange(n), 3), ids.ravel()), og.reshape(-1, 2))
         np.testing.assert_allclose(eg.to_dense().numpy(), ref, atol=1e-6)
     compiled = b.compile(functools.partial(_coalesce_lookups_impl, b))
-    assert isinstance(compiled, tf.types.experimental.GenericFunction)
-    assert compiled.experimental_get_tracing_count() <= 3     # shapes generalise after a few
+    assert isinstance(compiled.tf_function, tf.types.experimental.GenericFunction)
+    assert compiled.tf_function.experimental_get_tracing_count() <= 3   # shapes generalise after a few
+    # ints (batch and table sizes) go in as tensors: other sizes reuse the trace
+    norms = b.compile(functools.partial(_norms_impl, b))
+    for n in range(1, 8):
+        v = tf.ones((n, 2))
+        np.testing.assert_allclose(norms(v, tf.range(n, dtype=tf.int64) % 2, 2).numpy(),
+                                   np.sqrt([2.0 * ((n + 1) // 2), 2.0 * (n // 2)]))
+    assert norms.tf_function.experimental_get_tracing_count() <= 3
 
 
 def test_same_results_as_pytorch_on_random_lookups():

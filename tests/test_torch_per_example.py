@@ -96,6 +96,32 @@ def test_clip_dot_and_dense():
         pe.example(8)
 
 
+def test_clip_and_scale_are_lazy_and_compose():
+    """clip()/scale() keep a per-example factor: values, norms, sum, example and dot all see it,
+    whether the factor is applied first (values) or fused (sum, norms)."""
+    torch.manual_seed(2)
+    model = Classifier(padding_idx=0)
+    x, y = _data()
+    pe = _capture(model, x, y).per_example()
+    ref = _loop(model, x, y)
+    norms = ref.flatten(1).norm(dim=1)
+    C = float(norms.median())
+    f = torch.clamp(C / norms, max=1.0) * torch.linspace(-2.0, 2.0, len(x))   # negative factors too
+    lazy = pe.clip(C).scale(torch.linspace(-2.0, 2.0, len(x)))
+    want = ref * f[:, None, None]
+    torch.testing.assert_close(lazy.norms(), want.flatten(1).norm(dim=1))     # from pe's norms, O(B)
+    torch.testing.assert_close(lazy.sum().to_dense(), want.sum(0))            # fused weighted sum
+    torch.testing.assert_close(lazy.example(2).to_dense(), want[2])
+    torch.testing.assert_close(lazy.dot(), want.flatten(1) @ want.flatten(1).T)
+    torch.testing.assert_close(lazy.to_dense(), want)                          # values applied once
+    torch.testing.assert_close(lazy.values, lazy.values)
+    fresh = pe.scale(0.5).clip(C)                 # norms computed after the factor
+    torch.testing.assert_close(fresh.norms(), torch.clamp(0.5 * norms, max=C))
+    torch.testing.assert_close(pe.to_dense(), ref)                             # pe itself unchanged
+    with pytest.raises(EmbgradError, match=r"\(8,\) tensor"):
+        pe.scale(torch.ones(3))
+
+
 def test_dot_chunked_equals_unchunked(monkeypatch):
     import embgrad.sparse as sp
     torch.manual_seed(2)

@@ -125,9 +125,11 @@ class LayerGradients:
             rows.append(flat_ids)
             grads.append(g)
         if len(self.calls) > 1:
-            sizes = {b.shape(ids)[0] for ids, _ in self.calls}
+            # calls with different batch sizes: no per-example meaning (sizes only known while
+            # tracing a tf.function are not compared)
+            sizes = {s for s in (b.shape(ids)[0] for ids, _ in self.calls) if isinstance(s, int)}
             if len(sizes) > 1:
-                batch = -1  # calls with different batch sizes: no per-example meaning
+                batch = -1
         cat = (lambda xs: xs[0]) if len(exs) == 1 else b.concat
         return cat(exs), cat(rows), cat(grads), batch
 
@@ -141,7 +143,8 @@ class LayerGradients:
                 with self._backend.no_grad():
                     ex, rows, grads, B = self._flat()
                     self._weight_grad = coalesce_lookups(self._backend, ex, rows, grads, self.num_rows,
-                                                         max(B, 1), per_example=False)
+                                                         B if not isinstance(B, int) else max(B, 1),
+                                                         per_example=False)
         return self._weight_grad
 
     def per_example(self) -> ExampleGrads:
@@ -161,13 +164,13 @@ class LayerGradients:
             b = self._backend
             with b.no_grad():
                 ex, rows, grads, B = self._flat()
-                if B < 0:
+                if isinstance(B, int) and B < 0:
                     raise EmbgradError(
                         f"layer {self.name!r} was called {len(self.calls)} times with different batch "
                         f"sizes {[b.shape(i)[0] for i, _ in self.calls]}; per-example gradients need "
                         "every call to look up the same examples (one row of ids per example).")
                 if self._loss_reduction == "mean":
-                    grads = grads * float(B)
+                    grads = grads * (float(B) if isinstance(B, int) else b.cast(B, b.dtype_name(grads)))
                 self._per_example = coalesce_lookups(b, ex, rows, grads, self.num_rows, B, per_example=True)
         return self._per_example
 

@@ -214,37 +214,74 @@ def _sparse_join(b: Backend, a: tuple, o: tuple, B1: int, B2: int, D: int, acc: 
     return out
 
 
+def _norms_impl(b: Backend, values: Any, example_ids: Any, batch_size: Any) -> Any:
+    """(B,) L2 norm of each example's entries (compiled under TensorFlow)."""
+    return b.sqrt(b.segment_sum(b.sum(values * values, 1), example_ids, batch_size))
+
+
+def _scaled_impl(b: Backend, values: Any, example_ids: Any, factor: Any) -> Any:
+    """(N, D) values of entry n times ``factor[example_ids[n]]``."""
+    return values * b.reshape(b.gather(factor, example_ids), (-1, 1))
+
+
+def _scaled_sum_impl(b: Backend, values: Any, example_ids: Any, factor: Any, slot: Any,
+                     num_unique: Any) -> Any:
+    """(R, D): ``sum_n factor[example_ids[n]] · values[n]`` over the entries of each slot."""
+    return b.segment_sum(_scaled_impl(b, values, example_ids, factor), slot, num_unique)
+
+
 class ExampleGrads:
     """Per-example sparse gradients of one (V, D) table.
 
     Stored as N unique (example, row) pairs sorted by example then row: ``example_ids`` (N,),
     ``rows`` (N,), ``values`` (N, D), float32 or wider. Memory O(N · D) with N ≤ B · T.
+
+    ``clip()`` and ``scale()`` are lazy: they keep the unscaled values and a (B,) factor per
+    example, so ``clip(C).sum()`` is one fused (compiled, under TensorFlow) weighted segment sum
+    and ``clip(C).norms()`` costs O(B); ``values`` applies the factors on first access.
     """
 
-    __slots__ = ("example_ids", "rows", "values", "batch_size", "num_rows", "_backend", "_norms",
-                 "_row_index")
+    __slots__ = ("example_ids", "rows", "batch_size", "num_rows", "_backend", "_norms",
+                 "_row_index", "_base", "_factor")
 
     def __init__(self, example_ids: Any, rows: Any, values: Any, batch_size: int, num_rows: int,
-                 backend: Backend | None = None, row_index: tuple[Any, Any] | None = None):
+                 backend: Backend | None = None, row_index: tuple[Any, Any] | None = None,
+                 factor: Any = None):
         self._backend = backend or get_backend(values)
         self.example_ids = example_ids
         self.rows = rows
-        self.values = values
-        self.batch_size = int(batch_size)
+        self._base = values
+        self._factor = factor           # (B,) pending per-example factors, or None
+        # an int; a scalar tensor only while tracing a tf.function whose batch size is not static
+        self.batch_size = int(batch_size) if isinstance(batch_size, (int, np.integer)) else batch_size
         self.num_rows = int(num_rows)
         self._norms = None
         # optional (unique_rows (R,), slot (N,)) with rows == unique_rows[slot]: sum() then
         # needs no second sort (capture builds it from its one unique over the looked-up ids)
         self._row_index = row_index
 
-    def _with_values(self, values: Any) -> "ExampleGrads":
-        """The same (example, row) pairs with other values."""
-        return ExampleGrads(self.example_ids, self.rows, values, self.batch_size, self.num_rows,
-                            self._backend, self._row_index)
+    @property
+    def values(self) -> Any:
+        """(N, D) the value of each (example, row) pair."""
+        if self._factor is not None:   # apply the pending factors once (immutable: cached)
+            b = self._backend
+            self._base = _compiled(b, _scaled_impl)(self._base, self.example_ids, self._factor)
+            self._factor = None
+        return self._base
+
+    def _scaled(self, factor: Any) -> "ExampleGrads":
+        """The same (example, row) pairs with example b scaled by ``factor[b]`` (lazily)."""
+        b = self._backend
+        combined = factor if self._factor is None else self._factor * factor
+        out = ExampleGrads(self.example_ids, self.rows, self._base, self.batch_size, self.num_rows,
+                           b, self._row_index, combined)
+        if self._norms is not None:
+            out._norms = self._norms * b.sqrt(factor * factor)
+        return out
 
     @property
     def dim(self) -> int:
-        return self._backend.shape(self.values)[1]
+        return self._backend.shape(self._base)[1]
 
     @property
     def nnz(self) -> int:
@@ -252,14 +289,24 @@ class ExampleGrads:
         return self._backend.shape(self.rows)[0]
 
     def __len__(self) -> int:
+        return self._static_batch("len()")
+
+    def _static_batch(self, what: str) -> int:
+        """The batch size as an int; EmbgradError while tracing with a batch size not yet known."""
+        if not isinstance(self.batch_size, int):
+            raise EmbgradError(
+                f"ExampleGrads.{what} needs the batch size, which is not known while this "
+                "tf.function is traced (its batch dimension is None). norms(), clip(), scale() and "
+                "sum() work in the traced function; for this, give the tf.function an "
+                "input_signature with a fixed batch size, or call it eagerly.")
         return self.batch_size
 
     def norms(self) -> Any:
         """(B,) per-example L2 norms, a framework tensor."""
         if self._norms is None:  # immutable, so computed once
             b = self._backend
-            sq = b.sum(self.values * self.values, 1)
-            self._norms = b.sqrt(b.segment_sum(sq, self.example_ids, self.batch_size))
+            norms = _compiled(b, _norms_impl)(self._base, self.example_ids, self.batch_size)
+            self._norms = norms if self._factor is None else norms * b.sqrt(self._factor * self._factor)
         return self._norms
 
     def clip(self, max_norm: float) -> "ExampleGrads":
@@ -267,29 +314,42 @@ class ExampleGrads:
         _check_positive(max_norm, "max_norm")
         b = self._backend
         factor = b.minimum(max_norm / b.maximum(self.norms(), 1e-30), 1.0)   # (B,)
-        per_entry = b.reshape(b.gather(factor, self.example_ids), (-1, 1))
-        return self._with_values(self.values * per_entry)
+        return self._scaled(factor)
 
     def scale(self, factors: Any) -> "ExampleGrads":
         """Example b scaled by ``factors[b]`` ((B,) tensor) or all by one float."""
         b = self._backend
-        if isinstance(factors, (int, float)):
-            return self._with_values(self.values * factors)
-        per_entry = b.reshape(b.gather(b.cast(factors, b.dtype_name(self.values)), self.example_ids), (-1, 1))
-        return self._with_values(self.values * per_entry)
+        dt = b.dtype_name(self._base)
+        if isinstance(factors, (int, float, np.integer, np.floating)):
+            factors = b.zeros((self.batch_size,), dt, self._base) + float(factors)
+        else:
+            if not b.is_appropriate(factors):
+                factors = b.from_numpy(np.asarray(factors), like=self._base)
+            shape = b.shape(factors)
+            if len(shape) != 1 or (isinstance(shape[0], int) and isinstance(self.batch_size, int)
+                                   and shape[0] != self.batch_size):
+                raise EmbgradError(f"scale() takes one float or a ({self.batch_size},) tensor of "
+                                   f"per-example factors, got shape {shape}.")
+            factors = b.cast(factors, dt)
+        return self._scaled(factors)
 
     def sum(self) -> RowGrad:
         """The sum over examples: a :class:`RowGrad` equal to the layer's ``weight_grad``."""
         b = self._backend
         if self._row_index is not None:
             unique_rows, slot = self._row_index
-            values = b.segment_sum(self.values, slot, b.shape(unique_rows)[0])
+            n = b.shape(unique_rows)[0]
+            if self._factor is not None:
+                values = _compiled(b, _scaled_sum_impl)(self._base, self.example_ids, self._factor, slot, n)
+            else:
+                values = b.segment_sum(self._base, slot, n)
             return RowGrad(unique_rows, values, self.num_rows, b)
         rows, values = _coalesce(b, self.rows, self.values)
         return RowGrad(rows, values, self.num_rows, b)
 
     def example(self, index: int) -> RowGrad:
         """The :class:`RowGrad` of example ``index`` (negative indices count from the end)."""
+        self._static_batch("example()")
         if not isinstance(index, (int, np.integer)) or not -self.batch_size <= index < self.batch_size:
             raise EmbgradError(f"example index {index!r} is out of range for a batch of {self.batch_size}.")
         index = int(index) % self.batch_size
@@ -315,7 +375,7 @@ class ExampleGrads:
                 f"dot() needs gradients of the same table: ({self.num_rows}, {self.dim}) vs "
                 f"({other.num_rows}, {other.dim}).")
         b = self._backend
-        B1, B2 = self.batch_size, other.batch_size
+        B1, B2 = self._static_batch("dot()"), other._static_batch("dot()")
         acc = _accum_dtype(b, self.values)
         out = b.zeros((B1 * B2,), acc, self.values)
         if self.nnz == 0 or other.nnz == 0:
@@ -334,7 +394,7 @@ class ExampleGrads:
         """(B, V, D) dense per-example gradients; EmbgradError if that exceeds ``max_bytes``."""
         b = self._backend
         item = np.dtype(b.dtype_name(self.values) if b.dtype_name(self.values) != "bfloat16" else "float16").itemsize
-        need = self.batch_size * self.num_rows * self.dim * item
+        need = self._static_batch("to_dense()") * self.num_rows * self.dim * item
         if need > max_bytes:
             raise EmbgradError(
                 f"to_dense() would allocate {need / 2**20:.1f} MiB for ({self.batch_size}, "

@@ -29,8 +29,9 @@ _TF_TYPES = (tf.Tensor, tf.Variable, tf.IndexedSlices, tf.RaggedTensor, tf.Spars
 
 
 def is_symbolic(x: Any) -> bool:
-    """True for a graph tensor traced inside ``tf.function`` (no value yet)."""
-    return isinstance(x, tf.Tensor) and not hasattr(x, "numpy")
+    """True while tracing a ``tf.function`` (ops on ``x`` have no value yet, even when ``x``
+    itself is an eager tensor the function closes over) or for a graph tensor."""
+    return not tf.executing_eagerly() or (isinstance(x, tf.Tensor) and not hasattr(x, "numpy"))
 
 
 class TapeTap(Tap):
@@ -240,9 +241,10 @@ class TensorFlowBackend(Backend):
         return tf.gather(u, order), tf.gather(tf.cast(rank, tf.int64), idx)
 
     def segment_sum(self, data, segment_ids, num_segments):
-        # scatter_nd sums duplicate indices like unsorted_segment_sum, ~5x faster on CPU
-        return tf.scatter_nd(tf.reshape(tf.cast(segment_ids, tf.int64), (-1, 1)), data,
-                             _leading_shape(num_segments, data))
+        # on CPU (TF 2.21) unsorted_segment_sum beats scatter_nd: ~1.3x on (8192, 128) float32
+        # rows, ~10x on (8192,) scalars (the per-example norms)
+        return tf.math.unsorted_segment_sum(data, tf.cast(segment_ids, tf.int64),
+                                            tf.cast(num_segments, tf.int64))
 
     def gather(self, x, idx):
         return tf.gather(x, idx)
@@ -283,10 +285,14 @@ class TensorFlowBackend(Backend):
 
     def count_nonfinite(self, x):
         if is_symbolic(x):
-            # graph mode: the value is not known yet; assert at run time instead
-            tf.debugging.assert_all_finite(
-                x, "embgrad: a gradient holds NaN/Inf values; the loss or the model diverged "
-                   "(or a float16 loss was scaled too far).")
+            # graph mode: the value is not known yet; assert at run time instead. (Not
+            # tf.debugging.assert_all_finite: its CheckNumerics kernel and the identity it returns
+            # cost ~2 ms on a (64, 128, 128) gradient on CPU, is_finite + all ~0.2 ms.)
+            if x.dtype.is_floating:
+                tf.debugging.Assert(
+                    tf.reduce_all(tf.math.is_finite(x)),
+                    ["embgrad: a gradient holds NaN/Inf values; the loss or the model diverged "
+                     "(or a float16 loss was scaled too far)."])
             return 0
         if not x.dtype.is_floating or bool(tf.reduce_all(tf.math.is_finite(x))):
             return 0   # the common case in two ops; count only when something is wrong
@@ -330,7 +336,15 @@ class TensorFlowBackend(Backend):
         key = (key, tuple(fn.args) if isinstance(fn, functools.partial) else ())
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = tf.function(fn, reduce_retracing=True, autograph=False)
+            traced = tf.function(fn, reduce_retracing=True, autograph=False)
+
+            def compiled(*args: Any) -> Any:
+                # Python ints (batch sizes, table sizes) go in as int64 tensors: a new value then
+                # reuses the trace instead of tracing again (bools stay Python: they pick code)
+                return traced(*(tf.constant(a, tf.int64) if isinstance(a, (int, np.integer))
+                                and not isinstance(a, bool) else a for a in args))
+
+            compiled.tf_function = traced   # type: ignore[attr-defined]
             self._compiled[key] = compiled
         return compiled
 
