@@ -33,6 +33,11 @@ TF_PRIVACY_REASON = (
     "'tensorflow_estimator'\" (removed from TensorFlow 2.16+), so its fast clipping cannot load")
 
 
+NOTES = ("`embgrad` and `plain` run eagerly, op by op, as a script does; `embgrad_compiled` and "
+         "`plain_compiled` run the same step inside one `tf.function`, as a training step runs "
+         "(Keras compiles `train_step`). `vectorized_map` is compiled by TensorFlow itself.",)
+
+
 def _params(vocab: int, dim: int = 128, batch: int = 64, length: int = 128) -> dict:
     return {"vocab": vocab, "dim": dim, "batch": batch, "length": length, "classes": 2, "seed": 0}
 
@@ -41,7 +46,7 @@ def _case(key: str, p: dict, budget: int, limit: float) -> Case:
     title = (f"Per-example gradients, norms + clipped sum (TensorFlow/Keras): demo classifier, "
              f"V={p['vocab']:,}, D={p['dim']}, B={p['batch']}, T={p['length']}")
     return Case(key, title, "per_example_tf", p, METHODS, reference="loop", budget_bytes=budget,
-                time_limit_s=limit, tolerance=(2e-4, 1e-6))
+                time_limit_s=limit, tolerance=(2e-4, 1e-6), notes=NOTES)
 
 
 def cases(quick: bool) -> list[Case]:
