@@ -1,7 +1,7 @@
 """tf-keras (Keras 2, ``TF_USE_LEGACY_KERAS=1``) and Keras 3 on PyTorch (``KERAS_BACKEND=torch``),
 each in one subprocess (a Keras backend is fixed per process). Each checks capture against its
-framework's own gradient and the bad-input refusals, then reports its numbers, which must equal
-those of Keras 3 on TensorFlow in this process."""
+framework's own gradient and the bad-input refusals, then reports its numbers (captured gradients
+and attribution scores), which must equal those of Keras 3 on TensorFlow in this process."""
 from __future__ import annotations
 
 import json
@@ -114,7 +114,15 @@ if FLAVOUR == "tf_keras":                   # Keras 2's sparse=True returns a Sp
     except EmbgradError as e:
         errors["sparse"] = str(e)
     assert "call" not in sparse_emb.__dict__
+# attribution on the same model: scores, and integrated gradients' completeness gap
+attr = {}
+for method in ("saliency", "grad_x_input", "integrated_gradients", "smoothgrad"):
+    a = embgrad.attribute(model, ids, target=y.tolist(), method=method, steps=16, progress=False)
+    attr[method] = a.scores.tolist()
+    if method == "integrated_gradients":
+        attr["delta"] = a.delta.tolist()
 print("RESULT " + json.dumps({
+    "attr": attr,
     "rows": rg.numpy()[0].tolist(), "values": rg.numpy()[1].tolist(),
     "norms": eg.norms().detach().numpy().tolist() if FLAVOUR == "torch" else eg.norms().numpy().tolist(),
     "errors": errors, "backend": type(g.weight_grad.values).__module__}))
@@ -175,7 +183,10 @@ def _reference() -> dict:
         loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, model(ids), from_logits=True))
     g = cap.gradients(loss)["tok"]
     rows, values = g.weight_grad.numpy()
-    return {"rows": rows.tolist(), "values": values, "norms": g.per_example().norms().numpy()}
+    attr = {method: embgrad.attribute(model, ids, target=y.tolist(), method=method, steps=16,
+                                      progress=False).scores
+            for method in ("saliency", "grad_x_input", "integrated_gradients", "smoothgrad")}
+    return {"rows": rows.tolist(), "values": values, "norms": g.per_example().norms().numpy(), "attr": attr}
 
 
 def _compare(result: dict, module: str) -> None:
@@ -184,6 +195,10 @@ def _compare(result: dict, module: str) -> None:
     np.testing.assert_allclose(np.array(result["values"]), ref["values"], atol=1e-6)
     np.testing.assert_allclose(np.array(result["norms"]), ref["norms"], rtol=1e-5)
     assert result["backend"].startswith(module)
+    for method, scores in ref["attr"].items():       # attribution: the same scores in every flavour
+        np.testing.assert_allclose(np.array(result["attr"][method]), scores, rtol=1e-4, atol=1e-6,
+                                   err_msg=method)
+    assert np.abs(result["attr"]["delta"]).max() < 0.05 * np.abs(np.array(result["attr"]["integrated_gradients"])).sum(1).max()
     errors = result["errors"]
     assert "id 12 at position (0, 3) is out of range for a table of 12 rows" in errors["range"]
     assert "id -1 at position (0, 1)" in errors["negative"]
