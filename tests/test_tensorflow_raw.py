@@ -260,3 +260,18 @@ def test_same_results_as_pytorch_on_random_lookups():
         np.testing.assert_allclose(r_tf.values.numpy(), r_pt.values.numpy(), atol=1e-5)
 
     check()
+
+
+@pytest.mark.parametrize("framework", ["tensorflow", "torch"])
+def test_every_lookup_ignored_gives_empty_results(framework):
+    if framework == "torch":
+        torch = pytest.importorskip("torch")
+        ids, og = torch.tensor([[3, 3], [3, 3]]), torch.ones(2, 2, 4)
+    else:
+        ids, og = tf.constant([[3, 3], [3, 3]]), tf.ones((2, 2, 4))
+    rg = embgrad.rows_from_lookups(ids, og, 10, ignore_index=3)
+    pe = embgrad.rows_from_lookups(ids, og, 10, per_example=True, ignore_index=3)
+    assert len(rg) == 0 and rg.norm() == 0.0 and pe.nnz == 0 and "rows=0 of 10" in repr(rg)
+    np.testing.assert_array_equal(np.asarray(rg.to_dense()), np.zeros((10, 4)))
+    np.testing.assert_array_equal(np.asarray(pe.norms()), [0.0, 0.0])
+    assert len(pe.clip(1.0).sum()) == 0 and np.asarray(pe.dot()).tolist() == [[0.0, 0.0], [0.0, 0.0]]

@@ -78,11 +78,15 @@ class RowGrad:
     def row_norms(self) -> Any:
         """(R,) L2 norm of each stored row."""
         b = self._backend
+        if len(self) == 0:
+            return b.zeros((0,), b.dtype_name(self.values), self.values)
         return b.sqrt(b.sum(self.values * self.values, 1))
 
     def norm(self) -> float:
         """L2 (Frobenius) norm of the whole gradient, as a Python float."""
         b = self._backend
+        if len(self) == 0:   # no row was looked up (or every lookup was ignored)
+            return 0.0
         return float(b.to_numpy(b.sqrt(b.sum(self.values * self.values))))
 
     def numpy(self) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +120,8 @@ class RowGrad:
         """Each row scaled by ``min(1, max_row_norm / row_norm)``."""
         _check_positive(max_row_norm, "max_row_norm")
         b = self._backend
+        if len(self) == 0:
+            return self
         norms = self.row_norms()
         factor = b.minimum(max_row_norm / b.maximum(norms, 1e-30), 1.0)
         return RowGrad(self.rows, self.values * b.reshape(factor, (-1, 1)), self.num_rows, b)

@@ -168,3 +168,14 @@ def test_batchnorm_coupling_is_warned():
     with pytest.warns(UserWarning, match="couple the examples.*BatchNorm"):
         cap.gradients(loss).only().per_example()
     assert isinstance(net[1], gluon.nn.BatchNorm)
+
+
+def test_every_lookup_ignored_gives_empty_results_not_an_mxnet_error():
+    ids, og = nd.array([[3, 3], [3, 3]], dtype="int64"), nd.ones((2, 2, 4))
+    rg = embgrad.rows_from_lookups(ids, og, 10, ignore_index=3)
+    pe = embgrad.rows_from_lookups(ids, og, 10, per_example=True, ignore_index=3)
+    assert len(rg) == 0 and rg.norm() == 0.0 and pe.nnz == 0 and "rows=0 of 10" in repr(rg)
+    np.testing.assert_array_equal(rg.to_dense().asnumpy(), np.zeros((10, 4)))
+    np.testing.assert_array_equal(pe.norms().asnumpy(), [0.0, 0.0])
+    assert len(pe.clip(1.0).sum()) == 0 and pe.dot().asnumpy().tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    mx.nd.waitall()                        # no failed asynchronous MXNet op left behind

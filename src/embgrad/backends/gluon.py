@@ -441,6 +441,14 @@ class GluonBackend(Backend):
         # through float (inexact above 2**24). Exact floor for the non-negative ids used here.
         return (_as_nd(_as_np(x)) / int(n)).as_np_ndarray()
 
+    def compile(self, fn):
+        """``fn`` run with NumPy shape semantics: MXNet 1.x otherwise reads a zero-size dim as
+        "unknown" and fails on the empty arrays that masking every lookup leaves."""
+        def run(*args):
+            with _np_shape():
+                return fn(*args)
+        return run
+
     def unique(self, x):
         with _np_shape():
             u, inv = _mnp.unique(_as_np(x), return_inverse=True)
@@ -475,7 +483,11 @@ class GluonBackend(Backend):
     def sum(self, x, axis=None):
         if axis is None:  # shape (1,): outside NumPy-shape mode MXNet reads () as "unknown"
             return nd.sum(_as_nd(_as_np(x))).as_np_ndarray()
-        return _mnp.sum(_as_np(x), axis=axis)
+        x = _as_np(x)
+        if x.size == 0:   # MXNet 1.9's reduction fails on zero-size input ("Shape size mismatch")
+            shape = tuple(d for i, d in enumerate(x.shape) if i != axis % x.ndim)
+            return self.zeros(shape, self.dtype_name(x), x)
+        return _mnp.sum(x, axis=axis)
 
     def minimum(self, x, y):
         return _mnp.minimum(_as_np(x), y if isinstance(y, (int, float)) else _as_np(y))
