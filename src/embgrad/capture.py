@@ -169,6 +169,13 @@ class LayerGradients:
                         f"layer {self.name!r} was called {len(self.calls)} times with different batch "
                         f"sizes {[b.shape(i)[0] for i, _ in self.calls]}; per-example gradients need "
                         "every call to look up the same examples (one row of ids per example).")
+                if not isinstance(B, int) and len(self.calls) > 1:   # sizes known only when it runs
+                    for ids, _ in self.calls[1:]:         # 0 <= B_i - B < 1: the same batch size
+                        b.assert_in_range(
+                            b.reshape(b.shape(ids)[0] - B, (1,)), 1,
+                            f"embgrad: layer {self.name!r} was called {len(self.calls)} times with "
+                            "different batch sizes; per-example gradients need every call to look up "
+                            "the same examples (one row of ids per example).")
                 if self._loss_reduction == "mean":
                     grads = grads * (float(B) if isinstance(B, int) else b.cast(B, b.dtype_name(grads)))
                 self._per_example = coalesce_lookups(b, ex, rows, grads, self.num_rows, B, per_example=True)
