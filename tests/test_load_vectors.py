@@ -237,6 +237,12 @@ def _bin_bytes(tmp_path, words=("the", "cat", "sat"), count=None, dim=2):
     (b"3 2\nthe 1.0 2.0\n", "glove", r"line 1: '3 2' looks like a word2vec header"),
     (b"0 2\n", "auto", r"line 1: the header announces 0 vectors"),
     (b"3 0\n", "auto", r"line 1: the header announces dimension 0"),
+    # a damaged header must not size an allocation (hypothesis found 63 PiB asked of NumPy)
+    (b"3 8860570192337036\n0 0.0\n0 0.0\n", "word2vec_text", r"line 1: the header announces "
+     r"dimension 8860570192337036; vectors need at least 1 and at most 1,048,576"),
+    (b"3 8860570192337036\n0 0.0\n0 0.0\n", "auto", r"at most 1,048,576"),
+    (b"3000 1000000\n" + b"w 0.5 1.5\n" * 3000, "word2vec_text",
+     r"line 2: 2 numbers after 'w', expected 1000000"),
 ])
 def test_malformed_text_names_file_line_and_problem(tmp_path, data, fmt, match):
     p = _damaged(tmp_path, "bad.txt", data)

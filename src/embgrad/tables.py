@@ -501,6 +501,7 @@ class Vectors:
 _FORMATS = ("auto", "word2vec_text", "word2vec_binary", "glove")
 _CHUNK_BYTES = 1 << 20      # lines (or binary records) parsed at once: memory stays O(this + found)
 _MAX_WORD_BYTES = 1 << 16
+_MAX_DIM = 1 << 20  # a header announcing more dimensions per vector is damaged (real ones: < 20k)
 
 
 def _fail(path: Any, where: str, problem: str) -> EmbgradError:
@@ -650,10 +651,10 @@ def _text_chunks(f: Any, path: Any, dim: int | None, lineno: int, dim_from: str,
             ok = vecs.shape == (len(words), dim)
         except ValueError:
             ok = False
-        if not ok:
-            vecs = np.empty((len(words), dim), np.float32)
-            for k, (w, rest, ln) in enumerate(zip(words, rests, locs)):
-                words[k], vecs[k] = _parse_line(path, ln, w, rest, dim, dim_from)
+        if not ok:   # line by line; nothing sized by dim is allocated before a line has dim numbers
+            parsed = [_parse_line(path, ln, w, rest, dim, dim_from) for w, rest, ln in zip(words, rests, locs)]
+            words = [w for w, _ in parsed]
+            vecs = np.stack([v for _, v in parsed])
         yield words, locs, vecs
 
 
@@ -780,6 +781,13 @@ def _load(f: Any, path: Any, lookup: dict[str, int], lower: bool, transform: Any
         raise _fail(path, "line 1", "the file is empty." if not first + rest else
                     "the first line is blank; a vectors file starts with a header or a vector.")
     header = _header(first)
+    if header is not None:       # refuse a damaged header before reading anything it sizes
+        count, dim = header
+        if not 0 < dim <= _MAX_DIM:
+            raise _fail(path, "line 1", f"the header announces dimension {dim}; vectors need at least 1 "
+                        f"and at most {_MAX_DIM:,} (the header is damaged, or this is not a vectors file).")
+        if count <= 0:
+            raise _fail(path, "line 1", f"the header announces {count} vectors; the file holds none.")
     if format == "auto":
         fmt = "glove"
         if header is not None:
@@ -797,11 +805,6 @@ def _load(f: Any, path: Any, lookup: dict[str, int], lower: bool, transform: Any
         raise _fail(path, "line 1", f"{shown!r} looks like a word2vec header, not a GloVe "
                     "vector; pass format='word2vec_text' or 'word2vec_binary' (or 'auto').")
     count, dim = header if header is not None else (None, None)
-    if count is not None:
-        if dim <= 0:
-            raise _fail(path, "line 1", f"the header announces dimension {dim}; vectors need at least 1.")
-        if count <= 0:
-            raise _fail(path, "line 1", f"the header announces {count} vectors; the file holds none.")
     limit = max_vectors if max_vectors is not None else None
     if fmt == "word2vec_binary":
         n = count if limit is None else min(count, limit)
