@@ -63,7 +63,7 @@ def test_sentence_embedding_model_explains_the_cosine_similarity(st_model):
     assert np.abs(ex.deltas).max() < 0.01
     assert ex.top_tokens("integrated_gradients", 0, 1)[0][0] in {"guitar", "playing"}
     assert ex.tokens[0][0] == "[CLS]" and ex.special[0, 0] and not ex.special[0, 1]
-    assert all(t not in ("[CLS]", "[SEP]") for t, _ in ex.top_tokens("grad_x_input", 0, 10))
+    assert all(t not in ("[CLS]", "[SEP]") for t, _, _ in ex.top_tokens("grad_x_input", 0, 10))
 
 
 def test_cli_writes_html_and_prints_top_tokens(tmp_path, capsys):
@@ -107,7 +107,10 @@ def test_bad_model_directories(tmp_path, capsys):
     with pytest.raises(EmbgradError, match="not valid JSON"):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
-    with pytest.raises(EmbgradError, match="could not load the model"):
+    with pytest.raises(EmbgradError, match="has no tokenizer files"):
+        load_model(tmp_path)
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nword\n")
+    with pytest.raises(EmbgradError, match="could not load the model"):      # no weights
         load_model(tmp_path)
     assert main(["explain", str(tmp_path / "missing"), "text"]) == 2
     assert "is not a directory" in capsys.readouterr().err
@@ -128,3 +131,100 @@ def test_bad_texts_and_arguments(st_model):
     with pytest.warns(UserWarning, match="truncated"):
         ex = explain(st_model, ["short", long], compare="x", methods=("grad_x_input",))
     assert ex.truncated == (1,) and ex.scores["grad_x_input"].shape == (2, 512)
+
+
+# ----------------------------------------------------------------------------- issue 20: the face
+def test_top_tokens_rank_by_magnitude_with_positions(st_model):
+    """The most influential NEGATIVE token is listed too (ranked by |score|), with its position,
+    so repeated words stay apart; special tokens never appear."""
+    ex = explain(st_model, ["the cat sleeps on the sofa"], compare="someone makes music", steps=16)
+    for method, s in ex.scores.items():
+        top = ex.top_tokens(method, 0, 3)
+        shown = ex.mask[0] & ~ex.special[0]
+        expected = np.argsort(-np.abs(np.where(shown, s[0], 0.0)), kind="stable")[:3]
+        assert [p for _, _, p in top] == [int(t) + 1 for t in expected]
+        assert [t for t, _, _ in top] == [ex.tokens[0][t] for t in expected]
+    strongest = ex.top_tokens("grad_x_input", 0, 1)[0]
+    assert abs(strongest[1]) == pytest.approx(np.abs(ex.scores["grad_x_input"][0][shown]).max())
+    rep = explain(st_model, ["superb superb superb"], compare="great", methods=("grad_x_input",))
+    assert sorted(p for _, _, p in rep.top_tokens("grad_x_input", 0)) == [2, 3, 4]
+
+
+def test_model_without_tokenizer_files_is_refused(classifier_dir, tmp_path):
+    import shutil
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in classifier_dir.iterdir():
+        if f.name in ("config.json", "model.safetensors"):
+            shutil.copy(f, bare / f.name)
+    with pytest.raises(EmbgradError, match="no tokenizer files"):
+        load_model(bare)
+    # a tokenizer of another model (vocabulary far from config.vocab_size)
+    other = tmp_path / "other"
+    shutil.copytree(classifier_dir, other)
+    cfg = (other / "config.json").read_text().replace('"vocab_size": 30522', '"vocab_size": 100000')
+    (other / "config.json").write_text(cfg)
+    with pytest.raises(EmbgradError, match="30,522 tokens but the model's embedding table has"):
+        load_model(other)
+
+
+def test_target_line_says_requested_and_predicted(classifier_dir):
+    loaded = load_model(classifier_dir)
+    with torch.no_grad():
+        enc = loaded.tokenizer(["good film"], return_tensors="pt")
+        probs = torch.softmax(loaded.model(**enc).logits, -1)[0]
+    pred = int(probs.argmax())
+    other = (pred + 1) % 3
+    ex = explain(loaded, ["good film"], target=other, methods=("saliency",))
+    line = ex.target_line(0)
+    assert line.startswith(f"requested target: {loaded.labels[other]}")
+    assert f"the model predicts {loaded.labels[pred]} ({float(probs[pred]):.1%})" in line
+    default = explain(loaded, ["good film"], methods=("saliency",)).target_line(0)
+    assert default.startswith(f"target (the predicted label): {loaded.labels[pred]}")
+
+
+def test_long_texts_short_headings_no_transformers_warning(st_model, tmp_path, caplog, capsys):
+    long = "this film is superb and " * 200
+    with pytest.warns(UserWarning, match="truncated"):
+        ex = explain(st_model, [long], compare="good", methods=("grad_x_input",))
+    assert "Token indices sequence length" not in caplog.text
+    page = write_explanation(ex, tmp_path / "long.html").read_text(encoding="utf-8")
+    heading = re.search(r"<h2>#1 “([^”]*)”", page).group(1)
+    assert len(heading) <= 80 and heading.endswith("…")
+    assert "Full text:" in page and "Which to trust" in page
+
+
+def test_bidi_controls_are_neutralised(st_model, tmp_path):
+    ex = explain(st_model, ["good \u202egnihton\u202c film"], compare="x", methods=("grad_x_input",))
+    page = write_explanation(ex, tmp_path / "b.html").read_text(encoding="utf-8")
+    assert "\u202e" not in page and "\u202c" not in page and "&lt;U+202E&gt;" in page
+
+
+def test_cli_refuses_bad_steps_and_unwritable_out_before_work(tmp_path, capsys, monkeypatch):
+    assert main(["explain", MINILM, "text", "--compare", "x", "--steps", "0"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--steps 0" in err and "at least 1" in err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    import embgrad.report.explain as ex_mod
+    monkeypatch.setattr(ex_mod, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking --out"))
+    try:
+        if not __import__("os").access(locked, __import__("os").W_OK):   # root can write anywhere
+            assert main(["explain", MINILM, "text", "--compare", "x", "--out", str(locked / "e.html")]) == 2
+            assert "cannot write" in capsys.readouterr().err
+        (tmp_path / "file").write_text("x")
+        assert main(["explain", MINILM, "text", "--compare", "x", "--out", str(tmp_path / "file" / "e.html")]) == 2
+        assert "cannot write" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_cli_names_the_extra_when_transformers_is_missing(capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    assert main(["explain", MINILM, "text", "--compare", "x"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "needs transformers" in err and 'pip install "embgrad[torch,hf]"' in err

@@ -10,13 +10,45 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["token_heatmap", "score_colors", "POSITIVE_RGB", "NEGATIVE_RGB"]
+__all__ = ["token_heatmap", "score_colors", "esc", "neutralize_bidi", "color_legend", "POSITIVE_RGB",
+           "NEGATIVE_RGB"]
 
 POSITIVE_RGB = (178, 24, 43)    # ColorBrewer RdBu ends: red for positive scores
 NEGATIVE_RGB = (33, 102, 172)   # and blue for negative ones
 
+#: Unicode bidirectional controls (Unicode TR9, "explicit directional formatting characters"): in
+#: a token or a text they would reorder the rest of the page (e.g. U+202E RIGHT-TO-LEFT OVERRIDE).
+_BIDI = dict.fromkeys(map(ord, "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"))
+_BIDI_SHOWN = {c: f"<U+{c:04X}>" for c in _BIDI}
+
+
+def neutralize_bidi(text: str) -> str:
+    """``text`` with every bidirectional control character replaced by a visible ``<U+XXXX>``,
+    so data cannot reorder the page around it (the controls of Unicode TR9, e.g. U+202E)."""
+    return text.translate(_BIDI_SHOWN)
+
+
+def esc(text: object, quote: bool = True) -> str:
+    """HTML-escape ``str(text)`` and neutralise its bidirectional controls
+    (:func:`neutralize_bidi`): what every string that comes from data goes through."""
+    return html.escape(neutralize_bidi(str(text)), quote=quote)
+
+
+def color_legend(vmax: float | None = None, positive: str = "raises the target",
+                 negative: str = "lowers it") -> str:
+    """A small HTML colour legend: blue (negative) → white (0) → red (positive), with what each
+    end means; ``vmax`` (if given) is the |score| shown at full colour."""
+    lo = "rgb({},{},{})".format(*NEGATIVE_RGB)
+    hi = "rgb({},{},{})".format(*POSITIVE_RGB)
+    scale = "" if vmax is None else f" (full colour at |score| = {vmax:.3g})"
+    return ('<div class="embgrad-legend" style="font-family:sans-serif;font-size:12px;color:#444;margin:4px 0">'
+            f'<span style="display:inline-block;width:120px;height:10px;vertical-align:middle;border:1px solid #ccc;'
+            f'background:linear-gradient(to right,{lo},#fff,{hi})"></span> '
+            f"blue {esc(negative)} · white 0 · red {esc(positive)}{esc(scale)}</div>")
+
+
 _ROW = "margin:2px 0;line-height:1.9;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:13px"
-_TOK = "padding:1px 3px;margin:0 1px;border-radius:3px;white-space:pre"
+_TOK = "padding:1px 3px;margin:0 1px;border-radius:3px;white-space:pre;display:inline-block"
 _MARK = ";box-shadow:inset 0 -3px 0 #111"
 _LABEL = "display:inline-block;min-width:9em;color:#555;font-family:sans-serif;font-size:12px"
 
@@ -36,7 +68,8 @@ def score_colors(scores: np.ndarray, vmax: float) -> list[tuple[str, str]]:
 
 def token_heatmap(tokens: Sequence[Sequence[str]], scores: np.ndarray | Sequence[Sequence[float]], *,
                   mask: np.ndarray | None = None, labels: Sequence[str] | None = None,
-                  title: str | None = None, scale: str = "row", marks: np.ndarray | None = None) -> str:
+                  title: str | None = None, scale: str = "row", marks: np.ndarray | None = None,
+                  legend: str | None = None) -> str:
     """An HTML ``<div>`` fragment: row b shows ``tokens[b]`` coloured by ``scores[b]``.
 
     ``scores``: (B, T) numbers (rows may be ragged lists); tokens beyond a row's scores, or with
@@ -44,6 +77,7 @@ def token_heatmap(tokens: Sequence[Sequence[str]], scores: np.ndarray | Sequence
     ``scale``: ``"row"`` (each row's largest |score| is full colour) or ``"global"``.
     Hovering a token shows its exact score. ``marks``: optional bool (B, T); marked tokens
     (e.g. words known to carry the label) are underlined and get the class ``embgrad-mark``.
+    ``legend``: an HTML fragment (e.g. :func:`color_legend`) shown under the title.
     """
     if scale not in ("row", "global"):
         raise ValueError(f"scale must be 'row' or 'global', got {scale!r}")
@@ -56,7 +90,9 @@ def token_heatmap(tokens: Sequence[Sequence[str]], scores: np.ndarray | Sequence
     parts = ['<div class="embgrad-heatmap" style="padding:4px">']
     if title:
         parts.append(f'<div style="font-family:sans-serif;font-weight:600;margin-bottom:4px">'
-                     f'{html.escape(title)}</div>')
+                     f'{esc(title)}</div>')
+    if legend:
+        parts.append(legend)
     for b, (toks, row) in enumerate(zip(tokens, rows)):
         n = min(len(toks), row.size)
         keep = np.ones(n, dtype=bool) if mask is None else np.asarray(mask[b], dtype=bool)[:n]
@@ -64,17 +100,17 @@ def token_heatmap(tokens: Sequence[Sequence[str]], scores: np.ndarray | Sequence
         colors = score_colors(row[:n], vmax)
         parts.append(f'<div class="embgrad-row" style="{_ROW}">')
         if labels is not None:
-            parts.append(f'<span style="{_LABEL}">{html.escape(str(labels[b]))}</span>')
+            parts.append(f'<span style="{_LABEL}">{esc(labels[b])}</span>')
         for t in range(n):
             if not keep[t]:
                 continue
             tok = str(toks[t])
             bg, fg = colors[t]
-            tip = html.escape(f"{tok}: {float(row[t])!r}", quote=True)
+            tip = esc(f"{tok} (position {t + 1}): {float(row[t]):.4g}")
             marked = marks is not None and bool(marks[b][t])
             cls, mark = ("embgrad-tok embgrad-mark", _MARK) if marked else ("embgrad-tok", "")
             parts.append(f'<span class="{cls}" title="{tip}" data-score="{float(row[t])!r}" '
-                         f'style="{_TOK};background:{bg};color:{fg}{mark}">{html.escape(tok or "∅")}</span>')
+                         f'style="{_TOK};background:{bg};color:{fg}{mark}">{esc(tok or "∅")}</span>')
         parts.append("</div>")
     parts.append("</div>")
     return "".join(parts)

@@ -137,23 +137,29 @@ class Attribution:
         B = self.ids.shape[0]
         labels = []
         delta = None if self.delta is None else self.delta.reshape(K, B)
+        outputs = np.asarray(self.outputs, dtype=np.float64).reshape(K, B)
         for k in range(K):
             for b in range(B):
                 lab = f"#{b}" + ("" if self.targets is None else f" · {self.targets[k]}")
+                lab += f" · f={outputs[k, b]:.3g}"
                 if delta is not None:
                     lab += f" · Δ={delta[k, b]:.1e}"
                 labels.append(lab)
         return toks * K, scores, np.tile(self.mask, (K, 1)), labels
 
     def to_html(self, title: str | None = None, scale: str = "row") -> str:
-        """A self-contained HTML fragment: the token heatmap, one row per example (and target),
-        every token escaped, hover shows the exact score."""
-        from ._html import token_heatmap
+        """A self-contained HTML fragment: a colour legend, then the token heatmap, one row per
+        example (and target) labelled with the example, the target (for several targets), the
+        explained output ``f`` and the completeness gap ``Δ`` (integrated gradients); every token
+        escaped, hovering a token shows its position and score."""
+        from ._html import color_legend, token_heatmap
         toks, scores, mask, labels = self._rows()
         if title is None:
             title = f"{self.method} on {self.layer}" + (f" ({self.rule}, {self._steps_text()} steps)"
                                                          if self.method == "integrated_gradients" else "")
-        return token_heatmap(toks, scores, mask=mask, labels=labels, title=title, scale=scale)
+        legend = color_legend(None if scale == "row" else float(np.abs(scores).max(initial=0.0)),
+                              positive="raises the target output f", negative="lowers it")
+        return token_heatmap(toks, scores, mask=mask, labels=labels, title=title, scale=scale, legend=legend)
 
     def _repr_html_(self) -> str:
         return self.to_html()

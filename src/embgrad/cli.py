@@ -55,13 +55,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _require(modules: Sequence[str], extra: str, command: str) -> None:
+    """Refuse before any work when an optional package that ``command`` needs is missing,
+    naming the extra that brings it."""
+    import importlib.util
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EmbgradError(f"{command} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                           f"not installed here. Install {'it' if len(missing) == 1 else 'them'} with: "
+                           f'pip install "embgrad[{extra}]"')
+
+
+def _shorten(text: str, n: int = 60) -> str:
+    one = " ".join(text.split())
+    return one if len(one) <= n else one[: n - 1].rstrip() + "…"
+
+
 def _explain(args: argparse.Namespace) -> int:
     import warnings
 
     from rich.console import Console
     from rich.table import Table
 
-    from .report.explain import DEFAULT_METHODS, explain, load_model, write_explanation
+    if args.steps < 1:
+        raise EmbgradError(f"--steps {args.steps}: integrated gradients average the gradient over --steps points "
+                           "on the path from the baseline to the text, so it needs at least 1 (default 50; "
+                           "more steps, smaller completeness gap).")
+    _require(("torch", "transformers"), "torch,hf", "embgrad explain")
+    from .report.explain import DEFAULT_METHODS, check_out_file, explain, load_model, write_explanation
+    check_out_file(args.out)          # before minutes of work, not after
 
     console = Console()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,15 +101,15 @@ def _explain(args: argparse.Namespace) -> int:
         if issubclass(w.category, UserWarning) and "truncated" in str(w.message):
             console.print(f"[yellow]warning:[/] {w.message}")
     console.print(f"[bold]{type(loaded.model).__name__}[/] ({loaded.kind}) from {loaded.path}")
-    table = Table(title="Top tokens", title_justify="left")
+    table = Table(title="Top tokens by |score| (token@position, counted from 1; special tokens left out)",
+                  title_justify="left")
     for col in ("#", "method", "top tokens"):
         table.add_column(col)
     for b, text in enumerate(ex.texts):
-        value = f"{ex.values[b]:.3f}" + (f", probability {ex.probabilities[b]:.1%}" if ex.probabilities is not None else "")
-        console.print(f"  #{b} “{text}” → {ex.targets[b]}: {value}", highlight=False)
+        console.print(f"  #{b + 1} “{_shorten(text)}” — {ex.target_line(b)}", highlight=False, markup=False)
         for i, method in enumerate(ex.scores):
-            top = ", ".join(f"{t} {s:+.3g}" for t, s in ex.top_tokens(method, b))
-            table.add_row(f"#{b}" if i == 0 else "", method, top)
+            top = ", ".join(f"{t}@{p} {s:+.3g}" for t, s, p in ex.top_tokens(method, b))
+            table.add_row(f"#{b + 1}" if i == 0 else "", method, top)
     console.print(table)
     page = write_explanation(ex, args.out)
     console.print(f"[bold green]Explanation written to[/] {page.resolve()}")
@@ -122,19 +144,12 @@ def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    _require((args.framework, "matplotlib"), f"{args.framework},viz", f"embgrad demo --framework {args.framework}")
     from .report.console import attribution_table, print_summary
     from .report.demo import run_demo
-    from .report.html import write_report
+    from .report.html import check_out_dir, write_report
+    check_out_dir(args.out)          # refuse before minutes of work, not after
 
-    if args.out.exists() and not args.out.is_dir():   # refuse before minutes of work, not after
-        raise EmbgradError(f"--out {str(args.out)!r} is a file; the report needs a directory (index.html "
-                           "and PNG figures go into it). Pass a directory path.")
-    needed = {"torch": ("torch", "torch"), "tensorflow": ("tensorflow", "tensorflow")}[args.framework]
-    import importlib.util
-    if importlib.util.find_spec(needed[0]) is None:
-        raise EmbgradError(
-            f"embgrad demo --framework {args.framework} needs {needed[0]}, which is not installed here. "
-            f"Install it with: pip install -c constraints.txt -e '.[{needed[1]},viz]'")
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn())

@@ -28,7 +28,8 @@ import numpy as np
 from .._html import token_heatmap
 from ..errors import EmbgradError, closest_names
 
-__all__ = ["LoadedModel", "Explanation", "load_model", "explain", "write_explanation", "DEFAULT_METHODS"]
+__all__ = ["LoadedModel", "Explanation", "load_model", "explain", "write_explanation", "check_out_file",
+           "DEFAULT_METHODS"]
 
 DEFAULT_METHODS = ("grad_x_input", "integrated_gradients")
 
@@ -73,11 +74,36 @@ def _pooling(path: Path) -> str:
     return "mean"
 
 
+#: files from which transformers builds a real tokenizer (fast or slow, any family)
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model", "merges.txt")
+
+
+def _check_tokenizer(path: Path, tokenizer: Any, vocab: Any) -> None:
+    """Refuse a directory without tokenizer files (transformers then builds a tiny default
+    tokenizer that turns every word into [UNK]) and a tokenizer whose vocabulary does not fit
+    the model's embedding table (``config.vocab_size``)."""
+    if not any((path / name).exists() for name in _TOKENIZER_FILES):
+        raise EmbgradError(
+            f"{str(path)!r} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}): embgrad explain "
+            "would explain every word as an unknown token. Save the tokenizer next to the model "
+            "(tokenizer.save_pretrained(MODEL_DIR)).")
+    n = len(tokenizer)
+    # a model may pad its table past the tokenizer (vocab_size rounded up to a multiple of 64/128),
+    # never the reverse; a tokenizer much smaller than the table is another model's tokenizer
+    if isinstance(vocab, int) and vocab > 0 and (n > vocab or n < 0.5 * vocab):
+        raise EmbgradError(
+            f"the tokenizer in {str(path)!r} has {n:,} tokens but the model's embedding table has "
+            f"config.vocab_size = {vocab:,} rows: they do not belong together. Save the model's own "
+            "tokenizer next to it (tokenizer.save_pretrained(MODEL_DIR)).")
+
+
 def load_model(model_dir: str | Path) -> LoadedModel:
     """Load a local Hugging Face classifier or sentence-embedding model, offline.
 
-    EmbgradError if ``model_dir`` is not a directory holding a model (config.json, weights
-    and a tokenizer).
+    Raises:
+        EmbgradError: ``model_dir`` is not a directory holding a model (config.json, weights
+            and tokenizer files), or its tokenizer does not fit the model's vocabulary.
     """
     path = Path(model_dir)
     if not path.is_dir():
@@ -98,6 +124,11 @@ def load_model(model_dir: str | Path) -> LoadedModel:
     auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise EmbgradError(f"could not load the tokenizer in {str(path)!r} offline: {e}".rstrip()
+                           + " (it needs tokenizer files next to config.json).") from None
+    _check_tokenizer(path, tokenizer, config.get("vocab_size"))
+    try:
         model = auto.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise EmbgradError(f"could not load the model in {str(path)!r} offline: {e}".rstrip()
@@ -137,13 +168,33 @@ class Explanation:
     compare: str | None
     truncated: tuple[int, ...]
     seconds: float
+    predicted: tuple[str, ...] | None = None
+    predicted_probabilities: np.ndarray | None = None
+    requested: bool = False
 
-    def top_tokens(self, method: str, b: int, k: int = 5) -> list[tuple[str, float]]:
-        """The ``k`` highest-scoring non-special tokens of text ``b``: (token, score)."""
+    def target_line(self, b: int) -> str:
+        """One line saying what was explained for text ``b``: the target (requested, or the
+        predicted label by default) with its logit and probability, and the model's prediction
+        beside it; or the cosine similarity for a sentence-embedding model."""
+        if self.probabilities is None:
+            return f"explained: {self.targets[b]} = {self.values[b]:.3f}"
+        how = "requested target" if self.requested else "target (the predicted label)"
+        line = (f"{how}: {self.targets[b]} (logit {self.values[b]:.3f}, probability "
+                f"{self.probabilities[b]:.1%})")
+        if self.predicted is not None and self.predicted_probabilities is not None and (
+                self.requested or self.predicted[b] != self.targets[b]):
+            line += f"; the model predicts {self.predicted[b]} ({self.predicted_probabilities[b]:.1%})"
+        return line
+
+    def top_tokens(self, method: str, b: int, k: int = 5) -> list[tuple[str, float, int]]:
+        """The ``k`` non-special tokens of text ``b`` with the largest |score|, positive or negative
+        (a token that lowers the output counts as much as one that raises it):
+        ``(token, score, position)``, position counted from 1 over the text's tokens (special
+        tokens included), so repeated words stay apart."""
         s = self.scores[method][b]
         keep = np.flatnonzero(self.mask[b] & ~self.special[b])
-        order = keep[np.argsort(-s[keep], kind="stable")][:k]
-        return [(self.tokens[b][t], float(s[t])) for t in order]
+        order = keep[np.argsort(-np.abs(s[keep]), kind="stable")][:k]
+        return [(self.tokens[b][t], float(s[t]), int(t) + 1) for t in order]
 
     def __repr__(self) -> str:
         return f"Explanation({len(self.texts)} texts, methods={list(self.scores)}, targets={list(self.targets)})"
@@ -168,7 +219,8 @@ def _encode(loaded: LoadedModel, texts: Sequence[str], truncate: bool) -> tuple[
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise EmbgradError(f"text #{i} is empty ({t!r}): there is nothing to explain. Pass non-empty text.")
-    lengths = [len(loaded.tokenizer(t, truncation=False)["input_ids"]) for t in texts]
+    # verbose=False: embgrad's own warning below says what happens; transformers' would come first
+    lengths = [len(loaded.tokenizer(t, truncation=False, verbose=False)["input_ids"]) for t in texts]
     long = tuple(i for i, n in enumerate(lengths) if n > loaded.max_length)
     if long and not truncate:
         i = long[0]
@@ -230,13 +282,18 @@ def explain(loaded: LoadedModel, texts: Sequence[str], *, target: str | int | No
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     baseline = torch.where(special, ids, torch.full_like(ids, pad))   # words → [PAD], specials kept
     model = loaded.model
-    probabilities = None
+    probabilities = predicted_probabilities = None
+    predicted: tuple[str, ...] | None = None
     with torch.no_grad():
         if loaded.kind == "classifier":
             logits = model(**inputs).logits.float()
             idx = _resolve_target(loaded, target)
-            chosen = logits.argmax(-1) if idx is None else torch.full((len(texts),), idx)
-            probabilities = torch.softmax(logits, -1).gather(1, chosen[:, None])[:, 0].numpy()
+            argmax = logits.argmax(-1)
+            chosen = argmax if idx is None else torch.full((len(texts),), idx)
+            probs = torch.softmax(logits, -1)
+            probabilities = probs.gather(1, chosen[:, None])[:, 0].numpy()
+            predicted = tuple(loaded.labels[int(c)] for c in argmax)
+            predicted_probabilities = probs.gather(1, argmax[:, None])[:, 0].numpy()
             values = logits.gather(1, chosen[:, None])[:, 0].numpy()
             targets = tuple(loaded.labels[int(c)] for c in chosen)
             target_arg: Any = chosen.tolist()
@@ -266,42 +323,94 @@ def explain(loaded: LoadedModel, texts: Sequence[str], *, target: str | int | No
         tokens = tuple(tuple(row) for row in a.tokens)
     return Explanation(loaded, tuple(texts), tokens, scores, mask.numpy().astype(bool),
                        special.numpy().astype(bool), targets, np.asarray(values, np.float64),
-                       probabilities, deltas, compare, long, time.perf_counter() - t0)
+                       probabilities, deltas, compare, long, time.perf_counter() - t0, predicted,
+                       predicted_probabilities, loaded.kind == "classifier" and target is not None)
 
 
-def write_explanation(ex: Explanation, path: str | Path) -> Path:
-    """Write ``ex`` as one self-contained HTML page (inline CSS, no scripts, no URLs)."""
-    from .html import _table, esc
+_HEADING = 80   # characters of a text shown in its section's heading
+
+#: what the page says about the methods (and what the README says about `embgrad explain`)
+_TRUST = ("Integrated gradients (IG) are exact in one sense: their scores add up to the change of the "
+          "explained output from the baseline to the text, up to the completeness gap shown under each "
+          "text. Gradient × input is the first-order, one-point approximation of the same thing; where the "
+          "model is not linear in the embeddings the two can disagree, even in sign. Trust IG when its gap "
+          "is small next to the output; use gradient × input as a fast preview. The IG baseline replaces every "
+          "word by [PAD] and keeps the special tokens ([CLS], [SEP]) — the same baseline the API gives "
+          "with baseline=IDS (an id tensor: the pad id at words, the input's ids at special tokens). Special "
+          "tokens are held fixed on that path, so IG gives them nothing; for the same reason they are left "
+          "out of every method's heatmap and top tokens here.")
+
+
+def _shorten(text: str, n: int = _HEADING) -> str:
+    """``text`` on one line, cut to ``n`` characters with an ellipsis."""
+    one = " ".join(text.split())
+    return one if len(one) <= n else one[: n - 1].rstrip() + "…"
+
+
+def check_out_file(path: str | Path) -> Path:
+    """Where :func:`write_explanation` writes for ``path`` (``path/explain.html`` for a
+    directory), checked before any work: its folder exists (or is made) and can be written.
+
+    Raises:
+        EmbgradError: the folder cannot be made or written to.
+    """
+    import tempfile
 
     out = Path(path)
     if out.is_dir():
         out = out / "explain.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        raise EmbgradError(f"cannot write {str(out)!r}: {e.strerror or e}. Pass --out PATH in a directory "
+                           "you can write to.") from None
+    return out
+
+
+def write_explanation(ex: Explanation, path: str | Path) -> Path:
+    """Write ``ex`` as one self-contained HTML page (inline CSS, no scripts, no URLs); return its
+    path (``path``, or ``path/explain.html`` for a directory).
+
+    Raises:
+        EmbgradError: the page cannot be written there.
+    """
+    from .._html import color_legend
+    from .html import _table, esc
+
+    out = check_out_file(path)
     css = resources.files("embgrad.report").joinpath("style.css").read_text(encoding="utf-8")
     m = ex.model
     what = (f"the logit of the target label (labels: {', '.join(m.labels)})" if m.kind == "classifier"
             else f"the cosine similarity of each text's {m.pooling}-pooled embedding to “{ex.compare}”")
     parts = []
+    shown = ex.mask & ~ex.special
     for b, text in enumerate(ex.texts):
-        value = (f"logit {ex.values[b]:.3f}, probability {ex.probabilities[b]:.1%}" if ex.probabilities is not None
-                 else f"cosine similarity {ex.values[b]:.3f}")
         maps = "".join("<div>" + token_heatmap([list(ex.tokens[b])], ex.scores[meth][b:b + 1],
-                                               mask=ex.mask[b:b + 1], title=meth.replace("_", " ")) + "</div>"
+                                               mask=shown[b:b + 1], title=meth.replace("_", " "),
+                                               legend=color_legend()) + "</div>"
                        for meth in ex.scores)
-        top = _table(["method", "top tokens"], [
-            (meth.replace("_", " "), ", ".join(f"{t} ({s:+.3g})" for t, s in ex.top_tokens(meth, b)))
+        top = _table(["method", "top tokens by |score| (word @ position)"], [
+            (meth.replace("_", " "), ", ".join(f"{t} @{p} ({s:+.3g})" for t, s, p in ex.top_tokens(meth, b)))
             for meth in ex.scores])
         note = " <b>(truncated)</b>" if b in ex.truncated else ""
         delta = "" if ex.deltas is None else f"; integrated-gradients completeness gap {ex.deltas[b]:+.1e}"
-        parts.append(f'<section data-section="text-{b}"><h2>“{esc(text)}”{note}</h2>'
-                     f'<p class="intro">Target: {esc(ex.targets[b])} · {esc(value)}{esc(delta)}</p>'
+        full = "" if len(text) <= _HEADING else f'<p class="intro">Full text: {esc(text)}</p>'
+        parts.append(f'<section data-section="text-{b}"><h2>#{b + 1} “{esc(_shorten(text))}”{note}</h2>{full}'
+                     f'<p class="intro">{esc(ex.target_line(b))}{esc(delta)}</p>'
                      f'<div class="heatmaps">{maps}</div>{top}</section>')
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>embgrad explain · {esc(m.path.name)}</title><style>{css}</style></head><body>"
             f"<header><h1>embgrad explain</h1><p>{esc(type(m.model).__name__)} from {esc(str(m.path))}: "
-            f"token attributions of {esc(what)}. Red raises it, blue lowers it; integrated gradients run "
-            f"from a baseline that replaces the words by [PAD] and keeps the special tokens.</p></header>"
-            f"<main>{''.join(parts)}</main><footer>Generated by embgrad explain in {ex.seconds:.1f} s. "
+            f"token attributions of {esc(what)}. Red raises it, blue lowers it.</p></header>"
+            f"<main><section data-section=\"methods\"><h2>Which to trust</h2><p class=\"intro\">"
+            f"{esc(_TRUST)}</p></section>"
+            f"{''.join(parts)}</main><footer>Generated by embgrad explain in {ex.seconds:.1f} s. "
             "This page loads nothing from the network.</footer></body></html>\n")
-    out.write_text(page, encoding="utf-8")
+    try:
+        out.write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise EmbgradError(f"cannot write {str(out)!r}: {e.strerror or e}. Pass --out PATH in a directory "
+                           "you can write to.") from None
     return out

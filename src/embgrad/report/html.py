@@ -1,5 +1,6 @@
-"""The demo report as one self-contained HTML page (inline CSS, no scripts, no external URL,
-fonts or requests) plus the PNG figures it shows, written next to it.
+"""The demo report as one self-contained HTML page: inline CSS, no scripts, no external URL,
+fonts or requests, and its PNG figures embedded as ``data:`` URIs, so the one ``index.html`` can
+be mailed or attached as it is.
 
 Every string that comes from data is escaped. Sections carry ``id`` and ``data-section``
 attributes (``model``, ``weight-gradient``, ``per-example``, ``attribution``, ``hotflip``,
@@ -7,7 +8,8 @@ attributes (``model``, ``weight-gradient``, ``per-example``, ``attribution``, ``
 """
 from __future__ import annotations
 
-import html
+import base64
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .. import __version__
-from .._html import token_heatmap
+from .._html import esc, token_heatmap
 from ..errors import EmbgradError
 from .analysis import AttributionInfo, HotFlipInfo, SimilarityInfo
 from .demo import DemoResults
@@ -34,8 +36,6 @@ SECTIONS: tuple[tuple[str, str], ...] = (
 )
 _METHOD_NAMES = {"saliency": "Saliency ‖∂f/∂e‖", "grad_x_input": "Gradient × input",
                  "integrated_gradients": "Integrated gradients"}
-
-esc = html.escape
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[object]], num: Sequence[int] = ()) -> str:
@@ -175,8 +175,9 @@ def _hotflip_section(h: HotFlipInfo) -> str:
     intro = ("<code>embgrad.attribution.hotflip</code>: from one gradient, the single-token swap that most "
              "lowers the margin logit[predicted] − logit[other], to first order; then a real forward pass "
              "measures it. This model is linear in each embedding, so the first-order prediction is exact "
-             f"here. {h.flipped} of {len(h.rows)} swaps flip the prediction.")
-    rows = [(r.text, _Raw(f"<code>{esc(r.old)}</code> → <code>{esc(r.new)}</code> (token {r.position})"),
+             f"here. {h.flipped} of {len(h.rows)} swaps flip the prediction. Token positions count from 1 "
+             "(the first token of the sentence is token 1).")
+    rows = [(r.text, _Raw(f"<code>{esc(r.old)}</code> → <code>{esc(r.new)}</code> (token {r.position + 1})"),
              f"{r.margin:+.3g}", f"{r.predicted:+.3g}", f"{r.actual:+.3g}",
              _Raw(esc(r.before) + " → " + (f'<span class="bad">{esc(r.after)}</span>' if r.after != r.before
                                           else esc(r.after))), r.new_text) for r in h.rows]
@@ -201,7 +202,8 @@ def _similarity_section(s: SimilarityInfo) -> str:
 
 
 def render_page(r: DemoResults, figs: dict[str, str], command: str = "embgrad demo") -> str:
-    """The HTML page for ``r``; ``figs`` maps figure keys to PNG file names next to the page."""
+    """The HTML page for ``r``; ``figs`` maps figure keys to image sources (``data:`` URIs, or
+    file names next to the page)."""
     css = resources.files("embgrad.report").joinpath("style.css").read_text(encoding="utf-8")
     nav = "".join(f'<a href="#{k}">{n}. {esc(t)}</a>' for n, (k, t) in enumerate(SECTIONS, 1))
     body = "".join([
@@ -218,20 +220,44 @@ def render_page(r: DemoResults, figs: dict[str, str], command: str = "embgrad de
             "</body></html>\n")
 
 
-def write_report(r: DemoResults, out_dir: Path | str, command: str = "embgrad demo") -> Path:
-    """Write ``out_dir/index.html`` and its PNG figures; return the page's path."""
+def check_out_dir(out_dir: Path | str) -> Path:
+    """``out_dir`` as a Path, checked before any work: a directory that exists or can be made and
+    written to. Raises EmbgradError (a file is in the way, or no permission) naming the fix."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise EmbgradError(f"--out {str(out)!r} is a file; the report needs a directory (index.html and "
-                           "PNG figures go into it). Pass a directory path.")
-    out.mkdir(parents=True, exist_ok=True)
-    figs = {
-        "loss": loss_figure(r.model, out / "loss.png"),
-        "rows": rows_figure(r.weight, out / "rows.png"),
-        "norms": norms_figure(r.per_example, out / "norms.png"),
-        "cost": cost_figure(r.per_example.timing, out / "cost.png"),
-        "attribution": attribution_figure(r.attribution, out / "attribution.png"),
-    }
+        raise EmbgradError(f"--out {str(out)!r} is a file; the report needs a directory (index.html goes "
+                           "into it). Pass a directory path.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise EmbgradError(f"--out {str(out)!r} cannot be written: {e.strerror or e}. Pass a directory you "
+                           "can write to.") from None
+    return out
+
+
+def _data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
+def write_report(r: DemoResults, out_dir: Path | str, command: str = "embgrad demo") -> Path:
+    """Write ``out_dir/index.html``, its figures embedded; return the page's path.
+
+    Raises:
+        EmbgradError: ``out_dir`` is a file or cannot be written.
+    """
+    out = check_out_dir(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        files = {
+            "loss": loss_figure(r.model, t / "loss.png"),
+            "rows": rows_figure(r.weight, t / "rows.png"),
+            "norms": norms_figure(r.per_example, t / "norms.png"),
+            "cost": cost_figure(r.per_example.timing, t / "cost.png"),
+            "attribution": attribution_figure(r.attribution, t / "attribution.png"),
+        }
+        figs = {key: _data_uri(t / name) for key, name in files.items()}
     page = out / "index.html"
     page.write_text(render_page(r, figs, command), encoding="utf-8")
     return page
