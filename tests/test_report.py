@@ -170,7 +170,51 @@ def test_keras_report_sections(tmp_path):
     p.feed(write_report(results, tmp_path).read_text(encoding="utf-8"))
     assert p.sections == [key for key, _ in SECTIONS]
     assert results.model.framework == "tensorflow" and results.model.layers[0].padding == "mask_zero"
+    assert "Functional" not in results.model.model_type or "(a Keras Functional model)" in results.model.model_type
+    assert results.weight.received == int((results.weight.row_norms > 0).sum()) < len(results.weight.rows)
     assert results.weight.max_abs_diff == 0.0 and results.per_example.sum_diff < 1e-5
     assert results.attribution.test_share["integrated_gradients"] >= 0.9
     assert all(r.predicted == pytest.approx(r.actual, rel=1e-4, abs=1e-4) for r in results.hotflip.rows)
     assert np.isfinite(results.similarity.scores).all()
+
+
+# ----------------------------------------------------------------------------- issue 20: the face
+def test_ties_are_named_and_grouped():
+    from embgrad.report.analysis import top_is_tied
+    from embgrad.report.console import group_ties
+    mask = np.array([[True, True, True, False]] * 2)
+    assert top_is_tied(np.array([[0.5, 0.5, 0.1, 9.0], [0.5, 0.4, 0.1, 9.0]]), mask).tolist() == [True, False]
+    entries = [(3, "the", 0.25), (3, "cat", 0.25 * (1 + 1e-9)), (1, "dog", 0.25), (3, "sofa", 0.1)]
+    assert group_ties(entries) == [(3, ["the", "cat"], 0.25), (1, ["dog"], 0.25), (3, ["sofa"], 0.1)]
+
+
+def test_terminal_says_ties_where_a_method_ranks_nothing(demo):
+    from rich.console import Console
+
+    from embgrad.report.console import attribution_table
+    results = demo[0]
+    assert results.attribution.test_ties["saliency"] == 1.0        # mean pooling: every token alike
+    assert results.attribution.test_ties["integrated_gradients"] < 0.5
+    console = Console(record=True, width=200)
+    console.print(attribution_table(results.attribution, results.hotflip))
+    text = console.export_text()
+    saliency = next(line for line in text.splitlines() if "saliency" in line)
+    assert "ties" in saliency and "100%" in saliency
+
+
+def test_rows_with_gradient_count_nonzero_rows(demo):
+    w = demo[0].weight
+    assert w.received == int((w.row_norms > 0).sum())
+    assert w.received == len(w.rows) - int(np.any(w.rows == 0) and w.row_norms[w.rows == 0][0] == 0)
+
+
+def test_keras_model_named_by_its_own_name():
+    from embgrad.report.analysis import _model_name
+
+    class Functional:        # Keras's class for models built with the functional API
+        name = "demo_classifier"
+
+    class Classifier:
+        name = "whatever"
+    assert _model_name(Functional()) == "demo_classifier (a Keras Functional model)"
+    assert _model_name(Classifier()) == "Classifier"

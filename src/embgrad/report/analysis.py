@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -63,12 +63,22 @@ def _padding(info: Any) -> str:
     return "mask_zero" if info.options.get("mask_zero") else ""
 
 
+def _model_name(model: Any) -> str:
+    """The class name of ``model``; for Keras's generic classes (a model built with the functional
+    API is a ``Functional``, a stack a ``Sequential``) the model's own name too."""
+    cls = type(model).__name__
+    name = getattr(model, "name", None)
+    if cls in ("Functional", "Sequential", "Model") and isinstance(name, str) and name:
+        return f"{name} (a Keras {cls} model)"
+    return cls
+
+
 def model_info(trained: Trained, data: DemoData) -> ModelInfo:
     """Section 1: the model and its embedding layers, as embgrad finds them."""
     found = capture(trained.model).layers
     layers = tuple(LayerInfo(i.name, type(i.layer).__name__, i.num_rows, i.dim, _padding(i), i.tied, i.frozen)
                    for i in found)
-    return ModelInfo(trained.framework, type(trained.model).__name__, trained.num_parameters(), layers,
+    return ModelInfo(trained.framework, _model_name(trained.model), trained.num_parameters(), layers,
                      trained.losses, trained.seconds, trained.train_accuracy, trained.test_accuracy,
                      len(data.train), len(data.test), len(data.vocab))
 
@@ -116,6 +126,13 @@ class WeightGradInfo:
     counts: np.ndarray
     total_norm: float
     max_abs_diff: float
+
+    @property
+    def received(self) -> int:
+        """Rows whose gradient is not zero. A looked-up row can be stored with a zero gradient
+        (Keras's ``mask_zero`` PAD row): it counts as looked up, not as having received gradient,
+        on every framework alike."""
+        return int(np.count_nonzero(self.row_norms))
 
     def top(self, k: int = 10) -> list[tuple[int, str, int, float]]:
         """The ``k`` rows with the largest gradient norm: (row, token, count, norm)."""
@@ -265,6 +282,14 @@ def similarity_info(trained: Trained, query: SentimentData, batch: SentimentData
 ATTRIBUTION_METHODS = ("saliency", "grad_x_input", "integrated_gradients")
 
 
+def top_is_tied(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """bool (B,): True where an example's highest score is shared by two or more tokens (within a
+    relative 1e-5, as :func:`top_is_planted` counts ties): the method ranks no single top token."""
+    s = np.where(mask, scores.astype(np.float64), -np.inf)
+    mx = s.max(1, keepdims=True)
+    return (s >= mx - 1e-5 * np.maximum(np.abs(mx), 1e-12)).sum(1) >= 2
+
+
 def top_is_planted(scores: np.ndarray, mask: np.ndarray, planted: np.ndarray) -> np.ndarray:
     """bool (B,): True where the highest-scoring token(s) of an example are all planted words.
 
@@ -299,6 +324,7 @@ class AttributionInfo:
     max_delta: float
     steps: int
     seconds: float
+    test_ties: dict[str, float] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         shares = ", ".join(f"{m}={self.share[m]:.0%}" for m in self.scores)
@@ -312,7 +338,7 @@ def attribution_info(trained: Trained, sentences: SentimentData, test: Sentiment
     from ..attribution import attribute
 
     t = time.perf_counter()
-    scores, share, test_share = {}, {}, {}
+    scores, share, test_share, test_ties = {}, {}, {}, {}
     max_delta = 0.0
     for method in ATTRIBUTION_METHODS:
         for split, out in ((sentences, None), (test, test_share)):
@@ -325,9 +351,10 @@ def attribution_info(trained: Trained, sentences: SentimentData, test: Sentiment
                     max_delta = max(max_delta, float(np.abs(a.delta).max()))
             else:
                 out[method] = hit
+                test_ties[method] = float(top_is_tied(a.scores, split.mask).mean())
     return AttributionInfo(sentences.tokens, sentences.texts, sentences.labels, sentences.planted,
                            sentences.mask, scores, share, test_share, len(test), max_delta, steps,
-                           time.perf_counter() - t)
+                           time.perf_counter() - t, test_ties)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .analysis import AttributionInfo, HotFlipInfo, ModelInfo, PerExampleInfo, WeightGradInfo
 
-__all__ = ["summary_tables", "print_summary", "attribution_table"]
+__all__ = ["summary_tables", "print_summary", "attribution_table", "group_ties"]
 
 
 def _stats(x: np.ndarray) -> str:
@@ -25,7 +25,7 @@ def _short(text: str, n: int = 48) -> str:
 def summary_tables(model: ModelInfo, weight: WeightGradInfo, per_example: PerExampleInfo,
                    k: int = 8) -> list[Table]:
     """The rich tables of the summary, in print order."""
-    rows = Table(title=f"Rows that received gradient: {len(weight.rows)} of {weight.num_rows}",
+    rows = Table(title=f"Rows that received gradient: {weight.received} of {weight.num_rows}",
                  caption=f"one batch of {weight.batch_size}, ‖G‖ = {weight.total_norm:.4g}, "
                          f"max |embgrad − dense autograd| = {weight.max_abs_diff:.2g}",
                  title_justify="left", caption_justify="left")
@@ -35,11 +35,14 @@ def summary_tables(model: ModelInfo, weight: WeightGradInfo, per_example: PerExa
     for r, tok, count, norm in weight.top(k):
         rows.add_row(str(r), tok, str(count), f"{norm:.4g}")
 
-    tokens = Table(title="Tokens with the largest per-example gradient norms", title_justify="left")
-    for col, kw in (("token", {}), ("norm", {"justify": "right"}), ("from example", {})):
+    tokens = Table(title="Tokens with the largest per-example gradient norms",
+                   caption="tokens of one example with the same norm are one row (a mean-pooled model "
+                           "gives every token of an example the same gradient)",
+                   title_justify="left", caption_justify="left")
+    for col, kw in (("tokens", {}), ("norm", {"justify": "right"}), ("from example", {})):
         tokens.add_column(col, **kw)
-    for ex, tok, norm in per_example.token_norms[:k]:
-        tokens.add_row(tok, f"{norm:.4g}", _short(per_example.texts[ex]))
+    for ex, toks, norm in group_ties(per_example.token_norms[:k]):
+        tokens.add_row(", ".join(toks), f"{norm:.4g}", _short(per_example.texts[ex]))
 
     pe = per_example
     clip = Table(title=f"Per-example gradient norms, clipped at {pe.max_norm:.3g} (the median)",
@@ -85,6 +88,20 @@ def attribution_table(attribution: AttributionInfo, hotflip: HotFlipInfo) -> Tab
               title_justify="left", caption_justify="left")
     t.add_column("method")
     t.add_column("top token planted", justify="right")
+    t.add_column("top token tied", justify="right")
     for method, share in attribution.test_share.items():
-        t.add_row(method, f"{share:.0%}")
+        ties = attribution.test_ties.get(method, 0.0)
+        t.add_row(method, f"{share:.0%}" if ties < 0.5 else f"{share:.0%} (ties: ranks nothing)", f"{ties:.0%}")
     return t
+
+
+def group_ties(entries: Sequence[tuple[int, str, float]], rel: float = 1e-6) -> list[tuple[int, list[str], float]]:
+    """``(example, token, norm)`` entries, largest first, with consecutive entries of the same
+    example and the same norm (within a relative ``rel``) merged: ``(example, tokens, norm)``."""
+    out: list[tuple[int, list[str], float]] = []
+    for ex, tok, norm in entries:
+        if out and out[-1][0] == ex and abs(out[-1][2] - norm) <= rel * max(abs(norm), 1e-30):
+            out[-1][1].append(tok)
+        else:
+            out.append((ex, [tok], norm))
+    return out

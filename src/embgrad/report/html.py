@@ -21,6 +21,7 @@ from .. import __version__
 from .._html import esc, token_heatmap
 from ..errors import EmbgradError
 from .analysis import AttributionInfo, HotFlipInfo, SimilarityInfo
+from .console import group_ties
 from .demo import DemoResults
 from .figures import attribution_figure, cost_figure, loss_figure, norms_figure, rows_figure
 
@@ -72,7 +73,7 @@ def _cards(r: DemoResults) -> str:
     ig = r.attribution.share.get("integrated_gradients", float("nan"))
     items = [
         (f"{r.model.test_accuracy:.1%}", "test accuracy"),
-        (f"{len(r.weight.rows)} / {r.weight.num_rows}", "rows with gradient in one batch"),
+        (f"{r.weight.received} / {r.weight.num_rows}", "rows with gradient in one batch"),
         (f"{r.weight.max_abs_diff:.1g}", "max |embgrad − dense autograd|"),
         (f"{t.per_example_ms / t.plain_ms:.1f}×", "per-example norms vs plain backward"),
         (f"{ig:.0%}", "IG top token is a planted word"),
@@ -106,7 +107,7 @@ def _weight_section(r: DemoResults, figs: dict[str, str]) -> str:
     pad_text = ("the PAD row (id 0) gets none: the layer's padding index excludes it." if not pad.size else
                 f"the PAD row (id 0) is looked up too, so it is a stored row, with gradient norm "
                 f"{w.row_norms[pad[0]]:.2g} (the pooling masks it; the plot leaves zero rows out).")
-    intro = (f"One training batch of {w.batch_size} sentences, summed loss: {len(w.rows)} of {w.num_rows} "
+    intro = (f"One training batch of {w.batch_size} sentences, summed loss: {w.received} of {w.num_rows} "
              f"rows received gradient (‖G‖ = {w.total_norm:.4g}). Compared with the framework's own dense "
              f"gradient of the table: {exact}. A row collects gradient from every example that looks it "
              f"up, so row norms grow with token frequency; {pad_text}")
@@ -131,8 +132,9 @@ def _per_example_section(r: DemoResults, figs: dict[str, str]) -> str:
     top = _table(["#", "norm", "label", "text"],
                  [(i, f"{norm:.4g}", _label(label, fl), text) for i, norm, text, label, fl in pe.top(8)],
                  num=(0, 1))
-    toks = _table(["token", "norm", "from example"],
-                  [(tok, f"{norm:.4g}", pe.texts[ex]) for ex, tok, norm in pe.token_norms[:8]], num=(1,))
+    toks = _table(["tokens", "norm", "from example"],
+                  [(", ".join(tk), f"{norm:.4g}", pe.texts[ex]) for ex, tk, norm in group_ties(pe.token_norms[:8])],
+                  num=(1,))
     cost = _table(["pass", "ms", "× plain"], [
         ("plain forward + backward (all parameters)", f"{t.plain_ms:.2f}", "1.0"),
         ("capture + sparse weight gradient", f"{t.capture_ms:.2f}", f"{t.capture_ms / t.plain_ms:.1f}"),
@@ -143,7 +145,7 @@ def _per_example_section(r: DemoResults, figs: dict[str, str]) -> str:
                     f"<div><h3>Examples with the largest norms</h3>{top}</div></div>"
                     f'<div class="row"><div><h3>Tokens with the largest per-example gradient norms</h3>{toks}'
                     f"<p class=\"legend\">With mean pooling every token of an example receives the same "
-                    f"gradient (divided by the sentence length), so the tokens of one example tie.</p></div>"
+                    f"gradient (divided by the sentence length), so the tokens of one example tie: they share a row.</p></div>"
                     f"<div><h3>Cost</h3>{cost}{_fig(figs['cost'], 'cost of capture next to the plain backward')}"
                     f"</div></div>")
 
