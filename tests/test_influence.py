@@ -260,7 +260,7 @@ def test_bad_inputs_raise_clear_errors(demo):
 
 
 def test_import_influence_loads_no_framework():
-    code = ("import sys, embgrad.influence; print(sorted(m for m in ('torch', 'tensorflow', 'keras', "
+    code = ("import sys, embgrad.influence, embgrad.report.influence; print(sorted(m for m in ('torch', 'tensorflow', 'keras', "
             "'mxnet', 'transformers', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

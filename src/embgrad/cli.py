@@ -5,6 +5,10 @@ classifier on the built-in synthetic sentiment data, print a summary and write a
 
 ``embgrad explain MODEL_DIR TEXT... [--target LABEL] [--compare TEXT] [--method M] [--out FILE]``:
 token attributions of a local Hugging Face classifier or sentence-embedding model, as HTML.
+
+``embgrad influence [TEXT...] [--model DIR --train FILE] [--exact | --k K] [--out FILE]``: training-data
+attribution (TracInCP over embedding gradients): proponents/opponents per test sentence and the
+self-influence ranking, on the demo or a local Hugging Face classifier, as HTML.
 """
 from __future__ import annotations
 
@@ -52,7 +56,59 @@ def build_parser() -> argparse.ArgumentParser:
                     help="HTML file to write (default: embgrad-explain.html)")
     ex.add_argument("--no-truncate", action="store_true",
                     help="refuse texts longer than the model's limit instead of truncating them")
+    _influence_parser(sub)
     return parser
+
+
+def _influence_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("influence", help="which training sentences drove each prediction (TracInCP), as HTML",
+                       description="Training-data attribution over embedding gradients (TracInCP): the top "
+                                   "proponents and opponents of each test sentence, and the self-influence "
+                                   "ranking of the training set (mislabelled examples first). Without --model: "
+                                   "the demo classifier and its training data, which has flipped labels.")
+    p.add_argument("texts", metavar="TEXT", nargs="*", help="test sentences (default: demo test sentences)")
+    p.add_argument("--model", metavar="DIR", help="a local Hugging Face sequence classifier (save_pretrained)")
+    p.add_argument("--train", metavar="FILE", type=Path,
+                   help="training sentences for --model, one per line, optionally LABEL<TAB>sentence")
+    p.add_argument("--exact", action="store_true", help="exact sparse inner products instead of a projection")
+    p.add_argument("--k", type=int, default=1024, help="projection dimension (default: 1024)")
+    p.add_argument("--tests", type=int, default=6, help="demo test sentences to show (default: 6)")
+    p.add_argument("--seed", type=int, default=0, help="demo seed (default: 0)")
+    p.add_argument("--out", type=Path, default=Path("embgrad-influence.html"),
+                   help="HTML file to write (default: embgrad-influence.html)")
+
+
+def _influence(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .report.influence import demo_influence, model_influence, write_influence
+
+    console = Console()
+    if (args.model is None) != (args.train is None):
+        raise EmbgradError("--model and --train go together: a local classifier and its training sentences "
+                           "(or neither, for the demo).")
+    mode = "exact" if args.exact else "projected"
+    argv = " ".join(sys.argv[1:]) if sys.argv[1:2] == ["influence"] else "influence"
+    with console.status("") as status:
+        def step(what: str) -> None:
+            status.update(what)
+        if args.model is None:
+            page = demo_influence(args.seed, mode, args.k, args.texts or args.tests, progress=False, step=step,
+                                  command=f"embgrad {argv}")
+        else:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            page = model_influence(args.model, args.train, args.texts, mode, args.k, progress=False, step=step,
+                                   command=f"embgrad {argv}")
+    found, total = page.flipped_found()
+    console.print(f"[bold]{page.model_name}[/] on {page.source}: {len(page.train_texts):,} training sentences, "
+                  f"{mode}" + (f" k={page.k}" if page.k else "") + f", {page.seconds:.1f} s", highlight=False)
+    if page.recall is not None:
+        console.print(f"  recall@5 of projected vs exact proponents: {page.recall:.0%}")
+    if page.flipped is not None:
+        console.print(f"  flipped labels in the top 5% by self-influence: {found} of {total}")
+    out = write_influence(page, args.out)
+    console.print(f"[bold green]Influence page written to[/] {out.resolve()}")
+    return 0
 
 
 def _require(modules: Sequence[str], extra: str, command: str) -> None:
@@ -191,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "explain":
             return _explain(args)
+        if args.command == "influence":
+            return _influence(args)
     except EmbgradError as e:
         print(f"embgrad: error: {e}", file=sys.stderr)
         return 2
