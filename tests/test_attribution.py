@@ -229,7 +229,7 @@ def test_targets_int_list_tensor_callable(toy):
 
 
 def test_several_targets_share_the_forward(toy):
-    multi = attribute(toy, inputs(), [0, 1], steps=6)        # 2 targets (B = 3)
+    multi = attribute(toy, inputs(), {"class 0": 0, "class 1": 1}, steps=6)        # 2 targets (B = 3)
     assert multi.scores.shape == (2, 3, 6) and multi.delta.shape == (2, 3)
     assert multi.targets == ("class 0", "class 1")
     assert tuple(multi.attributions.shape) == (2, 3, 6, D)
@@ -244,9 +244,14 @@ def test_several_targets_share_the_forward(toy):
     assert attribute(toy, inputs(), [0, 1, 2], steps=6).scores.shape == (3, 6)
     with pytest.raises(EmbgradError, match="no output"):
         attribute(toy, inputs(), {}, steps=6)
-    mixed = attribute(toy, inputs(), [lambda o: o[:, 0] - o[:, 1], [2, 2, 0]], method="grad_x_input")
-    assert mixed.scores.shape == (2, 3, 6)
-    assert "class 0" in mixed.to_html() or "lambda" in mixed.to_html()
+    mixed = attribute(toy, inputs(), {"margin": lambda o: o[:, 0] - o[:, 1], "per-example": [2, 2, 0]},
+                      method="grad_x_input")
+    assert mixed.scores.shape == (2, 3, 6) and mixed.targets == ("margin", "per-example")
+    assert "margin" in mixed.to_html() and "per-example" in mixed.to_html()
+    # a list is one class per example whatever its length: another length is refused, not re-meant
+    for bad in ([0, 1], [0, 1, 2, 0], [lambda o: o[:, 0]]):
+        with pytest.raises(EmbgradError, match="one class index per example.*pass a dict"):
+            attribute(toy, inputs(), bad, steps=6)
 
 
 # ----------------------------------------------------------------------------- adaptive steps

@@ -146,3 +146,31 @@ def test_model_untouched_and_errors(model):
         embgrad.attribute(model, IDS, 0, layer="token")
     with pytest.raises(EmbgradError, match="out of range for a table"):
         embgrad.attribute(model, IDS + 40, 0, method="saliency")
+
+
+def test_several_inputs_follow_keras_calling_convention():
+    """The README's [tokens, price] model: a list of inputs is ONE structured input, model(inputs),
+    for attribute and hotflip; a dict of named inputs too. Checked against a GradientTape."""
+    tokens = keras.Input((5,), dtype="int32", name="tokens")
+    price = keras.Input((1,), name="price")
+    emb = keras.layers.Embedding(40, 6, name="words", embeddings_initializer=keras.initializers.RandomNormal(seed=3))
+    x = keras.layers.GlobalAveragePooling1D()(emb(tokens))
+    out = keras.layers.Dense(2, kernel_initializer=keras.initializers.GlorotNormal(4))(
+        keras.layers.Concatenate()([x, price]))
+    m = keras.Model([tokens, price], out)
+    ids = np.array([[3, 7, 9, 1, 2], [5, 5, 8, 30, 12]], dtype=np.int32)
+    p = np.array([[0.5], [-2.0]], dtype=np.float32)
+
+    e = emb(ids)
+    with tf.GradientTape() as tape:        # the same model from the looked-up vectors
+        tape.watch(e)
+        y = m.layers[-1](keras.layers.Concatenate()([tf.reduce_mean(e, 1), p]))[:, 1]
+    g = tape.gradient(y, e).numpy()
+    a = embgrad.attribute(m, [ids, p], 1, method="grad_x_input")
+    np.testing.assert_allclose(a.scores, (g * e.numpy()).sum(-1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.outputs, m([ids, p]).numpy()[:, 1], rtol=1e-6)
+    named = keras.Model({"tokens": tokens, "price": price}, out)
+    d = embgrad.attribute(named, {"tokens": ids, "price": p}, 1, method="grad_x_input")
+    np.testing.assert_allclose(d.scores, a.scores, rtol=1e-6, atol=1e-7)
+    flips = embgrad.hotflip(m, [ids, p], 1, k=1, verify=True)
+    assert flips.actual is not None and np.isfinite(flips.actual).all()

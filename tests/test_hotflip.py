@@ -118,7 +118,9 @@ def test_hotflip_errors(toy):
         embgrad.hotflip(toy, inputs(), 0, candidates=[0])
     with pytest.raises(EmbgradError, match="tokenizer="):
         embgrad.hotflip(toy, inputs(), 0, candidates="words")
-    with pytest.raises(EmbgradError, match="one target"):
+    with pytest.raises(EmbgradError, match="one class index per example"):
         embgrad.hotflip(toy, inputs(), [0, 1])
+    with pytest.raises(EmbgradError, match="one target"):
+        embgrad.hotflip(toy, inputs(), {"a": 0, "b": 1})
     with pytest.raises(EmbgradError, match="out of range"):
         embgrad.hotflip(toy, inputs(), 0, candidates=[V + 3])

@@ -294,3 +294,23 @@ def test_freeze_a_tied_table_masks_the_head_part_too():
     _train(m, torch.optim.Adam(m.parameters(), lr=0.05))
     assert torch.equal(m.emb.weight.detach()[[5, 6]], before[[5, 6]])
     t.unfreeze()
+
+
+def test_table_of_a_hugging_face_model_is_its_input_embeddings():
+    """embgrad.table(BertModel) picks get_input_embeddings() (as attribute does), not an error
+    about its three embedding layers; another table is still reachable by name."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16, max_position_embeddings=12)
+    bert = transformers.BertModel(cfg)
+    t = embgrad.table(bert)
+    assert t.name == "embeddings.word_embeddings"
+    np.testing.assert_array_equal(t.numpy(), bert.get_input_embeddings().weight.detach().numpy())
+    assert embgrad.table(bert, "embeddings.position_embeddings").name == "embeddings.position_embeddings"
+
+    class TwoTables(torch.nn.Module):          # no get_input_embeddings: still ambiguous
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Embedding(4, 2), torch.nn.Embedding(5, 2)
+    with pytest.raises(EmbgradError, match="2 embedding layers"):
+        embgrad.table(TwoTables())

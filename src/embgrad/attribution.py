@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backends import Backend, EmbeddingInfo, get_backend
-from .capture import Capture, select_layers
+from .capture import Capture, input_embedding, select_layers
 from .errors import EmbgradError, closest_names
 
 __all__ = ["attribute", "Attribution", "hotflip", "HotFlip", "jacobian", "quadrature",
@@ -285,13 +285,14 @@ class _Inputs:
         return out[0][1]
 
     def call(self, forward: Callable | None, model: Any, inputs: Any) -> Any:
+        """Run ``model`` (or ``forward(model, ...)``) on ``inputs`` by the framework's calling
+        convention: Keras takes a list, tuple or dict as ONE structured input (``model(inputs)``);
+        elsewhere a tuple is positional arguments and a dict keyword arguments."""
+        if self.kind == "tensor" or self.backend.structured_inputs:
+            return model(inputs) if forward is None else forward(model, inputs)
         if forward is None:
-            if self.kind == "dict":
-                return model(**inputs)
-            return model(*inputs) if self.kind == "tuple" else model(inputs)
-        if self.kind == "dict":
-            return forward(model, **inputs)
-        return forward(model, *inputs) if self.kind == "tuple" else forward(model, inputs)
+            return model(**inputs) if self.kind == "dict" else model(*inputs)
+        return forward(model, **inputs) if self.kind == "dict" else forward(model, *inputs)
 
 
 # ----------------------------------------------------------------------------- targets
@@ -306,6 +307,11 @@ def _logits(outputs: Any) -> Any:
     if isinstance(outputs, (tuple, list)) and outputs:
         return outputs[0]
     return outputs
+
+
+def _short_repr(x: Any, n: int = 40) -> str:
+    r = repr(x)
+    return r if len(r) <= n else r[: n - 4] + " ...]"
 
 
 def _is_int(x: Any) -> bool:
@@ -327,6 +333,7 @@ class _Targets:
     def __init__(self, spec: Any, batch: int, backend: Backend, what: str = "target"):
         self.backend, self.batch, self.what = backend, batch, what
         self.all_columns = False
+        per_example_lists = what == "target"     # jacobian's outputs=[...] lists several outputs
         if isinstance(spec, str) and spec == "all":
             self.items, self.multi, self.all_columns = [], True, True
             self.labels = ("all",)
@@ -338,7 +345,15 @@ class _Targets:
             self.items, self.multi = [self._one(t) for t in spec.values()], True
             self.labels = tuple(str(k) for k in spec)
             return
-        if isinstance(spec, (list, tuple)) and spec and all(_is_int(t) for t in spec) and len(spec) == batch:
+        if isinstance(spec, (list, tuple)) and per_example_lists:
+            # a list is one class per example, whatever its length (its meaning must not change
+            # with the batch size); several targets are asked for by a dict
+            if not spec or not all(_is_int(t) for t in spec) or len(spec) != batch:
+                raise EmbgradError(
+                    f"{what}={_short_repr(spec)} is a list of {len(spec)} item(s) for a batch of {batch} "
+                    f"examples: a list (or (B,) tensor) gives one class index per example, so it needs "
+                    f"{batch} ints. For several targets at once pass a dict {{label: target}}, e.g. "
+                    f"{what}={{'negative': 0, 'positive': 1}}.")
             self.items, self.multi = [self._one(np.asarray(spec))], False
         elif isinstance(spec, (list, tuple)):
             if not spec:
@@ -657,21 +672,13 @@ def _pick_layer(b: Backend, model: Any, layer: Any) -> EmbeddingInfo:
         info = select_layers(b, model, layer)[0]
     else:
         found = select_layers(b, model, None)
-        info = None
-        get = getattr(model, "get_input_embeddings", None)
-        if callable(get):
-            try:
-                emb = get()
-            except (NotImplementedError, AttributeError, TypeError):
-                emb = None
-            info = next((i for i in found if i.layer is emb), None)
-        if info is None:
-            if len(found) != 1:
-                raise EmbgradError(
-                    f"{type(model).__name__} has {len(found)} embedding layers "
-                    f"({', '.join(i.name for i in found)}) and no get_input_embeddings(): name the "
-                    "token embedding to attribute over with layer=NAME.")
-            info = found[0]
+        picked = input_embedding(model, found)
+        if picked is None:
+            raise EmbgradError(
+                f"{type(model).__name__} has {len(found)} embedding layers "
+                f"({', '.join(i.name for i in found)}) and no get_input_embeddings(): name the "
+                "token embedding to attribute over with layer=NAME.")
+        info = picked
     if info.kind != "embedding":
         raise EmbgradError(f"layer {info.name!r} is an embedding bag (its output pools several ids), so "
                            "there is no per-token vector to attribute to; use a plain embedding layer.")
@@ -791,10 +798,10 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
     Args:
         inputs: the model's inputs: an ids tensor (B, T), a tuple, or a dict of keyword
             arguments (e.g. a Hugging Face ``input_ids``/``attention_mask`` encoding).
-        target: a class index; a (B,) list/tensor of indices; a callable ``outputs -> (B,)``
-            (or ``(outputs, example_index) -> (B,)``); None for a model with one output; or a
-            list of targets (a list of ints whose length is not B means several classes), or a
-            dict ``{label: target}`` (several targets, unambiguous when K equals B), which share
+        target: a class index; a (B,) list/tensor of indices, one per example (a list always
+            means this, so it must have B ints); a callable ``outputs -> (B,)`` (or
+            ``(outputs, example_index) -> (B,)``); None for a model with one output; or several
+            targets as a dict ``{label: target}`` (each value any of the above), which share
             every forward pass and give scores (K, B, T).
         method: one of :data:`METHODS`.
         layer: the token embedding (name or object); default ``get_input_embeddings()``, else

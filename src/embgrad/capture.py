@@ -16,7 +16,7 @@ from .backends import Backend, Call, EmbeddingInfo, Tap, get_backend
 from .errors import EmbgradError, closest_names
 from .sparse import ExampleGrads, RowGrad, coalesce_lookups
 
-__all__ = ["capture", "Capture", "Gradients", "LayerGradients", "select_layers"]
+__all__ = ["capture", "Capture", "Gradients", "LayerGradients", "select_layers", "input_embedding"]
 
 _REDUCTIONS = ("sum", "mean")
 
@@ -54,6 +54,21 @@ def select_layers(backend: Backend, model: Any, layers: Any) -> list[EmbeddingIn
         if info not in chosen:
             chosen.append(info)
     return chosen
+
+
+def input_embedding(model: Any, found: Sequence[EmbeddingInfo]) -> EmbeddingInfo | None:
+    """Of the embedding layers ``found`` in ``model``, the one its ``get_input_embeddings()``
+    returns (Hugging Face's name for the token embedding), else the only one, else None."""
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError, TypeError):
+            emb = None
+        info = next((i for i in found if i.layer is emb), None)
+        if info is not None:
+            return info
+    return found[0] if len(found) == 1 else None
 
 
 class LayerGradients:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 
 from .backends import Backend, EmbeddingInfo, get_backend
-from .capture import select_layers
+from .capture import input_embedding, select_layers
 from .errors import EmbgradError
 from .sparse import RowGrad
 
@@ -424,12 +424,20 @@ def table(model_or_layer: Any, layer: Any = None) -> Table:
     """A :class:`Table` view of one embedding table of ``model_or_layer``.
 
     ``layer``: a name or layer object when the model has several embedding layers (names as in
-    :func:`embgrad.capture`); may be omitted when there is exactly one.
+    :func:`embgrad.capture`); may be omitted when there is exactly one, or when the model says
+    which is its token embedding (Hugging Face ``get_input_embeddings()``, as
+    :func:`embgrad.attribute` picks it).
+
+    Raises:
+        EmbgradError: no embedding layer, an unknown name, or several layers and no way to pick.
     """
     if isinstance(model_or_layer, Table):
         return model_or_layer
     backend = get_backend(model_or_layer)
     infos = select_layers(backend, model_or_layer, layer)
+    if layer is None and len(infos) > 1:
+        picked = input_embedding(model_or_layer, infos)
+        infos = [picked] if picked is not None else infos
     if len(infos) > 1:
         names = ", ".join(repr(i.name) for i in infos)
         raise EmbgradError(f"{type(model_or_layer).__name__} has {len(infos)} embedding layers ({names}); "

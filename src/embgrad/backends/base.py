@@ -95,6 +95,10 @@ class Backend:
     framework_module: str = ""
     #: what find_embeddings looks for, for error messages ("torch.nn.Embedding and ...")
     searched_types: str = "embedding layers"
+    #: the calling convention of models: True where a list, tuple or dict of inputs is ONE
+    #: structured input, ``model(inputs)`` (Keras); False where a tuple is positional arguments
+    #: and a dict keyword arguments (PyTorch, Gluon)
+    structured_inputs: bool = False
 
     # ------------------------------------------------------------------ detection
     def is_appropriate(self, obj: Any) -> bool:

@@ -103,6 +103,7 @@ class KerasBackend(Backend):
 
     name = "keras"
     framework_module = "keras"
+    structured_inputs = True
     searched_types = "keras.layers.Embedding (and subclasses such as ReversibleEmbedding, tf-keras Embedding)"
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "KerasBackend":
