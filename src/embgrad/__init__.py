@@ -8,6 +8,7 @@ from __future__ import annotations
 from .attribution import Attribution, attribute, hotflip, jacobian
 from .capture import Gradients, LayerGradients, capture
 from .errors import EmbgradError
+from .generation import GenerationAttribution, attribute_generation
 from .sparse import ExampleGrads, RowGrad, row_grad, rows_from_lookups
 from .tables import load_vectors, regularize, table
 
@@ -18,5 +19,6 @@ __all__ = [
     "RowGrad", "ExampleGrads", "rows_from_lookups", "row_grad",
     "table", "load_vectors", "regularize",
     "attribute", "Attribution", "hotflip", "jacobian",
+    "attribute_generation", "GenerationAttribution",
     "EmbgradError",
 ]

@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["token_heatmap", "score_colors", "esc", "neutralize_bidi", "color_legend", "POSITIVE_RGB",
-           "NEGATIVE_RGB"]
+__all__ = ["token_heatmap", "generation_view", "score_colors", "esc", "neutralize_bidi", "color_legend",
+           "POSITIVE_RGB", "NEGATIVE_RGB"]
 
 POSITIVE_RGB = (178, 24, 43)    # ColorBrewer RdBu ends: red for positive scores
 NEGATIVE_RGB = (33, 102, 172)   # and blue for negative ones
@@ -112,5 +112,61 @@ def token_heatmap(tokens: Sequence[Sequence[str]], scores: np.ndarray | Sequence
             parts.append(f'<span class="{cls}" title="{tip}" data-score="{float(row[t])!r}" '
                          f'style="{_TOK};background:{bg};color:{fg}{mark}">{esc(tok or "∅")}</span>')
         parts.append("</div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+_CELL = "padding:2px 4px;text-align:center;font-family:ui-monospace,Menlo,monospace;font-size:11px;min-width:2.2em"
+_HEAD = "padding:2px 4px;font-family:ui-monospace,Menlo,monospace;font-size:11px;white-space:pre;color:#333"
+
+
+def generation_view(sources: Sequence[str], targets: Sequence[str], scores: np.ndarray, *, n_prompt: int,
+                    log_probs: np.ndarray | None = None, delta: np.ndarray | None = None,
+                    caption: str = "") -> str:
+    """An HTML ``<div>``: the (target × source) score matrix of one generated sequence as a table
+    (each row scaled to its largest |score|; earlier-target sources in italics, cells a target
+    cannot depend on left blank), then each target's sources as a highlighted token row.
+    Every token and number escaped; exact scores on hover."""
+    S = np.asarray(scores, dtype=np.float64)
+    K, L = S.shape
+    if len(targets) != K or len(sources) != L:
+        raise ValueError(f"generation_view: {K}x{L} scores for {len(targets)} targets and {len(sources)} sources")
+    parts = ['<div class="embgrad-genview" style="margin:8px 0 16px 0">']
+    if caption:
+        parts.append(f'<div style="font-family:sans-serif;color:#555;font-size:12px">{esc(caption)} · prompt '
+                     f'{n_prompt} tokens, {K} target tokens</div>')
+    parts.append('<table class="embgrad-matrix" style="border-collapse:collapse;margin:4px 0"><tr><th></th>')
+    for s, tok in enumerate(sources):
+        style = _HEAD + (";font-style:italic;color:#777" if s >= n_prompt else "")
+        parts.append(f'<th style="{style}">{esc(str(tok) or "∅")}</th>')
+    parts.append("</tr>")
+    for j in range(K):
+        row = S[j]
+        vis = min(L, n_prompt + j)
+        vmax = float(np.abs(row[:vis]).max()) if vis else 0.0
+        colors = score_colors(row, vmax)
+        parts.append(f'<tr><th style="{_HEAD};text-align:right">{esc(str(targets[j]) or "∅")}</th>')
+        for s in range(L):
+            if s >= vis:
+                parts.append(f'<td style="{_CELL}"></td>')
+                continue
+            bg, fg = colors[s]
+            tip = esc(f"{sources[s]} → {targets[j]}: {float(row[s])!r}", quote=True)
+            parts.append(f'<td class="embgrad-cell" title="{tip}" data-score="{float(row[s])!r}" '
+                         f'style="{_CELL};background:{bg};color:{fg}">{row[s]:+.2f}</td>')
+        parts.append("</tr>")
+    parts.append("</table>")
+    toks, rows, labels = [], [], []
+    for j in range(K):
+        vis = min(L, n_prompt + j)
+        toks.append(list(sources[:vis]))
+        rows.append(S[j, :vis])
+        lab = f"→ {targets[j]}"
+        if log_probs is not None:
+            lab += f" · log p={float(log_probs[j]):.2f}"
+        if delta is not None:
+            lab += f" · Δ={float(delta[j]):.1e}"
+        labels.append(lab)
+    parts.append(token_heatmap(toks, rows, labels=labels))
     parts.append("</div>")
     return "".join(parts)

@@ -493,6 +493,7 @@ class _Engine:
             raise EmbgradError(f"batch_size must be a positive int (rows per forward pass), got {batch_size!r}.")
         self.batch_size = int(batch_size)
         self.evaluations = 0
+        self.batched_vjp = False         # the K gradients as one batched backward (vmap), see backends
         random_layers = b.stochastic_layers(model)
         if random_layers:
             warnings.warn(
@@ -569,7 +570,7 @@ class _Engine:
             return self.targets(out, ix, state["call"].ids)
 
         if grad:
-            values, grads = b.value_and_grads(fn)
+            values, grads = b.value_and_grads_batched(fn) if self.batched_vjp else b.value_and_grads(fn)
         else:
             with b.no_grad():
                 values, grads = fn(None), None

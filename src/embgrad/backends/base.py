@@ -263,6 +263,20 @@ class Backend:
         """
         raise NotImplementedError
 
+    def value_and_grads_batched(self, fn: Callable[[Callable[[Any], Any]], Any]) -> tuple[Any, list[Any]]:
+        """As :meth:`value_and_grads`, the K vector-Jacobian products computed together as one
+        batched backward pass (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. vmap
+        over the K output directions) where the framework has one; else K backward passes."""
+        return self.value_and_grads(fn)
+
+    def log_probs_at(self, logits: Any, positions: Any, tokens: Any) -> Any:
+        """``log_softmax(logits[n, positions[n, k]])[tokens[n, k]]`` for logits (N, T, V) and
+        int64 positions, tokens (N, K): (N, K), float32 or wider, differentiable in logits
+        (a causal language model's log-probability of token k of example n)."""
+        from ..errors import EmbgradError
+        raise EmbgradError(f"the {self.name} backend has no log_probs_at: attribution of generated "
+                           "tokens supports PyTorch and Keras/TensorFlow models.")
+
     def embed(self, info: EmbeddingInfo, ids: Any) -> Any:
         """The layer's own output for int ids (..., ) -> (..., D), without recording gradients
         (includes any scaling the layer applies, e.g. Hugging Face ``embed_scale``)."""

@@ -372,6 +372,13 @@ class TensorFlowBackend(Backend):
         del tape
         return tf.stop_gradient(y), grads
 
+    def log_probs_at(self, logits, positions, tokens):
+        rows = tf.gather(logits, positions, batch_dims=1)              # (N, K, V)
+        if rows.dtype not in (tf.float32, tf.float64):
+            rows = tf.cast(rows, tf.float32)
+        lp = tf.nn.log_softmax(rows, axis=-1)
+        return tf.gather(lp, tokens, batch_dims=2)
+
     def embed(self, info, ids):
         return tf.stop_gradient(info.layer(ids))
 

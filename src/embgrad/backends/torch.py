@@ -396,6 +396,37 @@ class TorchBackend(Backend):
             grads.append(torch.zeros_like(x) if g is None else g)
         return y.detach(), grads
 
+    def value_and_grads_batched(self, fn):
+        watched: list[torch.Tensor] = []
+
+        def watch(t: torch.Tensor) -> torch.Tensor:
+            leaf = t.detach().requires_grad_(True)
+            watched.append(leaf)
+            return leaf
+
+        with torch.enable_grad():
+            y = fn(watch)
+        if len(watched) != 1:
+            raise EmbgradError(f"value_and_grads: fn watched {len(watched)} tensors, expected exactly one.")
+        x = watched[0]
+        n, k_out = int(y.shape[0]), int(y.shape[1])
+        if not y.requires_grad:
+            return y.detach(), [torch.zeros_like(x) for _ in range(k_out)]
+        eye = torch.eye(k_out, dtype=y.dtype, device=y.device).reshape(k_out, 1, k_out).expand(k_out, n, k_out)
+        (g,) = torch.autograd.grad(y, x, eye, is_grads_batched=True, allow_unused=True)
+        if g is None:
+            return y.detach(), [torch.zeros_like(x) for _ in range(k_out)]
+        return y.detach(), list(g.unbind(0))
+
+    def log_probs_at(self, logits, positions, tokens):
+        n, k = int(positions.shape[0]), int(positions.shape[1])
+        pos = positions.to(logits.device).reshape(n, k, 1).expand(n, k, int(logits.shape[-1]))
+        rows = logits.gather(1, pos)
+        if rows.dtype not in (torch.float32, torch.float64):
+            rows = rows.float()
+        lp = torch.log_softmax(rows, dim=-1)
+        return lp.gather(2, tokens.to(logits.device).reshape(n, k, 1)).reshape(n, k)
+
     def embed(self, info, ids):
         with torch.no_grad():
             return info.layer(ids)
