@@ -374,7 +374,9 @@ class TorchBackend(Backend):
         return torch.no_grad()
 
     # ------------------------------------------------------------------ attribution
-    def value_and_grads(self, fn):
+    @staticmethod
+    def _watched(fn):
+        """Run ``fn(watch)`` with grad on: (y, the one leaf x that went through ``watch``)."""
         watched: list[torch.Tensor] = []
 
         def watch(t: torch.Tensor) -> torch.Tensor:
@@ -386,7 +388,10 @@ class TorchBackend(Backend):
             y = fn(watch)
         if len(watched) != 1:
             raise EmbgradError(f"value_and_grads: fn watched {len(watched)} tensors, expected exactly one.")
-        x = watched[0]
+        return y, watched[0]
+
+    def value_and_grads(self, fn):
+        y, x = self._watched(fn)
         k_out = int(y.shape[1])
         grads = []
         for k in range(k_out):
@@ -397,18 +402,7 @@ class TorchBackend(Backend):
         return y.detach(), grads
 
     def value_and_grads_batched(self, fn):
-        watched: list[torch.Tensor] = []
-
-        def watch(t: torch.Tensor) -> torch.Tensor:
-            leaf = t.detach().requires_grad_(True)
-            watched.append(leaf)
-            return leaf
-
-        with torch.enable_grad():
-            y = fn(watch)
-        if len(watched) != 1:
-            raise EmbgradError(f"value_and_grads: fn watched {len(watched)} tensors, expected exactly one.")
-        x = watched[0]
+        y, x = self._watched(fn)
         n, k_out = int(y.shape[0]), int(y.shape[1])
         if not y.requires_grad:
             return y.detach(), [torch.zeros_like(x) for _ in range(k_out)]
