@@ -461,3 +461,87 @@ def test_accumulates_in_float32_or_wider():
             ref = attribute(m32, inputs(), 1, method=method, steps=8)
             assert ours.attributions.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
             np.testing.assert_allclose(ours.scores, ref.scores, atol=tol * np.abs(ref.scores).max())
+
+
+# ----------------------------------------------------------------------------- Captum parity (issue 20)
+class Linear(nn.Module):
+    """Linear in the looked-up vectors: f = W · mean_t(e_t) (+ b), so ∂f/∂e is constant and the
+    noise methods have closed forms."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.emb = nn.Embedding(V, D)
+        self.out = nn.Linear(D, C)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, input_ids):
+        return self.out(self.emb(input_ids).mean(1))
+
+
+def test_integrated_gradients_global_attribution(toy):
+    """multiply_by_inputs=False: the path-averaged gradient itself (Captum's global attribution);
+    multiplied by (e − e₀) it is the local one, and delta is the same completeness gap."""
+    local = attribute(toy, inputs(), 1, steps=16)
+    glob = attribute(toy, inputs(), 1, steps=16, multiply_by_inputs=False)
+    e = toy.emb(IDS).detach()
+    np.testing.assert_allclose((glob.attributions * e).sum(-1).numpy(), local.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(glob.delta, local.delta, rtol=1e-6, atol=1e-7)
+    with pytest.raises(EmbgradError, match="multiply_by_inputs=False applies to"):
+        attribute(toy, inputs(), 1, method="saliency", multiply_by_inputs=False)
+
+
+def test_baselines_broadcast_over_the_batch(toy):
+    row = torch.tensor([[7, 7, 7, 7, 7, 7]])
+    full = attribute(toy, inputs(), 1, steps=8, baseline=row.expand(3, 6).clone())
+    np.testing.assert_allclose(attribute(toy, inputs(), 1, steps=8, baseline=row).scores, full.scores, rtol=1e-6)
+    vec = toy.emb(row).detach()                                    # (1, T, D)
+    np.testing.assert_allclose(attribute(toy, inputs(), 1, steps=8, baseline=vec).scores, full.scores,
+                               rtol=1e-5, atol=1e-7)
+    const = attribute(toy, inputs(), 1, steps=8, baseline=1e-5)      # a float constant vector
+    ref = attribute(toy, inputs(), 1, steps=8, baseline=torch.full((1, 6, D), 1e-5))
+    np.testing.assert_allclose(const.scores, ref.scores, rtol=1e-6, atol=1e-8)
+    with pytest.raises(EmbgradError, match=r"\(1, 6\) for all examples"):
+        attribute(toy, inputs(), 1, steps=8, baseline=torch.tensor([[7, 7]]))
+
+
+def test_noise_tunnel_variants_closed_form():
+    """On a model linear in e, ∂f/∂e = G is constant, so with noise ε ~ N(0, σ²) per coordinate:
+    smoothgrad_sq = E[(G ⊙ (e + ε))²] = (G ⊙ e)² + G²σ²  and  vargrad = G²σ² (summed over D)."""
+    torch.manual_seed(0)
+    m = Linear().eval()
+    ids = torch.tensor([[3, 8, 1, 30], [12, 12, 5, 9]])
+    e = m.emb(ids).detach().double()
+    G = (m.out.weight[2] / ids.shape[1]).detach().double()           # ∂f_2/∂e_t for every t
+    table = m.emb.weight.detach().double()
+    sigma = 0.3 * float(np.median(np.linalg.norm(table.numpy(), axis=1))) / np.sqrt(D)   # noise=0.3
+    S = 4000
+    sq = attribute(m, ids, 2, method="smoothgrad_sq", steps=S, noise=0.3, seed=1)
+    var = attribute(m, ids, 2, method="vargrad", steps=S, noise=0.3, seed=1)
+    exp_var = float((G * G).sum() * sigma ** 2)
+    exp_sq = ((G * e) ** 2).sum(-1).numpy() + exp_var
+    # the estimators' relative standard error is about sqrt(2/S) per coordinate; 5 of them
+    np.testing.assert_allclose(var.scores, exp_var, rtol=5 * np.sqrt(2 / S))
+    np.testing.assert_allclose(sq.scores, exp_sq, rtol=5 * np.sqrt(2 / S))
+    zero = attribute(m, ids, 2, method="vargrad", steps=3, noise=0.0)
+    np.testing.assert_allclose(zero.scores, 0.0, atol=1e-6)     # E[a²] − E[a]² in float32
+
+
+def test_gradient_shap_converges_to_integrated_gradients(toy):
+    """GradientSHAP with one baseline and no input noise is Monte-Carlo integrated gradients
+    (α ~ U(0, 1)): on a linear model it is exact for any α; on the MLP it converges as steps grow."""
+    lin = Linear().eval()
+    ids = torch.tensor([[3, 8, 1, 30], [12, 12, 5, 9]])
+    ig = attribute(lin, ids, 0, steps=4)
+    shap = attribute(lin, ids, 0, method="gradient_shap", steps=3)
+    np.testing.assert_allclose(shap.scores, ig.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(shap.delta, 0.0, atol=1e-5)
+    ref = attribute(toy, inputs(), 1, steps=64, baseline="pad")
+    mc = attribute(toy, inputs(), 1, method="gradient_shap", steps=3000, baseline="pad", seed=0)
+    assert mc.baseline == "pad" and mc.steps.tolist() == [3000] * 3
+    scale = np.abs(ref.scores).max()
+    assert np.abs(mc.scores - ref.scores).max() < 0.05 * scale
+    glob = attribute(toy, inputs(), 1, method="gradient_shap", steps=50, multiply_by_inputs=False, seed=0)
+    assert glob.delta is None and glob.scores.shape == (3, 6)

@@ -10,7 +10,19 @@ embedding layer (the looked-up vectors e, shape (B, T, D)):
   ``steps="auto"`` refines a nested rule (every evaluation reused) only for the examples whose
   gap is still above ``tolerance``;
 * ``smoothgrad``: the gradient averaged over ``steps`` noisy copies e + ε (ε scaled to the
-  table's typical row norm), reported as gradient × input.
+  table's typical row norm), reported as gradient × input (Smilkov et al. 2017, "SmoothGrad");
+* ``smoothgrad_sq`` and ``vargrad``: the mean of the squares, and the variance, of the
+  per-sample gradient × (noisy) input a_s = ∂f/∂e(e + ε_s) ⊙ (e + ε_s) over the ``steps`` samples —
+  Captum's ``NoiseTunnel(InputXGradient)`` with ``nt_type="smoothgrad_sq"`` / ``"vargrad"``
+  (Adebayo et al. 2018, "Local explanation methods for deep neural networks lack sensitivity
+  to parameter values");
+* ``gradient_shap``: E[∂f/∂e(e₀ + α(e + ε − e₀)) ⊙ (e + ε − e₀)] over α ~ U(0, 1) and input
+  noise ε (``noise``, default 0 as Captum's ``stdevs``), ``steps`` samples per example —
+  Captum's ``LayerGradientShap`` with one baseline (Lundberg & Lee 2017, "A unified approach to
+  interpreting model predictions"); it converges to integrated gradients as ``steps`` grows.
+
+``multiply_by_inputs=False`` (integrated gradients, gradient SHAP) leaves out the final
+multiplication by (e − e₀): Captum's "global" attribution, the path-averaged gradient itself.
 
 How: the layer's output is replaced per forward call (``Capture._replace``, as Captum's
 ``LayerIntegratedGradients`` does with a forward hook), and all (example, step) points go
@@ -41,7 +53,10 @@ from .errors import EmbgradError, closest_names
 __all__ = ["attribute", "Attribution", "hotflip", "HotFlip", "jacobian", "quadrature",
            "METHODS", "RULES"]
 
-METHODS = ("saliency", "grad_x_input", "integrated_gradients", "smoothgrad")
+METHODS = ("saliency", "grad_x_input", "integrated_gradients", "smoothgrad", "smoothgrad_sq", "vargrad",
+           "gradient_shap")
+#: the methods that sample noise (``steps`` = samples, ``noise``, ``seed``)
+_NOISY = ("smoothgrad", "smoothgrad_sq", "vargrad", "gradient_shap")
 RULES = ("gauss_legendre", "trapezoid", "left", "right", "middle")
 # steps="auto": the nested rule used for each rule, and its first number of points
 _NESTED = {"gauss_legendre": "trapezoid", "trapezoid": "trapezoid", "left": "left", "right": "right",
@@ -751,6 +766,9 @@ def _baseline(eng: _Engine, baseline: Any, obs: dict, pad_id: int | None) -> tup
     b, info, e, ids = eng.backend, eng.info, obs["e"], obs["ids"]
     if baseline is None or (isinstance(baseline, str) and baseline == "zeros"):
         return b.zeros(b.shape(e), b.dtype_name(e), e), "zeros"
+    if isinstance(baseline, (float, np.floating)) and not isinstance(baseline, bool):
+        # a constant vector: every coordinate of every position equals ``baseline``
+        return b.zeros(b.shape(e), b.dtype_name(e), e) + float(baseline), f"constant {float(baseline):g}"
     if isinstance(baseline, str):
         if baseline != "pad":
             raise EmbgradError(f"baseline={baseline!r} is not known; pass None/'zeros', 'pad', an int id, "
@@ -762,15 +780,20 @@ def _baseline(eng: _Engine, baseline: Any, obs: dict, pad_id: int | None) -> tup
         base_ids = np.full(b.shape(ids), bid, np.int64)
     else:
         arr = baseline if isinstance(baseline, np.ndarray) else b.to_numpy(baseline)
-        if np.issubdtype(arr.dtype, np.floating) and arr.shape == tuple(b.shape(e)):
+        e_shape, ids_shape = tuple(b.shape(e)), tuple(b.shape(ids))
+        B = e_shape[0]
+        if np.issubdtype(arr.dtype, np.floating) and arr.shape in (e_shape, (1,) + e_shape[1:]):
             t = baseline if not isinstance(baseline, np.ndarray) else b.from_numpy(arr, like=e)
+            if arr.shape[0] != B:          # one (1, T, D) baseline broadcast over the batch
+                t = b.gather(t, b.from_numpy(np.zeros(B, np.int64), like=e))
             return b.cast(t, b.dtype_name(e)), "embedding"
-        if not np.issubdtype(arr.dtype, np.integer) or arr.shape != tuple(b.shape(ids)):
+        if not np.issubdtype(arr.dtype, np.integer) or arr.shape not in (ids_shape, (1,) + ids_shape[1:]):
             raise EmbgradError(
                 f"layer {info.name!r}: baseline of shape {arr.shape} and dtype {arr.dtype} must be integer "
-                f"ids shaped like the inputs' ids {tuple(b.shape(ids))} (or float vectors shaped like the "
-                f"embeddings {tuple(b.shape(e))}).")
-        base_ids, desc = arr.astype(np.int64), "ids"
+                f"ids shaped like the inputs' ids {ids_shape} or (1, {', '.join(map(str, ids_shape[1:]))}) "
+                f"for all examples, or float vectors shaped like the embeddings {e_shape} or "
+                f"(1, {', '.join(map(str, e_shape[1:]))}), or a float constant.")
+        base_ids, desc = np.broadcast_to(arr.astype(np.int64), ids_shape).copy(), "ids"
     lo, hi = int(base_ids.min()), int(base_ids.max())
     if lo < 0 or hi >= info.num_rows:
         raise EmbgradError(f"layer {info.name!r}: baseline id {lo if lo < 0 else hi} is out of range for a "
@@ -792,8 +815,9 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
               layer: Any = None, baseline: Any = None, steps: int | str = 50,
               rule: str = "gauss_legendre", forward: Callable | None = None,
               batch_size: int | None = None, *, tolerance: float = 0.01, max_steps: int = 256,
-              noise: float = 0.1, seed: int = 0, mask: Any = None, pad_id: int | None = None,
-              tokens: Any = None, progress: bool | None = None, call: int | None = None) -> Attribution:
+              noise: float | None = None, seed: int = 0, mask: Any = None, pad_id: int | None = None,
+              tokens: Any = None, progress: bool | None = None, call: int | None = None,
+              multiply_by_inputs: bool = True) -> Attribution:
     """Attribute a target output of ``model`` to the tokens of ``inputs``.
 
     Args:
@@ -808,7 +832,9 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
         layer: the token embedding (name or object); default ``get_input_embeddings()``, else
             the model's only embedding layer.
         baseline: None/"zeros" (zero vectors), "pad" (``pad_id``, else ``config.pad_token_id``,
-            else the layer's padding index), an int id, or ids shaped like the inputs.
+            else the layer's padding index), an int id, ids shaped like the inputs (B, T) or one
+            row (1, T) for every example, float vectors (B, T, D) or (1, T, D), or a float
+            constant (every coordinate). Integrated gradients and gradient SHAP.
         steps: quadrature points (noise samples for SmoothGrad), or "auto": a nested rule is
             refined round by round (step halved; a third for "middle"), every evaluation
             reused, only for the examples whose |delta| > ``tolerance`` ·
@@ -818,7 +844,11 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
         rule: see :func:`quadrature`.
         forward: ``forward(model, **inputs) -> outputs``; default ``model(**inputs)``.
         batch_size: rows (example × step) per forward pass; default from T · D.
-        noise, seed: SmoothGrad noise norm as a fraction of the table's median row norm.
+        noise, seed: the noise's norm per vector as a fraction of the table's median row norm
+            (SmoothGrad family: default 0.1; gradient SHAP: default 0, Captum's ``stdevs=0``).
+        multiply_by_inputs: integrated gradients and gradient SHAP only: False leaves out the
+            multiplication by (e − e₀) (Captum's "global" attribution); ``delta`` is then still
+            the completeness gap of the multiplied ("local") attributions, the quadrature's error.
         mask: (B, T), 1 = token, 0 = padding; default ``inputs["attention_mask"]`` (or ids ≠ 0
             for a Keras ``mask_zero`` layer). Padding scores are 0.
         tokens: a tokenizer, a vocabulary (id -> str) or token lists, for ``.tokens`` and HTML.
@@ -844,9 +874,14 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
         if auto and (not _is_int(max_steps) or max_steps < start or not tolerance > 0):
             raise EmbgradError(f"steps='auto' needs tolerance > 0 and max_steps ≥ {start}, got "
                                f"tolerance={tolerance!r}, max_steps={max_steps!r}.")
-    elif method == "smoothgrad" and (not _is_int(steps) or steps < 1 or not noise >= 0):
-        raise EmbgradError(f"smoothgrad needs steps (noise samples) ≥ 1 and noise ≥ 0, got "
+    if noise is None:
+        noise = 0.0 if method == "gradient_shap" else 0.1
+    if method in _NOISY and (not _is_int(steps) or steps < 1 or not noise >= 0):
+        raise EmbgradError(f"{method} needs steps (noise samples) ≥ 1 and noise ≥ 0, got "
                            f"steps={steps!r}, noise={noise!r}.")
+    if not multiply_by_inputs and method not in ("integrated_gradients", "gradient_shap"):
+        raise EmbgradError(f"multiply_by_inputs=False applies to integrated_gradients and gradient_shap "
+                           f"(Captum's global attribution); method={method!r} has no such choice.")
     eng = _Engine(model, inputs, layer, forward, target, batch_size, progress, call=call)
     b = eng.backend
     obs = eng.observe(grad=method in ("saliency", "grad_x_input"))
@@ -886,6 +921,65 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
             attr = [g * b.cast(e, _acc_dtype(b, g)) * mt for g in gbar]
             sc = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in attr]
         steps_used = np.full(B, S, np.int64)
+    elif method in ("smoothgrad_sq", "vargrad", "gradient_shap"):
+        S = int(steps)
+        sigma = float(noise) * _typical_row_norm(eng, obs["ids"]) / math.sqrt(eng.info.dim) if noise else 0.0
+        rng = np.random.default_rng(seed)
+        eshape = tuple(b.shape(e))[1:]
+        idx = np.repeat(np.arange(B, dtype=np.int64), S)
+        dt = _acc_dtype(b, e)
+        shap = method == "gradient_shap"
+        if shap:
+            e0, base_desc = _baseline(eng, baseline, obs, pad_id)
+            alpha = rng.uniform(0.0, 1.0, len(idx))
+        diffs: dict[int, Any] = {}
+
+        def point(ix, sl, call):
+            x = b.gather(e, b.from_numpy(ix, like=e))
+            if sigma:
+                eps = rng.standard_normal((len(ix),) + eshape, dtype=np.float32) * np.float32(sigma)
+                x = x + b.cast(b.from_numpy(eps, like=e), b.dtype_name(e))
+            if not shap:
+                return x
+            x0 = b.gather(e0, b.from_numpy(ix, like=e))
+            diffs[sl.start] = b.cast(x - x0, dt)           # the noisy input minus its baseline
+            return x0 + _per_row(b, alpha[sl], e, b.dtype_name(e)) * (x - x0)
+
+        first: list[Any] = []
+        second: list[Any] = []
+
+        def consume(sl, ix, state, values, grads):
+            it = b.from_numpy(ix, like=e)
+            times = diffs.pop(sl.start) if shap else b.cast(state["x"], dt)
+            for k, g in enumerate(grads):
+                a = b.cast(g, dt) * (times if (multiply_by_inputs or not shap) else 1.0)
+                s1 = b.segment_sum(a, it, B)
+                s2 = None if shap else b.segment_sum(a * a, it, B)
+                if k < len(first):
+                    first[k] = first[k] + s1
+                    if s2 is not None:
+                        second[k] = second[k] + s2
+                else:
+                    first.append(s1)
+                    if s2 is not None:
+                        second.append(s2)
+
+        eng.run(idx, point, True, consume, method)
+        with b.no_grad():
+            mean = [f / float(S) for f in first]
+            if method == "smoothgrad_sq":
+                attr = [q / float(S) * mt for q in second]
+            elif method == "vargrad":
+                attr = [(q / float(S) - m1 * m1) * mt for q, m1 in zip(second, mean)]
+            else:
+                attr = [m1 * mt for m1 in mean]
+            sc = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in attr]
+        steps_used = np.full(B, S, np.int64)
+        if shap:
+            f0 = eng.values_at(e0)
+            extra["baseline_outputs"] = f0
+            if multiply_by_inputs:
+                delta = (np.stack([si.reshape(B, -1).sum(1) for si in sc], axis=1) - (fx - f0)).T
     else:
         e0, base_desc = _baseline(eng, baseline, obs, pad_id)
         with b.no_grad():
@@ -912,6 +1006,10 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
                 at = [g * diff * mt for g in acc]
                 s = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in at]
             d = np.stack([si.reshape(B, -1).sum(1) for si in s], axis=1) - (fx - f0)
+            if not multiply_by_inputs:     # the global attribution: the path-averaged gradient
+                with b.no_grad():
+                    at = [g * mt for g in acc]
+                    s = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in at]
             return at, s, d
 
         everyone = np.arange(B, dtype=np.int64)
