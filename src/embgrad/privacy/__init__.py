@@ -8,6 +8,10 @@ framework and not dp-accounting.
 """
 from __future__ import annotations
 
+import importlib.util
+from typing import Any
+
+from ..errors import EmbgradError
 from .accounting import dp_event, epsilon, equivalent_noise_multiplier
 from .mechanisms import DPFEST, DPSGD, DPAdaFEST
 from .noise import (
@@ -25,6 +29,33 @@ from .noise import (
 __all__ = [
     "DPFEST", "DPSGD", "DPAdaFEST", "RowSelection",
     "contribution_counts", "dense_noise", "dp_event", "epsilon", "equivalent_noise_multiplier",
-    "false_positive_probability", "gaussian_noise", "noise_rows", "select_rows",
-    "split_noise_multiplier", "top_k_rows",
+    "false_positive_probability", "gaussian_noise", "noise_rows", "register_opacus",
+    "select_rows", "split_noise_multiplier", "top_k_rows",
 ]
+
+
+def register_opacus() -> Any:
+    """Register embgrad's per-example samplers for ``nn.Embedding`` and ``nn.EmbeddingBag`` in
+    Opacus (ghost clipping: norm samplers; hooks mode: grad samplers).
+
+    Use as a context manager around ``PrivacyEngine.make_private(...)`` and training, or call it
+    once and ``.remove()`` later; leaving restores Opacus's own samplers. Call it BEFORE
+    ``make_private``: it also wraps Opacus's activation hook (each bag's batch size; a refusal of
+    keyword ``per_sample_weights``, which Opacus does not capture). Over Opacus's own samplers it
+    adds: no gradient for ``padding_idx`` (as torch), EmbeddingBag norms in ghost mode, ``max``
+    mode, ``per_sample_weights``, ``include_last_offset``, sparse per-example norms (O(B·T·D)).
+    Tied tables (one weight in two modules) are exact in hooks mode (Opacus sums the
+    per-example gradients of both uses); ghost mode refuses them with an EmbgradError.
+
+    Returns:
+        an ``OpacusRegistration`` (``.remove()``, context manager).
+    Raises:
+        EmbgradError: torch or opacus not installed.
+    Source: Opacus 1.6 ``opacus/grad_sample`` registries (Yousefpour et al. 2021); ghost
+    clipping: Li et al. 2022, Bu et al. 2023.
+    """
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("opacus") is None:
+        raise EmbgradError("register_opacus() needs torch and opacus (pip install opacus==1.6.0).")
+    from ..backends.torch_opacus import register_opacus as _register
+
+    return _register()

@@ -1,0 +1,335 @@
+"""embgrad's per-example samplers for ``nn.Embedding`` and ``nn.EmbeddingBag`` under Opacus.
+
+Opacus (https://opacus.ai) computes per-example gradients ("grad samplers", hooks mode) or
+their norms ("norm samplers", ghost clipping / "fast gradient clipping") layer by layer from the
+layer's captured inputs ("activations") and the gradient of its output ("backprops"), and looks
+the function up by module type in ``GradSampleHooks.GRAD_SAMPLERS`` and
+``GradSampleHooksFastGradientClipping.NORM_SAMPLERS/GRAD_SAMPLERS``. Opacus 1.6's own embedding
+samplers (``opacus/grad_sample/embedding.py``, ``embedding_norm_sample.py``) give the padding row
+a per-example gradient, have no EmbeddingBag norm sampler, ignore ``max`` mode and
+``per_sample_weights``, size an EmbeddingBag's batch from its last input, and build a dense
+(B, V, D) tensor per bag in a Python loop.
+
+:func:`register_opacus` puts embgrad's samplers in those registries (and wraps Opacus's
+activation hook to record each bag's true batch size and check keyword ``per_sample_weights``);
+leaving the context (or ``.remove()``) puts back exactly what was there. Per-example gradients
+come from embgrad's sparse coalescing (:func:`embgrad.sparse.coalesce_lookups`): norms cost
+O(B·T·D), never O(B·V·D); the hooks-mode grad sampler must hand Opacus a dense (B, V, D) tensor
+(Opacus reshapes and contracts it; a sparse tensor is not accepted there).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Self
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import EmbgradError
+from ..sparse import ExampleGrads, coalesce_lookups
+from . import get_backend
+
+__all__ = ["OpacusRegistration", "embedding_example_grads", "register_opacus"]
+
+
+def _layer_name(layer: Any) -> str:
+    return f"{type(layer).__name__}({layer.num_embeddings}, {layer.embedding_dim})"
+
+
+def _flat_embedding(layer: nn.Embedding, activations: list, backprops: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    if layer.scale_grad_by_freq:
+        raise EmbgradError(
+            f"{_layer_name(layer)} has scale_grad_by_freq=True: its gradient divides by how often "
+            "each id occurs in the whole batch, so one example's gradient depends on the others "
+            "and per-example clipping is not defined. Set scale_grad_by_freq=False for DP training.")
+    ids = activations[0]
+    B = ids.shape[0] if ids.dim() else 1
+    D = layer.embedding_dim
+    if tuple(backprops.shape[:-1]) != tuple(ids.shape):
+        raise EmbgradError(
+            f"{_layer_name(layer)}: ids of shape {tuple(ids.shape)} but the gradient of its output "
+            f"has shape {tuple(backprops.shape)}; embgrad's Opacus sampler needs the ids' first "
+            "dimension to be the batch.")
+    flat = ids.reshape(-1).to(torch.int64)
+    per = flat.shape[0] // max(B, 1)
+    ex = torch.arange(B, device=flat.device).repeat_interleave(per)
+    g = backprops.reshape(-1, D)
+    if layer.padding_idx is not None:   # torch gives the padding row no gradient
+        keep = flat != layer.padding_idx
+        flat, ex, g = flat[keep], ex[keep], g[keep]
+    return ex, flat, g, B
+
+
+def _flat_bag(layer: nn.EmbeddingBag, activations: list, backprops: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    if layer.scale_grad_by_freq:
+        raise EmbgradError(f"{_layer_name(layer)} has scale_grad_by_freq=True: per-example "
+                           "clipping is not defined (see nn.Embedding); set it to False.")
+    inp = activations[0]
+    offsets = activations[1] if len(activations) > 1 else None
+    psw = activations[2] if len(activations) > 2 else None
+    D = layer.embedding_dim
+    if inp.dim() == 2:
+        B, L = inp.shape
+        flat = inp.reshape(-1).to(torch.int64)
+        bag = torch.arange(B, device=inp.device).repeat_interleave(L)
+        valid = torch.ones_like(flat, dtype=torch.bool)
+    elif inp.dim() == 1:
+        if offsets is None:
+            raise EmbgradError(f"{_layer_name(layer)}: 1-D input needs offsets.")
+        offsets = offsets.to(torch.int64)
+        starts = offsets[:-1] if layer.include_last_offset else offsets
+        B = starts.shape[0]
+        flat = inp.to(torch.int64)
+        n = torch.arange(flat.shape[0], device=flat.device)
+        bag = torch.searchsorted(starts, n, right=True) - 1
+        valid = bag >= 0
+        if layer.include_last_offset:
+            valid &= n < offsets[-1]
+        bag = bag.clamp(min=0)
+    else:
+        raise EmbgradError(f"{_layer_name(layer)}: input must be 1-D (with offsets) or 2-D, got "
+                           f"shape {tuple(inp.shape)}.")
+    if tuple(backprops.shape) != (B, D):
+        raise EmbgradError(f"{_layer_name(layer)}: {B} bags but the output gradient has shape "
+                           f"{tuple(backprops.shape)}.")
+    if layer.padding_idx is not None:
+        valid &= flat != layer.padding_idx
+    g = backprops[bag]                                            # (N, D)
+    if layer.mode == "sum":
+        if psw is not None:
+            g = g * psw.reshape(-1, 1).to(g.dtype)
+    elif layer.mode == "mean":
+        count = torch.zeros(B, dtype=g.dtype, device=g.device).index_add_(0, bag, valid.to(g.dtype))
+        g = g / count.clamp(min=1)[bag].reshape(-1, 1)
+    elif layer.mode == "max":
+        # the gradient of dimension d goes to the first entry of the bag holding its maximum
+        w = layer.weight.detach()[flat].to(g.dtype)
+        w = torch.where(valid.reshape(-1, 1), w, torch.full_like(w, -torch.inf))
+        idx = bag.reshape(-1, 1).expand(-1, D)
+        top = torch.full((B, D), -torch.inf, dtype=w.dtype, device=w.device).scatter_reduce(
+            0, idx, w, "amax", include_self=True)
+        N = flat.shape[0]
+        pos = torch.arange(N, device=w.device).reshape(-1, 1).expand(-1, D)
+        cand = torch.where((w == top[bag]) & valid.reshape(-1, 1), pos, torch.full_like(pos, N))
+        first = torch.full((B, D), N, dtype=pos.dtype, device=w.device).scatter_reduce(
+            0, idx, cand, "amin", include_self=True)
+        g = g * (pos == first[bag]).to(g.dtype)
+    else:  # pragma: no cover - torch knows only these modes
+        raise EmbgradError(f"{_layer_name(layer)}: unknown mode {layer.mode!r}.")
+    return bag[valid], flat[valid], g[valid], B
+
+
+def embedding_example_grads(layer: Any, activations: list, backprops: torch.Tensor) -> ExampleGrads:
+    """Per-example sparse gradients of ``layer.weight`` from Opacus's activations and backprops.
+
+    Args:
+        layer: an ``nn.Embedding`` or ``nn.EmbeddingBag``.
+        activations: the layer's positional inputs as Opacus captured them: ``[ids]`` (B, ...)
+            int; for a bag ``[input, offsets?, per_sample_weights?]``.
+        backprops: dLoss/d(output), (B, ..., D) or (B, D) for a bag, already scaled by Opacus
+            to the per-example (sum) loss.
+    Returns:
+        :class:`~embgrad.ExampleGrads` (B examples, float32 or float64 values).
+    Raises:
+        EmbgradError: shapes that do not match, ``scale_grad_by_freq``, a 1-D bag input
+            without offsets.
+    """
+    if isinstance(layer, nn.EmbeddingBag):
+        ex, ids, g, B = _flat_bag(layer, activations, backprops)
+    else:
+        ex, ids, g, B = _flat_embedding(layer, activations, backprops)
+    b = get_backend(g)
+    out = coalesce_lookups(b, ex, ids, g, int(layer.num_embeddings), B, True)
+    assert isinstance(out, ExampleGrads)
+    return out
+
+
+def _norm_sampler(layer: Any, activations: list, backprops: torch.Tensor) -> dict:
+    """Ghost clipping: per-example gradient norms (B,) of the table, never dense."""
+    if not layer.weight.requires_grad:
+        return {}
+    if backprops.shape[0] == 0:
+        return {layer.weight: torch.zeros(0, dtype=backprops.dtype, device=backprops.device)}
+    norms = embedding_example_grads(layer, activations, backprops).norms()
+    return {layer.weight: norms.to(backprops.dtype)}
+
+
+def _grad_sampler(layer: Any, activations: list, backprops: torch.Tensor) -> dict:
+    """Hooks mode: per-example gradients (B, V, D), dense because Opacus contracts them so."""
+    if not layer.weight.requires_grad:
+        return {}
+    if backprops.shape[0] == 0:
+        V, D = layer.weight.shape
+        return {layer.weight: torch.zeros((0, V, D), dtype=backprops.dtype, device=backprops.device)}
+    eg = embedding_example_grads(layer, activations, backprops)
+    dense = eg.to_dense(max_bytes=1 << 62)
+    return {layer.weight: dense.to(backprops.dtype)}
+
+
+# ------------------------------------------------------------------ the activation-hook wrapper
+_TIED_CACHE: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
+
+
+def _shared_weights(gsm: Any) -> dict:
+    """id(parameter) -> the names it is registered under, for parameters registered twice."""
+    root = getattr(gsm, "_module", None)
+    if root is None:
+        return {}
+    try:
+        cached = _TIED_CACHE.get(gsm)
+    except TypeError:
+        cached = None
+    if cached is not None:
+        return cached
+    names: dict[int, list[str]] = {}
+    for name, p in root.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    shared = {k: v for k, v in names.items() if len(v) > 1}
+    try:
+        _TIED_CACHE[gsm] = shared
+    except TypeError:
+        pass
+    return shared
+
+
+def _wrap_capture(original: Any, ghost_class: type) -> Any:
+    def capture_activations_hook(self: Any, module: Any, forward_input: Any, forward_output: Any) -> Any:
+        if type(module) in (nn.Embedding, nn.EmbeddingBag):
+            ghost = isinstance(self, ghost_class) and getattr(self, "use_ghost_clipping", False)
+            if ghost and module.weight.requires_grad:
+                tied = _shared_weights(self).get(id(module.weight))
+                if tied:
+                    raise EmbgradError(
+                        f"{_layer_name(module)}: its weight is shared by {tied} (a tied table). Opacus's "
+                        "ghost clipping keeps one norm per parameter, so the tied table's per-example "
+                        "norm would miss the other use and the cross term. Use "
+                        "grad_sample_mode='hooks' (exact: Opacus adds the per-example gradients of "
+                        "both uses), or untie the weights.")
+            if isinstance(module, nn.EmbeddingBag) and torch.is_grad_enabled() and module.training:
+                _check_bag_call(module, forward_input, forward_output)
+        broadcast = 1
+        if isinstance(module, nn.Embedding) and forward_input[0].dim() >= 2 \
+                and forward_input[0].shape[0] == 1 and module.weight.requires_grad:
+            broadcast = _batch_of_this_forward(self, module)
+        n_before = len(getattr(module, "activations", None) or [])
+        out = original(self, module, forward_input, forward_output)
+        acts = getattr(module, "activations", None) or []
+        if broadcast > 1 and len(acts) > n_before:
+            # ids of batch 1 in a batch of B (Hugging Face position ids, Opacus issue 841): the
+            # layer's output is broadcast after it, so its own output gradient would be the
+            # batch's sum. Hand on the output expanded to the batch (same values wherever it is
+            # broadcast; autograd sums the expansion back, so the total gradient is unchanged)
+            # and record the ids expanded alike: Opacus's backward hook then sees per-example
+            # output gradients (B, T, D) and the batch size B.
+            ids = acts[-1][0]
+            acts[-1][0] = ids.expand(broadcast, *ids.shape[1:])
+            return forward_output.expand(broadcast, *forward_output.shape[1:])
+        if isinstance(module, nn.EmbeddingBag) and getattr(module, "activations", None):
+            # Opacus sizes the batch from the last positional input (offsets, or the
+            # per_sample_weights); a bag's batch is its number of bags
+            inp = forward_input[0]
+            if inp.dim() == 2:
+                B = inp.shape[0]
+            else:
+                B = forward_input[1].shape[0] - (1 if module.include_last_offset else 0)
+            module.max_batch_len = max(getattr(module, "max_batch_len", 0), int(B))  # type: ignore[assignment]
+        return out
+    capture_activations_hook._embgrad = True  # type: ignore[attr-defined]
+    return capture_activations_hook
+
+
+def _batch_of_this_forward(gsm: Any, module: nn.Module) -> int:
+    """The largest batch among the activations other layers of this forward have recorded so
+    far (1 when none: the ids of batch 1 are then taken as a batch of 1)."""
+    root = getattr(gsm, "_module", None)
+    batch = 1
+    if root is None:
+        return batch
+    for m in root.modules():
+        if m is module:
+            continue
+        for acts in getattr(m, "activations", None) or []:
+            if acts and isinstance(acts[0], torch.Tensor) and acts[0].dim() >= 1:
+                batch = max(batch, int(acts[0].shape[0]))
+    return batch
+
+
+def _check_bag_call(module: nn.EmbeddingBag, forward_input: Any, forward_output: Any) -> None:
+    """Opacus captures positional inputs only: a bag called with ``per_sample_weights=`` as a
+    keyword would silently lose them. Recompute the unweighted bag and refuse if it differs."""
+    if module.mode != "sum" or len(forward_input) >= 3:
+        return
+    inp = forward_input[0]
+    offsets = forward_input[1] if len(forward_input) > 1 else None
+    with torch.no_grad():
+        plain = F.embedding_bag(inp, module.weight, offsets, module.max_norm, module.norm_type,
+                                module.scale_grad_by_freq, module.mode, module.sparse, None,
+                                module.include_last_offset, module.padding_idx)
+    if not torch.equal(plain, forward_output):
+        raise EmbgradError(
+            f"{_layer_name(module)}: its output differs from the unweighted bag, so it was called "
+            "with per_sample_weights= as a keyword, which Opacus does not capture (it records "
+            "positional inputs only). Pass them positionally: bag(input, offsets, per_sample_weights).")
+
+
+class OpacusRegistration:
+    """embgrad's samplers registered in Opacus; ``remove()`` (or leaving the ``with`` block)
+    restores the registries and hooks as they were. Create with :func:`register_opacus`."""
+
+    def __init__(self) -> None:
+        from opacus.grad_sample.grad_sample_module import GradSampleHooks  # type: ignore[import-untyped]
+        from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (  # type: ignore[import-untyped]
+            GradSampleHooksFastGradientClipping as Ghost,
+        )
+        self._saved: list[tuple[dict, type, Any]] = []
+        self._hooks: list[tuple[type, Any, Any]] = []
+        self.active = True
+        regs = [(GradSampleHooks.GRAD_SAMPLERS, _grad_sampler),
+                (Ghost.GRAD_SAMPLERS, _grad_sampler), (Ghost.NORM_SAMPLERS, _norm_sampler)]
+        for registry, fn in regs:
+            for cls in (nn.Embedding, nn.EmbeddingBag):
+                self._saved.append((registry, cls, registry.get(cls, _MISSING)))
+                registry[cls] = fn
+        for cls in (GradSampleHooks, Ghost):
+            before = cls.__dict__.get("capture_activations_hook", _MISSING)
+            original = cls.capture_activations_hook
+            cls.capture_activations_hook = _wrap_capture(original, Ghost)
+            self._hooks.append((cls, before, cls.__dict__["capture_activations_hook"]))
+
+    def remove(self) -> None:
+        """Put Opacus's own samplers and activation hooks back (idempotent)."""
+        if not self.active:
+            return
+        for registry, cls, before in reversed(self._saved):
+            if before is _MISSING:
+                registry.pop(cls, None)
+            else:
+                registry[cls] = before
+        for cls, before, mine in reversed(self._hooks):
+            if cls.__dict__.get("capture_activations_hook") is mine:
+                if before is _MISSING:
+                    delattr(cls, "capture_activations_hook")
+                else:
+                    cls.capture_activations_hook = before
+        self.active = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (f"OpacusRegistration(nn.Embedding, nn.EmbeddingBag: norm samplers (ghost clipping) "
+                f"and grad samplers (hooks), active={self.active})")
+
+
+_MISSING = object()
+
+
+def register_opacus() -> OpacusRegistration:
+    """Register embgrad's samplers for ``nn.Embedding`` and ``nn.EmbeddingBag`` in Opacus."""
+    return OpacusRegistration()
