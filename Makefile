@@ -8,7 +8,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: demo test test-main test-gluon bench clean
+.PHONY: demo lint test test-main test-gluon bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,16 @@ $(VENV)/.stamp-demo: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
 $(VENV)/.stamp-test: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[torch,tensorflow,hf,viz,test,peers,privacy]"
 	touch $@
+
+# ruff and mypy (pinned) beside the test extras: mypy reads the installed numpy/torch/rich types.
+$(VENV)/.stamp-lint: $(VENV)/.stamp-test
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[lint]"
+	touch $@
+
+# `make lint`: ruff (style, imports, bug patterns) and mypy (types) over src/; settings in pyproject.toml.
+lint: $(VENV)/.stamp-lint
+	$(VENV)/bin/ruff check src
+	$(VENV)/bin/mypy
 
 demo: $(VENV)/.stamp-demo
 	$(VENV)/bin/embgrad demo
@@ -62,4 +72,4 @@ bench: $(VENV)/.stamp-bench
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick) $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-gluon embgrad-report .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-gluon embgrad-report .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -59,14 +59,14 @@ def score_colors(scores: np.ndarray, vmax: float) -> list[tuple[str, str]]:
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     t = np.clip(np.abs(s) / vmax, 0.0, 1.0) if vmax > 0 else np.zeros_like(s)
     out = []
-    for v, f in zip(s, t):
+    for v, f in zip(s, t, strict=True):
         end = POSITIVE_RGB if v >= 0 else NEGATIVE_RGB
         r, g, b = (round(255 + (c - 255) * f) for c in end)
         out.append((f"rgb({r},{g},{b})", "#fff" if f > 0.6 else "#111"))
     return out
 
 
-def token_heatmap(tokens: Sequence[Sequence[str]], scores: np.ndarray | Sequence[Sequence[float]], *,
+def token_heatmap(tokens: Sequence[Sequence[str]], scores: np.ndarray | Sequence[Sequence[float] | np.ndarray], *,
                   mask: np.ndarray | None = None, labels: Sequence[str] | None = None,
                   title: str | None = None, scale: str = "row", marks: np.ndarray | None = None,
                   legend: str | None = None) -> str:
@@ -93,7 +93,7 @@ def token_heatmap(tokens: Sequence[Sequence[str]], scores: np.ndarray | Sequence
                      f'{esc(title)}</div>')
     if legend:
         parts.append(legend)
-    for b, (toks, row) in enumerate(zip(tokens, rows)):
+    for b, (toks, row) in enumerate(zip(tokens, rows, strict=True)):
         n = min(len(toks), row.size)
         keep = np.ones(n, dtype=bool) if mask is None else np.asarray(mask[b], dtype=bool)[:n]
         vmax = gmax if scale == "global" else (float(np.abs(row[:n][keep]).max()) if keep.any() else 0.0)

@@ -42,7 +42,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, TypeGuard
 
 import numpy as np
 
@@ -237,7 +237,7 @@ class HotFlip:
         best = ""
         if B and k and self.positions[0, 0] >= 0:
             p, o, n = int(self.positions[0, 0]), int(self.old_ids[0, 0]), int(self.new_ids[0, 0])
-            if self.old_tokens is not None:
+            if self.old_tokens is not None and self.new_tokens is not None:
                 best = f", best #0: {self.old_tokens[0][0]!r}->{self.new_tokens[0][0]!r} at {p}"
             else:
                 best = f", best #0: {o}->{n} at {p}"
@@ -259,8 +259,7 @@ class _Inputs:
         else:
             self.kind, items = "tensor", [(0, inputs)]
         self.items = items
-        sizes = [self._rows(v) for _, v in items]
-        sizes = [s for s in sizes if s is not None]
+        sizes = [s for s in (self._rows(v) for _, v in items) if s is not None]
         if not sizes:
             raise EmbgradError(
                 f"inputs must hold the model's input tensors (ids, attention mask, ...) with a batch "
@@ -269,7 +268,7 @@ class _Inputs:
         if self.batch < 1:
             raise EmbgradError("inputs hold an empty batch (0 examples); pass at least one example.")
         self.batched = [self._rows(v) == self.batch for _, v in items]
-        seq = [tuple(v.shape) for (_, v), bt in zip(items, self.batched) if bt and len(v.shape) >= 2]
+        seq = [tuple(v.shape) for (_, v), bt in zip(items, self.batched, strict=True) if bt and len(v.shape) >= 2]
         self.seq_len = int(seq[0][1]) if seq else 1
 
     @staticmethod
@@ -289,7 +288,7 @@ class _Inputs:
         """The inputs of examples ``idx`` (NumPy int64 (n,)), broadcast entries unchanged."""
         b = self.backend
         out = []
-        for (k, v), batched in zip(self.items, self.batched):
+        for (k, v), batched in zip(self.items, self.batched, strict=True):
             if batched:
                 v = v[idx] if isinstance(v, np.ndarray) else b.gather(v, b.from_numpy(idx, like=v))
             out.append((k, v))
@@ -329,7 +328,7 @@ def _short_repr(x: Any, n: int = 40) -> str:
     return r if len(r) <= n else r[: n - 4] + " ...]"
 
 
-def _is_int(x: Any) -> bool:
+def _is_int(x: Any) -> TypeGuard[int]:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
@@ -351,7 +350,7 @@ class _Targets:
         per_example_lists = what == "target"     # jacobian's outputs=[...] lists several outputs
         if isinstance(spec, str) and spec == "all":
             self.items, self.multi, self.all_columns = [], True, True
-            self.labels = ("all",)
+            self.labels: tuple[str, ...] = ("all",)
             return
         if isinstance(spec, Mapping):
             # {label: target}: several targets, unambiguous whatever their number
@@ -458,7 +457,8 @@ class _Progress:
     def __init__(self, enabled: bool | None, total: int, what: str):
         self.on = (enabled is True) or (enabled is None and sys.stderr.isatty())
         self.force, self.total, self.what = enabled is True, total, what
-        self.t0, self.done, self.bar, self.task = time.perf_counter(), 0, None, None
+        self.t0, self.done, self.task = time.perf_counter(), 0, None
+        self.bar: Any = None   # a rich Progress once the work turns out slow
 
     def advance(self) -> None:
         self.done += 1
@@ -539,7 +539,8 @@ class _Engine:
         finally:
             bar.close()
 
-    def _chunk(self, ix, sl, point, grad, consume) -> None:
+    def _chunk(self, ix: np.ndarray, sl: slice, point: Callable[[np.ndarray, slice, Any], Any] | None,
+               grad: bool, consume: Callable[[slice, np.ndarray, Any, Any, list | None], None]) -> None:
         b, info, n = self.backend, self.info, int(ix.shape[0])
         sub = self.inputs.take(ix)
         state: dict[str, Any] = {"call": None, "watch": None, "count": 0}
@@ -684,6 +685,7 @@ def _pick_layer(b: Backend, model: Any, layer: Any) -> EmbeddingInfo:
     if isinstance(layer, (list, tuple, set)):
         raise EmbgradError(f"attribution runs over one embedding layer; got layer={layer!r}. Pass one "
                            "name or layer object.")
+    info: EmbeddingInfo | None
     if layer is not None:
         info = select_layers(b, model, layer)[0]
     else:
@@ -729,7 +731,7 @@ def _tokens(tokens: Any, ids: np.ndarray, what: str = "tokens") -> list[list[str
     if hasattr(tokens, "tokens") and not isinstance(tokens, (list, tuple)):   # embgrad.demo Vocab
         tokens = tokens.tokens
     if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], (list, tuple)):
-        if len(tokens) != len(rows) or any(len(t) != len(r) for t, r in zip(tokens, rows)):
+        if len(tokens) != len(rows) or any(len(t) != len(r) for t, r in zip(tokens, rows, strict=True)):
             raise EmbgradError(f"{what}: got {len(tokens)} token lists of lengths "
                                f"{[len(t) for t in tokens][:5]}, but the ids are {ids.shape}; pass one "
                                "string per id (padding included), or a tokenizer.")
@@ -869,7 +871,7 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
         raise EmbgradError(f"steps='auto' refines integrated gradients by their completeness gap; "
                            f"method={method!r} needs an int number of steps.")
     if method == "integrated_gradients":
-        quadrature(rule, 2 if auto else steps)                     # validates rule and steps
+        quadrature(rule, 2 if isinstance(steps, str) else steps)                     # validates rule and steps
         start = _AUTO_START[_NESTED[rule]]
         if auto and (not _is_int(max_steps) or max_steps < start or not tolerance > 0):
             raise EmbgradError(f"steps='auto' needs tolerance > 0 and max_steps ≥ {start}, got "
@@ -970,7 +972,7 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
             if method == "smoothgrad_sq":
                 attr = [q / float(S) * mt for q in second]
             elif method == "vargrad":
-                attr = [(q / float(S) - m1 * m1) * mt for q, m1 in zip(second, mean)]
+                attr = [(q / float(S) - m1 * m1) * mt for q, m1 in zip(second, mean, strict=True)]
             else:
                 attr = [m1 * mt for m1 in mean]
             sc = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in attr]
@@ -1034,7 +1036,7 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
                 sel[active] = keep                    # the old sum of active examples is rescaled
                 with b.no_grad():
                     st = _per_row(b, sel, e, _acc_dtype(b, e))
-                    acc = [a * st + nw for a, nw in zip(acc, new)]
+                    acc = [a * st + nw for a, nw in zip(acc, new, strict=True)]
                 steps_used[active] = n = n_next
             extra["converged"] = ok
             if not ok.all():
@@ -1103,8 +1105,7 @@ def _candidate_ids(candidates: Any, V: int, tokenizer: Any, exclude: set[int]) -
         if tokenizer is None:
             raise EmbgradError("a callable candidates filter is called on token strings: pass tokenizer= "
                                "(a tokenizer or a vocabulary), or give candidate ids instead.")
-        strs = _vocab_strings(tokenizer, V)
-        keep = np.array([bool(candidates(s)) for s in strs], dtype=bool)
+        keep = np.array([bool(candidates(s)) for s in _vocab_strings(tokenizer, V)], dtype=bool)
     else:
         arr = np.asarray(candidates)
         if arr.dtype == bool:

@@ -107,12 +107,13 @@ class LayerGradients:
     def output_grad(self) -> Any:
         return self.calls[0][1]
 
-    def _flat(self) -> tuple[Any, Any, Any, int]:
-        """All calls' lookups as flat (example index, row, grad) with ignored entries removed."""
+    def _flat(self) -> tuple[Any, Any, Any, Any]:
+        """All calls' lookups as flat (example index, row, grad) with ignored entries removed, and
+        the batch size B (an int; -1 when calls disagree; a scalar tensor while tracing)."""
         b, info = self._backend, self.info
         exs, rows, grads = [], [], []
         batch = None
-        for (ids, og), valid in zip(self.calls, self._valid):
+        for (ids, og), valid in zip(self.calls, self._valid, strict=True):
             shape = b.shape(ids)
             B = shape[0]
             T = math.prod(shape[1:])  # lookups per example (ids may have more than 2 dims)
@@ -260,13 +261,12 @@ class Capture:
         self._used = True
         return self
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> None:
         if self._tap is not None:
             self._tap.remove()
             # keep the tap object for differentiation after the block (TensorFlow's tape)
             self._tap_done = self._tap
             self._tap = None
-        return False
 
     def _on_call(self, call: Call) -> Any:
         self.calls.append(call)
@@ -306,6 +306,7 @@ class Capture:
                 f"layers {names} produced no graph to differentiate. Run the forward inside capture "
                 "with gradient recording on.")
         tap = self._tap or getattr(self, "_tap_done", None)
+        assert tap is not None   # self._used: __enter__ installed one
         src = None
         if loss is not None:
             loss = self._backend.scalar_loss(loss)
@@ -322,7 +323,7 @@ class Capture:
         b = self._backend
         inv_scale = None if loss_scale is None else 1.0 / _positive_scale(b, loss_scale)
         by_layer: dict[str, tuple[list, list]] = {i.name: ([], []) for i in self.layers}
-        for call, g in zip(self.calls, grads):
+        for call, g in zip(self.calls, grads, strict=True):
             bad = b.count_nonfinite(g)
             if bad:
                 raise EmbgradError(

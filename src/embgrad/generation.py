@@ -333,7 +333,7 @@ def _greedy(packer: _Packer, call: Callable[[Any], Any], prompts: list[np.ndarra
     out: list[list[int]] = [[] for _ in prompts]
     live = np.ones(len(prompts), dtype=bool)
     for _ in range(max_new):
-        seqs = [np.concatenate([p, np.asarray(o, np.int64)]) for p, o in zip(prompts, out)]
+        seqs = [np.concatenate([p, np.asarray(o, np.int64)]) for p, o in zip(prompts, out, strict=True)]
         ids, m = packer.pack(seqs)
         with b.no_grad():
             lg = _logits(call(packer.inputs(ids, m)))
@@ -467,7 +467,7 @@ def attribute_generation(model: Any, inputs: Any, targets: Any = None, method: s
                                    f"for a table of {info.num_rows} rows.")
     nP = np.array([len(p) for p in prompts])
     nK = np.array([len(t) for t in tgts])
-    seqs = [np.concatenate([p, t[:-1]]) for p, t in zip(prompts, tgts)]
+    seqs = [np.concatenate([p, t[:-1]]) for p, t in zip(prompts, tgts, strict=True)]
     ids, m = packer.pack(seqs)
     T, K = ids.shape[1], int(nK.max())
     pos = np.zeros((B, K), np.int64)

@@ -242,7 +242,7 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     found, truth = np.asarray(found), np.asarray(truth)
     if found.shape[0] != truth.shape[0] or truth.size == 0:
         raise EmbgradError(f"recall_at needs (Q, n) arrays of the same Q, got {found.shape} and {truth.shape}.")
-    hits = [len(np.intersect1d(f, t)) / len(t) for f, t in zip(found, truth)]
+    hits = [len(np.intersect1d(f, t)) / len(t) for f, t in zip(found, truth, strict=True)]
     return float(np.mean(hits))
 
 
@@ -585,7 +585,7 @@ def _batch_grads(ckpts: list[Checkpoint], batch: Any, loss_fn: LossFn, layers: A
 
 def _layer_info(grads: list[dict[str, ExampleGrads]], ckpts: list[Checkpoint]) -> list[dict[str, Any]]:
     first = grads[0]
-    for c, per in zip(ckpts[1:], grads[1:]):
+    for c, per in zip(ckpts[1:], grads[1:], strict=True):
         if [(n, g.num_rows, g.dim) for n, g in per.items()] != [(n, g.num_rows, g.dim) for n, g in first.items()]:
             raise EmbgradError(f"checkpoint {c.name!r} has other embedding layers than {ckpts[0].name!r}: "
                                f"{[(n, g.num_rows, g.dim) for n, g in per.items()]} vs "
@@ -702,9 +702,9 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
                 raise EmbgradError(f"{str(out_dir)!r} already holds an influence index; pass another path, "
                                    "delete it, or resume=True to continue it.")
             if differs:
+                what = ", ".join(f"{key}: {a!r} there, {b!r} now" for key, (a, b) in differs.items())
                 raise EmbgradError(f"{str(out_dir)!r} holds an index collected with other settings "
-                                   f"({', '.join(f'{key}: {a!r} there, {b!r} now' for key, (a, b) in differs.items())}); "
-                                   "pass another path or the same settings.")
+                                   f"({what}); pass another path or the same settings.")
             if mode == "exact":
                 raise EmbgradError(f"{str(out_dir)!r} holds an exact index; exact indexes are written at the end "
                                    "and cannot be resumed: delete the directory or use mode='projected'.")

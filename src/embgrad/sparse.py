@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -202,7 +202,7 @@ def _sparse_join(b: Backend, a: tuple, o: tuple, B1: int, B2: int, D: int, acc: 
     bounds = np.searchsorted(csum, np.arange(per_chunk, total, per_chunk), side="left")
     starts = [0] + [int(x) + 1 for x in bounds]
     ends = starts[1:] + [n_a]
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=True):
         if s >= e:
             continue
         idx = b.from_numpy(np.arange(s, e, dtype=np.int64), like=a_rows)
@@ -417,6 +417,15 @@ class ExampleGrads:
 
 
 # ---------------------------------------------------------------------------- construction
+@overload
+def coalesce_lookups(backend: Backend, example_ids: Any, ids: Any, grads: Any, num_rows: int,
+                     batch_size: int, per_example: Literal[False]) -> RowGrad: ...
+@overload
+def coalesce_lookups(backend: Backend, example_ids: Any, ids: Any, grads: Any, num_rows: int,
+                     batch_size: int, per_example: Literal[True]) -> ExampleGrads: ...
+@overload
+def coalesce_lookups(backend: Backend, example_ids: Any, ids: Any, grads: Any, num_rows: int,
+                     batch_size: int, per_example: bool) -> RowGrad | ExampleGrads: ...
 def coalesce_lookups(backend: Backend, example_ids: Any, ids: Any, grads: Any, num_rows: int,
                      batch_size: int, per_example: bool) -> RowGrad | ExampleGrads:
     """Coalesce flat lookups: ``example_ids`` (N,), ``ids`` (N,) int64 valid rows, ``grads`` (N, D).
@@ -425,7 +434,8 @@ def coalesce_lookups(backend: Backend, example_ids: Any, ids: Any, grads: Any, n
     """
     out = _compiled(backend, _coalesce_lookups_impl)(example_ids, ids, grads, num_rows, per_example)
     if not per_example:
-        return RowGrad(*out, num_rows, backend)
+        rows, values = out
+        return RowGrad(rows, values, num_rows, backend)
     ex, rows, values, unique_rows, slot = out
     return ExampleGrads(ex, rows, values, batch_size, num_rows, backend, row_index=(unique_rows, slot))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import io
 import math
 import weakref
 import zlib
@@ -550,7 +551,7 @@ def _open(path: Any) -> Any:
     if p.is_dir():
         raise EmbgradError(f"{path} is a directory, not a vectors file.")
     try:
-        f = open(p, "rb")
+        f: io.BufferedIOBase = open(p, "rb")
         magic = f.read(2)
         f.seek(0)
         if magic == b"\x1f\x8b":
@@ -654,13 +655,15 @@ def _text_chunks(f: Any, path: Any, dim: int | None, lineno: int, dim_from: str,
             locs.append(lineno)
         if not words:
             continue
+        assert dim is not None   # set from the first line with a vector
         try:
             vecs = np.loadtxt(rests, dtype=np.float32, comments=None, ndmin=2, quotechar=None)
             ok = vecs.shape == (len(words), dim)
         except ValueError:
             ok = False
         if not ok:   # line by line; nothing sized by dim is allocated before a line has dim numbers
-            parsed = [_parse_line(path, ln, w, rest, dim, dim_from) for w, rest, ln in zip(words, rests, locs)]
+            parsed = [_parse_line(path, ln, w, rest, dim, dim_from)
+                      for w, rest, ln in zip(words, rests, locs, strict=True)]
             words = [w for w, _ in parsed]
             vecs = np.stack([v for _, v in parsed])
         yield words, locs, vecs
@@ -789,6 +792,8 @@ def _load(f: Any, path: Any, lookup: dict[str, int], lower: bool, transform: Any
         raise _fail(path, "line 1", "the file is empty." if not first + rest else
                     "the first line is blank; a vectors file starts with a header or a vector.")
     header = _header(first)
+    count: int | None
+    dim: int | None
     if header is not None:       # refuse a damaged header before reading anything it sizes
         count, dim = header
         if not 0 < dim <= _MAX_DIM:
@@ -815,6 +820,7 @@ def _load(f: Any, path: Any, lookup: dict[str, int], lower: bool, transform: Any
     count, dim = header if header is not None else (None, None)
     limit = max_vectors if max_vectors is not None else None
     if fmt == "word2vec_binary":
+        assert count is not None and dim is not None   # word2vec formats have a header (checked above)
         n = count if limit is None else min(count, limit)
         chunks = _binary_chunks(f, path, n, dim, encoding, unicode_errors, offset=bom + len(first),
                                 check_tail=limit is None)
@@ -866,7 +872,7 @@ def _load(f: Any, path: Any, lookup: dict[str, int], lower: bool, transform: Any
         if take:
             start = len(ids) - len(take)
             if len(ids) > buf.shape[0]:
-                buf.resize((min(cap, max(2 * buf.shape[0], len(ids))), dim), refcheck=False)
+                buf.resize((min(cap, max(2 * buf.shape[0], len(ids))), buf.shape[1]), refcheck=False)
             buf[start:len(ids)] = vecs[take]
         if count is not None and read <= count < read + len(words):
             extra_at = locs[count - read]              # the first vector beyond the header's count
@@ -874,17 +880,18 @@ def _load(f: Any, path: Any, lookup: dict[str, int], lower: bool, transform: Any
         last = locs[-1]
         if limit is not None and read >= limit:
             break
-    if fmt == "word2vec_text" and limit is None and read != count:
+    if fmt == "word2vec_text" and limit is None and count is not None and read != count:
         at = extra_at if read > count else last + 1
         raise _fail(path, f"line {at}", f"the header announced {count} vectors but the file holds "
                     f"{read}: the header lies about the count, or the file is truncated.")
     if read == 0:
         raise _fail(path, f"{where} 1", "the file holds no vectors.")
+    dim = buf.shape[1]
     buf.resize((len(ids), dim), refcheck=False)
     id_arr = np.array(ids, dtype=np.int64)
     all_ids = np.array(sorted(set(lookup.values())), dtype=np.int64)
     missing_ids = all_ids[~np.isin(all_ids, id_arr)]
-    by_id = {}
+    by_id: dict[int, str] = {}
     for w, i in lookup.items():
         by_id.setdefault(i, w)
     report = VectorsReport(

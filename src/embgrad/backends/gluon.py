@@ -37,7 +37,7 @@ __all__ = ["GluonBackend"]
 _mnp = mx.np
 
 
-def _embedding_types() -> tuple[type, ...]:
+def _embedding_types() -> tuple[Any, ...]:
     from mxnet.gluon.contrib.nn import SparseEmbedding
     return (gluon.nn.Embedding, SparseEmbedding)
 
@@ -162,7 +162,7 @@ class _GluonCall(Call):
     """A recorded lookup; ``grad`` also reads what the user's own ``loss.backward()`` wrote
     into the capture variable, so ``cap.gradients()`` works after a plain backward."""
 
-    @property  # type: ignore[override]
+    @property
     def grad(self) -> Any:
         g = self.__dict__.get("_grad")
         if g is not None:
@@ -229,7 +229,7 @@ class _GluonTap(Tap):
                     head = head + (term.reshape(head.shape) if term.shape != head.shape else term)
             grads = autograd.grad(head, targets, retain_graph=retain_graph, train_mode=train_mode)
         self._freed = self._freed or not retain_graph
-        grads = [_like(g, t) for g, t in zip(grads, targets)]   # autograd.grad gives legacy arrays
+        grads = [_like(g, t) for g, t in zip(grads, targets, strict=True)]   # autograd.grad gives legacy arrays
         return grads[:len(variables)], (grads[len(variables):] if sources is not None else None)
 
 
@@ -276,7 +276,7 @@ class _RowGuard:
     def _before(self) -> list[tuple[Any, Any, Any]]:
         saved = []
         with autograd.pause():
-            for d, g in zip(self.weight.list_data(), self.weight.list_grad()):
+            for d, g in zip(self.weight.list_data(), self.weight.list_grad(), strict=True):
                 idx = nd.array(self.rows, dtype="int64", ctx=d.context)
                 if g.stype == "default":
                     g[idx] = 0

@@ -51,7 +51,7 @@ def _layer_types() -> tuple[type, ...]:
     return _keras_classes("Layer")
 
 
-def _embedding_types() -> tuple[type, ...]:
+def _embedding_types() -> tuple[Any, ...]:
     return _keras_classes("Embedding")
 
 
@@ -64,7 +64,7 @@ def _children(layer: Any) -> list[Any]:
 
 def _own_variables(layer: Any) -> list[Any]:
     """Variables a layer created itself (not its sublayers')."""
-    own = []
+    own: list[Any] = []
     for attr in ("_trainable_variables", "_non_trainable_variables",  # Keras 3
                  "_trainable_weights", "_non_trainable_weights"):      # tf-keras
         own.extend(getattr(layer, attr, None) or [])
@@ -286,7 +286,7 @@ class KerasBackend(Backend):
         def constraint(w: Any) -> Any:
             return self._put_rows(prev(w) if prev is not None else w, idx, saved)
 
-        constraint._embgrad_own = prev
+        constraint._embgrad_own = prev  # type: ignore[attr-defined]
         _set_constraint(var, constraint)
         return _ConstraintGuard(var, constraint, prev)
 

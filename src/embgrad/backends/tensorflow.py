@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
 
 from ..errors import EmbgradError
-from .base import Backend, Call, Tap
+from .base import Backend, Tap
 
 __all__ = ["TensorFlowBackend", "TapeTap"]
 
@@ -88,7 +88,7 @@ class TapeTap(Tap):
                 "the loss does not depend on any recorded embedding output: compute the loss INSIDE "
                 "the `with embgrad.capture(model) as cap:` block (TensorFlow's tape only records "
                 "while the capture is active), from the outputs of the model called in that block.")
-        out = [tf.zeros_like(o) if g is None else _densify_slices(g) for o, g in zip(outputs, out_grads)]
+        out = [tf.zeros_like(o) if g is None else _densify_slices(g) for o, g in zip(outputs, out_grads, strict=True)]
         src = list(grads[len(outputs):]) if sources is not None else None
         return out, src
 
@@ -332,8 +332,8 @@ class TensorFlowBackend(Backend):
 
     def compile(self, fn: Callable) -> Callable:
         """``fn`` as a ``tf.function`` (cached per function; shapes generalise, no retrace storm)."""
-        key = fn.func if isinstance(fn, functools.partial) else fn
-        key = (key, tuple(fn.args) if isinstance(fn, functools.partial) else ())
+        base = fn.func if isinstance(fn, functools.partial) else fn
+        key = (base, tuple(fn.args) if isinstance(fn, functools.partial) else ())
         compiled = self._compiled.get(key)
         if compiled is None:
             traced = tf.function(fn, reduce_retracing=True, autograph=False)
@@ -356,7 +356,7 @@ class TensorFlowBackend(Backend):
         watched: list[Any] = []
         with tf.GradientTape(persistent=True) as tape:
             def watch(t: Any) -> Any:
-                tape.watch(t)
+                tape.watch(t)  # noqa: F821 (the cell is emptied by `del tape` below, after the last call)
                 watched.append(t)
                 return t
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -36,8 +36,7 @@ def _validate_ids(info: EmbeddingInfo, ids: torch.Tensor, what: str = "ids") -> 
     if ids.numel() == 0:
         raise EmbgradError(f"layer {info.name!r}: empty batch ({what} of shape {tuple(ids.shape)}); "
                            "there is nothing to look up. Pass at least one example with one token.")
-    lo, hi = torch.aminmax(ids)
-    lo, hi = int(lo), int(hi)
+    lo, hi = (int(v) for v in torch.aminmax(ids))
     if lo < 0 or hi >= info.num_rows:
         bad = lo if lo < 0 else hi
         pos = tuple(int(i) for i in (ids == bad).nonzero()[0].tolist())
@@ -66,7 +65,7 @@ class _TorchTap(_Handles, Tap):
         if not any(getattr(t, "requires_grad", False) for t in inputs):
             raise EmbgradError("nothing to differentiate: no recorded embedding output requires grad.")
         grads = torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
-        out = [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads[:len(outputs)])]
+        out = [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads[:len(outputs)], strict=True)]
         src = list(grads[len(outputs):]) if sources is not None else None
         return out, src
 
@@ -130,7 +129,7 @@ class TorchBackend(Backend):
             raise
         return _TorchTap(handles)
 
-    def _pre_hook(self, info: EmbeddingInfo):
+    def _pre_hook(self, info: EmbeddingInfo) -> Callable[..., Any]:
         def hook(mod, args, kwargs):
             ids = args[0] if args else kwargs.get("input")
             _validate_ids(info, ids, "input ids")
@@ -144,7 +143,7 @@ class TorchBackend(Backend):
             return None
         return hook
 
-    def _post_hook(self, info: EmbeddingInfo, on_call):
+    def _post_hook(self, info: EmbeddingInfo, on_call: Callable[[Call], Any]) -> Callable[..., Any]:
         def hook(mod, args, kwargs, output):
             ids = args[0] if args else kwargs.get("input")
             grad_enabled = torch.is_grad_enabled()
@@ -173,7 +172,7 @@ class TorchBackend(Backend):
             return out if out is not output else None
         return hook
 
-    def _bag_call(self, info, mod, args, kwargs, ids, out) -> Call:
+    def _bag_call(self, info: EmbeddingInfo, mod: Any, args: tuple, kwargs: dict, ids: Any, out: Any) -> Call:
         """Turn an EmbeddingBag call into per-entry ids (B, L) and a per-entry gradient map."""
         offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
         psw = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
@@ -207,7 +206,7 @@ class TorchBackend(Backend):
             if info.padding_idx is not None:
                 valid = valid & (padded != info.padding_idx)
             counts = valid.sum(1).clamp(min=1)
-            max_idx = None
+            max_idx: Any = None
             if mode == "max":
                 weight = mod.weight.detach()
                 vecs = weight[padded.clamp(min=0)]                        # (B, L, D)

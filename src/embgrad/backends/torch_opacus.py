@@ -20,7 +20,7 @@ O(B·T·D), never O(B·V·D); the hooks-mode grad sampler must hand Opacus a den
 from __future__ import annotations
 
 import weakref
-from typing import Any, Self
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -280,8 +280,8 @@ class OpacusRegistration:
     restores the registries and hooks as they were. Create with :func:`register_opacus`."""
 
     def __init__(self) -> None:
-        from opacus.grad_sample.grad_sample_module import GradSampleHooks  # type: ignore[import-untyped]
-        from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (  # type: ignore[import-untyped]
+        from opacus.grad_sample.grad_sample_module import GradSampleHooks
+        from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
             GradSampleHooksFastGradientClipping as Ghost,
         )
         self._saved: list[tuple[dict, type, Any]] = []
@@ -316,7 +316,7 @@ class OpacusRegistration:
                     cls.capture_activations_hook = before
         self.active = False
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> OpacusRegistration:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -32,7 +32,7 @@ Progress = Callable[[int, int, float], None]
 
 
 # ---------------------------------------------------------------------------- PyTorch
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _torch_class() -> type:
     import torch
     from torch import nn
@@ -70,7 +70,7 @@ def torch_classifier(vocab_size: int, dim: int = 16, num_classes: int = 2,
 
 
 # ---------------------------------------------------------------------------- Keras
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _keras_pool_class() -> type:
     import keras
 
@@ -291,7 +291,7 @@ def _train_torch(data: DemoData, epochs: int, batch_size: int, lr: float, dim: i
         count[0] += 1
         c1, c2 = 1 - beta1 ** count[0], 1 - beta2 ** count[0]
         with torch.no_grad():
-            for p, g, (m, v) in zip(params, grads, moments):
+            for p, g, (m, v) in zip(params, grads, moments, strict=True):
                 m.mul_(beta1).add_(g, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 p.addcdiv_(m, (v / c2).sqrt_().add_(eps), value=-lr / c1)
@@ -331,7 +331,7 @@ def _train_keras(data: DemoData, epochs: int, batch_size: int, lr: float, dim: i
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True))
         variables = model.trainable_variables
-        opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        opt.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
         return loss
 
     ids = data.train.ids.astype(np.int32)

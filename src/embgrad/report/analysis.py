@@ -101,7 +101,7 @@ def timed(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
     for fn in fns:
         fn()
     for _ in range(repeats):
-        for fn, ts in zip(fns, times):
+        for fn, ts in zip(fns, times, strict=True):
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
@@ -338,7 +338,10 @@ def attribution_info(trained: Trained, sentences: SentimentData, test: Sentiment
     from ..attribution import attribute
 
     t = time.perf_counter()
-    scores, share, test_share, test_ties = {}, {}, {}, {}
+    scores: dict[str, np.ndarray] = {}
+    share: dict[str, float] = {}
+    test_share: dict[str, float] = {}
+    test_ties: dict[str, float] = {}
     max_delta = 0.0
     for method in ATTRIBUTION_METHODS:
         for split, out in ((sentences, None), (test, test_share)):
@@ -413,6 +416,7 @@ def hotflip_info(trained: Trained, sentences: SentimentData, per_class: int = 3)
             if not swaps:
                 continue
             pos, _, new_id, predicted, actual = swaps[0]
+            assert actual is not None   # verify=True measured it
             toks = list(part.tokens[b])
             old, toks[pos] = toks[pos], part.vocab.tokens[new_id]
             after = c if float(h.output[b]) + actual > 0 else 1 - c

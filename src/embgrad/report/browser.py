@@ -97,8 +97,8 @@ def trim_bottom(png: Path | str, colors: int | None = None) -> tuple[int, int]:
     """Cut the rows at the bottom of a screenshot that only repeat its last row (the empty
     page below the content), optionally reduce it to a palette of ``colors`` (a smaller file);
     returns the new (width, height). Needs Pillow (matplotlib's)."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     with Image.open(png) as im:
         a = np.asarray(im.convert("RGB"))
@@ -118,8 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) not in (2, 4):
         print("usage: python -m embgrad.report.browser PAGE PNG [WIDTH HEIGHT]", file=sys.stderr)
         return 2
-    size = {"width": int(args[2]), "height": int(args[3])} if len(args) == 4 else {}
-    r = render(args[0], args[1], **size)
+    r = (render(args[0], args[1], width=int(args[2]), height=int(args[3])) if len(args) == 4
+         else render(args[0], args[1]))
     trim_bottom(r.screenshot, colors=256)
     print(f"{r.screenshot}: {len(r.dom)} characters of DOM, network requests: {list(r.requests) or 'none'}")
     return 0

@@ -22,6 +22,12 @@ def _short(text: str, n: int = 48) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
+def _columns(table: Table, *names: str, right: Sequence[str] = ()) -> None:
+    """Add columns ``names`` to ``table``, those in ``right`` right-justified (numbers)."""
+    for name in names:
+        table.add_column(name, justify="right" if name in right else "left")
+
+
 def summary_tables(model: ModelInfo, weight: WeightGradInfo, per_example: PerExampleInfo,
                    k: int = 8) -> list[Table]:
     """The rich tables of the summary, in print order."""
@@ -29,9 +35,8 @@ def summary_tables(model: ModelInfo, weight: WeightGradInfo, per_example: PerExa
                  caption=f"one batch of {weight.batch_size}, ‖G‖ = {weight.total_norm:.4g}, "
                          f"max |embgrad − dense autograd| = {weight.max_abs_diff:.2g}",
                  title_justify="left", caption_justify="left")
-    for col, kw in (("row", {"justify": "right"}), ("token", {}), ("count in batch", {"justify": "right"}),
-                    ("row gradient norm", {"justify": "right"})):
-        rows.add_column(col, **kw)
+    _columns(rows, "row", "token", "count in batch", "row gradient norm",
+             right=("row", "count in batch", "row gradient norm"))
     for r, tok, count, norm in weight.top(k):
         rows.add_row(str(r), tok, str(count), f"{norm:.4g}")
 
@@ -39,8 +44,7 @@ def summary_tables(model: ModelInfo, weight: WeightGradInfo, per_example: PerExa
                    caption="tokens of one example with the same norm are one row (a mean-pooled model "
                            "gives every token of an example the same gradient)",
                    title_justify="left", caption_justify="left")
-    for col, kw in (("tokens", {}), ("norm", {"justify": "right"}), ("from example", {})):
-        tokens.add_column(col, **kw)
+    _columns(tokens, "tokens", "norm", "from example", right=("norm",))
     for ex, toks, norm in group_ties(per_example.token_norms[:k]):
         tokens.add_row(", ".join(toks), f"{norm:.4g}", _short(per_example.texts[ex]))
 
@@ -54,8 +58,7 @@ def summary_tables(model: ModelInfo, weight: WeightGradInfo, per_example: PerExa
     clip.add_row("after clipping", _stats(pe.clipped))
     top = Table(title="Examples with the largest gradient norms (★ = label flipped by noise)",
                 title_justify="left")
-    for col, kw in (("#", {"justify": "right"}), ("norm", {"justify": "right"}), ("label", {}), ("text", {})):
-        top.add_column(col, **kw)
+    _columns(top, "#", "norm", "label", "text", right=("#", "norm"))
     for i, norm, text, label, flipped in pe.top(k):
         top.add_row(str(i), f"{norm:.4g}", label + (" ★" if flipped else ""), _short(text, 60))
 

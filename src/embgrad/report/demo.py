@@ -14,9 +14,19 @@ import numpy as np
 
 from ..demo.data import DemoData, SentimentData, demo_data
 from ..demo.models import Trained, train
-from .analysis import (AttributionInfo, HotFlipInfo, ModelInfo, PerExampleInfo, SimilarityInfo,
-                       WeightGradInfo, attribution_info, gradient_info, hotflip_info, model_info,
-                       similarity_info)
+from .analysis import (
+    AttributionInfo,
+    HotFlipInfo,
+    ModelInfo,
+    PerExampleInfo,
+    SimilarityInfo,
+    WeightGradInfo,
+    attribution_info,
+    gradient_info,
+    hotflip_info,
+    model_info,
+    similarity_info,
+)
 
 __all__ = ["DemoResults", "run_demo", "pick_test_sentences"]
 

@@ -267,7 +267,7 @@ def explain(loaded: LoadedModel, texts: Sequence[str], *, target: str | int | No
         raise EmbgradError(f"unknown method {bad[0] if bad else None!r}; choose from {', '.join(METHODS)}.")
     if loaded.kind == "classifier" and compare is not None:
         raise EmbgradError(f"--compare explains the similarity of two texts under a sentence-embedding model, "
-                           f"but {loaded.path.name!r} is a classifier (labels {', '.join(loaded.labels)}); "
+                           f"but {loaded.path.name!r} is a classifier (labels {', '.join(loaded.labels or ())}); "
                            "use --target LABEL instead.")
     if loaded.kind == "sentence-embedding" and compare is None:
         raise EmbgradError(f"{loaded.path.name!r} is a sentence-embedding model: pass --compare \"OTHER TEXT\" "
@@ -292,20 +292,22 @@ def explain(loaded: LoadedModel, texts: Sequence[str], *, target: str | int | No
             chosen = argmax if idx is None else torch.full((len(texts),), idx)
             probs = torch.softmax(logits, -1)
             probabilities = probs.gather(1, chosen[:, None])[:, 0].numpy()
-            predicted = tuple(loaded.labels[int(c)] for c in argmax)
+            predicted = tuple((loaded.labels or ())[int(c)] for c in argmax)
             predicted_probabilities = probs.gather(1, argmax[:, None])[:, 0].numpy()
             values = logits.gather(1, chosen[:, None])[:, 0].numpy()
-            targets = tuple(loaded.labels[int(c)] for c in chosen)
+            targets = tuple((loaded.labels or ())[int(c)] for c in chosen)
             target_arg: Any = chosen.tolist()
             forward = None
         else:
+            assert compare is not None and loaded.pooling is not None   # checked above; set by the loader
+            pooling = loaded.pooling
             other, _ = _encode(loaded, [compare], truncate)
             other.pop("special_tokens_mask")
-            ref = _pool(model(**other).last_hidden_state, other["attention_mask"], loaded.pooling)[0]
+            ref = _pool(model(**other).last_hidden_state, other["attention_mask"], pooling)[0]
             ref = ref / ref.norm()
 
             def forward(m: Any, **kw: Any) -> Any:
-                return _pool(m(**kw).last_hidden_state, kw["attention_mask"], loaded.pooling)
+                return _pool(m(**kw).last_hidden_state, kw["attention_mask"], pooling)
 
             def target_arg(out: Any) -> Any:
                 return (out * ref).sum(-1) / out.norm(dim=-1).clamp(min=1e-12)
@@ -320,7 +322,7 @@ def explain(loaded: LoadedModel, texts: Sequence[str], *, target: str | int | No
         scores[method] = a.scores
         if a.delta is not None:
             deltas = a.delta
-        tokens = tuple(tuple(row) for row in a.tokens)
+        tokens = tuple(tuple(row) for row in a.tokens or ())
     return Explanation(loaded, tuple(texts), tokens, scores, mask.numpy().astype(bool),
                        special.numpy().astype(bool), targets, np.asarray(values, np.float64),
                        probabilities, deltas, compare, long, time.perf_counter() - t0, predicted,
@@ -382,7 +384,7 @@ def write_explanation(ex: Explanation, path: str | Path) -> Path:
     out = check_out_file(path)
     css = resources.files("embgrad.report").joinpath("style.css").read_text(encoding="utf-8")
     m = ex.model
-    what = (f"the logit of the target label (labels: {', '.join(m.labels)})" if m.kind == "classifier"
+    what = (f"the logit of the target label (labels: {', '.join(m.labels or ())})" if m.kind == "classifier"
             else f"the cosine similarity of each text's {m.pooling}-pooled embedding to “{ex.compare}”")
     parts = []
     shown = ex.mask & ~ex.special

@@ -87,8 +87,8 @@ def _cards(r: DemoResults) -> str:
 def _model_section(r: DemoResults, figs: dict[str, str]) -> str:
     m = r.model
     layers = _table(["layer", "type", "rows V", "dim D", "padding", "tied", "frozen"],
-                    [(l.name, l.type_name, l.num_rows, l.dim, l.padding or "—", "yes" if l.tied else "no",
-                      "yes" if l.frozen else "no") for l in m.layers], num=(2, 3))
+                    [(la.name, la.type_name, la.num_rows, la.dim, la.padding or "—", "yes" if la.tied else "no",
+                      "yes" if la.frozen else "no") for la in m.layers], num=(2, 3))
     intro = (f"<b>{esc(m.model_type)}</b> ({esc(m.framework)}), {m.num_parameters:,} parameters: "
              "embedding → mean over the non-padding tokens → linear. Trained for "
              f"{len(m.losses)} epochs on {m.train_size:,} synthetic sentences (a few labels flipped on "
@@ -96,7 +96,8 @@ def _model_section(r: DemoResults, figs: dict[str, str]) -> str:
              f"<b>{m.test_accuracy:.1%}</b> on {m.test_size} test sentences. Vocabulary of {m.vocab_size} "
              "tokens: the tokenizer merges <code>not good</code> into one token <code>not_good</code>, "
              "so a bag of embeddings can learn negation. The embedding layers embgrad finds:")
-    return _section("model", 1, intro, f'<div class="row"><div>{layers}</div>{_fig(figs["loss"], "training loss")}</div>')
+    loss_fig = _fig(figs["loss"], "training loss")
+    return _section("model", 1, intro, f'<div class="row"><div>{layers}</div>{loss_fig}</div>')
 
 
 def _weight_section(r: DemoResults, figs: dict[str, str]) -> str:
@@ -145,7 +146,8 @@ def _per_example_section(r: DemoResults, figs: dict[str, str]) -> str:
                     f"<div><h3>Examples with the largest norms</h3>{top}</div></div>"
                     f'<div class="row"><div><h3>Tokens with the largest per-example gradient norms</h3>{toks}'
                     f"<p class=\"legend\">With mean pooling every token of an example receives the same "
-                    f"gradient (divided by the sentence length), so the tokens of one example tie: they share a row.</p></div>"
+                    f"gradient (divided by the sentence length), so the tokens of one example tie: "
+                    f"they share a row.</p></div>"
                     f"<div><h3>Cost</h3>{cost}{_fig(figs['cost'], 'cost of capture next to the plain backward')}"
                     f"</div></div>")
 

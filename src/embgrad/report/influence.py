@@ -133,7 +133,8 @@ def _demo_influence(seed: int, mode: str, k: int, tests: Sequence[str] | int, pr
         texts = [str(t) for t in tests]
         if not texts:
             raise EmbgradError("no test sentences given.")
-        ids = data.vocab.encode(texts, max_len=max(data.train.ids.shape[1], *(len(data.vocab.tokenize(t)) for t in texts)))
+        max_len = max(data.train.ids.shape[1], *(len(data.vocab.tokenize(t)) for t in texts))
+        ids = data.vocab.encode(texts, max_len=max_len)
         with torch.no_grad():
             labels = final(torch.as_tensor(ids)).argmax(1).numpy()
     with torch.no_grad():
@@ -228,7 +229,7 @@ def model_influence(model_dir: str | Path, train_file: str | Path, tests: Sequen
     if missing:
         guessed = np.concatenate([predict([texts[i] for i in missing[s:s + batch_size]])
                                   for s in range(0, len(missing), batch_size)])
-        for i, g in zip(missing, guessed):
+        for i, g in zip(missing, guessed, strict=True):
             ys[i] = int(g)
     y_all = torch.as_tensor(np.asarray(ys, dtype=np.int64))
     train_b = [(encode(texts[s:s + batch_size]), y_all[s:s + batch_size]) for s in range(0, len(texts), batch_size)]
@@ -264,11 +265,12 @@ def render_influence(page: InfluencePage) -> str:
     if page.flipped is not None:
         cards.append((f"{found} / {total}", f"flipped labels in the top {TOP_FRACTION:.0%} by self-influence"))
     card_html = '<div class="cards">' + "".join(
-        f'<div class="card"><div class="v">{esc(v)}</div><div class="k">{esc(t)}</div></div>' for v, t in cards) + "</div>"
+        f'<div class="card"><div class="v">{esc(v)}</div><div class="k">{esc(t)}</div></div>'
+        for v, t in cards) + "</div>"
 
     def rows(idx: np.ndarray, scores: np.ndarray) -> list:
         return [(r + 1, f"{s:+.4g}", _label(page.train_labels[i], bool(flipped[i])), page.train_texts[i])
-                for r, (i, s) in enumerate(zip(idx, scores))]
+                for r, (i, s) in enumerate(zip(idx, scores, strict=True))]
 
     heads = ["#", "score", "label", "training sentence"]
     parts = []
