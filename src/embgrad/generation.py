@@ -93,6 +93,8 @@ class GenerationAttribution:
     generated: bool
     source_tokens: list[list[str]] | None = None
     target_tokens: list[list[str]] | None = None
+    prompt_texts: list[str] | None = None
+    target_texts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -108,6 +110,43 @@ class GenerationAttribution:
     def prompt_scores(self, i: int) -> np.ndarray:
         """NumPy (n_target_i, n_prompt_i): the columns of the prompt's tokens only."""
         return self.scores[i][:, :self.n_prompt(i)]
+
+    def words(self, i: int, tokenizer: Any, reduce: str = "sum", *, targets: str = "tokens",
+              prompt_text: str | None = None, target_text: str | None = None, split: str = r"\S+") -> Any:
+        """Example i's scores aggregated over words (:mod:`embgrad.words`): the sources' columns
+        by ``reduce`` ("sum", "max" or "mean" of the word's subword scores), and with
+        ``targets="words"`` the targets' rows summed per word (a word's log-probability is the
+        sum of its tokens'). Word boundaries come from the tokenizer's character offsets (fast
+        tokenizers) or its decoding (slow ones) of the prompt and target texts (given, kept
+        from text inputs, or decoded from the ids). Returns a :class:`embgrad.words.WordScores`.
+        """
+        from .words import aggregate, token_spans, word_groups
+        if targets not in ("tokens", "words"):
+            raise EmbgradError(f"targets={targets!r}: choose 'tokens' or 'words'.")
+        if prompt_text is None and self.prompt_texts is not None:
+            prompt_text = self.prompt_texts[i]
+        if target_text is None and self.target_texts is not None:
+            target_text = self.target_texts[i]
+        ids = np.concatenate([self.prompt_ids[i], self.target_ids[i]])
+        p = token_spans(tokenizer, prompt_text, self.prompt_ids[i], add_special_tokens=True, decode=False)
+        t = token_spans(tokenizer, target_text, self.target_ids[i], add_special_tokens=False, decode=False)
+        if p is not None and t is not None:           # offsets of both texts
+            text, spans = p[0] + t[0], np.concatenate([p[1], t[1] + len(p[0])])
+        else:                                          # the decoding of prompt and targets together
+            text, spans = token_spans(tokenizer, None, ids)                # type: ignore[misc]  # decode=True: never None
+        toks = [str(x) for x in tokenizer.convert_ids_to_tokens(ids.tolist())]
+        tw, words = word_groups(text, spans, toks, split)
+        n_src = self.scores[i].shape[1]
+        n_wsrc = int(tw[:n_src].max()) + 1 if n_src else 0
+        cols = aggregate(self.scores[i], tw[:n_src], n_wsrc, reduce, axis=1)
+        rows = [toks[self.n_prompt(i) + j] for j in range(self.scores[i].shape[0])]
+        if targets == "words":
+            rw = tw[self.n_prompt(i):]
+            first = int(rw.min())
+            cols = aggregate(cols, rw - first, int(rw.max()) - first + 1, "sum", axis=0)
+            rows = words[first:int(rw.max()) + 1]
+        from .words import WordScores
+        return WordScores(scores=cols, words=words[:n_wsrc], rows=rows, token_word=tw[:n_src], reduce=reduce)
 
     def _labels(self, i: int) -> tuple[list[str], list[str]]:
         src = self.source_tokens[i] if self.source_tokens is not None else [f"[{t}]" for t in self.source_ids(i)]
@@ -424,6 +463,8 @@ def attribute_generation(model: Any, inputs: Any, targets: Any = None, method: s
     b = get_backend(model)
     info = _pick_layer(b, model, layer)
     prompts, kind, extra = _prompts(b, inputs, mask, tokenizer)
+    p_texts = _texts(inputs)
+    t_texts = _texts(targets)
     B = len(prompts)
     for i, p in enumerate(prompts):
         if p.size == 0:
@@ -521,7 +562,16 @@ def attribute_generation(model: Any, inputs: Any, targets: Any = None, method: s
         baseline_log_probs=out_b0, layer=eng.info.name, baseline=base_desc, rule=rule if ig else None,
         steps=int(steps) if ig else None, interpolate=interpolate if ig else None,
         evaluations=eng.evaluations, forward_passes=calls[0], generated=generated,
-        source_tokens=src_tok, target_tokens=tgt_tok)
+        source_tokens=src_tok, target_tokens=tgt_tok, prompt_texts=p_texts,
+        target_texts=t_texts if not generated else None)
+
+
+def _texts(x: Any) -> list[str] | None:
+    if isinstance(x, str):
+        return [x]
+    if isinstance(x, (list, tuple)) and x and all(isinstance(t, str) for t in x):
+        return list(x)
+    return None
 
 
 def _run(eng: _Engine, method: str, baseline: Any, steps: int, rule: str, interpolate: str, pad_id: int,
