@@ -47,6 +47,7 @@ from typing import Any, Callable, TypeGuard
 import numpy as np
 
 from .backends import Backend, EmbeddingInfo, get_backend
+from .candidates import top_candidates, whole_word_ids
 from .capture import Capture, input_embedding, select_layers
 from .errors import EmbgradError, closest_names
 
@@ -1099,8 +1100,7 @@ def _candidate_ids(candidates: Any, V: int, tokenizer: Any, exclude: set[int]) -
                                "callable token -> bool.")
         if tokenizer is None:
             raise EmbgradError("candidates='words' needs tokenizer= (to read the vocabulary's strings).")
-        strs = np.array(_vocab_strings(tokenizer, V), dtype=str)
-        keep = np.char.isalpha(strs) & ~np.char.startswith(strs, "##")
+        keep = whole_word_ids(tokenizer, V)
     elif callable(candidates):
         if tokenizer is None:
             raise EmbgradError("a callable candidates filter is called on token strings: pass tokenizer= "
@@ -1180,22 +1180,17 @@ def hotflip(model: Any, inputs: Any, target: Any, k: int = 10, layer: Any = None
     sign = -1.0 if direction == "decrease" else 1.0
     kk = int(min(k, cand.size))                                  # best candidates kept per position
     with b.no_grad():
-        E = b.cast(b.embed(info, b.cast(b.from_numpy(cand, like=ids), b.dtype_name(ids))), _acc_dtype(b, g))
         D = info.dim
         gf = b.reshape(g, (B * T, D))
         base = b.to_numpy(b.sum(b.reshape(b.cast(e, _acc_dtype(b, g)), (B * T, D)) * gf, axis=1))
-        rows = max(1, (1 << 24) // max(1, cand.size))          # positions per chunk of the (P, C) product
-        best_v = np.empty((B * T, kk))
-        best_i = np.empty((B * T, kk), np.int64)
-        flat_ids = ids_np.reshape(-1)
-        cand_t = b.from_numpy(cand, like=gf)
-        for s in range(0, B * T, rows):
-            sl = slice(s, min(B * T, s + rows))
-            sc = b.matmul_t(gf[sl], E) * sign                    # (P, C): sign · E[v] · g_t
-            same = b.from_numpy(flat_ids[sl], like=gf)
-            same = b.cast(b.reshape(same, (-1, 1)) == b.reshape(cand_t, (1, -1)), b.dtype_name(sc))
-            v, i = b.topk(sc - same * 1e30, kk)
-            best_v[sl], best_i[sl] = b.to_numpy(v), b.to_numpy(i)
+        at = np.flatnonzero(allowed.reshape(-1))                 # only admissible positions are scored
+        best_v = np.full((B * T, kk), -np.inf)
+        best_i = np.zeros((B * T, kk), np.int64)
+        if at.size:
+            gsel = b.cast(b.gather(gf, b.from_numpy(at, like=gf)), _acc_dtype(b, g))
+            v, i = top_candidates(b, info, gsel, ids_np.reshape(-1)[at], cand, kk, sign)
+            best_v[at], best_i[at] = v, np.maximum(i, 0)
+        best_i = np.searchsorted(cand, best_i)                   # candidate ids -> their index in cand
     gain = best_v - sign * base[:, None]                         # sign · predicted change
     gain[~allowed.reshape(-1)] = -np.inf
     gain[best_v < -1e29] = -np.inf

@@ -619,3 +619,55 @@ def _run(eng: _Engine, method: str, baseline: Any, steps: int, rule: str, interp
     delta = S.sum(axis=2).T - (fx - f0)
     return S, delta, f0, desc
 
+
+
+def hotflip_generation(model: Any, inputs: Any, targets: Any, k: int = 10, *, direction: str = "increase",
+                       candidates: Any = None, tokenizer: Any = None, verify: bool = True, layer: Any = None,
+                       forward: Callable | None = None, mask: Any = None, pad_id: int | None = None,
+                       batch_size: int | None = None) -> Any:
+    """HotFlip / GCG single-token swaps in the prompts that most raise (``direction="increase"``,
+    GCG's aim: Zou et al., 2023) or lower the log-probability of the whole continuation,
+    Σ_j log p(y_j | x, y_<j), of a causal language model.
+
+    Candidates come from :func:`embgrad.candidates.top_candidates` (the vocabulary in chunks,
+    top-k per position, never a (positions × V) one-hot gradient); only prompt tokens are swapped;
+    ``verify`` runs each kept swap through the model (``.actual``). ``inputs``, ``targets``,
+    ``tokenizer``, ``mask``, ``pad_id``, ``forward``: as :func:`attribute_generation` (targets
+    required); ``candidates``: as :func:`embgrad.hotflip` (None, "words", ids, a (V,) mask or a
+    predicate on token strings). Returns :class:`embgrad.attribution.HotFlip`; its positions
+    index the prompt's tokens (padding excluded), ``output`` is the continuation's log-probability.
+
+    Raises:
+        EmbgradError: as :func:`attribute_generation` and :func:`embgrad.hotflip`.
+    """
+    from .attribution import hotflip
+    if targets is None:
+        raise EmbgradError("hotflip_generation needs the continuation to raise or lower: pass targets.")
+    b = get_backend(model)
+    info = _pick_layer(b, model, layer)
+    prompts, kind, extra = _prompts(b, inputs, mask, tokenizer)
+    tgts = _targets(targets, len(prompts), b, tokenizer)
+    if pad_id is None:
+        pad_id = _known_pad_id(model, info)
+    packer = _Packer(b, model, info, kind, extra, int(pad_id) if pad_id is not None else 0)
+    ids, m = packer.pack([np.concatenate([p, t[:-1]]) for p, t in zip(prompts, tgts)])
+    B, T = ids.shape
+    K = max(len(t) for t in tgts)
+    pos = np.zeros((B, K), np.int64)
+    tok = np.zeros((B, K), np.int64)
+    valid = np.zeros((B, K), bool)
+    for i, (p, t) in enumerate(zip(prompts, tgts)):
+        pos[i, :len(t)] = len(p) - 1 + np.arange(len(t))
+        tok[i, :len(t)] = t
+        valid[i, :len(t)] = True
+    gen = _GenTargets(b, pos, tok, valid, T)
+
+    def continuation_log_prob(outputs: Any, idx: Any) -> Any:
+        lp = gen(outputs, np.asarray(b.to_numpy(idx), dtype=np.int64), None)
+        return b.sum(lp, axis=1)
+
+    in_prompt = np.arange(T)[None, :] < np.array([len(p) for p in prompts])[:, None]
+    return hotflip(model, packer.inputs(ids, m), continuation_log_prob, k=k,
+                   layer=layer if layer is not None else info.layer, candidates=candidates, direction=direction,
+                   verify=verify, tokenizer=tokenizer, positions=in_prompt, forward=forward,
+                   batch_size=batch_size, mask=m.astype(bool))
