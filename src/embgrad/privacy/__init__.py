@@ -29,7 +29,7 @@ from .noise import (
 __all__ = [
     "DPFEST", "DPSGD", "DPAdaFEST", "RowSelection",
     "contribution_counts", "dense_noise", "dp_event", "epsilon", "equivalent_noise_multiplier",
-    "false_positive_probability", "gaussian_noise", "noise_rows", "register_opacus",
+    "false_positive_probability", "gaussian_noise", "make_private_keras", "noise_rows", "register_opacus",
     "select_rows", "split_noise_multiplier", "top_k_rows",
 ]
 
@@ -59,3 +59,34 @@ def register_opacus() -> Any:
     from ..backends.torch_opacus import register_opacus as _register
 
     return _register()
+
+
+def make_private_keras(model: Any, *, loss: Any, mechanism: Any, seed: int | None = None) -> Any:
+    """A Keras 3 (TensorFlow backend) model that ``fit`` trains with DP-SGD.
+
+    ``train_step`` (compiled by ``fit``): every example's whole-model gradient is clipped to
+    ``mechanism.max_grad_norm`` (tables by embgrad's sparse per-example norms, other weights by
+    ``tf.vectorized_map``), summed, noised — :class:`DPSGD`: N(0, (σC)²) on every entry, tables
+    densified; :class:`DPAdaFEST`: noise only on the privately selected rows of each table (the
+    other weights get N(0, (σ_grad·C)²)) — divided by the batch size and applied by the
+    optimizer given to ``compile``. ``fit`` logs ``loss`` and ``max_norm`` (the batch's largest
+    unclipped per-example norm; not private, for debugging). ε: :func:`epsilon` with
+    ``sample_rate = batch_size / N`` and ``steps`` = ``optimizer.iterations`` (the Poisson
+    accountant, as TF Privacy and Opacus report for shuffled fixed-size batches).
+
+    Args:
+        model: a Keras 3 model (TensorFlow backend) with embedding layers or not.
+        loss: ``(y_true, y_pred) -> (B,)`` per-example losses, e.g.
+            ``keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)``.
+        mechanism: :class:`DPSGD` or :class:`DPAdaFEST`.
+        seed: seeds the noise (None: fresh OS entropy).
+    Returns:
+        a ``keras.Model`` wrapping ``model`` (its weights are ``model``'s); compile and fit it.
+    Raises:
+        EmbgradError: a reducing loss, another mechanism, a tied table.
+    Source: Abadi et al. 2016; DP-AdaFEST: Ghazi et al. 2023; TF Privacy's ``DPModel`` is the
+    TF ≤ 2.15 equivalent.
+    """
+    from ..backends.keras_privacy import make_private_keras as _make
+
+    return _make(model, loss=loss, mechanism=mechanism, seed=seed)

@@ -158,7 +158,7 @@ def contribution_counts(lookups: Any, num_rows: int | None = None, *,
         b = lookups._backend
         ex, rows = lookups.example_ids, lookups.rows     # unique (example, row) pairs
         V = lookups.num_rows
-        batch = lookups._static_batch("contribution_counts()")
+        batch = lookups.batch_size      # an int; a scalar tensor while tracing a tf.function
         like = lookups._base
     else:
         if num_rows is None:
@@ -189,9 +189,10 @@ def contribution_counts(lookups: Any, num_rows: int | None = None, *,
         rows = b.from_numpy(keys % V, like=ids)
         batch = B
         like = b.cast(ids, "float32")
-    if b.shape(rows)[0] == 0:
+    n_pairs = b.shape(rows)[0]
+    if isinstance(n_pairs, int) and n_pairs == 0:
         return RowGrad(b.cast(rows, "int64"), b.zeros((0, 1), "float32", like), V, b)
-    ones = b.cast(b.zeros((b.shape(ex)[0],), "float32", like) + 1.0, "float32")
+    ones = b.cast(ex, "float32") * 0.0 + 1.0
     k = b.segment_sum(ones, ex, batch)                                   # (B,) distinct rows
     weight = b.minimum(bound / b.sqrt(b.maximum(k, 1.0)), 1.0)           # (B,)
     uniq, inv = b.unique(rows)
@@ -331,20 +332,20 @@ def noise_rows(grad: RowGrad, selection: Any, std: float, rng: Any = None) -> Ro
         raise EmbgradError(f"noise_rows: the selection is of a table of {selection.num_rows} rows, "
                            f"the gradient of {grad.num_rows}.")
     b = grad._backend
-    if not b.is_appropriate(rows):
+    if isinstance(rows, (np.ndarray, list, tuple)):
         rows = b.from_numpy(np.asarray(rows, dtype=np.int64), like=grad.values)
     rows = b.cast(rows, "int64")
-    S = b.shape(rows)[0]
+    S = b.shape(rows)[0]          # an int; a scalar tensor while tracing a tf.function
     D = grad.dim
     dt = b.dtype_name(grad.values)
-    if S == 0:
+    if isinstance(S, int) and S == 0:
         return RowGrad(rows, b.zeros((0, D), dt, grad.values), grad.num_rows, b)
-    values = b.zeros((S, D), dt, grad.values)
-    if len(grad):
-        pos = b.searchsorted(rows, grad.rows)
-        pos_c = b.minimum(pos, S - 1)
-        hit = b.gather(rows, pos_c) == grad.rows
-        values = b.scatter_rows(b.boolean_mask(pos_c, hit), b.boolean_mask(grad.values, hit), S)
+    # each gradient row's place among the selected rows; a sentinel row V past the end keeps
+    # the gather in range for rows beyond the last selected one
+    sentinel = b.from_numpy(np.array([grad.num_rows], np.int64), like=grad.rows)
+    pos = b.searchsorted(rows, grad.rows)
+    hit = b.gather(b.concat([rows, sentinel]), pos) == grad.rows
+    values = b.scatter_rows(b.boolean_mask(pos, hit), b.boolean_mask(grad.values, hit), S)
     if s > 0:
         values = values + b.cast(gaussian_noise((S, D), s, grad.values, rng), dt)
     return RowGrad(rows, values, grad.num_rows, b)
