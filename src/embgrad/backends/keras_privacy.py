@@ -81,7 +81,7 @@ class DPKerasModel(keras.Model):
                     lb = tf.reduce_sum(self._per_example_losses(xb, yb))
                 gs = tape.gradient(lb, others)
                 return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
-                        for v, g in zip(others, gs)]
+                        for v, g in zip(others, gs, strict=True)]
             other_pe = tf.vectorized_map(one, (x, y))
             for g in other_pe:
                 sq = sq + tf.cast(tf.reduce_sum(tf.reshape(tf.square(g), (tf.shape(g)[0], -1)), 1), sq.dtype)
@@ -105,7 +105,7 @@ class DPKerasModel(keras.Model):
         batch = tf.cast(tf.shape(losses)[0], tf.float32)
         table_vars = {id(info.weight): name for name, info in self._tables.items()}
         final = []
-        for v, g in zip(self.inner.trainable_variables, grads):
+        for v, g in zip(self.inner.trainable_variables, grads, strict=True):
             if isinstance(g, RowGrad):
                 if isinstance(m, DPAdaFEST):
                     g = self._adafest(g, per_ex[table_vars[id(v)]], v)
