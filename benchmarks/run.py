@@ -48,6 +48,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
 #: sections run by a module's own ``main(quick) -> dict`` (``{"markdown": ..., ...}``), in a subprocess
 EXTERNAL: dict[str, tuple[str, str]] = {
     "load_vectors": ("5. Loading pretrained vectors", "load_vectors"),
+    "influence": ("6. Training-data attribution (embgrad.influence, TracInCP)", "influence"),
 }
 
 

@@ -112,6 +112,30 @@ def test_projection_is_the_documented_matrix_applied_to_dense_gradients(demo):
     np.testing.assert_allclose(idx.vectors(), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+def test_exact_rows_are_kept_outside_the_sketch(demo):
+    data, early, final = demo
+    V, D = final.embedding.weight.shape
+    P = reference_matrix("embedding", V, D, 32, 5, 2)
+    bs = batches(data.train, 40, size=20)
+    idx = inf.collect([(early, 0.5), (final, 2.0)], bs, loss_fn, k=32, seed=5, density=2, dtype="float32",
+                      exact_rows=3, progress=False)
+    dense = {m: dense_grads(m, data.train, 40).numpy().reshape(40, V, D) for m in (early, final)}
+    mass = sum((dense[m][:20] ** 2).sum((0, 2)) for m in (early, final))     # first batch, both checkpoints
+    heavy = sorted(np.argsort(-mass, kind="stable")[:3].tolist())
+    assert idx.manifest["exact_rows"] == {"embedding": heavy}
+    want = []
+    for m, lr in ((early, 0.5), (final, 2.0)):
+        g = dense[m].copy()
+        exact_part = g[:, heavy].reshape(40, -1)
+        g[:, heavy] = 0
+        want.append(np.sqrt(lr) * np.concatenate([g.reshape(40, -1) @ P.T, exact_part], 1))
+    np.testing.assert_allclose(idx.vectors(), np.concatenate(want, 1), rtol=1e-4, atol=1e-5)
+    q = inf.collect([(early, 0.5), (final, 2.0)], batches(data.test, 4), loss_fn, like=idx, progress=False)
+    assert q.manifest["exact_rows"] == idx.manifest["exact_rows"] and q.vectors().shape == (4, 2 * (32 + 3 * D))
+    with pytest.raises(EmbgradError, match="exact_rows"):
+        inf.collect(final, bs, loss_fn, k=32, exact_rows=-1, progress=False)
+
+
 def test_projection_unbiased_with_the_stated_variance():
     rng = np.random.default_rng(0)
     V, D, k = 40, 8, 32

@@ -40,7 +40,7 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,7 +280,7 @@ class _Index:
         if not isinstance(query, type(self)):
             raise EmbgradError(f"a {type(self).__name__} is queried with another {type(self).__name__} "
                                f"(collect the queries with like=this index), got {type(query).__name__}.")
-        for key in ("layers", "checkpoints", "projection"):
+        for key in ("layers", "checkpoints", "projection", "exact_rows"):
             a, b = self.manifest.get(key), query.manifest.get(key)
             if key == "layers":
                 a = [(x["name"], x["num_rows"], x["dim"]) for x in a or []]
@@ -444,7 +444,8 @@ class ProjectedIndex(_Index):
     def vectors(self) -> np.ndarray:
         """(N, C · k) float32: every stored row (in memory; prefer :meth:`top` for large N)."""
         if not self._shards:
-            return np.zeros((0, len(self.manifest["checkpoints"]) * self.projection.k), np.float32)
+            width = self.manifest.get("width") or self.projection.k
+            return np.zeros((0, len(self.manifest["checkpoints"]) * width), np.float32)
         return np.concatenate([np.asarray(v, dtype=np.float32) for v, _ in self._shards])
 
     def _blocks(self, query: _Index, block_rows: int = 16384) -> Iterator[tuple[int, np.ndarray]]:
@@ -625,7 +626,8 @@ def _progress(enabled: bool, total: int | None, description: str) -> Any:
 
 def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | os.PathLike | None = None, *,
             layers: Any = None, mode: str = "projected", k: int = 1024, seed: int = 0, density: int = 4,
-            dtype: str = "float16", loss_reduction: str = "sum", shard_size: int = 65536,
+            dtype: str = "float16", exact_rows: int | Mapping[str, Sequence[int]] = 0,
+            loss_reduction: str = "sum", shard_size: int = 65536,
             like: _Index | None = None, progress: bool = True, resume: bool = True,
             description: str = "") -> ExactIndex | ProjectedIndex:
     """Stream ``data`` through :func:`embgrad.capture` at every checkpoint and index the
@@ -642,7 +644,13 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
     ``mode``: "exact" (sparse per-example gradients kept, memory O(N · T · D)) or "projected"
     (:class:`Projection` with ``k``, ``seed``, ``density``; rows stored as ``dtype`` float16 or
     float32, ``C · k · itemsize`` bytes per example plus 8 · C for the exact squared norms).
-    ``like``: an index whose mode, projection, layers and learning rates to reuse (for queries).
+    ``exact_rows`` (projected mode): H, or ``{layer: rows}``: rows kept exactly, outside the sketch
+    (H: the H rows of each layer with the most gradient mass Σ‖g_r‖² in the first batch). Their
+    part of every score is then exact and the sketch's error scales with the norms of the other
+    rows only: worth it when a few rows (a [CLS] token, frequent words) carry most of the
+    gradient. Costs H · D more numbers per example and checkpoint.
+    ``like``: an index whose mode, projection, exact rows, layers and learning rates to reuse
+    (for queries).
 
     ``path``: a directory to write (``manifest.json`` + shards of ``shard_size`` rows); None keeps
     the index in memory. With ``resume`` (default), a directory left by an interrupted call with
@@ -663,6 +671,7 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
             p = like.manifest["projection"]
             k, seed, density = p["k"], p["seed"], p["density"]
             dtype = like.manifest["dtype"]
+            exact_rows = like.manifest.get("exact_rows") or {}
         layers = layers if layers is not None else [x["name"] for x in like.manifest["layers"]]
         lrs = [c.lr for c in ckpts]
         if lrs != list(like.lrs):
@@ -675,16 +684,18 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
     if not isinstance(shard_size, int) or shard_size < 1:
         raise EmbgradError(f"shard_size must be a positive int (rows per shard), got {shard_size!r}.")
     proj = Projection(k, seed, density) if mode == "projected" else None
+    heavy_spec = _exact_rows_spec(exact_rows, proj is not None)
     settings = {
         "format": FORMAT, "mode": mode, "model": type(ckpts[0].model).__name__,
         "checkpoints": [{"name": c.name, "lr": c.lr} for c in ckpts],
         "projection": proj.to_json() if proj else None, "dtype": dtype if proj else "float32",
-        "loss_reduction": loss_reduction, "shard_size": shard_size,
+        "loss_reduction": loss_reduction, "shard_size": shard_size, "exact_rows_requested": heavy_spec,
         "requested_layers": layers if layers is None or isinstance(layers, str) else
         [x if isinstance(x, str) else type(x).__name__ for x in layers],
     }
     from . import __version__
     manifest: dict[str, Any] = {**settings, "layers": None, "num_examples": 0, "batches_done": 0,
+                                "exact_rows": heavy_spec if isinstance(heavy_spec, dict) else None,
                                 "shards": [], "complete": False, "embgrad": __version__,
                                 "path": str(path) if path is not None else None}
     out_dir = Path(path) if path is not None else None
@@ -745,11 +756,14 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
                     for eg in per.values():
                         sq[:, c] += backend.to_numpy(eg.norms()).astype(np.float64) ** 2
                 if proj is not None:
-                    vec = np.concatenate([
-                        backend.to_numpy(_sum(backend, [proj.project(name, eg) for name, eg in per.items()]))
-                        * np.float32(math.sqrt(ckpts[c].lr)) for c, per in enumerate(grads)], axis=1)
+                    if manifest["exact_rows"] is None:
+                        manifest["exact_rows"] = _heaviest_rows(backend, grads, heavy_spec if isinstance(heavy_spec, int) else 0)
+                    heavy = {name: np.asarray(manifest["exact_rows"].get(name, []), np.int64) for name in grads[0]}
+                    vec = np.concatenate([_project_batch(backend, proj, per, heavy) * np.float32(math.sqrt(ckpts[c].lr))
+                                          for c, per in enumerate(grads)], axis=1)
+                    manifest["width"] = vec.shape[1] // C
                     if writer is None and out_dir is not None:
-                        writer = _ShardWriter(out_dir, manifest, C * proj.k, C)
+                        writer = _ShardWriter(out_dir, manifest, vec.shape[1], C)
                     if writer is not None:
                         writer.append(vec, sq)
                     else:
@@ -789,8 +803,61 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
     return index
 
 
-def _sum(b: Backend, xs: Sequence[Any]) -> Any:
-    out = xs[0]
-    for x in xs[1:]:
-        out = out + x
+def _exact_rows_spec(exact_rows: Any, projected: bool) -> int | dict[str, list[int]]:
+    """``exact_rows`` checked: an int H >= 0, or {layer: sorted unique rows}."""
+    if isinstance(exact_rows, (int, np.integer)) and not isinstance(exact_rows, bool) and exact_rows >= 0:
+        return int(exact_rows)
+    if isinstance(exact_rows, Mapping) and all(isinstance(k, str) for k in exact_rows):
+        try:
+            out = {k: sorted({int(r) for r in v}) for k, v in exact_rows.items()}
+        except (TypeError, ValueError):
+            out = None
+        if out is not None and all(r >= 0 for v in out.values() for r in v):
+            if not projected and any(out.values()):
+                raise EmbgradError("exact_rows applies to mode='projected' (exact mode keeps every row exactly).")
+            return out
+    raise EmbgradError(f"exact_rows must be an int >= 0 (how many heaviest rows per layer) or a mapping "
+                       f"{{layer name: [row ids]}}, got {exact_rows!r}.")
+
+
+def _heaviest_rows(b: Backend, grads: list[dict[str, ExampleGrads]], H: int) -> dict[str, list[int]]:
+    """Per layer, the H rows with the largest Σ‖g‖² over the batch and checkpoints (sorted)."""
+    out: dict[str, list[int]] = {}
+    for name, first in grads[0].items():
+        mass = np.zeros(first.num_rows)
+        for per in grads:
+            eg = per[name]
+            if H and eg.nnz:
+                sq = b.to_numpy(b.sum(eg.values * eg.values, 1)).astype(np.float64)
+                mass += np.bincount(b.to_numpy(eg.rows), weights=sq, minlength=first.num_rows)
+        top = np.argsort(-mass, kind="stable")[:H] if H else np.empty(0, np.int64)
+        out[name] = sorted(int(r) for r in top if mass[r] > 0)
     return out
+
+
+def _project_batch(b: Backend, proj: Projection, per: dict[str, ExampleGrads],
+                   heavy: dict[str, np.ndarray]) -> np.ndarray:
+    """float32 (B, k + Σ H_l · D_l): the sketch of every layer's rows outside ``heavy`` (summed over
+    layers), then each layer's ``heavy`` rows exactly (B, H_l · D_l)."""
+    sketch, dense = None, []
+    for name, eg in per.items():
+        rows_h = heavy.get(name, np.empty(0, np.int64))
+        H = len(rows_h)
+        if H and eg.nnz:
+            rows = b.to_numpy(eg.rows)
+            pos = np.searchsorted(rows_h, rows)
+            hit = (pos < H) & (rows_h[np.minimum(pos, H - 1)] == rows)
+            keep, take = b.from_numpy(~hit, like=eg.rows), b.from_numpy(hit, like=eg.rows)
+            values = eg.values
+            tail = ExampleGrads(b.boolean_mask(eg.example_ids, keep), b.boolean_mask(eg.rows, keep),
+                                b.boolean_mask(values, keep), len(eg), eg.num_rows, b)
+            keys = b.boolean_mask(eg.example_ids, take) * H + b.from_numpy(pos[hit].astype(np.int64), like=eg.rows)
+            block = b.segment_sum(b.cast(b.boolean_mask(values, take), "float32"), keys, len(eg) * H)
+            dense.append(b.to_numpy(b.reshape(block, (len(eg), H * eg.dim))))
+            part = proj.project(name, tail)
+        else:
+            if H:
+                dense.append(np.zeros((len(eg), H * eg.dim), np.float32))
+            part = proj.project(name, eg)
+        sketch = part if sketch is None else sketch + part
+    return np.concatenate([b.to_numpy(sketch), *dense], axis=1)

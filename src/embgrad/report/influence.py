@@ -44,6 +44,7 @@ class InfluencePage:
     model_name: str
     mode: str
     k: int | None
+    exact_rows: int
     checkpoints: tuple[tuple[str, float], ...]
     train_texts: tuple[str, ...]
     train_labels: tuple[str, ...]
@@ -87,16 +88,16 @@ def _loss(model: Any, batch: Any) -> Any:
 
 
 def _collect(ckpts: list, train_b: list, test_b: list, mode: str, k: int, layers: Any,
-             progress: bool) -> tuple[inf.Influences, np.ndarray, inf.ExactIndex | inf.ProjectedIndex, Any]:
+             progress: bool, exact_rows: int = 0) -> tuple[inf.Influences, np.ndarray, inf.ExactIndex | inf.ProjectedIndex, Any]:
     index = inf.collect(ckpts, train_b, _loss, layers=layers, mode=mode, k=k, progress=progress,
-                        description="training set")
+                        exact_rows=exact_rows if mode == "projected" else 0, description="training set")
     query = inf.collect(ckpts, test_b, _loss, like=index, progress=False)
     return index.top(query, n=5), index.self_influence(), index, query
 
 
 def demo_influence(seed: int = 0, mode: str = "projected", k: int = 1024, tests: Sequence[str] | int = 6,
                    progress: bool = True, step: Callable[[str], None] | None = None,
-                   command: str = "embgrad influence") -> InfluencePage:
+                   command: str = "embgrad influence", exact_rows: int = 0) -> InfluencePage:
     """TracInCP on the demo: the torch demo classifier after epochs 2, 4 and 6 (lr 0.02, the
     trainer's Adam step size, as in Pruthi et al. 2020 §3.1), its 1,600 training sentences
     (2 % flipped labels), and ``tests`` (test sentences, or how many of the test split).
@@ -108,11 +109,11 @@ def demo_influence(seed: int = 0, mode: str = "projected", k: int = 1024, tests:
     from ..demo.models import _one_thread
 
     with _one_thread():       # a tiny model: threads only add synchronisation (see demo.models)
-        return _demo_influence(seed, mode, k, tests, progress, step, command)
+        return _demo_influence(seed, mode, k, tests, progress, step, command, exact_rows)
 
 
 def _demo_influence(seed: int, mode: str, k: int, tests: Sequence[str] | int, progress: bool,
-                    step: Callable[[str], None] | None, command: str) -> InfluencePage:
+                    step: Callable[[str], None] | None, command: str, exact_rows: int) -> InfluencePage:
     import torch
 
     from ..demo import LABELS, demo_data, train
@@ -143,14 +144,14 @@ def _demo_influence(seed: int, mode: str, k: int, tests: Sequence[str] | int, pr
     train_b = [(X[i:i + 128], Y[i:i + 128]) for i in range(0, len(X), 128)]
     test_b = [(torch.as_tensor(ids), torch.as_tensor(np.asarray(labels, dtype=np.int64)))]
     say("collecting gradients")
-    top, si, _, _ = _collect(ckpts, train_b, test_b, mode, k, "embedding", progress)
+    top, si, _, _ = _collect(ckpts, train_b, test_b, mode, k, "embedding", progress, exact_rows)
     recall = None
     if mode == "projected":
         say("checking against exact mode")
         exact, _, _, _ = _collect(ckpts, train_b, test_b, "exact", k, "embedding", False)
         recall = inf.recall_at(top.proponents, exact.proponents)
     return InfluencePage(
-        f"demo (seed {seed})", "TinyClassifier (torch)", mode, k if mode == "projected" else None,
+        f"demo (seed {seed})", "TinyClassifier (torch)", mode, k if mode == "projected" else None, exact_rows,
         tuple((c.name, c.lr) for c in ckpts), tuple(data.train.texts),
         tuple(LABELS[i] for i in data.train.labels), data.train.flipped.copy(), tuple(texts),
         tuple(LABELS[i] for i in labels), tuple(LABELS[i] for i in pred), top, si, recall,
@@ -194,10 +195,13 @@ def read_training_file(path: str | Path, labels: Sequence[str]) -> tuple[list[st
 
 def model_influence(model_dir: str | Path, train_file: str | Path, tests: Sequence[str], mode: str = "projected",
                     k: int = 1024, batch_size: int = 16, progress: bool = True,
-                    step: Callable[[str], None] | None = None, command: str = "embgrad influence") -> InfluencePage:
+                    step: Callable[[str], None] | None = None, command: str = "embgrad influence",
+                    exact_rows: int = 8) -> InfluencePage:
     """TracIn (one checkpoint, lr 1) on a local Hugging Face sequence classifier, over its input
     (word) embedding table: the training sentences of ``train_file`` against ``tests`` (their
-    predicted labels). Texts longer than the model's limit are truncated.
+    predicted labels). Texts longer than the model's limit are truncated. ``exact_rows``: rows kept
+    exactly outside the projection (the [CLS] row carries most of a BERT gradient; see
+    :func:`embgrad.influence.collect`).
 
     Raises EmbgradError if the directory holds no sequence classifier, or for a bad training file."""
     import torch
@@ -237,10 +241,12 @@ def model_influence(model_dir: str | Path, train_file: str | Path, tests: Sequen
     test_b = [(encode(list(tests)), torch.as_tensor(pred))]
     layer = model.get_input_embeddings()
     say("collecting gradients")
-    top, si, _, _ = _collect([inf.Checkpoint(model, 1.0, "saved model")], train_b, test_b, mode, k, [layer], progress)
+    top, si, _, _ = _collect([inf.Checkpoint(model, 1.0, "saved model")], train_b, test_b, mode, k, [layer],
+                             progress, exact_rows)
     names = loaded.labels
     return InfluencePage(
-        str(model_dir), type(model).__name__, mode, k if mode == "projected" else None, (("saved model", 1.0),),
+        str(model_dir), type(model).__name__, mode, k if mode == "projected" else None, exact_rows,
+        (("saved model", 1.0),),
         tuple(texts), tuple(names[int(y)] for y in y_all), None, tuple(tests),
         tuple(names[int(p)] for p in pred), tuple(names[int(p)] for p in pred), top, si, None,
         time.perf_counter() - t0, command)
@@ -256,7 +262,9 @@ def render_influence(page: InfluencePage) -> str:
     flipped = page.flipped if page.flipped is not None else np.zeros(len(page.train_texts), bool)
     found, total = page.flipped_found()
     ck = ", ".join(f"{n} (lr {lr:g})" for n, lr in page.checkpoints)
-    how = (f"projected to k = {page.k} by a seeded sparse Johnson–Lindenstrauss sketch" if page.mode == "projected"
+    how = (f"projected to k = {page.k} by a seeded sparse Johnson–Lindenstrauss sketch"
+           + (f" (the {page.exact_rows} heaviest rows kept exactly)" if page.exact_rows else "")
+           if page.mode == "projected"
            else "exact sparse inner products")
     cards = [(f"{len(page.train_texts):,}", "training sentences"), (f"{len(page.test_texts)}", "test sentences"),
              (page.mode + (f", k={page.k}" if page.k else ""), "gradients")]
