@@ -145,13 +145,21 @@ def test_saliency_and_grad_x_input_match_autograd(toy):
                                     ("right", 4), ("middle", 3)])
 def test_integrated_gradients_match_loop(toy, rule, n):
     attr = attribute(toy, inputs(), 1, steps=n, rule=rule, batch_size=4)   # chunks mix examples
+    refs = []
     for b in range(3):
-        ref = ig_loop(toy, b, 1, torch.zeros(1, 6, D), n, rule)
-        np.testing.assert_allclose(attr.scores[b], ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+        ref = ig_loop(toy, b, 1, torch.zeros(1, 6, D), n, rule).detach().numpy()
+        np.testing.assert_allclose(attr.scores[b], ref, rtol=1e-5, atol=1e-6)
+        refs.append(ref)
     assert attr.evaluations == 3 * n + 3 + 3 and (attr.steps == n).all()
-    # delta is the completeness gap, computed from the outputs
-    gap = attr.scores.sum(1) - (attr.outputs - attr.baseline_outputs)
-    np.testing.assert_allclose(attr.delta, gap, atol=1e-6)
+    # delta is the completeness gap: the loop's scores against the model's own outputs at the
+    # input and at the (zero) baseline
+    with torch.no_grad():
+        f_x = toy.head(toy.emb(IDS), MASK.float())[:, 1].numpy()
+        f_0 = toy.head(torch.zeros(3, 6, D), MASK.float())[:, 1].numpy()
+    np.testing.assert_allclose(attr.outputs, f_x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(attr.baseline_outputs, f_0, rtol=1e-5, atol=1e-6)
+    gap = np.stack(refs).sum(1) - (f_x - f_0)
+    np.testing.assert_allclose(attr.delta, gap, atol=1e-5)
 
 
 @pytest.mark.parametrize("baseline", ["pad", 7, "ids"])

@@ -49,3 +49,18 @@ def test_demo_without_its_framework_says_what_to_install(tmp_path, capsys, monke
     err = " ".join(capsys.readouterr().err.split())
     assert "needs tensorflow" in err and "pip install" in err and "[tensorflow,viz]" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_version_has_one_source(capsys):
+    import sys
+    from pathlib import Path
+
+    import embgrad
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"embgrad {embgrad.__version__}"
+    if sys.version_info >= (3, 11):   # pyproject.toml has no version of its own: it reads this one
+        import tomllib
+        meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+        assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]
+        assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "embgrad.__version__"}

@@ -98,6 +98,16 @@ def test_classifier_target_labels(classifier_dir, tmp_path):
         explain(loaded, ["good film"], compare="other")
 
 
+def test_load_model_leaves_the_environment_alone(monkeypatch):
+    """Offline loading comes from local_files_only=True; HF_HUB_OFFLINE is the CLI's to set."""
+    import os
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    loaded = load_model(MINILM)
+    assert loaded.kind == "sentence-embedding" and dict(os.environ) == before
+
+
 def test_bad_model_directories(tmp_path, capsys):
     with pytest.raises(EmbgradError, match="not a directory"):
         load_model(tmp_path / "missing")

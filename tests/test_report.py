@@ -139,6 +139,26 @@ def test_page_has_every_section_figures_and_no_external_reference(page):
     assert text.count('class="embgrad-tok embgrad-mark"') >= 3 * 12  # planted words marked, 3 methods
 
 
+def test_report_leaves_matplotlib_state_alone(demo, tmp_path):
+    """Figures are drawn on their own Figure + Agg canvas: a user's backend, rcParams and
+    pyplot figures are as they were."""
+    import sys
+
+    import matplotlib
+    with matplotlib.rc_context({"font.size": 13.0, "axes.spines.top": True, "axes.titleweight": "normal"}):
+        backend = matplotlib.get_backend()
+        before = dict(matplotlib.rcParams)
+        had_pyplot = "matplotlib.pyplot" in sys.modules
+        write_report(demo[0], tmp_path / "r")
+        after = dict(matplotlib.rcParams)
+        assert [k for k in before if before[k] != after[k]] == []
+        assert matplotlib.get_backend() == backend
+    if had_pyplot:
+        assert sys.modules["matplotlib.pyplot"].get_fignums() == []
+    else:
+        assert "matplotlib.pyplot" not in sys.modules
+
+
 def test_data_text_is_escaped(demo, tmp_path):
     results = demo[0]
     texts = list(results.per_example.texts)

@@ -114,7 +114,9 @@ def test_clip_and_scale_are_lazy_and_compose():
     torch.testing.assert_close(lazy.example(2).to_dense(), want[2])
     torch.testing.assert_close(lazy.dot(), want.flatten(1) @ want.flatten(1).T)
     torch.testing.assert_close(lazy.to_dense(), want)                          # values applied once
-    torch.testing.assert_close(lazy.values, lazy.values)
+    pairs = want[lazy.example_ids, lazy.rows]      # the loop's gradient at each stored (example, row)
+    torch.testing.assert_close(lazy.values, pairs)
+    torch.testing.assert_close(lazy.values, pairs)  # a second access does not apply the factors again
     fresh = pe.scale(0.5).clip(C)                 # norms computed after the factor
     torch.testing.assert_close(fresh.norms(), torch.clamp(0.5 * norms, max=C))
     torch.testing.assert_close(pe.to_dense(), ref)                             # pe itself unchanged

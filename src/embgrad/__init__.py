@@ -12,7 +12,7 @@ from .generation import GenerationAttribution, attribute_generation
 from .sparse import ExampleGrads, RowGrad, row_grad, rows_from_lookups
 from .tables import load_vectors, regularize, table
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"   # the package's one version: pyproject.toml reads it from here
 
 __all__ = [
     "capture", "Gradients", "LayerGradients",

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from . import __version__
 from .errors import EmbgradError
 
 __all__ = ["main", "build_parser"]
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``embgrad`` command."""
     parser = argparse.ArgumentParser(
         prog="embgrad", description="Exact, sparse, per-example and explainable gradients of embedding layers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="train a tiny classifier on synthetic data and write a report",
                           description="Train the tiny demo classifier on seeded synthetic sentiment data "

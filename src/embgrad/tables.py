@@ -18,7 +18,6 @@ import codecs
 import gzip
 import io
 import math
-import weakref
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from ._weak import WeakIdMap
 from .backends import Backend, EmbeddingInfo, get_backend
 from .capture import input_embedding, select_layers
 from .errors import EmbgradError
@@ -74,9 +74,7 @@ class FrozenRows:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        entry = _guards.get(self._key)
-        if entry is not None and entry[1] is self:
-            del _guards[self._key]
+        _guards.pop_if(self._key, self)
 
     def __repr__(self) -> str:
         shown = ", ".join(str(int(r)) for r in self.rows[:8]) + (", ..." if len(self.rows) > 8 else "")
@@ -84,25 +82,12 @@ class FrozenRows:
         return f"FrozenRows({self.table_name!r}, {len(self.rows)} rows: [{shown}]{state})"
 
 
-# id(variable) -> (reference to the variable, its guard): one guard per table, whatever view
-_guards: dict[int, tuple[Callable[[], Any], FrozenRows]] = {}
-
-
-def _ref(obj: Any) -> Callable[[], Any]:
-    try:
-        return weakref.ref(obj)
-    except TypeError:
-        return lambda: obj
+# variable -> its guard: one guard per table, whatever view (weakly keyed by identity)
+_guards: WeakIdMap[FrozenRows] = WeakIdMap()
 
 
 def _guard_of(variable: Any) -> FrozenRows | None:
-    entry = _guards.get(id(variable))
-    if entry is None:
-        return None
-    if entry[0]() is not variable:   # a dead variable's id was reused
-        del _guards[id(variable)]
-        return None
-    return entry[1]
+    return _guards.get(variable)
 
 
 class Table:
@@ -325,7 +310,7 @@ class Table:
         if old is not None:
             old.remove()
         guard = FrozenRows(self.name, rows.astype(np.int64), optimizer, handle, id(var))
-        _guards[id(var)] = (_ref(var), guard)
+        _guards[var] = guard
         return guard
 
     # ------------------------------------------------------------------ checks

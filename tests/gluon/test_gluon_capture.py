@@ -142,7 +142,11 @@ def test_frozen_and_tied_tables():
     model.emb.weight.grad_req = "null"
     _, grads = _capture(model, x, y=y)
     g = grads.only()
-    assert g.frozen and g.weight_grad.norm() > 0         # lookups still have a gradient
+    assert g.frozen                                       # lookups still have a gradient:
+    model.emb.weight.grad_req = "write"                   # the one MXNet gives the table when trained
+    ref, = dense_grads(model, lambda: LOSS(model(x), y).sum(), [model.emb.weight])
+    assert np.abs(ref).sum() > 0
+    np.testing.assert_allclose(g.weight_grad.to_dense().asnumpy(), ref, rtol=1e-5, atol=1e-7)
 
     class TiedLM(gluon.Block):
         def __init__(self, **kw):
@@ -153,10 +157,28 @@ def test_frozen_and_tied_tables():
         def forward(self, x):
             return self.out(self.emb(x).mean(axis=1))
 
-    lm = make(TiedLM(), x)
-    _, grads = _capture(lm, ids(3, 4, 20), y=labels(3, 20))
-    assert grads.only().tied
-    assert "tied=True" in repr(grads.only())
+    class UntiedLM(gluon.Block):    # the same function, the output layer holding its own copy
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            with self.name_scope():
+                self.emb = nn.Embedding(20, 4)
+                self.out = nn.Dense(20, in_units=4)
+        def forward(self, x):
+            return self.out(self.emb(x).mean(axis=1))
+
+    x2, y2 = ids(3, 4, 20), labels(3, 20)
+    lm = make(TiedLM(), x2)
+    _, grads = _capture(lm, x2, y=y2)
+    g = grads.only()
+    assert g.tied and "tied=True" in repr(g)
+    # the table's gradient through its lookups: in the untied copy, that is the embedding's own
+    untied = make(UntiedLM(), x2)
+    untied.emb.weight.set_data(lm.emb.weight.data().copy())
+    untied.out.weight.set_data(lm.emb.weight.data().copy())
+    untied.out.bias.set_data(lm.out.bias.data().copy())
+    ref, = dense_grads(untied, lambda: LOSS(untied(x2), y2).sum(), [untied.emb.weight])
+    assert np.abs(ref).sum() > 0
+    np.testing.assert_allclose(g.weight_grad.to_dense().asnumpy(), ref, rtol=1e-5, atol=1e-7)
 
 
 def test_sources_return_parameter_gradients():

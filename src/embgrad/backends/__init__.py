@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 from typing import Any
 
 from ..errors import EmbgradError
@@ -24,19 +25,21 @@ _CANDIDATES = [
     ("torch", "embgrad.backends.torch", "TorchBackend"),
     ("mxnet", "embgrad.backends.gluon", "GluonBackend"),
 ]
-_instances: dict[str, Backend] = {}
+_instances: dict[str, Backend] = {}    # one backend object per module, made on first use
+_instances_lock = threading.RLock()      # threads asking first at once still share one
 
 
 def _load(modname: str, clsname: str) -> Backend | None:
-    if modname not in _instances:
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as e:  # backend file not written yet, or its deps missing
-            if e.name and e.name.startswith("embgrad"):
-                return None
-            raise
-        _instances[modname] = getattr(mod, clsname)()
-    return _instances[modname]
+    with _instances_lock:
+        if modname not in _instances:
+            try:
+                mod = importlib.import_module(modname)
+            except ModuleNotFoundError as e:  # backend file not written yet, or its deps missing
+                if e.name and e.name.startswith("embgrad"):
+                    return None
+                raise
+            _instances[modname] = getattr(mod, clsname)()
+        return _instances[modname]
 
 
 def get_backend(obj: Any) -> Backend:

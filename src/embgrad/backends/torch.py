@@ -11,13 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._weak import WeakIdSet
 from ..errors import EmbgradError
 from .base import Backend, Call, EmbeddingInfo, Tap
 
 __all__ = ["TorchBackend"]
 
 _BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
-_warned_max_norm: set[int] = set()
+_warned_max_norm = WeakIdSet()   # layers warned about max_norm (once each)
 
 
 def _embedding_types() -> tuple[type, ...]:
@@ -133,8 +134,7 @@ class TorchBackend(Backend):
         def hook(mod, args, kwargs):
             ids = args[0] if args else kwargs.get("input")
             _validate_ids(info, ids, "input ids")
-            if info.options.get("max_norm") is not None and id(mod) not in _warned_max_norm:
-                _warned_max_norm.add(id(mod))
+            if info.options.get("max_norm") is not None and _warned_max_norm.add_new(mod):
                 warnings.warn(
                     f"embedding {info.name!r} has max_norm={info.options['max_norm']}: PyTorch "
                     "renormalises the looked-up rows of the weight IN PLACE during forward. embgrad "

@@ -15,7 +15,6 @@ Transformers (PyTorch) is imported inside the functions only.
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -115,9 +114,7 @@ def load_model(model_dir: str | Path) -> LoadedModel:
         raise EmbgradError(f"{str(path)!r} is not a Hugging Face model directory: "
                            f"{'config.json is not valid JSON' if config_path.exists() else 'it has no config.json'} "
                            "(expected config.json, model weights and tokenizer files, as save_pretrained writes).")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import transformers
+    import transformers  # local_files_only=True below: never a download (the CLI also sets HF_HUB_OFFLINE)
 
     arch = " ".join(config.get("architectures") or [])
     classifier = "ForSequenceClassification" in arch

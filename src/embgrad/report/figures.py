@@ -1,4 +1,6 @@
-"""PNG figures of the demo report, drawn with matplotlib's Agg backend (no display needed).
+"""PNG figures of the demo report, drawn on a ``matplotlib.figure.Figure`` with its own Agg
+canvas: no display needed, and neither pyplot's backend nor ``rcParams`` is touched (a user's
+notebook keeps its settings; the style is set on each figure's artists).
 
 Each function takes a section's result and a path, writes one PNG and returns its file name.
 PNG metadata is stripped of matplotlib's URL so the report holds no external address at all.
@@ -21,26 +23,42 @@ OTHER_COLOR = "#2166ac"
 _GREY = "#777777"
 
 
-def _plt() -> Any:
-    import matplotlib
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
-                         "axes.titlesize": 10, "axes.titleweight": "bold"})
-    return plt
+def _figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A new (figure, axes) pair on an Agg canvas of its own (not registered with pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _style(fig: Any) -> None:
+    """The report's look, on this figure's artists only: 9 pt text, 10 pt bold titles, no top
+    or right spine."""
+    for ax in fig.axes:
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.title.set_fontsize(10)
+        ax.title.set_fontweight("bold")
+        ax.xaxis.label.set_fontsize(9)
+        ax.yaxis.label.set_fontsize(9)
+        ax.tick_params(which="both", labelsize=9)
+        legend = ax.get_legend()
+        if legend is not None:
+            for text in legend.get_texts():
+                text.set_fontsize(9)
 
 
 def _save(fig: Any, path: Path) -> str:
+    _style(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
-    _plt().close(fig)
     return path.name
 
 
 def loss_figure(model: ModelInfo, path: Path) -> str:
     """Mean training loss per epoch."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(3.6, 2.4))
+    fig, ax = _figure((3.6, 2.4))
     epochs = np.arange(1, len(model.losses) + 1)
     ax.plot(epochs, model.losses, "o-", color=OTHER_COLOR)
     ax.set(xlabel="epoch", ylabel="mean cross-entropy", title="Training loss", xticks=epochs)
@@ -49,8 +67,7 @@ def loss_figure(model: ModelInfo, path: Path) -> str:
 
 def rows_figure(weight: WeightGradInfo, path: Path, label: int = 8) -> str:
     """Row gradient norm against the row's count in the batch (log-log), planted words red."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    fig, ax = _figure((5.6, 3.6))
     planted = np.array([is_planted(t) for t in weight.tokens], dtype=bool)
     norms = weight.row_norms
     shown = (norms > 0) & (weight.counts > 0)      # a log-log plot: zero rows (e.g. PAD) left out
@@ -73,8 +90,7 @@ def rows_figure(weight: WeightGradInfo, path: Path, label: int = 8) -> str:
 
 def norms_figure(per_example: PerExampleInfo, path: Path) -> str:
     """Histograms (log-spaced bins) of per-example norms before and after clipping."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    fig, ax = _figure((5.6, 3.4))
     pe = per_example
     lo = max(min(pe.norms.min(), pe.clipped.min()), 1e-12)
     bins = np.geomspace(lo, pe.norms.max() * 1.01, 40)
@@ -95,8 +111,7 @@ def norms_figure(per_example: PerExampleInfo, path: Path) -> str:
 
 def cost_figure(timing: Timing, path: Path) -> str:
     """Median milliseconds of the plain backward, capture, and capture + per-example norms."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 1.9))
+    fig, ax = _figure((5.6, 1.9))
     names = ["plain backward", "capture + weight grad", "… + per-example norms"]
     ms = [timing.plain_ms, timing.capture_ms, timing.per_example_ms]
     ax.barh(names[::-1], ms[::-1], color=[OTHER_COLOR, OTHER_COLOR, _GREY][::-1])
@@ -109,8 +124,7 @@ def cost_figure(timing: Timing, path: Path) -> str:
 
 def attribution_figure(attribution: AttributionInfo, path: Path) -> str:
     """Share of test sentences whose top token is a planted word, per method."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.2, 2.2))
+    fig, ax = _figure((4.2, 2.2))
     methods = list(attribution.test_share)
     vals = [100 * attribution.test_share[m] for m in methods]
     ax.bar([m.replace("_", " ") for m in methods], vals, color=[PLANTED_COLOR if v >= 50 else _GREY for v in vals])
