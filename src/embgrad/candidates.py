@@ -87,7 +87,7 @@ def whole_word_ids(tokenizer: Any, V: int) -> np.ndarray:
         idx = np.flatnonzero(alpha)
         if idx.size:
             enc = tokenizer([" " + words[i] for i in idx], add_special_tokens=False)["input_ids"]
-            ok = np.array([len(e) == 1 and int(e[0]) == int(i) for e, i in zip(enc, idx)], dtype=bool)
+            ok = np.array([len(e) == 1 and int(e[0]) == int(i) for e, i in zip(enc, idx, strict=True)], dtype=bool)
             keep[idx[ok]] = True
         return keep
     from .attribution import _vocab_strings

@@ -650,13 +650,13 @@ def hotflip_generation(model: Any, inputs: Any, targets: Any, k: int = 10, *, di
     if pad_id is None:
         pad_id = _known_pad_id(model, info)
     packer = _Packer(b, model, info, kind, extra, int(pad_id) if pad_id is not None else 0)
-    ids, m = packer.pack([np.concatenate([p, t[:-1]]) for p, t in zip(prompts, tgts)])
+    ids, m = packer.pack([np.concatenate([p, t[:-1]]) for p, t in zip(prompts, tgts, strict=True)])
     B, T = ids.shape
     K = max(len(t) for t in tgts)
     pos = np.zeros((B, K), np.int64)
     tok = np.zeros((B, K), np.int64)
     valid = np.zeros((B, K), bool)
-    for i, (p, t) in enumerate(zip(prompts, tgts)):
+    for i, (p, t) in enumerate(zip(prompts, tgts, strict=True)):
         pos[i, :len(t)] = len(p) - 1 + np.arange(len(t))
         tok[i, :len(t)] = t
         valid[i, :len(t)] = True
