@@ -757,7 +757,8 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
                         sq[:, c] += backend.to_numpy(eg.norms()).astype(np.float64) ** 2
                 if proj is not None:
                     if manifest["exact_rows"] is None:
-                        manifest["exact_rows"] = _heaviest_rows(backend, grads, heavy_spec if isinstance(heavy_spec, int) else 0)
+                        manifest["exact_rows"] = _heaviest_rows(
+                            backend, grads, heavy_spec if isinstance(heavy_spec, int) else 0)
                     heavy = {name: np.asarray(manifest["exact_rows"].get(name, []), np.int64) for name in grads[0]}
                     vec = np.concatenate([_project_batch(backend, proj, per, heavy) * np.float32(math.sqrt(ckpts[c].lr))
                                           for c, per in enumerate(grads)], axis=1)

@@ -88,7 +88,8 @@ def _loss(model: Any, batch: Any) -> Any:
 
 
 def _collect(ckpts: list, train_b: list, test_b: list, mode: str, k: int, layers: Any,
-             progress: bool, exact_rows: int = 0) -> tuple[inf.Influences, np.ndarray, inf.ExactIndex | inf.ProjectedIndex, Any]:
+             progress: bool, exact_rows: int = 0
+             ) -> tuple[inf.Influences, np.ndarray, inf.ExactIndex | inf.ProjectedIndex, Any]:
     index = inf.collect(ckpts, train_b, _loss, layers=layers, mode=mode, k=k, progress=progress,
                         exact_rows=exact_rows if mode == "projected" else 0, description="training set")
     query = inf.collect(ckpts, test_b, _loss, like=index, progress=False)
