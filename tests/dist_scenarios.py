@@ -1,0 +1,176 @@
+"""What each rank runs in tests/test_distributed.py (spawned processes import this module), and
+the data and noise mechanisms both the ranks and the single-process references use."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+import embgrad
+from embgrad import distributed as edist
+
+V, D, T, PAD, C = 50, 6, 7, 0, 0.8
+# uneven batches; with 4 ranks, rank 1 holds no example at all (no lookups)
+SIZES = {2: [5, 3], 4: [5, 0, 3, 4]}
+
+
+def global_batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch: ids (B, T) (Zipf-like: low ids frequent, PAD=0 ignored) and
+    output gradients (B, T, D) float32, the same in every process."""
+    g = torch.Generator().manual_seed(1234 + size)
+    B = sum(SIZES[size])
+    ids = (torch.rand(B, T, generator=g) ** 3 * V).long()
+    grads = torch.randn(B, T, D, generator=g)
+    return ids, grads
+
+
+def local_batch(size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, grads = global_batch(size)
+    lo = sum(SIZES[size][:rank])
+    hi = lo + SIZES[size][rank]
+    return ids[lo:hi], grads[lo:hi]
+
+
+def empty_row_grad(num_rows: int = V) -> embgrad.RowGrad:
+    return embgrad.RowGrad(torch.empty(0, dtype=torch.int64), torch.empty(0, D), num_rows)
+
+
+def row_grad_of(ids: torch.Tensor, grads: torch.Tensor) -> embgrad.RowGrad:
+    if ids.shape[0] == 0:
+        return empty_row_grad()
+    return embgrad.rows_from_lookups(ids, grads, V, ignore_index=PAD)
+
+
+def example_grads_of(ids: torch.Tensor, grads: torch.Tensor) -> embgrad.ExampleGrads:
+    if ids.shape[0] == 0:
+        e = torch.empty(0, dtype=torch.int64)
+        return embgrad.ExampleGrads(e, e, torch.empty(0, D), 0, V)
+    out = embgrad.rows_from_lookups(ids, grads, V, per_example=True, ignore_index=PAD)
+    assert isinstance(out, embgrad.ExampleGrads)
+    return out
+
+
+# ---------------------------------------------------------------- noise mechanisms for the tests
+class DenseGaussian:
+    """DP-SGD's noise: N(0, σ²C²) on every entry of the (V, D) table."""
+
+    def __init__(self, noise_multiplier: float, max_norm: float):
+        self.sigma, self.max_norm = noise_multiplier, max_norm
+
+    def row_statistics(self, clipped):
+        return None
+
+    def add_noise(self, clipped_sum, row_statistics, generator):
+        dense = clipped_sum.to_dense()
+        dense = dense + torch.randn(dense.shape, generator=generator) * (self.sigma * self.max_norm)
+        return embgrad.RowGrad(torch.arange(dense.shape[0]), dense, dense.shape[0])
+
+
+class ThresholdedCounts:
+    """An AdaFEST-shaped mechanism: each example adds min(1, c/√k) to the count of each of its k
+    rows; noisy counts above τ select the rows; Gaussian noise on the selected rows only."""
+
+    def __init__(self, count_clip=1.0, count_sigma=0.3, threshold=1.0, sigma=1.0, max_norm=C):
+        self.count_clip, self.count_sigma, self.threshold = count_clip, count_sigma, threshold
+        self.sigma, self.max_norm = sigma, max_norm
+
+    def row_statistics(self, clipped):
+        if clipped.nnz == 0:
+            return embgrad.RowGrad(torch.empty(0, dtype=torch.int64), torch.empty(0, 1), clipped.num_rows)
+        k = torch.bincount(clipped.example_ids, minlength=clipped.batch_size).float()
+        contrib = (self.count_clip / k.sqrt()).clamp(max=1.0)[clipped.example_ids]
+        return embgrad.rows_from_lookups(clipped.rows, contrib[:, None], clipped.num_rows)
+
+    def add_noise(self, clipped_sum, row_statistics, generator):
+        counts = row_statistics.values[:, 0]
+        noisy = counts + torch.randn(counts.shape, generator=generator) * self.count_sigma
+        keep = row_statistics.rows[noisy > self.threshold]
+        dense = clipped_sum.to_dense()[keep]
+        values = dense + torch.randn(dense.shape, generator=generator) * (self.sigma * self.max_norm)
+        return embgrad.RowGrad(keep, values, clipped_sum.num_rows)
+
+
+def _np(rg: embgrad.RowGrad) -> tuple:
+    return tuple(x.copy() for x in rg.numpy())
+
+
+def _caught(f) -> Any:
+    try:
+        f()
+    except Exception as e:   # noqa: BLE001 - what the test checks
+        return ("raised", type(e).__name__, str(e))
+    return ("returned",)
+
+
+# ---------------------------------------------------------------- what every rank runs
+def scenarios(rank: int, size: int) -> dict[str, Any]:
+    from embgrad.backends import torch_distributed as td
+
+    out: dict[str, Any] = {}
+    ids, grads = local_batch(size, rank)
+    rg = row_grad_of(ids, grads)
+    out["local"] = _np(rg)
+    for method in ("auto", "all_gather", "all_to_all", "dense"):
+        out[f"reduce/{method}"] = _np(edist.all_reduce_rows(rg, method=method))
+    # rows dense enough that "auto" takes the dense all-reduce: every rank touches every row
+    small = embgrad.rows_from_lookups(torch.arange(12).repeat(3), torch.randn(36, D), 12)
+    c = td.comm(None)
+    r, v, m = td.exchange_rows(c, small.rows, small.values, 12, "auto")
+    out["dense_auto"] = (m, r.numpy().copy(), v.numpy().copy(), _np(small))
+    out["float64"] = _np(edist.all_reduce_rows(
+        embgrad.RowGrad(rg.rows, rg.values.double(), V)))
+    # bad input on one rank: every rank raises EmbgradError, at once
+    t0 = time.monotonic()
+    bad = embgrad.RowGrad(rg.rows, rg.values, V + 1) if rank == size - 1 else rg
+    out["err/num_rows"] = _caught(lambda: edist.all_reduce_rows(bad))
+    out["err/not_rowgrad"] = _caught(lambda: edist.all_reduce_rows(
+        rg.values if rank == 0 else rg))
+    out["err/seconds"] = time.monotonic() - t0
+
+    # DP across ranks
+    ex = example_grads_of(ids, grads)
+    out["dp/dense"] = _np(edist.noisy_clipped_sum(ex, C, DenseGaussian(1.1, C), seed=7))
+    out["dp/adafest"] = _np(edist.noisy_clipped_sum(ex, C, ThresholdedCounts(), seed=11))
+    out["dp/fresh_seed"] = _np(edist.noisy_clipped_sum(ex, C, DenseGaussian(1.1, C)))
+    out["err/seeds"] = _caught(lambda: edist.noisy_clipped_sum(ex, C, DenseGaussian(1.1, C), seed=rank))
+    out["err/max_norm"] = _caught(lambda: edist.noisy_clipped_sum(
+        ex, -1.0 if rank == 0 else C, DenseGaussian(1.1, C), seed=3))
+
+    # row-sharded tables
+    for scheme in ("contiguous", "hashed"):
+        sh = edist.RowSharding(V, scheme=scheme)
+        g = edist.sharded_example_grads(ids, grads, sh, ignore_index=PAD)
+        clipped = g.clip(C)
+        s = clipped.sum()
+        out[f"shard/{scheme}"] = {
+            "local_rows": sh.local_rows.numpy().copy(),
+            "norms": g.norms().numpy().copy(),
+            "clipped_norms": clipped.norms().numpy().copy(),
+            "sum_rows": sh.to_global(s.rows).numpy().copy(),
+            "sum_values": s.values.numpy().copy(),
+            "dot": g.dot().numpy().copy(),
+            "offset": g.batch_offset, "batch": g.batch_size, "repr": repr(g),
+        }
+    # every id in rank 0's rows: the other shards receive no lookup at all
+    sh = edist.RowSharding(V)
+    first = int(sh._shards.rows_of(0)[-1]) + 1
+    g = edist.sharded_example_grads(ids % first, grads, sh)
+    out["shard/one_owner"] = {"norms": g.norms().numpy().copy(), "pairs": g.local.nnz,
+                              "sum_rows": sh.to_global(g.sum().rows).numpy().copy(),
+                              "sum_values": g.sum().values.numpy().copy()}
+    out["err/shard_ids"] = _caught(lambda: edist.sharded_example_grads(
+        ids + (V if rank == 0 else 0), grads, sh))
+
+    # a rank that raises in its own code never reaches the collective: the others get an error
+    # from the group's timeout (3 s here) instead of waiting forever
+    short = torch.distributed.new_group(timeout=__import__("datetime").timedelta(seconds=3))
+    t0 = time.monotonic()
+    if rank == size - 1:   # with 2 ranks: stuck in its own code past the timeout; with 4: exits
+        if size == 2:
+            time.sleep(4.5)
+        out["dies"] = ("raised", "RuntimeError", "the user's forward failed on this rank")
+    else:
+        out["dies"] = _caught(lambda: edist.all_reduce_rows(rg, group=short))
+    out["dies/seconds"] = time.monotonic() - t0
+    return out
