@@ -7,7 +7,9 @@ Sections (each a module of benchmarks/, each method of each case in its own proc
 2. weight-gradient extraction (``weight_grad``);
 3. attribution: integrated gradients on MiniLM (``attribution``);
 4. gradient similarity (``similarity``);
-5. loading pretrained vectors (``load_vectors``, when present).
+5. loading pretrained vectors (``load_vectors``, when present);
+7. embgrad.distributed over gloo: bytes and time of the sparse exchange vs a dense all-reduce,
+   row-sharded norms (``dist_exchange``).
 
 ``--quick`` runs the same code on small sizes (a test runs it so the harness cannot rot);
 its outputs go to ``build/bench-quick/`` unless ``--out`` says otherwise, so the committed
@@ -49,6 +51,8 @@ SECTIONS: dict[str, tuple[str, str]] = {
 EXTERNAL: dict[str, tuple[str, str]] = {
     "load_vectors": ("5. Loading pretrained vectors", "load_vectors"),
     "influence": ("6. Training-data attribution (embgrad.influence, TracInCP)", "influence"),
+    "distributed": ("7. Past one machine: sparse gradient exchange over torch.distributed (gloo)",
+                    "dist_exchange"),
 }
 
 
