@@ -162,6 +162,22 @@ def scenarios(rank: int, size: int) -> dict[str, Any]:
     out["err/shard_ids"] = _caught(lambda: edist.sharded_example_grads(
         ids + (V if rank == 0 else 0), grads, sh))
 
+    # ShardedEmbedding: the lookup equals the full table's; backward brings each shard its rows'
+    # gradient; its output gradient feeds sharded_example_grads
+    full = torch.randn(V, D, generator=torch.Generator().manual_seed(5))
+    for scheme in ("contiguous", "hashed"):
+        sh = edist.RowSharding(V, scheme=scheme)
+        emb = edist.ShardedEmbedding.from_full(full, sh)
+        vec = emb(ids)
+        loss = (vec * grads).sum()
+        (og,) = torch.autograd.grad(loss, vec, retain_graph=True)
+        loss.backward()
+        out[f"emb/{scheme}"] = {"lookup_equal": torch.equal(vec, full[ids]), "shape": tuple(vec.shape),
+                                "og_equal": torch.equal(og, grads), "repr": repr(emb),
+                                "weight_grad": emb.weight.grad.numpy().copy(),
+                                "local_rows": sh.local_rows.numpy().copy()}
+    out["err/emb_ids"] = _caught(lambda: emb(ids + (V if rank == 1 else 0)))
+
     # a rank that raises in its own code never reaches the collective: the others get an error
     # from the group's timeout (3 s here) instead of waiting forever
     short = torch.distributed.new_group(timeout=__import__("datetime").timedelta(seconds=3))

@@ -211,3 +211,16 @@ def test_not_initialized_is_a_clear_error():
         edist.all_reduce_rows(g)
     with pytest.raises(embgrad.EmbgradError, match="init_process_group"):
         edist.RowSharding(10)
+
+
+@pytest.mark.parametrize("scheme", ["contiguous", "hashed"])
+def test_sharded_embedding_lookup_and_backward_equal_the_full_table(world, scheme):
+    size, results = world
+    ids, grads = sc.global_batch(size)
+    dense = torch.zeros(sc.V, sc.D).index_add_(0, ids.reshape(-1), grads.reshape(-1, sc.D))
+    for r, res in enumerate(results):
+        e = res[f"emb/{scheme}"]
+        assert e["lookup_equal"] and e["og_equal"]
+        assert e["shape"] == (sc.SIZES[size][r], sc.T, sc.D)
+        np.testing.assert_allclose(e["weight_grad"], dense.numpy()[e["local_rows"]], rtol=1e-6, atol=1e-6)
+        assert f"scheme='{scheme}'" in e["repr"]

@@ -11,7 +11,8 @@ Three uses, one transport (``torch.distributed``'s own collectives: gloo on CPU,
   a single process holding the global batch would compute: same ε. Opacus's counterpart is
   ``DistributedDPOptimizer``, which adds dense noise on rank 0 before a dense all-reduce.
 * **Row-sharded tables** (TorchRec's row-wise sharding): :class:`RowSharding` says which rank
-  owns which rows; :func:`sharded_example_grads` routes each lookup's gradient to the owner of
+  owns which rows; ``ShardedEmbedding`` (a ``torch.nn.Module``, imported with torch when first
+  asked for) looks ids up in the sharded table; :func:`sharded_example_grads` routes each lookup's gradient to the owner of
   its row with ``all_to_all_single``; :class:`ShardedExampleGrads` gives exact per-example
   norms with one all-reduce of a (B,) vector of partial squared norms, clipped sums that stay on
   their shard, and ``dot()`` by reducing a (B1, B2) matrix.
@@ -36,6 +37,7 @@ from .sparse import ExampleGrads, RowGrad, coalesce_lookups
 __all__ = [
     "NoiseMechanism",
     "RowSharding",
+    "ShardedEmbedding",
     "ShardedExampleGrads",
     "all_reduce_rows",
     "noisy_clipped_sum",
@@ -43,6 +45,13 @@ __all__ = [
 ]
 
 METHODS = ("auto", "all_gather", "all_to_all", "dense")
+
+
+def __getattr__(name: str) -> Any:
+    # ShardedEmbedding is a torch.nn.Module: imported (with torch) only when asked for
+    if name == "ShardedEmbedding":
+        return _td().ShardedEmbedding
+    raise AttributeError(f"module 'embgrad.distributed' has no attribute {name!r}")
 
 
 def _td() -> Any:

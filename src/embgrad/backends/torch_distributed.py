@@ -31,6 +31,7 @@ __all__ = [
     "SPARSE_METHODS",
     "Comm",
     "RowShards",
+    "ShardedEmbedding",
     "agree_on_seed",
     "all_reduce_sum",
     "choose_method",
@@ -365,3 +366,81 @@ def route_lookups(c: Comm, shards: RowShards, example_ids: torch.Tensor, ids: to
     ex = ex + offsets.index_select(0, src).to(ex.device)
     local = shards.to_local(rows, c.rank)
     return ex.to(dev_in), local.to(dev_in), vals.contiguous().to(dev_in), sizes
+
+
+class ShardedEmbedding(torch.nn.Module):
+    """An embedding table split by rows over the ranks: each rank holds ``weight``, the
+    (V_rank, D) rows that ``sharding`` gives it, and ``forward(ids)`` returns the (…, D) vectors
+    of ANY global ids, fetched from their owners (TorchRec's row-wise sharded embedding,
+    routed by hand with two ``all_to_all_single``; the second is differentiable, so
+    ``loss.backward()`` brings each lookup's gradient back to the shard that owns its row).
+
+    ``forward`` is a collective: every rank of ``sharding.group`` calls it, in the same order,
+    and so also ``backward``.
+    """
+
+    def __init__(self, sharding: Any, embedding_dim: int, *, dtype: torch.dtype | None = None,
+                 device: Any = None):
+        super().__init__()
+        if not hasattr(sharding, "_shards"):
+            raise EmbgradError(f"ShardedEmbedding takes an embgrad.distributed.RowSharding, got "
+                               f"{type(sharding).__name__}.")
+        self.sharding = sharding
+        self.num_embeddings = int(sharding.num_rows)
+        self.embedding_dim = int(embedding_dim)
+        n_local = int(sharding._shards.rows_of(sharding.rank).shape[0])
+        self.weight = torch.nn.Parameter(torch.empty((n_local, self.embedding_dim), dtype=dtype,
+                                                     device=device))
+        torch.nn.init.normal_(self.weight)       # as nn.Embedding
+
+    @classmethod
+    def from_full(cls, weight: torch.Tensor, sharding: Any) -> "ShardedEmbedding":
+        """This rank's shard of a full (V, D) table (e.g. pretrained vectors), copied."""
+        if weight.dim() != 2 or weight.shape[0] != sharding.num_rows:
+            raise EmbgradError(f"ShardedEmbedding.from_full: weight must be ({sharding.num_rows}, D), "
+                               f"got {tuple(weight.shape)}.")
+        emb = cls(sharding, int(weight.shape[1]), dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            rows = sharding._shards.rows_of(sharding.rank).to(weight.device)
+            emb.weight.copy_(weight.detach().index_select(0, rows))
+        return emb
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        import torch.distributed.nn.functional as dfn
+
+        shards, c = self.sharding._shards, comm(self.sharding.group)
+        error = None
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+            error = f"ids must be an integer torch tensor, got {getattr(ids, 'dtype', type(ids))}"
+            flat = torch.zeros(0, dtype=torch.int64)
+        else:
+            flat = ids.reshape(-1).to(torch.int64)
+            if flat.numel():
+                lo, hi = int(flat.min()), int(flat.max())
+                if lo < 0 or hi >= self.num_embeddings:
+                    error = (f"id {lo if lo < 0 else hi} is out of range for a table of "
+                             f"{self.num_embeddings} rows (valid ids 0..{self.num_embeddings - 1})")
+        dev = self.weight.device
+        if error is None:
+            flat = flat.to(c.device)
+            owner = shards.owner(flat)
+            order = torch.argsort(owner, stable=True)
+            send = torch.bincount(owner, minlength=c.size).cpu().tolist()
+        else:
+            order, send = flat[:0], [0] * c.size
+        meta = gather_meta(c, send, error, "embgrad.distributed.ShardedEmbedding")
+        recv = [int(x) for x in meta[:, c.rank]]
+        wanted = flat.new_empty(sum(recv))
+        dist.all_to_all_single(wanted, flat.index_select(0, order), output_split_sizes=recv,
+                               input_split_sizes=send, group=c.group)
+        local = shards.to_local(wanted, c.rank).to(dev)
+        found = torch.nn.functional.embedding(local, self.weight).to(c.device)
+        back = dfn.all_to_all_single(found.new_empty((flat.shape[0], self.embedding_dim)), found,
+                                     output_split_sizes=send, input_split_sizes=recv,
+                                     group=c.group)
+        out = back.index_select(0, torch.argsort(order))
+        return out.reshape(*ids.shape, self.embedding_dim).to(dev)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.sharding.scheme!r}, "
+                f"local_rows={self.weight.shape[0]} (rank {self.sharding.rank} of {self.sharding.size})")
