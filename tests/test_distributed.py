@@ -8,14 +8,17 @@ Each world size is spawned once (a module fixture running tests/dist_scenarios.p
 rank); the tests below check what the ranks brought back."""
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import dist_scenarios as sc
 import numpy as np
 import pytest
 import torch
-from dist_helpers import RankError, run_ranks
+from dist_helpers import RankError, free_port, run_ranks
 
 import embgrad
 
@@ -224,3 +227,21 @@ def test_sharded_embedding_lookup_and_backward_equal_the_full_table(world, schem
         assert e["shape"] == (sc.SIZES[size][r], sc.T, sc.D)
         np.testing.assert_allclose(e["weight_grad"], dense.numpy()[e["local_rows"]], rtol=1e-6, atol=1e-6)
         assert f"scheme='{scheme}'" in e["repr"]
+
+
+def test_readme_torchrun_example_runs(tmp_path):
+    """The README's ```python torchrun block, run as the README says: torchrun, 2 processes."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python torchrun\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) == 1
+    script = tmp_path / "dist_example.py"
+    script.write_text(blocks[0], encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # (the two ranks' lines may interleave in the shared pipe)
+    found = re.findall(r"rank (\d): RowGrad\(rows=(\d+) of 1000000, dim=64.*?norms \(512,\)", proc.stdout)
+    assert sorted(r for r, _ in found) == ["0", "1"], proc.stdout
+    assert found[0][1] == found[1][1]          # every rank got the same sum

@@ -368,6 +368,28 @@ def route_lookups(c: Comm, shards: RowShards, example_ids: torch.Tensor, ids: to
     return ex.to(dev_in), local.to(dev_in), vals.contiguous().to(dev_in), sizes
 
 
+class _AllToAll(torch.autograd.Function):
+    """``dist.all_to_all_single`` with uneven splits whose backward sends the gradients back the
+    way the values came (the splits swapped). torch's own autograd version,
+    ``torch.distributed.nn.functional.all_to_all_single``, is deprecated in 2.13 for a private
+    module, so this is its few lines over the public collective."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, send: list[int], recv: list[int], group: Any) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv,
+                               input_split_sizes=send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), output_split_sizes=ctx.send,
+                               input_split_sizes=ctx.recv, group=ctx.group)
+        return back, None, None, None
+
+
 class ShardedEmbedding(torch.nn.Module):
     """An embedding table split by rows over the ranks: each rank holds ``weight``, the
     (V_rank, D) rows that ``sharding`` gives it, and ``forward(ids)`` returns the (…, D) vectors
@@ -406,8 +428,6 @@ class ShardedEmbedding(torch.nn.Module):
         return emb
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        import torch.distributed.nn.functional as dfn
-
         shards, c = self.sharding._shards, comm(self.sharding.group)
         error = None
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
@@ -435,9 +455,7 @@ class ShardedEmbedding(torch.nn.Module):
                                input_split_sizes=send, group=c.group)
         local = shards.to_local(wanted, c.rank).to(dev)
         found = torch.nn.functional.embedding(local, self.weight).to(c.device)
-        back = dfn.all_to_all_single(found.new_empty((flat.shape[0], self.embedding_dim)), found,
-                                     output_split_sizes=send, input_split_sizes=recv,
-                                     group=c.group)
+        back = _AllToAll.apply(found, recv, send, c.group)
         out = back.index_select(0, torch.argsort(order))
         return out.reshape(*ids.shape, self.embedding_dim).to(dev)
 
