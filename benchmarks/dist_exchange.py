@@ -170,6 +170,8 @@ def run_case(size: int, V: int, reps: dict, dense_ok: bool, norms: bool) -> list
 
 
 def _mb(x: float) -> str:
+    if x >= 2 ** 30:
+        return f"{x / 2 ** 30:.3g} GiB"
     return f"{x / 2 ** 20:.3g} MiB" if x >= 2 ** 20 else f"{x / 1024:.3g} KiB"
 
 

@@ -101,7 +101,7 @@ def all_reduce_rows(row_grad: RowGrad, group: Any = None, *, method: str = "auto
               i.e. when the padded gather would put more bytes on the wire than the ring
               all-reduce. At D = 64 in float32 the switch lies at P · R_max ≈ 1.98 · V: two ranks
               each holding 99% of the table's rows, four ranks each holding 50%. Else
-              ``"all_gather"``, the sparse method measured faster (``benchmarks/distributed.py``).
+              ``"all_gather"``, the sparse method measured faster (``benchmarks/dist_exchange.py``).
 
     Returns:
         A ``RowGrad`` of the same table: rows (U,) int64 unique ascending (the union of the ranks'

@@ -43,8 +43,9 @@ __all__ = [
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2}
 _TB = TorchBackend()
 SPARSE_METHODS = ("all_gather", "all_to_all")
-# The sparse exchange chosen by method="auto" (benchmarks/distributed.py measures both: the
-# padded all_gather is faster at every size there, one collective less and no second coalesce).
+# The sparse exchange chosen by method="auto": benchmarks/dist_exchange.py measures both; the
+# padded all_gather (one collective less, one coalesce) was faster or within noise at V = 10^6
+# and 10^7, all_to_all ahead only at V = 10^5 (BENCHMARKS.md, section 6).
 DEFAULT_SPARSE = "all_gather"
 
 
