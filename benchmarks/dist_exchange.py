@@ -136,7 +136,7 @@ def _rank(rank: int, size: int, port: int, V: int, reps: dict, out: str, dense_o
                 pad = torch.cat([packed, packed.new_zeros((m - packed.shape[0], packed.shape[1]))])
                 parts = [torch.empty_like(pad) for _ in range(size)]
                 dist.all_gather(parts, pad)
-                allp = torch.cat([p[:int(c)] for p, c in zip(parts, counts)])
+                allp = torch.cat([p[:int(c)] for p, c in zip(parts, counts, strict=True)])
                 exs = allp[:, :2].contiguous().view(torch.int64).reshape(-1)
                 sq = (allp[:, 2:] ** 2).sum(1)
                 return torch.zeros(ex.batch_size).index_add_(0, exs, sq).sqrt()

@@ -51,44 +51,23 @@ def example_grads_of(ids: torch.Tensor, grads: torch.Tensor) -> embgrad.ExampleG
     return out
 
 
-# ---------------------------------------------------------------- noise mechanisms for the tests
-class DenseGaussian:
-    """DP-SGD's noise: N(0, σ²C²) on every entry of the (V, D) table."""
-
-    def __init__(self, noise_multiplier: float, max_norm: float):
-        self.sigma, self.max_norm = noise_multiplier, max_norm
-
-    def row_statistics(self, clipped):
-        return None
-
-    def add_noise(self, clipped_sum, row_statistics, generator):
-        dense = clipped_sum.to_dense()
-        dense = dense + torch.randn(dense.shape, generator=generator) * (self.sigma * self.max_norm)
-        return embgrad.RowGrad(torch.arange(dense.shape[0]), dense, dense.shape[0])
+# ---------------------------------------------------------------- DP mechanisms (embgrad.privacy)
+def mechanisms() -> dict[str, tuple[Any, Any, int]]:
+    """name -> (mechanism, DP-FEST selection or None, seed)."""
+    from embgrad import privacy
+    return {
+        "dpsgd": (privacy.DPSGD(noise_multiplier=1.1, max_grad_norm=C), None, 7),
+        "fest": (privacy.DPFEST(noise_multiplier=0.9, max_grad_norm=C),
+                 torch.tensor([1, 2, 3, 5, 8, 13, 21, 34]), 9),
+        "adafest": (privacy.DPAdaFEST(noise_multiplier=1.0, max_grad_norm=C, threshold=1.5), None, 11),
+    }
 
 
-class ThresholdedCounts:
-    """An AdaFEST-shaped mechanism: each example adds min(1, c/√k) to the count of each of its k
-    rows; noisy counts above τ select the rows; Gaussian noise on the selected rows only."""
-
-    def __init__(self, count_clip=1.0, count_sigma=0.3, threshold=1.0, sigma=1.0, max_norm=C):
-        self.count_clip, self.count_sigma, self.threshold = count_clip, count_sigma, threshold
-        self.sigma, self.max_norm = sigma, max_norm
-
-    def row_statistics(self, clipped):
-        if clipped.nnz == 0:
-            return embgrad.RowGrad(torch.empty(0, dtype=torch.int64), torch.empty(0, 1), clipped.num_rows)
-        k = torch.bincount(clipped.example_ids, minlength=clipped.batch_size).float()
-        contrib = (self.count_clip / k.sqrt()).clamp(max=1.0)[clipped.example_ids]
-        return embgrad.rows_from_lookups(clipped.rows, contrib[:, None], clipped.num_rows)
-
-    def add_noise(self, clipped_sum, row_statistics, generator):
-        counts = row_statistics.values[:, 0]
-        noisy = counts + torch.randn(counts.shape, generator=generator) * self.count_sigma
-        keep = row_statistics.rows[noisy > self.threshold]
-        dense = clipped_sum.to_dense()[keep]
-        values = dense + torch.randn(dense.shape, generator=generator) * (self.sigma * self.max_norm)
-        return embgrad.RowGrad(keep, values, clipped_sum.num_rows)
+def dense_np(x: Any) -> tuple:
+    """A RowGrad's (rows, values), or a dense tensor as (all rows, values)."""
+    if isinstance(x, embgrad.RowGrad):
+        return _np(x)
+    return (torch.arange(x.shape[0]).numpy(), x.numpy().copy())
 
 
 def _np(rg: embgrad.RowGrad) -> tuple:
@@ -130,12 +109,13 @@ def scenarios(rank: int, size: int) -> dict[str, Any]:
 
     # DP across ranks
     ex = example_grads_of(ids, grads)
-    out["dp/dense"] = _np(edist.noisy_clipped_sum(ex, C, DenseGaussian(1.1, C), seed=7))
-    out["dp/adafest"] = _np(edist.noisy_clipped_sum(ex, C, ThresholdedCounts(), seed=11))
-    out["dp/fresh_seed"] = _np(edist.noisy_clipped_sum(ex, C, DenseGaussian(1.1, C)))
-    out["err/seeds"] = _caught(lambda: edist.noisy_clipped_sum(ex, C, DenseGaussian(1.1, C), seed=rank))
-    out["err/max_norm"] = _caught(lambda: edist.noisy_clipped_sum(
-        ex, -1.0 if rank == 0 else C, DenseGaussian(1.1, C), seed=3))
+    for name, (mech, selection, seed) in mechanisms().items():
+        out[f"dp/{name}"] = dense_np(edist.noisy_clipped_sum(ex, mech, selection=selection, seed=seed))
+    dpsgd = mechanisms()["dpsgd"][0]
+    out["dp/fresh_seed"] = dense_np(edist.noisy_clipped_sum(ex, dpsgd))
+    out["err/seeds"] = _caught(lambda: edist.noisy_clipped_sum(ex, dpsgd, seed=rank))
+    out["err/mechanism"] = _caught(lambda: edist.noisy_clipped_sum(
+        ex, "dp-sgd" if rank == 0 else dpsgd, seed=3))
 
     # row-sharded tables
     for scheme in ("contiguous", "hashed"):

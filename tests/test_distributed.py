@@ -116,9 +116,9 @@ def test_bad_input_on_one_rank_makes_every_rank_raise_at_once(world):
         kind, name, msg = res["err/not_rowgrad"]
         assert name == "EmbgradError"
         assert ("got Tensor" in msg) if r == 0 else ("rank(s) 0 refused" in msg)
-        kind, name, msg = res["err/max_norm"]
+        kind, name, msg = res["err/mechanism"]
         assert name == "EmbgradError" and "noisy_clipped_sum" in msg
-        assert ("max_norm" in msg) if r == 0 else ("rank(s) 0 refused" in msg)
+        assert ("DPSGD, DPFEST or DPAdaFEST" in msg) if r == 0 else ("rank(s) 0 refused" in msg)
         kind, name, msg = res["err/seeds"]
         assert name == "EmbgradError" and "different noise seeds" in msg
         _kind, name, msg = res["err/shard_ids"]
@@ -141,25 +141,35 @@ def _global_example_grads(size):
     return sc.example_grads_of(*sc.global_batch(size))
 
 
-@pytest.mark.parametrize("key,mech,seed", [("dp/dense", sc.DenseGaussian(1.1, sc.C), 7),
-                                           ("dp/adafest", sc.ThresholdedCounts(), 11)])
-def test_noisy_clipped_sum_equals_one_process_with_the_global_batch(world, key, mech, seed):
+@pytest.mark.parametrize("name", ["dpsgd", "fest", "adafest"])
+def test_noisy_clipped_sum_equals_one_process_with_the_global_batch(world, name):
+    """embgrad.privacy's mechanism on the global batch in one process, with the same seed."""
+    from embgrad import privacy
     size, results = world
-    rows, values = _same_on_every_rank(results, key)
-    clipped = _global_example_grads(size).clip(sc.C)
-    ref = mech.add_noise(clipped.sum(), mech.row_statistics(clipped),
-                         torch.Generator().manual_seed(seed)).numpy()
-    assert np.array_equal(rows, ref[0])
-    np.testing.assert_allclose(values, ref[1], rtol=1e-6, atol=1e-6)
-    if key == "dp/adafest":     # the threshold kept some touched rows and dropped others
-        touched = clipped.sum().rows.numpy()
-        assert 0 < len(rows) < len(touched)
+    mech, selection, seed = sc.mechanisms()[name]
+    rows, values = _same_on_every_rank(results, f"dp/{name}")
+    whole = _global_example_grads(size)
+    clipped = whole.clip(sc.C).sum()
+    rng = np.random.default_rng(seed)
+    if name == "adafest":
+        ref = mech.privatize(clipped, privacy.contribution_counts(whole), rng)
+    elif name == "fest":
+        ref = mech.privatize(clipped, selection, rng)
+    else:
+        ref = mech.privatize(clipped, rng)
+    ref_rows, ref_values = sc.dense_np(ref)
+    assert np.array_equal(rows, ref_rows)
+    np.testing.assert_allclose(values, ref_values, rtol=1e-6, atol=1e-6)
+    noise = values - sc.dense_np(clipped.to_dense())[1][rows]
+    assert np.abs(noise).min() > 0       # every kept entry got noise (drawn once, not per rank)
+    if name == "fest":
+        assert np.array_equal(rows, selection.numpy())
 
 
 def test_noisy_clipped_sum_fresh_seed_is_shared(world):
     _size, results = world
     _rows, values = _same_on_every_rank(results, "dp/fresh_seed")
-    assert not np.allclose(values, results[0]["dp/dense"][1])
+    assert not np.allclose(values, results[0]["dp/dpsgd"][1])
 
 
 @pytest.mark.parametrize("scheme", ["contiguous", "hashed"])

@@ -7,15 +7,17 @@ Three uses, one transport (``torch.distributed``'s own collectives: gloo on CPU,
   enough, one dense all-reduce). The sparse counterpart of DDP's dense gradient all-reduce.
 * **Differential privacy across ranks**: :func:`noisy_clipped_sum` clips each rank's own
   examples locally, reduces the clipped sums sparsely and adds the noise ONCE for the whole
-  batch (the same draw on every rank, from a seed the ranks agree on), so the result is the one
-  a single process holding the global batch would compute: same ε. Opacus's counterpart is
+  batch (the same draw on every rank, from a seed the ranks agree on), with
+  :mod:`embgrad.privacy`'s DP-SGD, DP-FEST and DP-AdaFEST, so the result is the one a single
+  process holding the global batch would compute: same ε. Opacus's counterpart is
   ``DistributedDPOptimizer``, which adds dense noise on rank 0 before a dense all-reduce.
 * **Row-sharded tables** (TorchRec's row-wise sharding): :class:`RowSharding` says which rank
   owns which rows; ``ShardedEmbedding`` (a ``torch.nn.Module``, imported with torch when first
-  asked for) looks ids up in the sharded table; :func:`sharded_example_grads` routes each lookup's gradient to the owner of
-  its row with ``all_to_all_single``; :class:`ShardedExampleGrads` gives exact per-example
-  norms with one all-reduce of a (B,) vector of partial squared norms, clipped sums that stay on
-  their shard, and ``dot()`` by reducing a (B1, B2) matrix.
+  asked for) looks ids up in the sharded table; :func:`sharded_example_grads` routes each
+  lookup's gradient to the owner of its row with ``all_to_all_single``;
+  :class:`ShardedExampleGrads` gives exact per-example norms with one all-reduce of a (B,) vector
+  of partial squared norms, clipped sums that stay on their shard, and ``dot()`` by reducing a
+  (B1, B2) matrix.
 
 ``import embgrad.distributed`` imports no framework: torch is imported when a function is called.
 Every function here is a collective: call it on every rank of the group, in the same order.
@@ -27,7 +29,7 @@ rank that dies or never arrives is caught by the process group's ``timeout=``
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
@@ -35,9 +37,8 @@ from .errors import EmbgradError
 from .sparse import ExampleGrads, RowGrad, coalesce_lookups
 
 __all__ = [
-    "NoiseMechanism",
     "RowSharding",
-    "ShardedEmbedding",
+    "ShardedEmbedding",  # noqa: F822 - a torch.nn.Module, given by __getattr__ (imports torch)
     "ShardedExampleGrads",
     "all_reduce_rows",
     "noisy_clipped_sum",
@@ -137,91 +138,78 @@ def _reduce(td: Any, c: Any, row_grad: Any, method: str, error: str | None, what
 
 
 # ---------------------------------------------------------------------------- DP across ranks
-@runtime_checkable
-class NoiseMechanism(Protocol):
-    """What :func:`noisy_clipped_sum` needs from a DP noise mechanism (dense Gaussian, DP-FEST,
-    DP-AdaFEST, ...): the small interface between the distributed reduction and the privacy code.
-
-    ``row_statistics(clipped)``: per-row statistics that the mechanism needs summed over the
-    WHOLE batch before it draws anything, as a ``RowGrad`` of a (V, k) table summed over this
-    rank's examples (DP-AdaFEST: each example's row-count contribution, clipped), or ``None``
-    (dense noise, DP-FEST). ``noisy_clipped_sum`` reduces it over ranks with
-    :func:`all_reduce_rows`.
-
-    ``add_noise(clipped_sum, row_statistics, generator)``: the privatized gradient, from the
-    batch's clipped sum (a ``RowGrad``), the reduced statistics (or None) and a
-    ``torch.Generator`` seeded identically on every rank. It must draw all its randomness from
-    ``generator`` and be deterministic given it, so that every rank gets the same draw.
-    """
-
-    def row_statistics(self, clipped: ExampleGrads) -> RowGrad | None: ...
-
-    def add_noise(self, clipped_sum: RowGrad, row_statistics: RowGrad | None,
-                  generator: Any) -> RowGrad: ...
-
-
-def noisy_clipped_sum(grads: ExampleGrads, max_norm: float, noise: NoiseMechanism, *,
-                      group: Any = None, seed: int | None = None) -> RowGrad:
+def noisy_clipped_sum(grads: ExampleGrads, mechanism: Any, *, selection: Any = None,
+                      group: Any = None, seed: int | None = None) -> Any:
     """DP-SGD's noisy clipped sum of a batch spread over ranks, on every rank (a collective).
 
-    Each rank holds its own examples' per-example gradients ``grads``; each example is clipped to
-    L2 norm ``max_norm`` locally (``grads.clip(max_norm)``), the clipped sums are reduced with
-    :func:`all_reduce_rows` (sparse), the mechanism's row statistics likewise (DP-AdaFEST's row
-    counts are summed over the whole batch BEFORE its threshold), and the noise is drawn once,
-    from a ``torch.Generator`` seeded with one seed shared by every rank: every rank returns the
-    same noisy sum, equal to what ``noise.add_noise(clipped global sum, global statistics,
-    torch.Generator().manual_seed(seed))`` gives in one process holding the global batch. So the
-    privacy accounting is that of one process: an accountant (Opacus's RDP/PRV, dp-accounting)
-    called with the GLOBAL batch's sampling rate and the mechanism's noise multiplier gives ε.
+    Each rank holds its own examples' per-example gradients ``grads``. Every example is clipped
+    to L2 norm ``mechanism.max_grad_norm`` on its own rank (``grads.clip(C)``); the clipped sums
+    are reduced with :func:`all_reduce_rows` (sparse); for DP-AdaFEST, each rank's
+    :func:`embgrad.privacy.contribution_counts` are reduced the same way BEFORE the threshold;
+    then the mechanism's ``privatize`` runs on every rank with one NumPy ``Generator`` seeded
+    identically everywhere, so the noise is drawn once for the whole batch (not once per rank)
+    and every rank returns the same result: the one a single process holding the global batch
+    gets from ``mechanism.privatize(clipped global sum, [counts | selection],
+    numpy.random.default_rng(seed))``. The privacy accounting is therefore that of one process
+    with the global batch: :func:`embgrad.privacy.epsilon` (or Opacus's accountant) with the
+    GLOBAL batch's sampling rate gives ε.
 
     Args:
-        grads: this rank's ``ExampleGrads`` (torch; batch size B_r, may differ between ranks).
-        max_norm: the clipping norm C > 0 (float, the L2 norm of one example's table gradient).
-        noise: a :class:`NoiseMechanism`.
+        grads: this rank's torch ``ExampleGrads`` (batch size B_r, may differ between ranks, may
+            be 0).
+        mechanism: :class:`embgrad.privacy.DPSGD`, :class:`~embgrad.privacy.DPFEST` or
+            :class:`~embgrad.privacy.DPAdaFEST`, the same on every rank.
+        selection: DP-FEST only: its fixed rows (a ``RowSelection`` or sorted int64 tensor), the
+            same on every rank (chosen once, e.g. by :func:`embgrad.privacy.top_k_rows`).
         group: the process group (``None``: default).
         seed: the noise seed, the same int on every rank; ``None`` (default): rank 0 draws one
-            from the OS's randomness and broadcasts it (then only this batch's noise is shared).
+            from the OS's randomness and sends it to the others.
 
     Returns:
-        A ``RowGrad`` (the rows the mechanism returns: all V rows for dense noise, the kept rows
-        for DP-FEST / DP-AdaFEST), identical on every rank.
+        DP-SGD: the dense (V, D) noised gradient (a torch tensor, as ``DPSGD.privatize``);
+        DP-FEST / DP-AdaFEST: a ``RowGrad`` of the selected rows. Identical on every rank.
 
     Raises:
         EmbgradError: on every rank, if any rank's input is bad (not a torch ``ExampleGrads``,
-            ``max_norm`` not positive and finite, different seeds, different tables).
+            an unknown mechanism, DP-FEST without ``selection``, different seeds, different
+            tables).
 
     Sources: DP-SGD, Abadi et al. 2016 (arXiv 1607.00133); DP-FEST / DP-AdaFEST, Ghazi et al.
-    2023 (arXiv 2311.08357); Opacus ``DistributedDPOptimizer`` (noise once, on rank 0).
+    2023 (arXiv 2311.08357); Opacus ``DistributedDPOptimizer``: noise once, on rank 0, before a
+    dense all-reduce (here: the same draw on every rank after a sparse one).
     """
+    from . import privacy
+
     td = _td()
     c = td.comm(group)
+    what = "embgrad.distributed.noisy_clipped_sum"
     error = None
     total: Any = None
-    stats: Any = None
+    counts: Any = None
+    adafest = isinstance(mechanism, privacy.DPAdaFEST)
     try:
         if not isinstance(grads, ExampleGrads) or grads._backend.name != "torch":
             raise EmbgradError(f"noisy_clipped_sum takes a torch embgrad.ExampleGrads, got "
                                f"{type(grads).__name__}")
-        if not isinstance(noise, NoiseMechanism):
-            raise EmbgradError(f"noise must have row_statistics() and add_noise() (an "
-                               f"embgrad.distributed.NoiseMechanism), got {type(noise).__name__}")
-        clipped = grads.clip(max_norm)
-        total = clipped.sum()
-        stats = noise.row_statistics(clipped)
-        if stats is not None and not isinstance(stats, RowGrad):
-            raise EmbgradError(f"{type(noise).__name__}.row_statistics() must return a RowGrad "
-                               f"or None, got {type(stats).__name__}")
+        if not isinstance(mechanism, (privacy.DPSGD, privacy.DPFEST, privacy.DPAdaFEST)):
+            raise EmbgradError(f"mechanism must be embgrad.privacy.DPSGD, DPFEST or DPAdaFEST, got "
+                               f"{type(mechanism).__name__}")
+        if isinstance(mechanism, privacy.DPFEST) and selection is None:
+            raise EmbgradError("DPFEST needs selection=, its fixed rows (the same on every rank)")
+        total = grads.clip(mechanism.max_grad_norm).sum()
+        if isinstance(mechanism, privacy.DPAdaFEST):
+            counts = privacy.contribution_counts(grads, contribution_bound=mechanism.contribution_bound)
     except EmbgradError as e:
         error = str(e)
-    what = "embgrad.distributed.noisy_clipped_sum"
     total = _reduce(td, c, total, "auto", error, what)
-    # whether statistics exist is a property of the mechanism, the same on every rank
-    if stats is not None:
-        stats = _reduce(td, c, stats, "auto", None, what)
-    shared = td.agree_on_seed(c, seed)
-    import torch
-    generator = torch.Generator(device=total.values.device).manual_seed(shared)
-    return noise.add_noise(total, stats, generator)
+    if adafest:       # the mechanism is the same on every rank, so is this branch
+        counts = _reduce(td, c, counts, "auto", None, what)
+    rng = np.random.default_rng(td.agree_on_seed(c, seed))
+    if adafest:
+        return mechanism.privatize(total, counts, rng)
+    if isinstance(mechanism, privacy.DPFEST):
+        return mechanism.privatize(total, selection, rng)
+    return mechanism.privatize(total, rng)
 
 
 # ---------------------------------------------------------------------------- row sharding

@@ -220,7 +220,7 @@ def _gathered(c: Comm, rows: torch.Tensor, values: torch.Tensor,
         payload = torch.cat([payload, payload.new_zeros((r_max - payload.shape[0], payload.shape[1]))])
     out = [torch.empty_like(payload) for _ in range(c.size)]
     dist.all_gather(out, payload, group=c.group)
-    allrows = torch.cat([o[:int(n)] for o, n in zip(out, counts)])
+    allrows = torch.cat([o[:int(n)] for o, n in zip(out, counts, strict=True)])
     (rows_all,), vals_all = unpack(allrows, 1)
     return coalesce(rows_all, vals_all)
 
@@ -269,7 +269,8 @@ def agree_on_seed(c: Comm, seed: int | None) -> int:
     given, seeds = meta[:, 0], meta[:, 1]
     if given.any():
         if not given.all() or (seeds != seeds[0]).any():
-            per = ", ".join(f"rank {r}: {int(s) if g else None}" for r, (g, s) in enumerate(zip(given, seeds)))
+            per = ", ".join(f"rank {r}: {int(s) if g else None}"
+                            for r, (g, s) in enumerate(zip(given, seeds, strict=True)))
             raise EmbgradError(
                 f"embgrad.distributed: the ranks passed different noise seeds ({per}); the noise "
                 "must be drawn once for the whole batch, so pass the same seed on every rank, or "
