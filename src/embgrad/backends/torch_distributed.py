@@ -45,7 +45,7 @@ _TB = TorchBackend()
 SPARSE_METHODS = ("all_gather", "all_to_all")
 # The sparse exchange chosen by method="auto": benchmarks/dist_exchange.py measures both; the
 # padded all_gather (one collective less, one coalesce) was faster or within noise at V = 10^6
-# and 10^7, all_to_all ahead only at V = 10^5 (BENCHMARKS.md, section 6).
+# and 10^7, all_to_all ahead only at V = 10^5 (BENCHMARKS.md, section 7).
 DEFAULT_SPARSE = "all_gather"
 
 
