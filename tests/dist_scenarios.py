@@ -130,6 +130,9 @@ def scenarios(rank: int, size: int) -> dict[str, Any]:
             "sum_rows": sh.to_global(s.rows).numpy().copy(),
             "sum_values": s.values.numpy().copy(),
             "dot": g.dot().numpy().copy(),
+            # against another batch: the last 3 lookups of each example
+            "dot_other": g.dot(edist.sharded_example_grads(ids[:, -3:], grads[:, -3:], sh,
+                                                           ignore_index=PAD)).numpy().copy(),
             "offset": g.batch_offset, "batch": g.batch_size, "repr": repr(g),
         }
     # every id in rank 0's rows: the other shards receive no lookup at all

@@ -179,6 +179,9 @@ def test_row_sharded_equals_one_process(world, scheme):
     clipped = whole.clip(sc.C)
     ref_sum = clipped.sum()
     ref_rows, ref_vals = ref_sum.numpy()
+    ids, grads = sc.global_batch(size)
+    other = sc.example_grads_of(ids[:, -3:], grads[:, -3:])
+    ref_dot_other = whole.dot(other).numpy()
     owned = np.concatenate([res[f"shard/{scheme}"]["local_rows"] for res in results])
     assert np.array_equal(np.sort(owned), np.arange(sc.V))          # a partition of the rows
     got_rows = []
@@ -189,6 +192,8 @@ def test_row_sharded_equals_one_process(world, scheme):
         np.testing.assert_allclose(s["clipped_norms"], clipped.norms().numpy(), rtol=1e-6)
         assert s["clipped_norms"].max() <= sc.C * (1 + 1e-6)
         np.testing.assert_allclose(s["dot"], whole.dot().numpy(), rtol=1e-5, atol=1e-5)
+        assert s["dot_other"].shape == ref_dot_other.shape
+        np.testing.assert_allclose(s["dot_other"], ref_dot_other, rtol=1e-5, atol=1e-5)
         assert set(s["sum_rows"]) <= set(s["local_rows"])
         pos = np.searchsorted(ref_rows, s["sum_rows"])
         assert np.array_equal(ref_rows[pos], s["sum_rows"])
