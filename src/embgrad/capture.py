@@ -7,6 +7,7 @@ module selects layers, keeps the record and builds the results with :mod:`embgra
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping
@@ -71,6 +72,25 @@ def input_embedding(model: Any, found: Sequence[EmbeddingInfo]) -> EmbeddingInfo
     return found[0] if len(found) == 1 else None
 
 
+class _Examples:
+    """Which examples each recorded call looked up, for per-example gradients.
+
+    Built by :meth:`Capture.gradients` from the calls, their gradients and the forwards the
+    backend reported: per call a batch-first layout ``(ids (B_f, ...), grads (B_f, ..., D),
+    valid or None, offset)`` whose example b is example ``offset + b`` of the capture, or the
+    reason it has none (``problems``); ``batch_size`` is the capture's number of examples.
+    """
+
+    __slots__ = ("layouts", "problems", "batch_size", "warning")
+
+    def __init__(self, layouts: list[Any], problems: list[str | None], batch_size: Any,
+                 warning: str | None = None):
+        self.layouts = layouts
+        self.problems = problems
+        self.batch_size = batch_size
+        self.warning = warning
+
+
 class LayerGradients:
     """Gradients of one embedding layer from one backward pass.
 
@@ -78,13 +98,17 @@ class LayerGradients:
     ``(ids, output_grad)`` for every call; ``weight_grad`` (a :class:`RowGrad`) covers all calls.
     For ``EmbeddingBag`` layers ``ids`` is (bags, longest bag), padded with -1, and
     ``output_grad`` is the gradient of each looked-up vector (the bag reduction applied).
+    ``ids`` and ``output_grad`` are as the layer saw them (e.g. (1, T) for position ids
+    broadcast over the batch; (T, B) with ``batch_dim=1``); ``per_example()`` resolves them.
     """
 
     __slots__ = ("name", "num_rows", "dim", "tied", "frozen", "info", "calls", "_valid",
-                 "_backend", "_loss_reduction", "_coupling", "_weight_grad", "_per_example")
+                 "_backend", "_loss_reduction", "_coupling", "_weight_grad", "_per_example",
+                 "_examples", "_index")
 
     def __init__(self, info: EmbeddingInfo, calls: list[tuple[Any, Any]], valid: list[Any],
-                 backend: Backend, loss_reduction: str, coupling: Sequence[str] = ()):
+                 backend: Backend, loss_reduction: str, coupling: Sequence[str] = (),
+                 examples: _Examples | None = None, index: Sequence[int] = ()):
         self.name = info.name
         self.num_rows = info.num_rows
         self.dim = info.dim
@@ -98,6 +122,8 @@ class LayerGradients:
         self._coupling = tuple(coupling)
         self._weight_grad: RowGrad | None = None
         self._per_example: ExampleGrads | None = None
+        self._examples = examples
+        self._index = list(index) if index else list(range(len(calls)))
 
     @property
     def ids(self) -> Any:
@@ -107,67 +133,108 @@ class LayerGradients:
     def output_grad(self) -> Any:
         return self.calls[0][1]
 
-    def _flat(self) -> tuple[Any, Any, Any, Any]:
-        """All calls' lookups as flat (example index, row, grad) with ignored entries removed, and
-        the batch size B (an int; -1 when calls disagree; a scalar tensor while tracing)."""
+    def _flat_weight(self) -> tuple[Any, Any]:
+        """All calls' lookups as flat (row, grad) with ignored entries removed, for the whole
+        table's gradient (PyTorch's own definition of ``scale_grad_by_freq``: counts over the
+        whole call)."""
         b, info = self._backend, self.info
+        rows, grads = [], []
+        for (ids, og), valid in zip(self.calls, self._valid):
+            flat_ids = b.cast(b.reshape(ids, (-1,)), "int64")
+            g = b.reshape(og, (-1, self.dim))
+            flat_ids, g, _ = self._clean(flat_ids, g, None, valid)
+            if info.options.get("scale_grad_by_freq"):
+                # PyTorch divides each row's gradient by how often the row occurs in the call
+                g = g / b.reshape(_counts(b, flat_ids, g), (-1, 1))
+            rows.append(flat_ids)
+            grads.append(g)
+        cat = (lambda xs: xs[0]) if len(rows) == 1 else b.concat
+        return cat(rows), cat(grads)
+
+    def _clean(self, flat_ids: Any, g: Any, ex: Any, valid: Any) -> tuple[Any, Any, Any]:
+        """Drop ignored entries (invalid bag slots, the padding row); float32 or wider grads."""
+        b, info = self._backend, self.info
+        if b.dtype_name(g) not in ("float32", "float64"):
+            g = b.cast(g, "float32")
+        keep = None
+        if valid is not None:
+            keep = b.reshape(valid, (-1,))
+        if info.padding_idx is not None:
+            not_pad = flat_ids != info.padding_idx
+            keep = not_pad if keep is None else (keep & not_pad)
+        if keep is not None:
+            flat_ids, g = b.boolean_mask(flat_ids, keep), b.boolean_mask(g, keep)
+            ex = b.boolean_mask(ex, keep) if ex is not None else None
+        return flat_ids, g, ex
+
+    def _flat_examples(self) -> tuple[Any, Any, Any, Any]:
+        """All calls' lookups as flat (example index, row, grad), examples numbered across the
+        capture's forwards, with ignored entries removed; and the capture's batch size."""
+        b, info, exm = self._backend, self.info, self._examples
+        assert exm is not None
         exs, rows, grads = [], [], []
-        batch = None
-        for (ids, og), valid in zip(self.calls, self._valid, strict=True):
+        for k in self._index:
+            problem = exm.problems[k]
+            if problem is not None:
+                raise EmbgradError(f"layer {self.name!r}: {problem}")
+            ids, og, valid, offset = exm.layouts[k]
             shape = b.shape(ids)
             B = shape[0]
             T = math.prod(shape[1:])  # lookups per example (ids may have more than 2 dims)
-            batch = B if batch is None else batch
             flat_ids = b.cast(b.reshape(ids, (-1,)), "int64")
             g = b.reshape(og, (-1, self.dim))
-            if b.dtype_name(g) not in ("float32", "float64"):
-                g = b.cast(g, "float32")
-            ex = b.floordiv(b.arange(B * T, flat_ids), T)
-            keep = None
-            if valid is not None:
-                keep = b.reshape(valid, (-1,))
-            if info.padding_idx is not None:
-                not_pad = flat_ids != info.padding_idx
-                keep = not_pad if keep is None else (keep & not_pad)
-            if keep is not None:
-                flat_ids, g, ex = b.boolean_mask(flat_ids, keep), b.boolean_mask(g, keep), b.boolean_mask(ex, keep)
+            ex = b.floordiv(b.arange(B * T, flat_ids), T) if T else b.arange(0, flat_ids)
+            if not (isinstance(offset, int) and offset == 0):
+                ex = ex + offset
+            flat_ids, g, ex = self._clean(flat_ids, g, ex, valid)
             if info.options.get("scale_grad_by_freq"):
-                # PyTorch divides each row's gradient by how often the row occurs in the call
-                uniq, inv = b.unique(flat_ids)
-                ones = b.zeros((b.shape(flat_ids)[0],), b.dtype_name(g), g) + 1.0
-                counts = b.segment_sum(ones, inv, b.shape(uniq)[0])
-                g = g / b.reshape(b.gather(counts, inv), (-1, 1))
+                # per example: each example's own counts (its gradient depends on it alone)
+                g = g / b.reshape(_counts(b, ex * self.num_rows + flat_ids, g), (-1, 1))
             exs.append(ex)
             rows.append(flat_ids)
             grads.append(g)
-        if len(self.calls) > 1:
-            # calls with different batch sizes: no per-example meaning (sizes only known while
-            # tracing a tf.function are not compared)
-            sizes = {s for s in (b.shape(ids)[0] for ids, _ in self.calls) if isinstance(s, int)}
-            if len(sizes) > 1:
-                batch = -1
         cat = (lambda xs: xs[0]) if len(exs) == 1 else b.concat
-        return cat(exs), cat(rows), cat(grads), batch
+        return cat(exs), cat(rows), cat(grads), exm.batch_size
 
     @property
     def weight_grad(self) -> RowGrad:
         """The gradient of the table from its lookups, coalesced (unique sorted rows)."""
         if self._weight_grad is None:
-            if self._per_example is not None and self._loss_reduction == "sum":
+            if self._per_example is not None and self._loss_reduction == "sum" \
+                    and not self.info.options.get("scale_grad_by_freq"):
                 self._weight_grad = self._per_example.sum()
             else:
                 with self._backend.no_grad():
-                    ex, rows, grads, B = self._flat()
-                    self._weight_grad = coalesce_lookups(self._backend, ex, rows, grads, self.num_rows,
-                                                         B if not isinstance(B, int) else max(B, 1),
-                                                         per_example=False)
+                    rows, grads = self._flat_weight()
+                    self._weight_grad = coalesce_lookups(self._backend, rows, rows, grads, self.num_rows,
+                                                         1, per_example=False)
         return self._weight_grad
 
     def per_example(self) -> ExampleGrads:
         """Per-example sparse gradients: example b holds only the rows it looked up.
 
-        With ``loss_reduction="mean"`` the captured gradient is scaled by B so that each
-        example's gradient is that of its own loss term; ``sum()`` then equals B · weight_grad.
+        Examples are numbered across the capture's forwards (see :func:`capture`'s
+        ``forwards=``): with two forwards of B1 and B2 examples, B1 + B2 in all. A lookup
+        broadcast over the batch (position ids of batch size 1, or without a batch dimension)
+        counts once per example, with that example's share of its gradient.
+
+        ``loss_reduction``: the loss is the sum ("sum", embgrad's default) or the mean
+        ("mean") of per-example terms. With "mean" the captured gradient is scaled by B, so
+        that each example's gradient is that of its own loss term and ``sum()`` equals
+        B · weight_grad. embgrad cannot tell from the loss which one it is: pass what the loss
+        does. (Opacus's ``GradSampleModule`` defaults to ``loss_reduction="mean"``; embgrad
+        defaults to "sum", the reduction under which per-example gradients add up to the
+        batch gradient with no factor.)
+
+        ``scale_grad_by_freq=True`` tables: each example's gradient divides by the counts of
+        the ids in that example alone (its gradient depends on nothing else), so ``sum()``
+        then differs from PyTorch's batch gradient (``weight_grad``), which divides by the
+        counts over the whole batch.
+
+        Raises:
+            EmbgradError: where per-example gradients are not defined or embgrad cannot be sure
+                of them: calls of one forward with different batch sizes, a broadcast lookup
+                whose batch size cannot be known, sequence-first models without ``batch_dim=``.
         """
         if self._per_example is None:
             if self._coupling:
@@ -177,21 +244,12 @@ class LayerGradients:
                     "gradients are not defined; the values returned are each example's share of the "
                     "batch gradient. Put those layers in eval() mode for true per-example gradients.",
                     stacklevel=2)
+            exm = self._examples
+            if exm is not None and exm.warning:
+                warnings.warn(exm.warning.format(layer=self.name), stacklevel=2)
             b = self._backend
             with b.no_grad():
-                ex, rows, grads, B = self._flat()
-                if isinstance(B, int) and B < 0:
-                    raise EmbgradError(
-                        f"layer {self.name!r} was called {len(self.calls)} times with different batch "
-                        f"sizes {[b.shape(i)[0] for i, _ in self.calls]}; per-example gradients need "
-                        "every call to look up the same examples (one row of ids per example).")
-                if not isinstance(B, int) and len(self.calls) > 1:   # sizes known only when it runs
-                    for ids, _ in self.calls[1:]:         # 0 <= B_i - B < 1: the same batch size
-                        b.assert_in_range(
-                            b.reshape(b.shape(ids)[0] - B, (1,)), 1,
-                            f"embgrad: layer {self.name!r} was called {len(self.calls)} times with "
-                            "different batch sizes; per-example gradients need every call to look up "
-                            "the same examples (one row of ids per example).")
+                ex, rows, grads, B = self._flat_examples()
                 if self._loss_reduction == "mean":
                     grads = grads * (float(B) if isinstance(B, int) else b.cast(B, b.dtype_name(grads)))
                 self._per_example = coalesce_lookups(b, ex, rows, grads, self.num_rows, B, per_example=True)
@@ -203,6 +261,13 @@ class LayerGradients:
         calls = f", calls={len(self.calls)}" if len(self.calls) > 1 else ""
         return (f"LayerGradients({self.name!r}, num_rows={self.num_rows}, dim={self.dim}, "
                 f"ids={shape}{calls}{flags})")
+
+
+def _counts(b: Backend, keys: Any, like: Any) -> Any:
+    """For each entry, how many entries share its key (float, like ``like``)."""
+    uniq, inv = b.unique(keys)
+    ones = b.zeros((b.shape(keys)[0],), b.dtype_name(like), like) + 1.0
+    return b.gather(b.segment_sum(ones, inv, b.shape(uniq)[0]), inv)
 
 
 class Gradients(Mapping):
@@ -239,36 +304,106 @@ class Gradients(Mapping):
         return f"Gradients([{inner}])"
 
 
+_FORWARDS = ("distinct", "same_examples")
+
+
 class Capture:
     """Context manager returned by :func:`capture`. Use ``gradients()`` after the forward."""
 
-    def __init__(self, model: Any, layers: Any = None):
+    def __init__(self, model: Any, layers: Any = None, *, batch_dim: int | None = None,
+                 forwards: str = "distinct"):
         self.model = model
         self._backend = get_backend(model)
         self.layers: list[EmbeddingInfo] = select_layers(self._backend, model, layers)
+        if batch_dim is not None and (isinstance(batch_dim, bool) or not isinstance(batch_dim, int)
+                                      or batch_dim < 0):
+            raise EmbgradError(f"batch_dim must be a non-negative int (the dimension of the ids that "
+                               f"indexes the examples: 0 for (B, T), 1 for (T, B)), got {batch_dim!r}.")
+        if forwards not in _FORWARDS:
+            raise EmbgradError(f"forwards must be 'distinct' (each forward of the model in the block "
+                               f"looks up its own examples) or 'same_examples' (every forward looks up "
+                               f"the same examples, e.g. the towers of a siamese model run one after "
+                               f"the other), got {forwards!r}.")
+        self.batch_dim = batch_dim
+        self.forwards = forwards
         self.calls: list[Call] = []
         self._tap: Tap | None = None
+        self._fwd_tap: Tap | None = None
         self._coupling: list[str] = []
         self._replace: Callable[[Call], Any] | None = None
         self._used = False
+        self._graph_freed = False
+        self._fwd_hints: list[Any] = []    # per forward: its input's batch size (or None)
+        self._depth = 0
+        self._loose: int | None = None     # the forward index of calls made outside any forward
+        self._boundaries = False
+        self._loose_fwds: set[int] = set()
 
     def __enter__(self) -> "Capture":
         if self._tap is not None:
             raise EmbgradError("this capture is already active; capture contexts do not nest with themselves.")
         self.calls = []
+        self._fwd_hints, self._depth, self._loose = [], 0, None
+        self._loose_fwds = set()
+        self._graph_freed = False
         self._coupling = self._backend.coupling_layers(self.model)
-        self._tap = self._backend.install_tap(self.model, self.layers, self._on_call)
+        self._fwd_tap = self._backend.install_forward_tap(self.model, self._forward_start, self._forward_end)
+        self._boundaries = self._fwd_tap is not None
+        try:
+            self._tap = self._backend.install_tap(self.model, self.layers, self._on_call)
+        except BaseException:
+            if self._fwd_tap is not None:
+                self._fwd_tap.remove()
+                self._fwd_tap = None
+            raise
         self._used = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._fwd_tap is not None:
+            self._fwd_tap.remove()
+            self._fwd_tap = None
         if self._tap is not None:
             self._tap.remove()
             # keep the tap object for differentiation after the block (TensorFlow's tape)
             self._tap_done = self._tap
             self._tap = None
 
+    def _forward_start(self, input_shape: Sequence[int] | None) -> None:
+        if self._depth == 0:
+            bd = self.batch_dim or 0
+            hint = None
+            if input_shape is not None and len(input_shape) > bd and isinstance(input_shape[bd], int):
+                hint = int(input_shape[bd])
+            self._fwd_hints.append(hint)
+            self._loose = None
+        self._depth += 1
+
+    def _forward_end(self) -> None:
+        self._depth = max(self._depth - 1, 0)
+
     def _on_call(self, call: Call) -> Any:
+        if self._depth > 0:
+            call.forward = len(self._fwd_hints) - 1
+        else:                       # outside the model's forward (or no boundaries known)
+            if self._loose is None:
+                self._fwd_hints.append(None)
+                self._loose = len(self._fwd_hints) - 1
+                self._loose_fwds.add(self._loose)
+            call.forward = self._loose
+        call.batch_dim = self.batch_dim or 0
+        if call.grad_enabled and call.info.kind == "embedding":
+            shape = self._backend.shape(call.ids)
+            if len(shape) == 0:
+                raise EmbgradError(
+                    f"layer {call.info.name!r}: 0-d ids (a single id, not a batch): per-example "
+                    "gradients need the examples' dimension. Pass ids of shape (B,) or (B, T), e.g. "
+                    "ids.reshape(1, 1).")
+            bd = call.batch_dim
+            if len(shape) == 1 and bd == 0:
+                call.batch_free = "absent"        # (N,) ids: per-token examples, or positions
+            elif len(shape) > bd and isinstance(shape[bd], int) and shape[bd] == 1:
+                call.batch_free = "one"           # (1, T) ids: one example, or broadcast
         self.calls.append(call)
         if self._replace is not None:
             return self._replace(call)
@@ -279,14 +414,30 @@ class Capture:
                   loss_scale: Any = None) -> Gradients:
         """Gradients of ``loss`` for every captured layer (one backward pass, no ``.grad`` written).
 
-        With ``loss=None`` (PyTorch), returns what the user's own ``loss.backward()`` produced.
-        ``loss_reduction``: "sum" or "mean", how the loss combines the examples (only
-        ``per_example()`` depends on it). ``sources``: extra variables whose gradients come
-        back in ``.sources`` (same order). ``retain_graph``: keep the graph for another backward.
-        ``loss_scale``: the factor a mixed-precision loss was multiplied by (e.g. a Keras
-        ``LossScaleOptimizer``'s ``dynamic_scale``, or ``torch.amp.GradScaler.get_scale()``):
-        embgrad's results are divided by it in float32; ``sources`` stay scaled, as the
-        loss-scale optimizer's own ``apply`` expects them.
+        Args:
+            loss: a scalar framework tensor computed from the forward run inside the block.
+                With ``loss=None`` (PyTorch), returns what the user's own ``loss.backward()``
+                produced.
+            loss_reduction: "sum" (default) or "mean": how the loss combines the examples'
+                terms. Only ``per_example()`` depends on it (see
+                :meth:`LayerGradients.per_example`); embgrad cannot detect it from the loss, and
+                the default differs from Opacus's (``loss_reduction="mean"``).
+            sources: extra variables whose gradients come back in ``.sources`` (same order).
+            retain_graph: keep the graph for another backward (also needed to call
+                ``gradients(loss)`` a second time on the same capture in PyTorch).
+            loss_scale: the factor a mixed-precision loss was multiplied by (e.g. a Keras
+                ``LossScaleOptimizer``'s ``dynamic_scale``, or ``torch.amp.GradScaler.get_scale()``):
+                embgrad's results are divided by it in float32; ``sources`` stay scaled, as the
+                loss-scale optimizer's own ``apply`` expects them.
+
+        Returns:
+            :class:`Gradients`, layer name -> :class:`LayerGradients`.
+
+        Raises:
+            EmbgradError: no forward ran in the block, it ran without gradients, the loss does
+                not depend on any recorded lookup (e.g. it came from a forward run before the
+                block), ``gradients(loss)`` was already called without ``retain_graph=True``,
+                or the gradient holds NaN/Inf.
         """
         if loss_reduction not in _REDUCTIONS:
             raise EmbgradError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}.")
@@ -298,7 +449,7 @@ class Capture:
             raise EmbgradError(
                 f"no lookup of the captured layers ({names}) was recorded: run the forward pass inside "
                 "the `with embgrad.capture(...)` block (calls after the block are not recorded), and "
-                "check that the model actually uses these layers for its inputs.")
+                "check that the model actually uses these layers for its inputs." + self._compiled_hint())
         if not all(c.grad_enabled for c in self.calls):
             hint = getattr(self._backend, "no_grad_hint", "torch.no_grad() / inference mode")
             raise EmbgradError(
@@ -306,11 +457,27 @@ class Capture:
                 f"layers {names} produced no graph to differentiate. Run the forward inside capture "
                 "with gradient recording on.")
         tap = self._tap or getattr(self, "_tap_done", None)
-        assert tap is not None   # self._used: __enter__ installed one
+        assert tap is not None
+        b = self._backend
         src = None
         if loss is not None:
-            loss = self._backend.scalar_loss(loss)
-            grads, src = tap.grad(loss, self.calls, sources, retain_graph)
+            if self._graph_freed and getattr(tap, "single_use", False):
+                raise EmbgradError(
+                    "gradients(loss) was already called on this capture without retain_graph=True, "
+                    "and that backward pass freed the graph. Keep the first result, pass "
+                    "retain_graph=True to the first call, or run the forward again in a new capture.")
+            loss = b.scalar_loss(loss)
+            raw, src = tap.grad(loss, self.calls, sources, retain_graph)
+            if raw and all(g is None for g in raw):
+                raise EmbgradError(
+                    f"the loss does not depend on any lookup recorded in this capture (layers "
+                    f"{names}): it was computed from a forward run outside the `with` block (e.g. "
+                    "before it), or from outputs that do not use these layers. Compute the loss from "
+                    "the forward run inside the block.")
+            grads = [b.zeros(b.shape(c.output), _float_name(b, c.output), c.output) if g is None else g
+                     for c, g in zip(self.calls, raw)]
+            if not retain_graph:
+                self._graph_freed = True
         else:
             if sources is not None:
                 raise EmbgradError("sources= needs the loss: cap.gradients(loss, sources=[...]).")
@@ -320,36 +487,236 @@ class Capture:
                     f"no backward pass has reached layers {sorted(set(missing))}: pass the loss, "
                     "cap.gradients(loss), or call loss.backward() before cap.gradients().")
             grads = [c.grad for c in self.calls]
-        b = self._backend
         inv_scale = None if loss_scale is None else 1.0 / _positive_scale(b, loss_scale)
-        by_layer: dict[str, tuple[list, list]] = {i.name: ([], []) for i in self.layers}
-        for call, g in zip(self.calls, grads, strict=True):
+        by_layer: dict[str, tuple[list, list, list]] = {i.name: ([], [], []) for i in self.layers}
+        token_grads = []
+        for n, (call, g) in enumerate(zip(self.calls, grads)):
             bad = b.count_nonfinite(g)
             if bad:
                 raise EmbgradError(
                     f"layer {call.info.name!r}: the gradient of its output holds {bad} NaN/Inf values "
-                    f"(of {int(__import__('math').prod(b.shape(g)))}). " + (
+                    f"(of {int(math.prod(b.shape(g)))}). " + (
                         "The scaled loss overflowed: skip this step, as the loss-scale optimizer "
                         "does (it lowers its scale for the next one)." if inv_scale is not None else
                         "The loss or the model diverged (check the learning rate, or an unscaled "
                         "float16 loss)."))
             if inv_scale is not None:
                 g = b.cast(g, "float64" if b.dtype_name(g) == "float64" else "float32") * inv_scale
+                call.view_grads = [b.cast(v, "float64" if b.dtype_name(v) == "float64" else "float32")
+                                   * inv_scale for v in call.view_grads if v is not None]
             call.grad = g
             tg = call.token_grad(g) if call.token_grad is not None else g
+            token_grads.append(tg)
             by_layer[call.info.name][0].append((call.ids, tg))
             by_layer[call.info.name][1].append(call.valid)
+            by_layer[call.info.name][2].append(n)
+        examples = self._examples(token_grads)
         result = {}
         for info in self.layers:
-            calls, valid = by_layer[info.name]
+            calls, valid, index = by_layer[info.name]
             if calls:
-                result[info.name] = LayerGradients(info, calls, valid, b, loss_reduction, self._coupling)
+                result[info.name] = LayerGradients(info, calls, valid, b, loss_reduction, self._coupling,
+                                                   examples, index)
         return Gradients(result, src)
+
+    def _compiled_hint(self) -> str:
+        hint = getattr(self._backend, "compiled_hint", None)
+        return hint(self.model) if hint is not None else ""
+
+    # ------------------------------------------------------------------ examples
+    def _examples(self, token_grads: list[Any]) -> _Examples:
+        """Which examples every call looked up (see :class:`_Examples`)."""
+        b = self._backend
+        layouts: list[Any] = []
+        problems: list[str | None] = []
+        sizes: list[Any] = []                 # the call's batch size
+        strong: list[bool] = []               # the size is certain (not a batch-free guess)
+        for call, tg in zip(self.calls, token_grads):
+            layout, size, sure, problem = self._layout(call, tg)
+            layouts.append(layout)
+            sizes.append(size)
+            strong.append(sure)
+            problems.append(problem)
+        if any(not isinstance(s, int) for s in sizes):
+            return self._traced_examples(layouts, problems, sizes)
+        global_problem = self._sequence_first_problem()
+        n_fwd = max(len(self._fwd_hints), 1 + max((c.forward for c in self.calls), default=0))
+        hints = self._fwd_hints + [None] * (n_fwd - len(self._fwd_hints))
+        fwd_size: list[int | None] = []
+        fwd_problem: list[str | None] = []
+        for f in range(n_fwd):
+            mine = [k for k, c in enumerate(self.calls) if c.forward == f]
+            sure = {sizes[k] for k in mine if strong[k]}
+            guesses = {sizes[k] for k in mine if not strong[k] and problems[k] is None}
+            size, problem = None, None
+            if len(sure) > 1:
+                by = {}
+                for k in mine:
+                    if strong[k]:
+                        by.setdefault(self.calls[k].info.name, []).append(sizes[k])
+                problem = (f"the lookups of one forward have different batch sizes ({by}); per-example "
+                           "gradients need every call of a forward to look up the same examples (one "
+                           "row of ids per example). If these calls are separate batches, run them as "
+                           "separate forwards of the model (each its own examples).")
+            elif sure:
+                size = sure.pop()
+            elif hints[f] is not None:
+                size = hints[f]
+            elif len(guesses) == 1:
+                size = next(iter(guesses))
+            elif guesses:
+                problem = (f"cannot tell the batch size of a forward: its lookups have ids without a "
+                           f"batch dimension of sizes {sorted(guesses)}. Pass ids with the batch "
+                           "dimension (e.g. position_ids.expand(batch_size, -1)).")
+            fwd_size.append(size)
+            fwd_problem.append(problem)
+            for k in mine:
+                if problems[k] is None and problem is not None:
+                    problems[k] = problem
+                elif problems[k] is None and not strong[k] and size is not None and sizes[k] != size:
+                    call = self.calls[k]
+                    shape = b.shape(call.ids)
+                    problems[k] = (
+                        f"its ids of shape {shape} carry no batch dimension (batch size "
+                        f"{'1' if call.batch_free == 'one' else 'absent'}) while the forward's batch has "
+                        f"{size} examples, and embgrad saw no operation broadcasting its output over "
+                        "that batch (it sees elementwise +, -, *, / on the output itself, after "
+                        "copies and casts). Its per-example gradients are unknown: pass ids with the "
+                        f"batch dimension, e.g. ids.expand({size}, -1) for position ids.")
+        # examples of each forward: numbered one after the other, or shared
+        offsets: list[int] = []
+        if self.forwards == "same_examples":
+            known = {s for s in fwd_size if s is not None}
+            total = known.pop() if len(known) == 1 else 0
+            if len(known) > 0:
+                all_sizes = [s for s in fwd_size]
+                for k in range(len(problems)):
+                    if problems[k] is None:
+                        problems[k] = (f"forwards='same_examples', but the forwards have different "
+                                       f"batch sizes {all_sizes}; each must look up the same examples.")
+            offsets = [0] * n_fwd
+        else:
+            total = 0
+            for s in fwd_size:
+                offsets.append(total)
+                total += s or 0
+        for k, call in enumerate(self.calls):
+            if layouts[k] is not None:
+                ids, g, valid = layouts[k]
+                layouts[k] = (ids, g, valid, offsets[call.forward])
+            if global_problem is not None and problems[k] is None:
+                problems[k] = global_problem
+        warning = None
+        if self.forwards == "distinct":
+            warning = self._ambiguity_warning()
+        return _Examples(layouts, problems, total, warning)
+
+    def _ambiguity_warning(self) -> str | None:
+        """A warning when a layer was called several times where embgrad cannot see forwards."""
+        counts: dict[tuple[str, int], int] = {}
+        for c in self.calls:
+            if c.forward in self._loose_fwds:
+                counts[(c.info.name, c.forward)] = counts.get((c.info.name, c.forward), 0) + 1
+        repeated = sorted({name for (name, _), n in counts.items() if n > 1})
+        if not repeated:
+            return None
+        where = ("this backend does not show where a forward begins and ends" if not self._boundaries
+                 else "they ran outside any forward of the captured model")
+        return (f"layer {{layer}}: layers {repeated} were called several times and {where}; embgrad "
+                "assumed that those calls look up the SAME examples (like the two inputs of a siamese "
+                "model in one forward). If they are different batches, run each inside the model's "
+                "forward or in its own `with embgrad.capture(...)` block.")
+
+    def _sequence_first_problem(self) -> str | None:
+        if self.batch_dim is not None:
+            return None
+        seq = self._backend.sequence_first_layers(self.model)
+        if not seq or not any(len(self._backend.shape(c.ids)) >= 2 and c.info.kind == "embedding"
+                              for c in self.calls):
+            return None
+        return (f"the model has layers that read their input sequence-first by default ({', '.join(seq)}: "
+                "batch_first=False), so its ids may be (T, B) and dimension 0 is not surely the batch. "
+                "Say which dimension of the ids indexes the examples: embgrad.capture(model, "
+                "batch_dim=1) for (T, B) ids, batch_dim=0 for (B, T).")
+
+    def _layout(self, call: Call, tg: Any) -> tuple[Any, Any, bool, str | None]:
+        """One call's per-example layout ``(ids, grads, valid)`` (batch first), its batch size,
+        whether that size is certain, and the problem if it has no per-example meaning."""
+        b = self._backend
+        ids, valid = call.ids, call.valid
+        shape = b.shape(ids)
+        bd = call.batch_dim if call.info.kind == "embedding" else 0
+        if call.batch_free is not None and call.views:
+            return self._broadcast_layout(call, tg)
+        if len(shape) == 0:
+            return None, 0, False, "0-d ids have no examples' dimension."
+        if len(shape) <= bd:
+            bd = 0
+        if bd:
+            ids, tg = b.moveaxis(ids, bd, 0), b.moveaxis(tg, bd, 0)
+            valid = b.moveaxis(valid, bd, 0) if valid is not None else None
+        sure = call.batch_free is None
+        return (ids, tg, valid), shape[bd], sure, None
+
+    def _broadcast_layout(self, call: Call, tg: Any) -> tuple[Any, Any, bool, str | None]:
+        """The layout of a lookup whose output the tap gave per-example views of."""
+        b = self._backend
+        vshapes = {tuple(b.shape(v)) for v in call.views}
+        if len(vshapes) != 1:
+            return None, -1, True, (f"its output (ids of shape {b.shape(call.ids)}, no batch "
+                                    f"dimension) was broadcast against batches of different shapes "
+                                    f"{sorted(vshapes)} in one forward.")
+        vshape = vshapes.pop()
+        vg = [g for g in call.view_grads if g is not None]
+        G = vg[0] if len(vg) == 1 else functools.reduce(lambda x, y: x + y, vg) if vg else \
+            b.zeros(vshape, _float_name(b, tg), tg)
+        bd = 0 if call.batch_free == "absent" else call.batch_dim
+        B = vshape[bd]
+        if call.other_use:
+            # the output was also used where no per-example view could be made: only safe if
+            # that use got no gradient (the views' gradients add up to the output's)
+            summed = b.reshape(b.sum(G, bd), b.shape(tg))
+            gap = b.max_abs(summed - tg)
+            scale = max(b.max_abs(tg), b.max_abs(summed), 1e-30)
+            if gap > 1e-4 * scale:
+                return None, B, True, (
+                    f"its output (ids of shape {b.shape(call.ids)}, no batch dimension) was broadcast "
+                    "over the batch and ALSO used in another way whose gradient embgrad cannot split "
+                    f"by example (part of the gradient, relative size {gap / scale:.3g}). Pass ids "
+                    f"with the batch dimension, e.g. ids.expand({B}, -1) for position ids.")
+        ids = call.ids
+        if call.batch_free == "absent":
+            ids = b.broadcast_to(b.reshape(ids, (1, *b.shape(ids))), vshape[:-1])
+        else:
+            ids = b.moveaxis(b.broadcast_to(ids, vshape[:-1]), bd, 0)
+            G = b.moveaxis(G, bd, 0)
+        return (ids, G, None), B, True, None
+
+    def _traced_examples(self, layouts: list[Any], problems: list[str | None], sizes: list[Any]) -> _Examples:
+        """Batch sizes known only when a traced function runs (tf.function): every call must look
+        up the same examples, checked by a run-time assertion."""
+        b = self._backend
+        B = sizes[0]
+        for k, s in enumerate(sizes[1:], 1):
+            if isinstance(s, int) and isinstance(B, int):
+                continue
+            b.assert_in_range(b.reshape(s - B, (1,)), 1,
+                              f"embgrad: layer {self.calls[k].info.name!r} was called "
+                              f"{len(self.calls)} times with different batch sizes; per-example "
+                              "gradients need every call to look up the same examples (one row of "
+                              "ids per example).")
+        layouts = [(lay[0], lay[1], lay[2], 0) if lay is not None else None for lay in layouts]
+        return _Examples(layouts, problems, B)
 
     def __repr__(self) -> str:
         state = "active" if self._tap is not None else ("done" if self._used else "not entered")
         return (f"Capture({type(self.model).__name__}, layers=[{', '.join(i.name for i in self.layers)}], "
                 f"calls={len(self.calls)}, {state})")
+
+
+def _float_name(b: Backend, x: Any) -> str:
+    name = b.dtype_name(x)
+    return name if name in ("float16", "bfloat16", "float32", "float64") else "float32"
 
 
 def _positive_scale(b: Backend, scale: Any) -> float:
@@ -361,10 +728,36 @@ def _positive_scale(b: Backend, scale: Any) -> float:
     return s
 
 
-def capture(model: Any, layers: Any = None) -> Capture:
+def capture(model: Any, layers: Any = None, *, batch_dim: int | None = None,
+            forwards: str = "distinct") -> Capture:
     """Record every lookup of ``model``'s embedding layers inside a ``with`` block.
 
-    ``layers``: None (every embedding layer), a name, a list of names, or layer objects.
+    Args:
+        model: a ``torch.nn.Module``, Keras model/layer, tf-keras model/layer or Gluon Block.
+        layers: None (every embedding layer), a name, a list of names, or layer objects.
+        batch_dim: the dimension of the ids that indexes the examples: 0 for (B, T) ids (the
+            default), 1 for sequence-first (T, B) ids (``batch_first=False``, the default of
+            ``nn.LSTM``, ``nn.GRU``, ``nn.Transformer``). Left as None with such a layer in
+            the model, ``per_example()`` refuses rather than guess.
+        forwards: what several forwards of the model inside one block mean for
+            ``per_example()``: "distinct" (default): each forward looks up its own examples
+            (gradient accumulation, or one model run on two batches: B1 + B2 examples);
+            "same_examples": every forward looks up the same B examples (a siamese model's
+            towers run as separate forwards). Several calls of a layer inside ONE forward
+            always look up the same examples (siamese inputs, an encoder and a decoder sharing
+            a table).
+
+    Lookups broadcast over the batch (position ids of shape (1, T) or (T,), as in every
+    Hugging Face model) get exact per-example gradients: where such an output meets a batched
+    tensor in an elementwise operation, the operation gets a per-example view of it (PyTorch);
+    the batch size comes from that operation and the other lookups and inputs of the same
+    forward. Where it cannot be known, ``per_example()`` raises an EmbgradError saying how to
+    pass the ids with their batch dimension (never a batch of 1).
+
     The model is never modified: hooks/patches are removed on exit, also on error.
+
+    Raises:
+        EmbgradError: no embedding layer found, an unknown layer name, a bad ``batch_dim`` or
+            ``forwards``.
     """
-    return Capture(model, layers)
+    return Capture(model, layers, batch_dim=batch_dim, forwards=forwards)

@@ -60,6 +60,21 @@ class Call:
     backend differentiates against). ``token_grad``: turns dLoss/d(output) into
     dLoss/d(looked-up vectors), (B, T, D); identity for plain embeddings.
     ``grad``: dLoss/d(output) once a backward pass produced it.
+
+    Lookups broadcast over the batch (a position embedding looked up with ids of batch size 1,
+    or without a batch dimension, and added to a (B, T, D) tensor): the tap sets
+    ``batch_free`` ("one": the ids' batch dimension has size 1; "absent": 1-D ids with no batch
+    dimension) and, wherever it sees the output combined with a batched tensor, gives that
+    operation a per-example view of the output instead ((B, ...) broadcast of it) and appends
+    it to ``views``. After the backward pass ``view_grads[k]`` holds dLoss/d(views[k]), whose
+    sum over the batch is the part of ``grad`` that went through the views. ``other_use``: the
+    output was also used where no view could be made (its gradient there has no per-example
+    split; the core checks whether it is zero). The core turns these into per-example
+    gradients with the batch size taken from the views, the other calls of the same forward and
+    the forward's inputs (``Capture``), and refuses where the batch size cannot be known.
+    ``forward``: which forward of the capture the call belongs to, ``batch_dim``: the ids'
+    dimension that indexes the examples (both set by the core in ``on_call``, before the tap
+    reads ``batch_free``).
     """
 
     info: EmbeddingInfo
@@ -70,10 +85,20 @@ class Call:
     grad: Any = None
     grad_enabled: bool = True
     meta: dict = field(default_factory=dict)
+    batch_free: str | None = None
+    views: list = field(default_factory=list)
+    view_grads: list = field(default_factory=list)
+    other_use: bool = False
+    forward: int = 0
+    batch_dim: int = 0
 
 
 class Tap:
     """A reversible tap on some embedding layers, returned by :meth:`Backend.install_tap`."""
+
+    #: True when one backward pass frees the graph (PyTorch, MXNet without retain_graph): a
+    #: second ``gradients(loss)`` on the same capture is then refused with an EmbgradError.
+    single_use: bool = False
 
     def remove(self) -> None:
         """Remove every hook / patch installed; idempotent; never raises on a clean model."""
@@ -83,7 +108,10 @@ class Tap:
              retain_graph: bool = False) -> tuple[list[Any], list[Any] | None]:
         """dLoss/d(call.output) for each call, and dLoss/d(source) for each source.
 
-        Never writes any parameter's accumulated gradient.
+        Never writes any parameter's accumulated gradient. A call whose output the loss does
+        not depend on may get None (the core then uses zeros, and refuses when no call is
+        reached at all: a loss from a forward run outside the capture). Calls with ``views``
+        get their ``view_grads`` set.
         """
         raise NotImplementedError
 
@@ -115,6 +143,26 @@ class Backend:
         """Record every call of the given layers. ``on_call(call)`` may return a tensor that
         replaces the layer's output (same shape), or None to keep it."""
         raise NotImplementedError
+
+    def install_forward_tap(self, model: Any, on_start: Callable[[Any], None],
+                            on_end: Callable[[], None]) -> Tap | None:
+        """Tell the core where each forward of ``model`` starts and ends: ``on_start(shape)``
+        when the model's outermost call begins (``shape``: the shape of its first input tensor,
+        or None), ``on_end()`` when it returns or raises.
+        None when the backend cannot see forwards (the core then treats every call as one
+        forward and warns where that assumption matters)."""
+        return None
+
+    def sequence_first_layers(self, model: Any) -> list[str]:
+        """Names of layers that read their input sequence-first (time, batch, ...) by default
+        (nn.LSTM/GRU/RNN/Transformer with batch_first=False): ids fed to such a model may be
+        (T, B), so the core asks for ``batch_dim=`` instead of assuming dimension 0."""
+        return []
+
+    def in_backward(self) -> bool:
+        """True while the framework runs a backward pass (a gradient-checkpointing
+        recomputation calls the layers again there: not new lookups)."""
+        return False
 
     def coupling_layers(self, model: Any) -> list[str]:
         """Names of layers that couple examples of a batch (e.g. BatchNorm in training)."""
@@ -149,6 +197,19 @@ class Backend:
 
     def reshape(self, x: Any, shape: Sequence[int]) -> Any:
         raise NotImplementedError
+
+    def moveaxis(self, x: Any, source: int, destination: int) -> Any:
+        """``x`` with axis ``source`` moved to ``destination`` (NumPy's moveaxis)."""
+        raise NotImplementedError
+
+    def broadcast_to(self, x: Any, shape: Sequence[int]) -> Any:
+        """``x`` broadcast to ``shape`` (NumPy rules; a view where the framework has one)."""
+        raise NotImplementedError
+
+    def max_abs(self, x: Any) -> float:
+        """max |x| as a Python float (0.0 for an empty tensor)."""
+        a = self.to_numpy(x)
+        return float(np.abs(a).max()) if a.size else 0.0
 
     def arange(self, n: int, like: Any) -> Any:
         """int64 (n,) on the device of ``like``."""

@@ -425,6 +425,14 @@ class GluonBackend(Backend):
         with _np_shape():
             return _as_np(x).reshape(tuple(shape))
 
+    def moveaxis(self, x, source, destination):
+        with _np_shape():
+            return _mnp.moveaxis(_as_np(x), source, destination)
+
+    def broadcast_to(self, x, shape):
+        with _np_shape():
+            return _mnp.broadcast_to(_as_np(x), tuple(shape))
+
     def arange(self, n, like):
         return _mnp.arange(n, dtype="int64", ctx=_ctx(like))
 

@@ -224,6 +224,12 @@ class TensorFlowBackend(Backend):
     def reshape(self, x, shape):
         return tf.reshape(x, shape)
 
+    def moveaxis(self, x, source, destination):
+        return tf.experimental.numpy.moveaxis(x, source, destination)
+
+    def broadcast_to(self, x, shape):
+        return tf.broadcast_to(x, shape)
+
     def arange(self, n, like):
         return tf.range(tf.cast(n, tf.int64), dtype=tf.int64)
 

@@ -10,12 +10,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from .._weak import WeakIdSet
 from ..errors import EmbgradError
 from .base import Backend, Call, EmbeddingInfo, Tap
 
 __all__ = ["TorchBackend"]
+
+
+def _in_backward() -> bool:
+    """True inside a backward pass (where checkpointing recomputes forwards)."""
+    return torch._C._current_graph_task_id() != -1
 
 _BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
 _warned_max_norm = WeakIdSet()   # layers warned about max_norm (once each)
@@ -60,15 +66,155 @@ class _Handles:
 
 
 class _TorchTap(_Handles, Tap):
+    single_use = True
+
     def grad(self, loss, calls, sources=None, retain_graph=False):
-        outputs = [c.output for c in calls]
-        inputs = outputs + list(sources or [])
-        if not any(getattr(t, "requires_grad", False) for t in inputs):
+        # differentiate against the gradient edge recorded at lookup time, not the output
+        # tensor: an in-place op on the output (`e *= 2`, relu_, Dropout(inplace=True)) moves
+        # the tensor's history, the edge keeps the looked-up vectors' own gradient
+        outputs = [c.meta.get("edge", c.output) for c in calls]
+        views = [v for c in calls for v in c.views]
+        inputs = outputs + views + list(sources or [])
+        if not any(getattr(c.output, "requires_grad", False) for c in calls):
             raise EmbgradError("nothing to differentiate: no recorded embedding output requires grad.")
         grads = torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
-        out = [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads[:len(outputs)], strict=True)]
-        src = list(grads[len(outputs):]) if sources is not None else None
-        return out, src
+        n = len(outputs)
+        k = n
+        for c in calls:
+            c.view_grads = [torch.zeros_like(v) if g is None else g
+                            for v, g in zip(c.views, grads[k:k + len(c.views)], strict=True)]
+            k += len(c.views)
+        src = list(grads[k:]) if sources is not None else None
+        return list(grads[:n]), src
+
+
+# operations that broadcast their tensor operands elementwise: where a broadcast lookup output
+# meets a batched tensor in one of them, it is replaced by a per-example (B, ...) view
+_BROADCASTING = frozenset({
+    "add", "sub", "mul", "div", "true_divide", "subtract", "multiply", "divide", "rsub",
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+    "__rtruediv__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+    "add_", "sub_", "mul_", "div_"})
+# operations with a target shape: ``expand_as(batched)`` broadcasts too
+_EXPANDING = frozenset({"expand_as", "expand", "broadcast_to"})
+# deterministic operations that keep the lookup's shape and treat its positions alike
+# (a copy, cast or device move; arithmetic with unbatched operands): replayed on the
+# per-example view when the result meets the batch
+_REPLAYABLE = frozenset({"to", "contiguous", "clone", "float", "double", "half", "bfloat16",
+                         "type_as", "cuda", "cpu", "neg", "__neg__"}) | _BROADCASTING
+# reading metadata is no use of the values
+_HARMLESS = frozenset({"__get__", "size", "dim", "numel", "stride", "is_contiguous",
+                       "__len__", "__format__", "__repr__", "register_hook", "data_ptr",
+                       "element_size", "nelement", "storage_offset", "requires_grad_",
+                       "__bool__", "is_floating_point", "get_device", "__hash__", "__eq__"})
+
+
+def _in_place(name: str) -> bool:
+    return name.startswith("__i") or (name.endswith("_") and not name.startswith("__"))
+
+
+class _BroadcastLookup(torch.Tensor):
+    """The output of a lookup whose ids carry no batch (batch size 1, or no batch dimension),
+    as the model sees it: a plain alias of the output, except that where an elementwise
+    operation broadcasts it against a batched tensor, the operation gets a per-example (B, ...)
+    view of the lookup (``Call.views``) instead, so that backward keeps each example's gradient
+    apart. Deterministic shape-keeping operations before that (casts, copies, arithmetic with
+    unbatched operands) return another such tensor with a recipe that replays them on the view.
+    Every other operation gets the plain output and returns plain tensors; such uses are marked
+    (``Call.other_use``) for the core to check."""
+
+    _embgrad_call: Any
+    _embgrad_bdim: int | None
+    _embgrad_root: torch.Tensor
+    _embgrad_recipe: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        flat = list(args) + list(kwargs.values())
+        mine = [a for a in flat if isinstance(a, _BroadcastLookup)]
+        with torch._C.DisableTorchFunctionSubclass():
+            def plain(a):
+                return a.as_subclass(torch.Tensor) if isinstance(a, _BroadcastLookup) else a
+
+            target = None
+            if name in _EXPANDING and args and args[0] is mine[0]:
+                rest = args[1:]
+                if name == "expand_as" and rest and isinstance(rest[0], torch.Tensor):
+                    target = tuple(rest[0].shape)
+                elif name == "broadcast_to" and rest:
+                    target = tuple(rest[0])
+            elif name in _BROADCASTING and not (_in_place(name) and isinstance(args[0], _BroadcastLookup)):
+                try:
+                    target = tuple(torch.broadcast_shapes(
+                        *[tuple(a.shape) for a in flat if isinstance(a, torch.Tensor)]))
+                except RuntimeError:
+                    target = None
+            if target is not None:
+                batched = [cls._batched(m, target) for m in mine]
+                if all(v is not None for v in batched):
+                    if name in _EXPANDING:
+                        return batched[0].expand(target)
+                    swap = dict(zip(map(id, mine), batched))
+                    new_args = [swap.get(id(a), a) for a in args]
+                    new_kwargs = {k: swap.get(id(v), v) for k, v in kwargs.items()}
+                    return func(*new_args, **new_kwargs)
+            out = func(*[plain(a) for a in args], **{k: plain(v) for k, v in kwargs.items()})
+            calls = {id(m._embgrad_call): m for m in mine}
+            if name in _REPLAYABLE and len(calls) == 1 and not (_in_place(name) and args[0] is mine[0]) \
+                    and isinstance(out, torch.Tensor) and out.shape == mine[0].shape:
+                # the result still has no batch: replay the op on the per-example view later
+                def recipe(view, func=func, args=args, kwargs=kwargs, mine=mine):
+                    swap = {id(m): m._embgrad_recipe(view) for m in mine}
+                    return func(*[swap.get(id(a), a) for a in args],
+                                **{k: swap.get(id(v), v) for k, v in kwargs.items()})
+                m = mine[0]
+                return _wrap_broadcast(out, m._embgrad_call, m._embgrad_bdim, m._embgrad_root, recipe)
+            if name not in _HARMLESS:
+                for m in mine:
+                    call = m._embgrad_call()
+                    if call is not None:
+                        call.other_use = True
+            return out
+
+    @staticmethod
+    def _batched(p: "_BroadcastLookup", full: tuple) -> torch.Tensor | None:
+        """``p`` computed from a per-example view of its lookup for a broadcast to ``full``,
+        or None when ``full`` adds no batch to it."""
+        call, bd = p._embgrad_call(), p._embgrad_bdim
+        if call is None:
+            return None
+        root = p._embgrad_root
+        if bd is None and len(full) == p.dim() + 1:          # no batch dim: (N, D) vs (B, N, D)
+            view = root.expand(full[0], *root.shape)
+        elif bd is not None and len(full) == p.dim() and full[bd] > 1:  # (1, T, D) vs (B, T, D)
+            view = root.expand(*[full[bd] if i == bd else -1 for i in range(root.dim())])
+        else:
+            return None
+        call.views.append(view)
+        call.view_grads.append(None)
+        ref, k = weakref.ref(call), len(call.views) - 1
+
+        def store(g, ref=ref, k=k):
+            c = ref()
+            if c is not None:
+                c.view_grads[k] = g
+        view.register_hook(store)
+        return p._embgrad_recipe(view)
+
+
+def _wrap_broadcast(out: torch.Tensor, call_ref: Any, bdim: int | None, root: torch.Tensor | None = None,
+                    recipe: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    with torch._C.DisableTorchFunctionSubclass():
+        p = out.as_subclass(_BroadcastLookup)
+        if root is None:
+            root = out.as_subclass(torch.Tensor) if isinstance(out, _BroadcastLookup) else out.view_as(out)
+    p._embgrad_call = call_ref
+    p._embgrad_bdim = bdim
+    p._embgrad_root = root
+    p._embgrad_recipe = recipe if recipe is not None else (lambda view: view)
+    return p
 
 
 class TorchBackend(Backend):
@@ -117,6 +263,39 @@ class TorchBackend(Backend):
                 frozen=not w.requires_grad, weight=w, options=options)
         return infos
 
+    def install_forward_tap(self, model, on_start, on_end):
+        def pre(mod, args, kwargs):
+            if not _in_backward():
+                first = next((x for x in list(args) + list(kwargs.values()) if isinstance(x, torch.Tensor)),
+                             None)
+                on_start(tuple(first.shape) if first is not None else None)
+            return None
+
+        def post(mod, args, kwargs, output):
+            if not _in_backward():
+                on_end()
+            return None
+
+        return _Handles([model.register_forward_pre_hook(pre, with_kwargs=True),
+                         model.register_forward_hook(post, with_kwargs=True, always_call=True)])
+
+    def sequence_first_layers(self, model):
+        seq_types = (nn.RNNBase, nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                     nn.MultiheadAttention)
+        return [name or type(m).__name__ for name, m in model.named_modules()
+                if isinstance(m, seq_types) and not getattr(m, "batch_first", False)]
+
+    def in_backward(self):
+        return _in_backward()
+
+    def compiled_hint(self, model):
+        if hasattr(model, "_orig_mod") or type(model).__name__ == "OptimizedModule":
+            return (" The model is a torch.compile'd module (torch.compile): its compiled graph does "
+                    "not run the hooks embgrad adds after compilation, so the lookups inside it are "
+                    "invisible. Capture and run the original module inside the block: "
+                    "`with embgrad.capture(model._orig_mod) as cap: loss = model._orig_mod(x)...`.")
+        return ""
+
     def install_tap(self, model, infos, on_call):
         handles = []
         try:
@@ -145,6 +324,11 @@ class TorchBackend(Backend):
 
     def _post_hook(self, info: EmbeddingInfo, on_call: Callable[[Call], Any]) -> Callable[..., Any]:
         def hook(mod, args, kwargs, output):
+            if _in_backward():
+                # a gradient-checkpointing recomputation (torch.utils.checkpoint, Hugging Face
+                # gradient_checkpointing_enable()) re-runs the lookup inside backward: the lookup
+                # was recorded in the forward already
+                return None
             ids = args[0] if args else kwargs.get("input")
             grad_enabled = torch.is_grad_enabled()
             out = output
@@ -156,6 +340,10 @@ class TorchBackend(Backend):
             else:
                 call = Call(info=info, ids=ids, output=out, grad_enabled=grad_enabled)
             if grad_enabled:
+                if out.grad_fn is not None:
+                    # the looked-up vectors' own gradient even if the output is then changed
+                    # in place (e *= 2, relu_, Dropout(inplace=True))
+                    call.meta["edge"] = get_gradient_edge(out)
                 # a weak reference: a strong one would make an output -> hook -> call -> output
                 # cycle through the C++ graph that Python's GC cannot see (every capture leaked
                 # its (B, T, D) outputs and graph)
@@ -169,6 +357,11 @@ class TorchBackend(Backend):
             replaced = on_call(call)
             if replaced is not None:
                 return replaced
+            if call.batch_free is not None and grad_enabled:
+                # ids without a batch: the output may be broadcast over the batch; give each
+                # broadcast a per-example view (see _BroadcastLookup)
+                bdim = None if call.batch_free == "absent" else call.batch_dim
+                return _wrap_broadcast(out, weakref.ref(call), bdim)
             return out if out is not output else None
         return hook
 
@@ -275,6 +468,15 @@ class TorchBackend(Backend):
 
     def reshape(self, x, shape):
         return x.reshape(tuple(shape))
+
+    def moveaxis(self, x, source, destination):
+        return torch.movedim(x, source, destination)
+
+    def broadcast_to(self, x, shape):
+        return x.expand(tuple(shape))
+
+    def max_abs(self, x):
+        return float(x.detach().abs().max()) if x.numel() else 0.0
 
     def arange(self, n, like):
         return torch.arange(n, device=like.device, dtype=torch.int64)
