@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.utils.checkpoint
@@ -211,3 +212,48 @@ def test_zero_d_ids_refused_clearly():
     with pytest.raises(EmbgradError, match="0-d ids"):
         with embgrad.capture(emb):
             emb(torch.tensor(3))
+
+
+# ---------------------------------------------------------------- item 9: attribution corners
+class Clf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, 4)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.emb(x)).mean(1))
+
+
+@pytest.mark.parametrize("method", ["saliency", "grad_x_input", "integrated_gradients", "smoothgrad"])
+def test_attribute_inside_no_grad_equals_outside(method):
+    torch.manual_seed(7)
+    model = Clf().eval()
+    x = _ids(2, T=4)
+    kw = {"steps": 8} if method in ("integrated_gradients", "smoothgrad") else {}
+    if method == "smoothgrad":
+        kw["seed"] = 0
+    ref = embgrad.attribute(model, x, 1, method=method, **kw)
+    with torch.no_grad():
+        got = embgrad.attribute(model, x, 1, method=method, **kw)
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-5, atol=1e-7)
+
+
+def test_float_baseline_is_a_constant_vector():
+    torch.manual_seed(8)
+    model = Clf().eval()
+    x = _ids(2, T=4)
+    got = embgrad.attribute(model, x, 0, baseline=0.25, steps=16)
+    e = model.emb(x).detach()
+    ref = embgrad.attribute(model, x, 0, baseline=torch.full_like(e, 0.25), steps=16)
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-6)
+    with pytest.raises(EmbgradError, match="finite"):
+        embgrad.attribute(model, x, 0, baseline=float("nan"))
+    with pytest.raises(EmbgradError, match="baseline of type"):
+        embgrad.attribute(model, x, 0, baseline=object())
+
+
+def test_hotflip_empty_candidates():
+    model = Clf().eval()
+    with pytest.raises(EmbgradError, match="empty.*candidates=None"):
+        embgrad.hotflip(model, _ids(1, T=3), 0, candidates=[])

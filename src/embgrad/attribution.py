@@ -771,6 +771,8 @@ def _baseline(eng: _Engine, baseline: Any, obs: dict, pad_id: int | None) -> tup
         return b.zeros(b.shape(e), b.dtype_name(e), e), "zeros"
     if isinstance(baseline, (float, np.floating)) and not isinstance(baseline, bool):
         # a constant vector: every coordinate of every position equals ``baseline``
+        if not np.isfinite(baseline):
+            raise EmbgradError(f"baseline={baseline!r} must be finite (a constant vector).")
         return b.zeros(b.shape(e), b.dtype_name(e), e) + float(baseline), f"constant {float(baseline):g}"
     if isinstance(baseline, str):
         if baseline != "pad":
@@ -782,6 +784,10 @@ def _baseline(eng: _Engine, baseline: Any, obs: dict, pad_id: int | None) -> tup
         bid, desc = int(baseline), f"id {int(baseline)}"
         base_ids = np.full(b.shape(ids), bid, np.int64)
     else:
+        if not (b.is_appropriate(baseline) or isinstance(baseline, np.ndarray)):
+            raise EmbgradError(
+                f"baseline of type {type(baseline).__name__} is not known; pass None/'zeros', 'pad', an int "
+                "id, a float (a constant vector), or an id tensor shaped like the ids.")
         arr = baseline if isinstance(baseline, np.ndarray) else b.to_numpy(baseline)
         e_shape, ids_shape = tuple(b.shape(e)), tuple(b.shape(ids))
         B = e_shape[0]
@@ -1108,6 +1114,9 @@ def _candidate_ids(candidates: Any, V: int, tokenizer: Any, exclude: set[int]) -
         keep = np.array([bool(candidates(s)) for s in _vocab_strings(tokenizer, V)], dtype=bool)
     else:
         arr = np.asarray(candidates)
+        if arr.size == 0:
+            raise EmbgradError(f"candidates={candidates!r} is empty, so there is no replacement token to "
+                               "try: pass at least one candidate id, or candidates=None for every id.")
         if arr.dtype == bool:
             if arr.shape != (V,):
                 raise EmbgradError(f"a candidates mask must be bool ({V},), got shape {arr.shape}.")

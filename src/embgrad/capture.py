@@ -183,7 +183,7 @@ class LayerGradients:
             T = math.prod(shape[1:])  # lookups per example (ids may have more than 2 dims)
             flat_ids = b.cast(b.reshape(ids, (-1,)), "int64")
             g = b.reshape(og, (-1, self.dim))
-            ex = b.floordiv(b.arange(B * T, flat_ids), T) if T else b.arange(0, flat_ids)
+            ex = b.arange(0, flat_ids) if isinstance(T, int) and T == 0 else b.floordiv(b.arange(B * T, flat_ids), T)
             if not (isinstance(offset, int) and offset == 0):
                 ex = ex + offset
             flat_ids, g, ex = self._clean(flat_ids, g, ex, valid)

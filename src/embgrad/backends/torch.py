@@ -585,6 +585,8 @@ class TorchBackend(Backend):
             watched.append(leaf)
             return leaf
 
+        # gradients on also under the caller's torch.no_grad() (as Captum): the whole pass,
+        # the reductions before each backward included
         with torch.enable_grad():
             y = fn(watch)
         if len(watched) != 1:
@@ -595,11 +597,13 @@ class TorchBackend(Backend):
         y, x = self._watched(fn)
         k_out = int(y.shape[1])
         grads = []
-        for k in range(k_out):
-            g = None
-            if y.requires_grad:
-                (g,) = torch.autograd.grad(y[:, k].sum(), x, retain_graph=k < k_out - 1, allow_unused=True)
-            grads.append(torch.zeros_like(x) if g is None else g)
+        with torch.enable_grad():          # y[:, k].sum() too, under the caller's no_grad()
+            for k in range(k_out):
+                g = None
+                if y.requires_grad:
+                    (g,) = torch.autograd.grad(y[:, k].sum(), x, retain_graph=k < k_out - 1,
+                                               allow_unused=True)
+                grads.append(torch.zeros_like(x) if g is None else g)
         return y.detach(), grads
 
     def value_and_grads_batched(self, fn):
