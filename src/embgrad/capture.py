@@ -347,15 +347,17 @@ class Capture:
         self._loose_fwds = set()
         self._graph_freed = False
         self._coupling = self._backend.coupling_layers(self.model)
-        self._fwd_tap = self._backend.install_forward_tap(self.model, self._forward_start, self._forward_end)
-        self._boundaries = self._fwd_tap is not None
+        self._tap = self._backend.install_tap(self.model, self.layers, self._on_call)
         try:
-            self._tap = self._backend.install_tap(self.model, self.layers, self._on_call)
+            # after the layers' tap: when the model is the embedding itself, the forward's end
+            # must come after the lookup's record
+            self._fwd_tap = self._backend.install_forward_tap(self.model, self._forward_start,
+                                                              self._forward_end)
         except BaseException:
-            if self._fwd_tap is not None:
-                self._fwd_tap.remove()
-                self._fwd_tap = None
+            self._tap.remove()
+            self._tap = None
             raise
+        self._boundaries = self._fwd_tap is not None
         self._used = True
         return self
 

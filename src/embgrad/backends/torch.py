@@ -276,7 +276,7 @@ class TorchBackend(Backend):
                 on_end()
             return None
 
-        return _Handles([model.register_forward_pre_hook(pre, with_kwargs=True),
+        return _Handles([model.register_forward_pre_hook(pre, with_kwargs=True, prepend=True),
                          model.register_forward_hook(post, with_kwargs=True, always_call=True)])
 
     def sequence_first_layers(self, model):
