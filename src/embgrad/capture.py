@@ -139,7 +139,7 @@ class LayerGradients:
         whole call)."""
         b, info = self._backend, self.info
         rows, grads = [], []
-        for (ids, og), valid in zip(self.calls, self._valid):
+        for (ids, og), valid in zip(self.calls, self._valid, strict=True):
             flat_ids = b.cast(b.reshape(ids, (-1,)), "int64")
             g = b.reshape(og, (-1, self.dim))
             flat_ids, g, _ = self._clean(flat_ids, g, None, valid)
@@ -477,7 +477,7 @@ class Capture:
                     "before it), or from outputs that do not use these layers. Compute the loss from "
                     "the forward run inside the block.")
             grads = [b.zeros(b.shape(c.output), _float_name(b, c.output), c.output) if g is None else g
-                     for c, g in zip(self.calls, raw)]
+                     for c, g in zip(self.calls, raw, strict=True)]
             if not retain_graph:
                 self._graph_freed = True
         else:
@@ -492,7 +492,7 @@ class Capture:
         inv_scale = None if loss_scale is None else 1.0 / _positive_scale(b, loss_scale)
         by_layer: dict[str, tuple[list, list, list]] = {i.name: ([], [], []) for i in self.layers}
         token_grads = []
-        for n, (call, g) in enumerate(zip(self.calls, grads)):
+        for n, (call, g) in enumerate(zip(self.calls, grads, strict=True)):
             bad = b.count_nonfinite(g)
             if bad:
                 raise EmbgradError(
@@ -533,12 +533,12 @@ class Capture:
         problems: list[str | None] = []
         sizes: list[Any] = []                 # the call's batch size
         strong: list[bool] = []               # the size is certain (not a batch-free guess)
-        for call, tg in zip(self.calls, token_grads):
-            layout, size, sure, problem = self._layout(call, tg)
+        for call, tg in zip(self.calls, token_grads, strict=True):
+            layout, call_size, sure, call_problem = self._layout(call, tg)
             layouts.append(layout)
-            sizes.append(size)
+            sizes.append(call_size)
             strong.append(sure)
-            problems.append(problem)
+            problems.append(call_problem)
         if any(not isinstance(s, int) for s in sizes):
             return self._traced_examples(layouts, problems, sizes)
         global_problem = self._sequence_first_problem()
@@ -548,11 +548,12 @@ class Capture:
         fwd_problem: list[str | None] = []
         for f in range(n_fwd):
             mine = [k for k, c in enumerate(self.calls) if c.forward == f]
-            sure = {sizes[k] for k in mine if strong[k]}
+            certain = {sizes[k] for k in mine if strong[k]}
             guesses = {sizes[k] for k in mine if not strong[k] and problems[k] is None}
-            size, problem = None, None
-            if len(sure) > 1:
-                by = {}
+            size: int | None = None
+            problem: str | None = None
+            if len(certain) > 1:
+                by: dict[str, list[int]] = {}
                 for k in mine:
                     if strong[k]:
                         by.setdefault(self.calls[k].info.name, []).append(sizes[k])
@@ -560,8 +561,8 @@ class Capture:
                            "gradients need every call of a forward to look up the same examples (one "
                            "row of ids per example). If these calls are separate batches, run them as "
                            "separate forwards of the model (each its own examples).")
-            elif sure:
-                size = sure.pop()
+            elif certain:
+                size = certain.pop()
             elif hints[f] is not None:
                 size = hints[f]
             elif len(guesses) == 1:

@@ -155,8 +155,10 @@ class _BroadcastLookup(torch.Tensor):
                 batched = [cls._batched(m, target) for m in mine]
                 if all(v is not None for v in batched):
                     if name in _EXPANDING:
-                        return batched[0].expand(target)
-                    swap = dict(zip(map(id, mine), batched))
+                        first = batched[0]
+                        assert first is not None
+                        return first.expand(target)
+                    swap = dict(zip(map(id, mine), batched, strict=True))
                     new_args = [swap.get(id(a), a) for a in args]
                     new_kwargs = {k: swap.get(id(v), v) for k, v in kwargs.items()}
                     return func(*new_args, **new_kwargs)
