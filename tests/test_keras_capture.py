@@ -384,7 +384,7 @@ def test_traced_with_unknown_batch_size_what_works_and_what_says_why():
     norms3, _ = mean_step(ids[:3], y[:3])            # another batch size: the same trace
     assert norms3.shape == (3,) and mean_step.experimental_get_tracing_count() == 1
 
-    for what in ("len()", "dot()", "to_dense()", "example()"):
+    for what in ("len()", "to_dense()"):   # dot() and example() work traced (test_tf_compiled.py)
         @tf.function(input_signature=spec)
         def needs_batch(ids, y, what=what):
             pe = grads(ids, y).per_example()

@@ -493,6 +493,8 @@ class _Engine:
                  target: Any, batch_size: int | None, progress: bool | None, what: str = "target",
                  call: int | None = None):
         self.backend = b = get_backend(model)
+        b.eager_only("embgrad.attribute, hotflip and jacobian",
+                     "Call them eagerly, outside the tf.function (they return NumPy scores).")
         self.model, self.forward, self.progress = model, forward, progress
         if call is not None and (not _is_int(call) or call < 0):
             raise EmbgradError(f"call must be None or the index (≥ 0) of the layer's lookup within one "

@@ -7,6 +7,7 @@ module selects layers, keeps the record and builds the results with :mod:`embgra
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 import warnings
@@ -20,6 +21,11 @@ from .sparse import ExampleGrads, RowGrad, coalesce_lookups
 __all__ = ["capture", "Capture", "Gradients", "LayerGradients", "select_layers", "input_embedding"]
 
 _REDUCTIONS = ("sum", "mean")
+
+# The captures active in the current thread / contextvars context. A tap asks its capture
+# whether a call belongs to it (Capture._active_here): a forward of the same model in another
+# thread (whose context does not hold the capture) passes through unrecorded and unchecked.
+_ACTIVE: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("embgrad_captures", default=())
 
 
 def select_layers(backend: Backend, model: Any, layers: Any) -> list[EmbeddingInfo]:
@@ -347,21 +353,37 @@ class Capture:
         self._loose_fwds = set()
         self._graph_freed = False
         self._coupling = self._backend.coupling_layers(self.model)
-        self._tap = self._backend.install_tap(self.model, self.layers, self._on_call)
+        self._tap = self._backend.install_tap(self.model, self.layers, self._on_call,
+                                              active=self._active_here)
         try:
             # after the layers' tap: when the model is the embedding itself, the forward's end
             # must come after the lookup's record
-            self._fwd_tap = self._backend.install_forward_tap(self.model, self._forward_start,
-                                                              self._forward_end)
+            self._fwd_tap = self._backend.install_forward_tap(
+                self.model, self._if_here(self._forward_start), self._if_here(self._forward_end))
         except BaseException:
             self._tap.remove()
             self._tap = None
             raise
         self._boundaries = self._fwd_tap is not None
+        _ACTIVE.set(_ACTIVE.get() + (self,))
         self._used = True
         return self
 
+    def _active_here(self) -> bool:
+        """True when this capture is active in the calling thread's / task's context."""
+        return self._tap is not None and any(c is self for c in _ACTIVE.get())
+
+    def _if_here(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn``, run only for calls in this capture's thread / context (a forward of the same
+        model in another thread neither starts nor ends one of this capture's forwards)."""
+        def call(*args: Any) -> Any:
+            return fn(*args) if self._active_here() else None
+        return call
+
     def __exit__(self, *exc: Any) -> None:
+        active = _ACTIVE.get()
+        if any(c is self for c in active):
+            _ACTIVE.set(tuple(c for c in active if c is not self))
         if self._fwd_tap is not None:
             self._fwd_tap.remove()
             self._fwd_tap = None

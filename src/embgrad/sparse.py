@@ -68,8 +68,24 @@ class RowGrad:
     def dim(self) -> int:
         return self._backend.shape(self.values)[1]
 
+    def _size(self) -> int | None:
+        """R as an int; None while a ``tf.function`` is traced (R is known only when it runs)."""
+        n = self._backend.shape(self.rows)[0]
+        return n if isinstance(n, (int, np.integer)) else None
+
+    def _traced(self) -> bool:
+        return self._backend.traced(self.values)
+
     def __len__(self) -> int:
-        return self._backend.shape(self.rows)[0]
+        """R, the number of stored rows. Inside a ``tf.function`` R is not known while tracing:
+        ``EmbgradError`` (use ``tf.shape(g.rows)[0]`` there)."""
+        n = self._size()
+        if n is None:
+            raise EmbgradError(
+                "len(RowGrad) needs the number of stored rows, which is not known while a tf.function "
+                "is traced (it depends on the ids). Inside the function use tf.shape(g.rows)[0]; "
+                "len(g) works eagerly.")
+        return int(n)
 
     def to_dense(self) -> Any:
         """The (V, D) dense gradient, a framework tensor."""
@@ -78,25 +94,34 @@ class RowGrad:
     def row_norms(self) -> Any:
         """(R,) L2 norm of each stored row."""
         b = self._backend
-        if len(self) == 0:
+        if self._size() == 0:
             return b.zeros((0,), b.dtype_name(self.values), self.values)
         return b.sqrt(b.sum(self.values * self.values, 1))
 
-    def norm(self) -> float:
-        """L2 (Frobenius) norm of the whole gradient, as a Python float."""
+    def norm(self) -> Any:
+        """L2 (Frobenius) norm of the whole gradient, as a Python float; inside a
+        ``tf.function`` (no values while tracing) a float32 (float64) scalar tensor."""
         b = self._backend
-        if len(self) == 0:   # no row was looked up (or every lookup was ignored)
+        if self._traced():
+            return b.sqrt(b.sum(self.values * self.values))
+        if self._size() == 0:   # no row was looked up (or every lookup was ignored)
             return 0.0
         return float(b.to_numpy(b.sqrt(b.sum(self.values * self.values))))
 
     def numpy(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(rows, values)`` as NumPy arrays."""
+        """``(rows, values)`` as NumPy arrays (eagerly; ``EmbgradError`` inside a ``tf.function``,
+        where ``.rows`` and ``.values`` are the tensors to use)."""
+        if self._traced():
+            raise EmbgradError("RowGrad.numpy() needs values, which a tf.function being traced does "
+                               "not have: use g.rows and g.values (tensors) inside the function, or "
+                               "call numpy() on its eager result.")
         return self._backend.to_numpy(self.rows), self._backend.to_numpy(self.values)
 
     def __add__(self, other: "RowGrad") -> "RowGrad":
         if not isinstance(other, RowGrad):
             return NotImplemented
-        if other.num_rows != self.num_rows or (len(self) and len(other) and other.dim != self.dim):
+        if other.num_rows != self.num_rows or (self._size() != 0 and other._size() != 0
+                                               and other.dim != self.dim):
             raise EmbgradError(
                 f"cannot add RowGrads of different tables: ({self.num_rows}, {self.dim}) and "
                 f"({other.num_rows}, {other.dim}).")
@@ -114,13 +139,16 @@ class RowGrad:
         max_norm, up to float rounding (a relative 1e-7 in float32)."""
         _check_positive(max_norm, "max_norm")
         n = self.norm()
+        if self._traced():   # tf.function: the same factor, as a tensor (1.0 when within the bound)
+            b = self._backend
+            return self.scale(b.minimum(max_norm / b.maximum(n, 1e-30), 1.0))
         return self if n <= max_norm else self.scale(max_norm / n)
 
     def clip_rows(self, max_row_norm: float) -> "RowGrad":
         """Each row scaled by ``min(1, max_row_norm / row_norm)``."""
         _check_positive(max_row_norm, "max_row_norm")
         b = self._backend
-        if len(self) == 0:
+        if self._size() == 0:
             return self
         norms = self.row_norms()
         factor = b.minimum(max_row_norm / b.maximum(norms, 1e-30), 1.0)
@@ -128,6 +156,9 @@ class RowGrad:
 
     def __repr__(self) -> str:
         dt = self._backend.dtype_name(self.values)
+        if self._traced():
+            return (f"RowGrad(rows=? of {self.num_rows}, dim={self.dim}, traced, dtype={dt}, "
+                    f"backend={self._backend.name})")
         return (f"RowGrad(rows={len(self)} of {self.num_rows}, dim={self.dim}, "
                 f"norm={self.norm():.6g}, dtype={dt}, backend={self._backend.name})")
 
@@ -206,18 +237,37 @@ def _sparse_join(b: Backend, a: tuple, o: tuple, B1: int, B2: int, D: int, acc: 
         if s >= e:
             continue
         idx = b.from_numpy(np.arange(s, e, dtype=np.int64), like=a_rows)
-        c = b.gather(cnt, idx)
-        a_idx = b.repeat(idx, c)                                       # (P,) entry of a
-        if b.shape(a_idx)[0] == 0:
+        key, prod = _join_pairs(b, a, o, (idx, order, left, cnt), B2, acc)
+        if b.shape(key)[0] == 0:
             continue
-        first = b.cumsum(c) - c                                        # start of each entry's pairs
-        local = b.arange(b.shape(a_idx)[0], a_rows) - b.repeat(first, c)
-        b_pos = b.repeat(b.gather(left, idx), c) + local
-        b_idx = b.gather(order, b_pos)
-        prod = b.sum(b.cast(b.gather(a_vals, a_idx), acc) * b.cast(b.gather(o_vals, b_idx), acc), 1)
-        key = b.gather(a_ex, a_idx) * B2 + b.gather(o_ex, b_idx)
         out = out + b.segment_sum(prod, key, B1 * B2)
     return out
+
+
+def _join_pairs(b: Backend, a: tuple, o: tuple, plan: tuple | None, B2: Any, acc: str) -> tuple[Any, Any]:
+    """For the entries ``idx`` of ``a`` (all of them when ``plan`` is None), every entry of ``o``
+    on the same row: ``(key (P,) = example_a · B2 + example_o, prod (P,) = <value_a, value_o>)``.
+    ``plan``: ``(idx, order, left, cnt)``, the argsort of o's rows and each a-entry's first match
+    and match count in it."""
+    a_ex, a_rows, a_vals = a
+    o_ex, o_rows, o_vals = o
+    if plan is None:
+        order = b.argsort(o_rows)
+        rb = b.gather(o_rows, order)
+        left = b.searchsorted(rb, a_rows)
+        cnt = b.searchsorted(rb, a_rows, right=True) - left
+        idx = b.arange(b.shape(a_rows)[0], a_rows)
+    else:
+        idx, order, left, cnt = plan
+    c = b.gather(cnt, idx)
+    a_idx = b.repeat(idx, c)                                           # (P,) entry of a
+    first = b.cumsum(c) - c                                            # start of each entry's pairs
+    local = b.arange(b.shape(a_idx)[0], a_rows) - b.repeat(first, c)
+    b_pos = b.repeat(b.gather(left, idx), c) + local
+    b_idx = b.gather(order, b_pos)
+    prod = b.sum(b.cast(b.gather(a_vals, a_idx), acc) * b.cast(b.gather(o_vals, b_idx), acc), 1)
+    key = b.gather(a_ex, a_idx) * B2 + b.gather(o_ex, b_idx)
+    return key, prod
 
 
 def _norms_impl(b: Backend, values: Any, example_ids: Any, batch_size: Any) -> Any:
@@ -354,12 +404,24 @@ class ExampleGrads:
         return RowGrad(rows, values, self.num_rows, b)
 
     def example(self, index: int) -> RowGrad:
-        """The :class:`RowGrad` of example ``index`` (negative indices count from the end)."""
-        self._static_batch("example()")
-        if not isinstance(index, (int, np.integer)) or not -self.batch_size <= index < self.batch_size:
-            raise EmbgradError(f"example index {index!r} is out of range for a batch of {self.batch_size}.")
-        index = int(index) % self.batch_size
+        """The :class:`RowGrad` of example ``index`` (negative indices count from the end).
+
+        Inside a ``tf.function`` whose batch size is not static the range is checked when the
+        graph runs (an ``InvalidArgumentError`` carrying this message)."""
         b = self._backend
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            raise EmbgradError(f"example index must be an int, got {index!r}.")
+        if isinstance(self.batch_size, int):
+            if not -self.batch_size <= index < self.batch_size:
+                raise EmbgradError(f"example index {index!r} is out of range for a batch of {self.batch_size}.")
+            index = int(index) % self.batch_size
+        else:   # traced, batch size known only when the graph runs: checked then
+            pos = b.from_numpy(np.array([int(index)], np.int64), like=self.example_ids)
+            if index < 0:
+                pos = pos + self.batch_size
+            b.assert_in_range(pos, self.batch_size, f"embgrad: example index {int(index)} is out of "
+                              "range for the batch this tf.function was called with.")
+            index = pos
         mask = self.example_ids == index
         return RowGrad(b.boolean_mask(self.rows, mask), b.boolean_mask(self.values, mask),
                        self.num_rows, b)
@@ -381,8 +443,17 @@ class ExampleGrads:
                 f"dot() needs gradients of the same table: ({self.num_rows}, {self.dim}) vs "
                 f"({other.num_rows}, {other.dim}).")
         b = self._backend
-        B1, B2 = self._static_batch("dot()"), other._static_batch("dot()")
         acc = _accum_dtype(b, self.values)
+        if b.traced(self.values) or b.traced(other.values):
+            # tf.function: no values to plan chunks with; one sparse join over every pair of
+            # entries that share a row (memory O(pairs · D), unbounded: chunking is eager-only)
+            B1, B2 = self.batch_size, other.batch_size
+            out = b.zeros((B1 * B2,), acc, self.values)
+            a = (self.example_ids, self.rows, self.values)
+            o = (other.example_ids, other.rows, other.values)
+            key, prod = _join_pairs(b, a, o, None, B2, acc)
+            return b.reshape(out + b.segment_sum(prod, key, B1 * B2), (B1, B2))
+        B1, B2 = self._static_batch("dot()"), other._static_batch("dot()")
         out = b.zeros((B1 * B2,), acc, self.values)
         if self.nnz == 0 or other.nnz == 0:
             return b.reshape(out, (B1, B2))
@@ -475,12 +546,10 @@ def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example:
     if not b.is_integer(ids):
         raise EmbgradError(f"ids must be integers, got dtype {b.dtype_name(ids)}; cast them to int64.")
     ishape, gshape = b.shape(ids), b.shape(output_grad)
-    if len(gshape) != len(ishape) + 1 or gshape[:-1] != ishape:
-        raise EmbgradError(
-            f"output_grad must have shape ids.shape + (D,) = {ishape} + (D,), got {gshape}.")
+    _check_grad_shape(b, ishape, gshape)
     if len(ishape) not in (1, 2):
         raise EmbgradError(f"ids must be (B, T) or (N,), got shape {ishape}.")
-    if 0 in ishape:
+    if any(isinstance(s, (int, np.integer)) and s == 0 for s in ishape):
         raise EmbgradError(f"empty batch: ids of shape {ishape}; there is nothing to coalesce.")
     bad = b.count_nonfinite(output_grad)
     if bad:
@@ -509,6 +578,24 @@ def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example:
         keep = ids != ignore_index
         ids, grads, ex = b.boolean_mask(ids, keep), b.boolean_mask(grads, keep), b.boolean_mask(ex, keep)
     return coalesce_lookups(b, ex, ids, grads, num_rows, B, per_example)
+
+
+def _check_grad_shape(b: Backend, ishape: tuple, gshape: tuple) -> None:
+    """EmbgradError unless ``gshape == ishape + (D,)``; dims only known when a traced
+    ``tf.function`` runs are compared then (an ``InvalidArgumentError`` with this message)."""
+    def show(shape: tuple) -> tuple:
+        return tuple(s if isinstance(s, (int, np.integer)) else None for s in shape)
+
+    msg = (f"output_grad must have shape ids.shape + (D,) = {show(ishape)} + (D,), got "
+           f"{show(gshape)}.")
+    if len(gshape) != len(ishape) + 1:
+        raise EmbgradError(msg)
+    for i, g in zip(ishape, gshape[:-1]):
+        if isinstance(i, (int, np.integer)) and isinstance(g, (int, np.integer)):
+            if i != g:
+                raise EmbgradError(msg)
+        else:   # 0 <= g - i < 1: equal (checked when the graph runs)
+            b.assert_in_range(b.reshape(b.cast(g - i, "int64"), (1,)), 1, "embgrad: " + msg)
 
 
 def row_grad(g: Any, num_rows: int | None = None) -> RowGrad:

@@ -332,6 +332,10 @@ class Table:
 
     def _rows(self, ids: Any, what: str) -> tuple[np.ndarray, tuple[int, ...]]:
         """int64 NumPy of ``ids`` (range-checked) and the shape they came in (() for an int)."""
+        self._backend.eager_only(
+            f"table {self.name!r}: read(), numpy(), assign() and freeze()",
+            "Call them outside the tf.function (before or between steps); inside it, read rows "
+            "with tf.gather(table.variable, ids).")
         V = self.num_rows
         if isinstance(ids, slice):
             a = np.arange(V, dtype=np.int64)[ids]
@@ -906,10 +910,10 @@ def regularize(row_grad: RowGrad, table: Any, *, l1: float = 0.0, l2: float = 0.
         if not isinstance(v, (int, float, np.floating)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
             raise EmbgradError(f"regularize(): {name} must be a finite number >= 0, got {v!r}.")
     t = table if isinstance(table, Table) else _table_of(table, layer)
-    if row_grad.num_rows != t.num_rows or (len(row_grad) and row_grad.dim != t.dim):
+    if row_grad.num_rows != t.num_rows or (row_grad._size() != 0 and row_grad.dim != t.dim):
         raise EmbgradError(f"regularize(): the gradient is of a ({row_grad.num_rows}, {row_grad.dim}) table "
                            f"but table {t.name!r} is ({t.num_rows}, {t.dim}); pass the table it belongs to.")
-    if len(row_grad) == 0 or (l1 == 0 and l2 == 0):
+    if row_grad._size() == 0 or (l1 == 0 and l2 == 0):
         return row_grad
     b = row_grad._backend
     dt = b.dtype_name(row_grad.values)

@@ -139,9 +139,13 @@ class Backend:
         raise NotImplementedError
 
     def install_tap(self, model: Any, infos: Sequence[EmbeddingInfo],
-                    on_call: Callable[[Call], Any]) -> Tap:
+                    on_call: Callable[[Call], Any], active: Callable[[], bool] | None = None) -> Tap:
         """Record every call of the given layers. ``on_call(call)`` may return a tensor that
-        replaces the layer's output (same shape), or None to keep it."""
+        replaces the layer's output (same shape), or None to keep it. ``active()``, asked at
+        each call, says whether the call belongs to this tap's capture (False for a forward run in
+        another thread or ``contextvars`` context): such calls pass through untouched, neither
+        checked nor recorded. Taps of one layer are independent: removing them in any order
+        leaves the layer exactly as it was."""
         raise NotImplementedError
 
     def install_forward_tap(self, model: Any, on_start: Callable[[Any], None],
@@ -286,6 +290,10 @@ class Backend:
         """True when ``x`` has no value yet (a tensor traced inside ``tf.function``): checks
         that need values then become run-time assertions (:meth:`assert_in_range`)."""
         return False
+
+    def eager_only(self, what: str, instead: str) -> None:
+        """EmbgradError when called where tensors have no values (while a ``tf.function`` is
+        traced): ``what`` needs values; ``instead`` names the eager (or in-graph) alternative."""
 
     def assert_in_range(self, ids: Any, num_rows: int, message: str) -> None:
         """For traced int ``ids``: a run-time assertion that 0 <= ids < num_rows, failing

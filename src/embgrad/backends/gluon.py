@@ -342,7 +342,7 @@ class GluonBackend(Backend):
         hits = [i for i in found.values() if i.name.endswith("_" + key)]
         return hits[0] if len(hits) == 1 else None
 
-    def install_tap(self, model, infos, on_call):
+    def install_tap(self, model, infos, on_call, active=None):
         tap = _GluonTap()
         try:
             # an active ancestor would run its cached graph and bypass the tap; everything
@@ -359,7 +359,7 @@ class GluonBackend(Backend):
                     raise EmbgradError(
                         f"layer {info.name!r} already has a patched forward (another capture of the "
                         "same layer is active?); capture contexts on one layer do not nest.")
-                object.__setattr__(blk, "forward", self._forward(info, blk.forward, on_call))
+                object.__setattr__(blk, "forward", self._forward(info, blk.forward, on_call, active))
                 tap._patched.append(blk)
         except BaseException:
             tap.remove()
@@ -367,8 +367,11 @@ class GluonBackend(Backend):
         return tap
 
     @staticmethod
-    def _forward(info: EmbeddingInfo, orig: Callable, on_call: Callable[[Call], Any]) -> Callable:
+    def _forward(info: EmbeddingInfo, orig: Callable, on_call: Callable[[Call], Any],
+                 active: Callable[[], bool] | None = None) -> Callable:
         def forward(x, *args):
+            if active is not None and not active():
+                return orig(x, *args)     # another thread's / context's forward: not ours
             _validate_ids(info, x)
             out = orig(x, *args)
             recording = autograd.is_recording()

@@ -18,7 +18,9 @@ matches the running Keras backend), never a copy.
 """
 from __future__ import annotations
 
+import functools
 import sys
+import threading
 from typing import Any, Callable, Sequence
 
 from ..errors import EmbgradError
@@ -79,23 +81,70 @@ def _table_variable(layer: Any) -> Any:
     return var if var is not None else getattr(layer, "embeddings", None)
 
 
-class _Patch:
-    """An instance attribute shadowing a method; ``remove()`` puts the instance back exactly."""
+class _Dispatch:
+    """The one shadow of a layer's ``call`` shared by every capture of that layer.
+
+    Installed (an instance attribute, bypassing Keras's attribute tracking) when the first
+    capture of the layer enters and removed when the last one leaves, whatever the order of
+    their exits: overlapping captures cannot leave the layer patched. Each capture adds a
+    handler ``handler(inner, *args, **kwargs)``; a call runs the handlers in the order the
+    captures entered, each wrapping the one before (the first wraps the layer's own method).
+    """
 
     _MISSING = object()
+    _lock = threading.Lock()
 
-    def __init__(self, obj: Any, attr: str, fn: Callable) -> None:
-        self.obj, self.attr, self.fn = obj, attr, fn
+    def __init__(self, obj: Any, attr: str, wrap: Callable[[Callable], Callable]) -> None:
+        self.obj, self.attr = obj, attr
         self.prev = obj.__dict__.get(attr, self._MISSING)
-        object.__setattr__(obj, attr, fn)   # bypass Keras/torch attribute tracking
+        self.inner = getattr(obj, attr)
+        self.handlers: list[Callable] = []
+
+        def dispatch(*args: Any, **kwargs: Any) -> Any:
+            fn = self.inner
+            for h in list(self.handlers):
+                fn = functools.partial(h, fn)
+            return fn(*args, **kwargs)
+
+        self.fn = wrap(dispatch)
+        self.fn._embgrad_dispatch = self   # type: ignore[attr-defined]
+        object.__setattr__(obj, attr, self.fn)
+
+    @classmethod
+    def add(cls, obj: Any, attr: str, handler: Callable, wrap: Callable[[Callable], Callable]) -> "_Handler":
+        with cls._lock:
+            current = obj.__dict__.get(attr)
+            d = getattr(current, "_embgrad_dispatch", None)
+            if d is None or d.obj is not obj:
+                d = cls(obj, attr, wrap)
+            d.handlers.append(handler)
+        return _Handler(d, handler)
+
+    def discard(self, handler: Callable) -> None:
+        with self._lock:
+            if handler in self.handlers:
+                self.handlers.remove(handler)
+            if self.handlers:
+                return
+            d = self.obj.__dict__
+            if d.get(self.attr, None) is self.fn:   # someone patched on top of us: leave theirs
+                if self.prev is self._MISSING:
+                    del d[self.attr]
+                else:
+                    object.__setattr__(self.obj, self.attr, self.prev)
+
+
+class _Handler:
+    """One capture's handler in a layer's :class:`_Dispatch`; ``remove()`` is idempotent."""
+
+    def __init__(self, dispatch: _Dispatch, handler: Callable) -> None:
+        self.dispatch: _Dispatch | None = dispatch
+        self.handler = handler
 
     def remove(self) -> None:
-        d = self.obj.__dict__
-        if d.get(self.attr, None) is self.fn:
-            if self.prev is self._MISSING:
-                del d[self.attr]
-            else:
-                object.__setattr__(self.obj, self.attr, self.prev)
+        if self.dispatch is not None:
+            self.dispatch.discard(self.handler)
+            self.dispatch = None
 
 
 class KerasBackend(Backend):
@@ -183,7 +232,7 @@ class KerasBackend(Backend):
 
     # ------------------------------------------------------------------ the tap
     def install_tap(self, model: Any, infos: Sequence[EmbeddingInfo],
-                    on_call: Callable[[Call], Any]) -> Tap:
+                    on_call: Callable[[Call], Any], active: Callable[[], bool] | None = None) -> Tap:
         for info in infos:
             if info.options.get("sparse"):
                 raise EmbgradError(
@@ -195,19 +244,29 @@ class KerasBackend(Backend):
             for info in infos:
                 layer = info.layer
                 attr = "quantized_call" if info.options.get("quantization_mode") else "call"
-                patch = _Patch(layer, attr, self._shadow(tap, info, getattr(layer, attr), on_call))
-                self._add_patch(tap, patch)
+                handle = _Dispatch.add(layer, attr, self._shadow(tap, info, on_call, active),
+                                       self._wrap_dispatch)
+                self._add_patch(tap, handle)
         except BaseException:
             tap.remove()
             raise
         return tap
 
-    def _shadow(self, tap: Tap, info: EmbeddingInfo, inner: Callable, on_call: Callable) -> Callable:
-        def call(*args: Any, **kwargs: Any) -> Any:
+    def _shadow(self, tap: Tap, info: EmbeddingInfo, on_call: Callable,
+                active: Callable[[], bool] | None = None) -> Callable:
+        def call(inner: Callable, *args: Any, **kwargs: Any) -> Any:
+            if active is not None and not active():
+                return inner(*args, **kwargs)          # another thread's / context's forward
             if kwargs.get("reverse") or (len(args) > 1 and args[1] is True):
                 return inner(*args, **kwargs)          # the tied output projection: not a lookup
             ids = args[0] if args else kwargs.get("inputs")
-            self._check(info, ids)
+            checked = self._check(info, ids)
+            if checked is not None and checked is not ids:   # graph mode: ids gated on the check
+                ids = checked
+                if args:
+                    args = (ids,) + tuple(args[1:])
+                else:
+                    kwargs = dict(kwargs, inputs=ids)
             out = inner(*args, **kwargs)
             out, grad_enabled = self._record(tap, info, out)
             call_ = Call(info=info, ids=ids, output=out, grad_enabled=grad_enabled)
@@ -221,15 +280,20 @@ class KerasBackend(Backend):
             return out
         return call
 
+    def _wrap_dispatch(self, fn: Callable) -> Callable:
+        """The dispatcher as installed (TensorFlow: kept out of autograph's conversion)."""
+        return fn
+
     # hooks the flavours fill in
-    def _check(self, info: EmbeddingInfo, ids: Any) -> None:
-        """EmbgradError unless ``ids`` are integer ids in range (before Keras casts or wraps them)."""
+    def _check(self, info: EmbeddingInfo, ids: Any) -> Any:
+        """EmbgradError unless ``ids`` are integer ids in range (before Keras casts or wraps them).
+        Returns the ids to look up (in a traced graph: the ids gated on the run-time check)."""
         raise NotImplementedError
 
     def _open_tap(self) -> Tap:
         raise NotImplementedError
 
-    def _add_patch(self, tap: Tap, patch: _Patch) -> None:
+    def _add_patch(self, tap: Tap, patch: _Handler) -> None:
         raise NotImplementedError
 
     def _record(self, tap: Tap, info: EmbeddingInfo, out: Any) -> tuple[Any, bool]:
@@ -348,7 +412,7 @@ def _keras_on_tensorflow() -> type:
 
         class KerasTensorFlowBackend(KerasBackend, TensorFlowBackend):
             def _check(self, info, ids):
-                self.check_ids(ids, info.num_rows, f"Keras layer {info.name!r}")
+                return self.check_ids(ids, info.num_rows, f"Keras layer {info.name!r}")
 
             def _open_tap(self) -> Tap:
                 return TapeTap()
@@ -381,10 +445,9 @@ def _keras_on_tensorflow() -> type:
                 tap.watch(out, f"Keras layer {info.name!r}")
                 return out, True
 
-            def _shadow(self, tap, info, inner, on_call):
+            def _wrap_dispatch(self, fn):
                 # plain Python even when traced: autograph must not rewrite embgrad's checks
-                return tf.autograph.experimental.do_not_convert(
-                    KerasBackend._shadow(self, tap, info, inner, on_call))
+                return tf.autograph.experimental.do_not_convert(fn)
 
         _FLAVOURS["tensorflow"] = KerasTensorFlowBackend
     return _FLAVOURS["tensorflow"]

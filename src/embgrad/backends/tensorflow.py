@@ -108,6 +108,12 @@ def _out_of_range(where: str, what: str, num_rows: int) -> str:
             "TensorFlow on GPU returns zeros for out-of-range ids: embgrad refuses both.)")
 
 
+_NOT_DENSE = (
+    "embgrad takes dense tensors, got a tf.{0}. Ragged ids (examples of different lengths): "
+    "ids.to_tensor(default_value=PAD); sparse ids: tf.sparse.to_dense(ids, default_value=PAD); "
+    "then pass ignore_index=PAD to rows_from_lookups (or mask PAD in the loss).")
+
+
 def _current_graph() -> Any:
     """The graph being traced (a ``tf.function``'s FuncGraph), or None when executing eagerly."""
     return None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
@@ -147,7 +153,7 @@ class TensorFlowBackend(Backend):
             "embgrad.rows_from_lookups(ids, tape.gradient(loss, looked_up), num_rows) or "
             "embgrad.row_grad(tape.gradient(loss, table)).")
 
-    def install_tap(self, model, infos, on_call):
+    def install_tap(self, model, infos, on_call, active=None):
         raise EmbgradError("raw TensorFlow has no layers to tap; pass a Keras model to capture().")
 
     def scalar_loss(self, loss: Any) -> Any:
@@ -162,13 +168,15 @@ class TensorFlowBackend(Backend):
         return loss   # not reshaped: a new op after the tape stopped would cut the loss off
 
     # ------------------------------------------------------------------ checks
-    def check_ids(self, ids: Any, num_rows: int, where: str) -> None:
-        """EmbgradError unless ``ids`` are integers in ``[0, num_rows)`` (a run-time assertion
-        in graph mode). ``where`` names the layer for the message."""
+    def check_ids(self, ids: Any, num_rows: int, where: str) -> Any:
+        """EmbgradError unless ``ids`` are integers in ``[0, num_rows)``; returns ``ids``. In
+        graph mode the range is a run-time assertion, and the ids returned only have a value once
+        it passed (look up those, so the lookup cannot run first). ``where`` names the layer."""
         if isinstance(ids, tf.RaggedTensor):
             raise EmbgradError(
                 f"{where}: ids are a tf.RaggedTensor (examples of different lengths); pad them to "
                 "a dense (B, T) tensor (e.g. ids.to_tensor(default_value=PAD)) and mask the padding.")
+        given = ids
         if not isinstance(ids, (tf.Tensor, tf.Variable)):
             ids = tf.convert_to_tensor(ids)
         dt = ids.dtype
@@ -181,13 +189,18 @@ class TensorFlowBackend(Backend):
             raise EmbgradError(f"{where}: empty batch (ids of shape {tuple(ids.shape)}); there is "
                                "nothing to look up. Pass at least one example with one token.")
         if is_symbolic(ids):
-            self.assert_in_range(ids, num_rows, _out_of_range(where, "an id", num_rows))
-            return
+            flat = tf.reshape(ids, (-1,))
+            message = _out_of_range(where, "an id", num_rows)
+            checks = [tf.debugging.assert_non_negative(flat, message=message),
+                      tf.debugging.assert_less(flat, tf.cast(num_rows, flat.dtype), message=message)]
+            with tf.control_dependencies([c for c in checks if c is not None]):
+                return tf.identity(ids)
         lo, hi = self.minmax(ids)
         if lo < 0 or hi >= num_rows:
             bad = lo if lo < 0 else hi
             pos = tuple(int(i) for i in tf.where(ids == bad)[0].numpy())
             raise EmbgradError(_out_of_range(where, f"id {bad} at position {pos}", num_rows))
+        return given
 
     # ------------------------------------------------------------------ tensor primitives
     def to_numpy(self, x):
@@ -209,6 +222,8 @@ class TensorFlowBackend(Backend):
 
     def shape(self, x):
         """Static dims as ints; dims unknown while tracing a ``tf.function`` as scalar tensors."""
+        if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)):
+            raise EmbgradError(_NOT_DENSE.format(type(x).__name__))
         static = x.shape.as_list()
         if None not in static:
             return tuple(static)
@@ -309,6 +324,11 @@ class TensorFlowBackend(Backend):
 
     def traced(self, x):
         return is_symbolic(x)
+
+    def eager_only(self, what, instead):
+        if not tf.executing_eagerly():
+            raise EmbgradError(f"{what} runs eagerly only: it needs tensor values, which a tf.function "
+                               f"being traced does not have. {instead}")
 
     def assert_in_range(self, ids, num_rows, message):
         flat = tf.reshape(ids, (-1,))

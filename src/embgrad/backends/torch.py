@@ -298,21 +298,24 @@ class TorchBackend(Backend):
                     "`with embgrad.capture(model._orig_mod) as cap: loss = model._orig_mod(x)...`.")
         return ""
 
-    def install_tap(self, model, infos, on_call):
+    def install_tap(self, model, infos, on_call, active=None):
         handles = []
         try:
             for info in infos:
                 mod = info.layer
-                handles.append(mod.register_forward_pre_hook(self._pre_hook(info), with_kwargs=True))
-                handles.append(mod.register_forward_hook(self._post_hook(info, on_call), with_kwargs=True))
+                handles.append(mod.register_forward_pre_hook(self._pre_hook(info, active), with_kwargs=True))
+                handles.append(mod.register_forward_hook(self._post_hook(info, on_call, active),
+                                                         with_kwargs=True))
         except BaseException:
             for h in handles:
                 h.remove()
             raise
         return _TorchTap(handles)
 
-    def _pre_hook(self, info: EmbeddingInfo) -> Callable[..., Any]:
+    def _pre_hook(self, info: EmbeddingInfo, active: Callable[[], bool] | None = None) -> Callable[..., Any]:
         def hook(mod, args, kwargs):
+            if active is not None and not active():
+                return None        # another thread's / context's forward: not ours
             ids = args[0] if args else kwargs.get("input")
             _validate_ids(info, ids, "input ids")
             if info.options.get("max_norm") is not None and _warned_max_norm.add_new(mod):
@@ -324,8 +327,11 @@ class TorchBackend(Backend):
             return None
         return hook
 
-    def _post_hook(self, info: EmbeddingInfo, on_call: Callable[[Call], Any]) -> Callable[..., Any]:
+    def _post_hook(self, info: EmbeddingInfo, on_call: Callable[[Call], Any],
+                   active: Callable[[], bool] | None = None) -> Callable[..., Any]:
         def hook(mod, args, kwargs, output):
+            if active is not None and not active():
+                return None        # another thread's / context's forward: not ours
             if _in_backward():
                 # a gradient-checkpointing recomputation (torch.utils.checkpoint, Hugging Face
                 # gradient_checkpointing_enable()) re-runs the lookup inside backward: the lookup
