@@ -28,8 +28,12 @@ _REDUCTIONS = ("sum", "mean")
 _ACTIVE: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("embgrad_captures", default=())
 
 
-def select_layers(backend: Backend, model: Any, layers: Any) -> list[EmbeddingInfo]:
-    """The embedding layers of ``model`` named or given by ``layers`` (None = all)."""
+def select_layers(backend: Backend, model: Any, layers: Any,
+                  given: dict[str, str] | None = None) -> list[EmbeddingInfo]:
+    """The embedding layers of ``model`` named or given by ``layers`` (None = all).
+
+    ``given``: filled with ``{layer name: the name the user gave}`` for layers found by another
+    name than their own (a Keras path, a Gluon child path such as ``"emb"``)."""
     found = backend.find_embeddings(model)
     if not found:
         raise EmbgradError(
@@ -48,6 +52,8 @@ def select_layers(backend: Backend, model: Any, layers: Any) -> list[EmbeddingIn
             info = found.get(key)
             if info is None and hasattr(backend, "match_name"):
                 info = backend.match_name(key, found)
+                if info is not None and given is not None:
+                    given.setdefault(info.name, key)
             if info is None:
                 raise EmbgradError(
                     f"no embedding layer named {key!r} in {type(model).__name__}; closest names: "
@@ -280,13 +286,18 @@ class Gradients(Mapping):
     """Read-only mapping ``layer name -> LayerGradients``; ``.sources`` holds the gradients of
     extra variables asked for with ``sources=`` (TensorFlow), else None."""
 
-    def __init__(self, layers: dict[str, LayerGradients], sources: list[Any] | None = None):
-        self._layers = dict(layers)
+    def __init__(self, layers: dict[str, LayerGradients], sources: list[Any] | None = None,
+                 aliases: Mapping[str, str] | None = None):
+        # keyed by the name each layer was selected by (capture(net, layers="emb") -> "emb");
+        # the layer's own name (Gluon "embedding0", a Keras layer.name) finds it too
+        aliases = dict(aliases or {})
+        self._layers = {aliases.get(k, k): v for k, v in layers.items()}
+        self._aliases = {k: v for k, v in aliases.items() if k in layers and k not in self._layers}
         self.sources = sources
 
     def __getitem__(self, name: str) -> LayerGradients:
         try:
-            return self._layers[name]
+            return self._layers[name if name not in self._aliases else self._aliases[name]]
         except KeyError:
             raise KeyError(f"no captured layer {name!r}; captured: {', '.join(self._layers)} "
                            f"(closest: {closest_names(name, self._layers)})") from None
@@ -320,7 +331,8 @@ class Capture:
                  forwards: str = "distinct"):
         self.model = model
         self._backend = get_backend(model)
-        self.layers: list[EmbeddingInfo] = select_layers(self._backend, model, layers)
+        self._given: dict[str, str] = {}    # layer name -> the name the user selected it by
+        self.layers: list[EmbeddingInfo] = select_layers(self._backend, model, layers, self._given)
         if batch_dim is not None and (isinstance(batch_dim, bool) or not isinstance(batch_dim, int)
                                       or batch_dim < 0):
             raise EmbgradError(f"batch_dim must be a non-negative int (the dimension of the ids that "
@@ -541,7 +553,7 @@ class Capture:
             if calls:
                 result[info.name] = LayerGradients(info, calls, valid, b, loss_reduction, self._coupling,
                                                    examples, index)
-        return Gradients(result, src)
+        return Gradients(result, src, aliases=self._given)
 
     def _compiled_hint(self) -> str:
         hint = getattr(self._backend, "compiled_hint", None)

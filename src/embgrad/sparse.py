@@ -419,9 +419,9 @@ class ExampleGrads:
             pos = b.from_numpy(np.array([int(index)], np.int64), like=self.example_ids)
             if index < 0:
                 pos = pos + self.batch_size
-            b.assert_in_range(pos, self.batch_size, f"embgrad: example index {int(index)} is out of "
-                              "range for the batch this tf.function was called with.")
-            index = pos
+            index = b.gate(pos, b.assert_in_range(pos, self.batch_size, f"embgrad: example index "
+                                                  f"{int(index)} is out of range for the batch this "
+                                                  "tf.function was called with."))
         mask = self.example_ids == index
         return RowGrad(b.boolean_mask(self.rows, mask), b.boolean_mask(self.values, mask),
                        self.num_rows, b)
@@ -546,7 +546,7 @@ def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example:
     if not b.is_integer(ids):
         raise EmbgradError(f"ids must be integers, got dtype {b.dtype_name(ids)}; cast them to int64.")
     ishape, gshape = b.shape(ids), b.shape(output_grad)
-    _check_grad_shape(b, ishape, gshape)
+    output_grad = b.gate(output_grad, *_check_grad_shape(b, ishape, gshape))
     if len(ishape) not in (1, 2):
         raise EmbgradError(f"ids must be (B, T) or (N,), got shape {ishape}.")
     if any(isinstance(s, (int, np.integer)) and s == 0 for s in ishape):
@@ -560,8 +560,8 @@ def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example:
     ids = b.cast(b.reshape(ids, (-1,)), "int64")
     if b.traced(ids):  # inside tf.function: checked when the graph runs
         checked = ids if ignore_index is None else b.where(ids == ignore_index, b.zeros((1,), "int64", ids), ids)
-        b.assert_in_range(checked, num_rows, f"embgrad: an id is out of range for a table of {num_rows} "
-                          f"rows (valid ids are 0..{num_rows - 1}).")
+        ids = b.gate(ids, b.assert_in_range(checked, num_rows, f"embgrad: an id is out of range for a "
+                                            f"table of {num_rows} rows (valid ids are 0..{num_rows - 1})."))
         lo, hi = 0, 0
     else:
         lo, hi = b.minmax(ids)
@@ -580,9 +580,10 @@ def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example:
     return coalesce_lookups(b, ex, ids, grads, num_rows, B, per_example)
 
 
-def _check_grad_shape(b: Backend, ishape: tuple, gshape: tuple) -> None:
+def _check_grad_shape(b: Backend, ishape: tuple, gshape: tuple) -> list[Any]:
     """EmbgradError unless ``gshape == ishape + (D,)``; dims only known when a traced
-    ``tf.function`` runs are compared then (an ``InvalidArgumentError`` with this message)."""
+    ``tf.function`` runs are compared then (an ``InvalidArgumentError`` with this message):
+    returns those run-time checks' tokens (for ``Backend.gate``)."""
     def show(shape: tuple) -> tuple:
         return tuple(s if isinstance(s, (int, np.integer)) else None for s in shape)
 
@@ -590,12 +591,14 @@ def _check_grad_shape(b: Backend, ishape: tuple, gshape: tuple) -> None:
            f"{show(gshape)}.")
     if len(gshape) != len(ishape) + 1:
         raise EmbgradError(msg)
+    tokens = []
     for i, g in zip(ishape, gshape[:-1]):
         if isinstance(i, (int, np.integer)) and isinstance(g, (int, np.integer)):
             if i != g:
                 raise EmbgradError(msg)
         else:   # 0 <= g - i < 1: equal (checked when the graph runs)
-            b.assert_in_range(b.reshape(b.cast(g - i, "int64"), (1,)), 1, "embgrad: " + msg)
+            tokens.append(b.assert_in_range(b.reshape(b.cast(g - i, "int64"), (1,)), 1, "embgrad: " + msg))
+    return tokens
 
 
 def row_grad(g: Any, num_rows: int | None = None) -> RowGrad:
@@ -619,7 +622,8 @@ def row_grad(g: Any, num_rows: int | None = None) -> RowGrad:
     if b.dtype_name(values) != acc:
         values = b.cast(values, acc)
     if b.traced(ids):  # inside tf.function: checked when the graph runs
-        b.assert_in_range(ids, num_rows, f"embgrad row_grad(): a row index is out of range for {num_rows} rows.")
+        ids = b.gate(ids, b.assert_in_range(ids, num_rows, f"embgrad row_grad(): a row index is out of "
+                                            f"range for {num_rows} rows."))
         lo, hi = 0, 0
     elif b.shape(ids)[0] == 0:
         return RowGrad(ids, values, num_rows, b)

@@ -101,8 +101,13 @@ def test_attribution_bad_input():
     model = make(Classifier(V=V, C=3), x)
     with pytest.raises(EmbgradError, match="class index 5 is out of range"):
         embgrad.attribute(model, x, 5, method="saliency")
-    with pytest.raises(EmbgradError, match="astype"):
-        embgrad.attribute(model, x.astype("float32"), 0, method="saliency")
+    # whole float ids (MXNet's convention) are the ids they say; fractional ones are refused
+    np.testing.assert_array_equal(embgrad.attribute(model, x.astype("float32"), 0, method="saliency").scores,
+                                  embgrad.attribute(model, x, 0, method="saliency").scores)
+    frac = x.astype("float32").asnumpy()
+    frac[0, 0] = 2.5
+    with pytest.raises(EmbgradError, match="not a whole number"):
+        embgrad.attribute(model, nd.array(frac, dtype="float32"), 0, method="saliency")
     with pytest.raises(EmbgradError, match="pad id"):
         embgrad.attribute(model, x, 0, baseline="pad")          # Gluon tables have no padding index
 

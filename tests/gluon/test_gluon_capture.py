@@ -17,7 +17,7 @@ from mxnet.gluon import nn  # noqa: E402
 import embgrad  # noqa: E402
 from embgrad import EmbgradError  # noqa: E402
 from gluon_helpers import (LOSS, Classifier, TwoTower, assert_unchanged, dense_grads,  # noqa: E402
-                           ids, labels, make, snapshot)
+                           ids, labels, make, per_example_loop, snapshot)
 
 
 def _record(model, *inputs, y, layers=None):
@@ -119,7 +119,8 @@ def test_block_with_two_calls_and_two_tables():
     # selecting by Gluon name, by child path, by object
     for sel in (model.pos.name, "pos", model.pos):
         _, one = _capture(model, a, b, y=y, layers=sel)
-        assert list(one) == [model.pos.name]
+        assert list(one) == [sel if isinstance(sel, str) else model.pos.name]   # the name given
+        assert one[model.pos.name] is one.only()
 
 
 def test_grad_req_add_and_accumulated_grads_untouched():
@@ -244,12 +245,65 @@ def test_out_of_range_ids_refused_not_clipped():
             model(bad)
 
 
-def test_float_ids_refused():
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_whole_float_ids_accepted_as_mxnet_makes_them(dtype):
+    """``nd.array([...])`` makes float32 ids: whole-valued ones exactly representable in their
+    dtype are the ids they say, checked against MXNet's own dense gradient and a per-example
+    loop with the same ids as int64."""
+    x, y = ids(4, 5, 30), labels(4, 3)
+    model = make(Classifier(), x)
+    xf = x.astype(dtype)
+    cap, g = _capture(model, xf, y=y)
+    g = g.only()
+    ref = dense_grads(model, lambda: LOSS(model(x), y).sum(), [model.emb.weight])[0]
+    np.testing.assert_allclose(g.weight_grad.to_dense().asnumpy(), ref, atol=1e-5)
+    pe = per_example_loop(model, lambda b: LOSS(model(x[b:b + 1]), y[b:b + 1]).sum(), model.emb.weight, 4)
+    np.testing.assert_allclose(g.per_example().to_dense().asnumpy(), pe, atol=1e-5)
+    assert np.dtype(g.ids.dtype) == np.int64
+    np.testing.assert_array_equal(g.ids.asnumpy(), x.asnumpy())
+
+
+@pytest.mark.parametrize("bad, match", [
+    (2.5, r"id 2.5 at position \(1, 2\) is not a whole number.*truncate"),
+    (float("nan"), "not a whole number"),
+    (2.0 ** 24 + 2, r"at or past 2\*\*24.*float32 cannot hold every integer"),
+    (float("inf"), r"at or past 2\*\*24"),
+])
+def test_inexact_float_ids_refused(bad, match):
     x = ids(2, 4, 30)
     model = make(Classifier(), x)
-    with pytest.raises(EmbgradError, match=r"float32.*astype\('int64'\)"):
+    before = snapshot(model)
+    xf = x.astype("float32").asnumpy()
+    xf[1, 2] = bad
+    with pytest.raises(EmbgradError, match=match):
         with embgrad.capture(model):
-            model(x.astype("float32"))
+            with autograd.record():
+                model(nd.array(xf, dtype="float32"))
+    assert_unchanged(model, before)
+
+
+def test_float16_ids_past_2048_refused():
+    x = ids(2, 4, 30)
+    model = make(Classifier(), x)
+    xf = x.astype("float16").asnumpy()
+    xf[0, 0] = 2050
+    with pytest.raises(EmbgradError, match=r"at or past 2\*\*11.*float16"):
+        with embgrad.capture(model):
+            model(nd.array(xf, dtype="float16"))
+
+
+def test_results_keyed_by_the_name_the_user_gave():
+    """capture(net, layers="emb") (the child's attribute name) gives results under "emb"; the
+    block's own name ("embedding0"-style) still finds them."""
+    x, y = ids(3, 4, 30), labels(3, 3)
+    model = make(Classifier(), x)
+    own = model.emb.name
+    _, g = _capture(model, x, y=y, layers="emb")
+    assert list(g) == ["emb"] and g["emb"] is g[own] and own != "emb"
+    ref = dense_grads(model, lambda: LOSS(model(x), y).sum(), [model.emb.weight])[0]
+    np.testing.assert_allclose(g["emb"].weight_grad.to_dense().asnumpy(), ref, atol=1e-5)
+    _, g2 = _capture(model, x, y=y, layers=own)
+    assert list(g2) == [own]
 
 
 def test_unknown_layer_and_no_embedding():

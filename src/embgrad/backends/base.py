@@ -295,10 +295,15 @@ class Backend:
         """EmbgradError when called where tensors have no values (while a ``tf.function`` is
         traced): ``what`` needs values; ``instead`` names the eager (or in-graph) alternative."""
 
-    def assert_in_range(self, ids: Any, num_rows: int, message: str) -> None:
+    def assert_in_range(self, ids: Any, num_rows: int, message: str) -> Any:
         """For traced int ``ids``: a run-time assertion that 0 <= ids < num_rows, failing
-        with ``message`` when the graph runs."""
+        with ``message`` when the graph runs. Returns a token for :meth:`gate`."""
         raise NotImplementedError
+
+    def gate(self, x: Any, *tokens: Any) -> Any:
+        """``x``, computed only after the run-time assertions ``tokens`` (from
+        :meth:`assert_in_range`) passed, so that their message, not a kernel's, is the error."""
+        return x
 
     def is_integer(self, x: Any) -> bool:
         return self.dtype_name(x).startswith(("int", "uint"))

@@ -100,15 +100,16 @@ def _validate_ids(info: EmbeddingInfo, ids: Any) -> None:
         raise EmbgradError(f"layer {info.name!r}: ids must be an MXNet NDArray of integer ids, "
                            f"got {type(ids).__name__}.")
     dt = np.dtype(ids.dtype)
-    if dt.kind not in "iu":
+    if dt.kind not in "iuf":
         raise EmbgradError(
-            f"layer {info.name!r}: ids have dtype {dt.name}. MXNet's Embedding truncates float ids "
-            "silently (and loses whole numbers above 2**24 in float32); embgrad needs exact ids: "
-            f"pass ids.astype('int64') (whole numbers in [0, {info.num_rows})).")
+            f"layer {info.name!r}: ids have dtype {dt.name}; pass integer ids (ids.astype('int64'), "
+            f"whole numbers in [0, {info.num_rows})).")
     if ids.size == 0:
         raise EmbgradError(f"layer {info.name!r}: empty batch (ids of shape {tuple(ids.shape)}); "
                            "there is nothing to look up. Pass at least one example with one token.")
     flat = _as_nd(ids).reshape((-1,))
+    if dt.kind == "f":
+        _check_float_ids(info, ids, flat, dt)
     lo, hi = int(nd.min(flat).asscalar()), int(nd.max(flat).asscalar())
     if lo < 0 or hi >= info.num_rows:
         bad = lo if lo < 0 else hi
@@ -118,6 +119,29 @@ def _validate_ids(info: EmbeddingInfo, ids: Any) -> None:
             f"{info.num_rows} rows (valid ids are 0..{info.num_rows - 1}); MXNet would silently "
             "clip it to the nearest valid row. Check the vocabulary size against the Embedding's "
             "input_dim, or map unknown tokens to an UNK id.")
+
+
+def _check_float_ids(info: EmbeddingInfo, ids: Any, flat: nd.NDArray, dt: np.dtype) -> None:
+    """Float ids are MXNet's convention (``nd.array`` makes float32): accepted when every id is
+    a whole number below the dtype's exact-integer limit (2**11 float16, 2**24 float32, 2**53
+    float64; past it neighbouring integers share one float, so the id the user meant is lost).
+    MXNet's Embedding would truncate a fractional id silently."""
+    limit = 2 ** (np.finfo(dt).nmant + 1)
+    whole = nd.floor(flat) == flat
+    if int(nd.min(whole).asscalar()) == 0:
+        a = ids.asnumpy()
+        pos = tuple(int(i) for i in np.argwhere(np.floor(a) != a)[0])
+        raise EmbgradError(
+            f"layer {info.name!r}: id {a[pos]!r} at position {pos} is not a whole number (ids have "
+            f"dtype {dt.name}); MXNet's Embedding would truncate it silently. Pass whole-number ids, "
+            "e.g. nd.array(ids, dtype='int64').")
+    if float(nd.max(nd.abs(flat)).asscalar()) >= limit:
+        a = ids.asnumpy()
+        pos = tuple(int(i) for i in np.argwhere(np.abs(a) >= limit)[0])
+        raise EmbgradError(
+            f"layer {info.name!r}: id {a[pos]!r} at position {pos} is at or past 2**{int(np.log2(limit))}, "
+            f"where {dt.name} cannot hold every integer (the id you meant may have been rounded). "
+            "Pass the ids as integers: nd.array(ids, dtype='int64').")
 
 
 # ---------------------------------------------------------------------------- model walk
@@ -376,7 +400,9 @@ class GluonBackend(Backend):
             out = orig(x, *args)
             recording = autograd.is_recording()
             # the core sees an mxnet.numpy view of the output; the model gets its own type back
-            call = _GluonCall(info=info, ids=x, output=_as_np(out), grad_enabled=recording)
+            # whole-valued float ids (MXNet's convention, checked exact above) recorded as int64
+            rec = x if np.dtype(x.dtype).kind in "iu" else x.astype("int64")
+            call = _GluonCall(info=info, ids=rec, output=_as_np(out), grad_enabled=recording)
             call.meta["train_mode"] = autograd.is_training()
             replaced = on_call(call)
             if replaced is not None:

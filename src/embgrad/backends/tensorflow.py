@@ -189,12 +189,7 @@ class TensorFlowBackend(Backend):
             raise EmbgradError(f"{where}: empty batch (ids of shape {tuple(ids.shape)}); there is "
                                "nothing to look up. Pass at least one example with one token.")
         if is_symbolic(ids):
-            flat = tf.reshape(ids, (-1,))
-            message = _out_of_range(where, "an id", num_rows)
-            checks = [tf.debugging.assert_non_negative(flat, message=message),
-                      tf.debugging.assert_less(flat, tf.cast(num_rows, flat.dtype), message=message)]
-            with tf.control_dependencies([c for c in checks if c is not None]):
-                return tf.identity(ids)
+            return self.gate(ids, self.assert_in_range(ids, num_rows, _out_of_range(where, "an id", num_rows)))
         lo, hi = self.minmax(ids)
         if lo < 0 or hi >= num_rows:
             bad = lo if lo < 0 else hi
@@ -332,8 +327,16 @@ class TensorFlowBackend(Backend):
 
     def assert_in_range(self, ids, num_rows, message):
         flat = tf.reshape(ids, (-1,))
-        tf.debugging.assert_non_negative(flat, message=message)
-        tf.debugging.assert_less(flat, tf.cast(num_rows, flat.dtype), message=message)
+        return [op for op in (tf.debugging.assert_non_negative(flat, message=message),
+                              tf.debugging.assert_less(flat, tf.cast(num_rows, flat.dtype), message=message))
+                if op is not None]
+
+    def gate(self, x, *tokens):
+        deps = [op for t in tokens if t for op in t]
+        if not deps:
+            return x
+        with tf.control_dependencies(deps):
+            return tf.identity(x)
 
     def row_grad_parts(self, g):
         if isinstance(g, tf.IndexedSlices):
