@@ -592,7 +592,7 @@ def _check_grad_shape(b: Backend, ishape: tuple, gshape: tuple) -> list[Any]:
     if len(gshape) != len(ishape) + 1:
         raise EmbgradError(msg)
     tokens = []
-    for i, g in zip(ishape, gshape[:-1]):
+    for i, g in zip(ishape, gshape[:-1], strict=True):
         if isinstance(i, (int, np.integer)) and isinstance(g, (int, np.integer)):
             if i != g:
                 raise EmbgradError(msg)
