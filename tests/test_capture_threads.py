@@ -45,6 +45,27 @@ def _run_threads(*fns):
         raise errors[0]
 
 
+def _capture_in_two_threads(models, xs, loss_fn):
+    """Each of two threads captures models[k] on xs[k], both captures active at once; returns
+    per thread (number of recorded calls, dense weight gradient, dense per-example gradients)."""
+    barrier = threading.Barrier(2)
+    results: dict[int, tuple] = {}
+
+    def worker(k):
+        def run():
+            m, x = models[k], xs[k]
+            with embgrad.capture(m) as cap:
+                barrier.wait()                     # both captures active
+                loss = loss_fn(m, x)
+                barrier.wait()                     # both forwards done
+            g = cap.gradients(loss)["emb"]
+            results[k] = (len(g.calls), g.weight_grad.to_dense().numpy(), g.per_example().to_dense().numpy())
+        return run
+
+    _run_threads(worker(0), worker(1))
+    return [results[0], results[1]]
+
+
 # ---------------------------------------------------------------------------- PyTorch
 torch = pytest.importorskip("torch")
 
@@ -100,21 +121,7 @@ def test_torch_two_threads_capture_at_the_same_time(same_model):
     models = [_TorchModel(0), _TorchModel(0) if not same_model else None]
     models[1] = models[1] or models[0]
     xs = [_ids(2, B=3), _ids(3, B=5)]
-    barrier = threading.Barrier(2)
-    results: dict[int, tuple] = {}
-
-    def worker(k):
-        def run():
-            m, x = models[k], xs[k]
-            with embgrad.capture(m) as cap:
-                barrier.wait()                     # both captures active
-                loss = _torch_loss(m, x)
-                barrier.wait()                     # both forwards done
-            g = cap.gradients(loss)["emb"]
-            results[k] = (len(g.calls), g.weight_grad.to_dense().numpy(), g.per_example().to_dense().numpy())
-        return run
-
-    _run_threads(worker(0), worker(1))
+    results = _capture_in_two_threads(models, xs, _torch_loss)
     for k in (0, 1):
         calls, dense, per_example = results[k]
         assert calls == 1
@@ -207,21 +214,7 @@ def test_keras_two_threads_capture_at_the_same_time(same_model):
     models = [_keras_model(0)]
     models.append(models[0] if same_model else _keras_model(1))
     xs = [_ids(2, B=3), _ids(3, B=5)]
-    barrier = threading.Barrier(2)
-    results: dict[int, tuple] = {}
-
-    def worker(k):
-        def run():
-            m, x = models[k], xs[k]
-            with embgrad.capture(m) as cap:
-                barrier.wait()
-                loss = _keras_loss(m, x)
-                barrier.wait()
-            g = cap.gradients(loss)["emb"]
-            results[k] = (len(g.calls), g.weight_grad.to_dense().numpy(), g.per_example().to_dense().numpy())
-        return run
-
-    _run_threads(worker(0), worker(1))
+    results = _capture_in_two_threads(models, xs, _keras_loss)
     for k in (0, 1):
         calls, dense, per_example = results[k]
         assert calls == 1
