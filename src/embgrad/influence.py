@@ -303,7 +303,7 @@ class _Index:
             raise EmbgradError(f"scores() would allocate {need / 2**20:.0f} MiB for ({len(query)}, "
                                f"{self.num_examples}); use top(), which streams, or raise max_bytes.")
         out = np.empty((len(query), self.num_examples))
-        for start, block in self._metric_blocks(query, metric):
+        for start, block in self._metric_blocks(query, metric):   # float32 (projected) into float64
             out[:, start:start + block.shape[1]] = block
         return out
 
@@ -313,9 +313,8 @@ class _Index:
         qn = np.sqrt(query.self_influence()) if metric == "cosine" else None
         mine = np.sqrt(self.self_influence()) if metric == "cosine" else None
         for start, block in self._blocks(query):
-            block = block.astype(np.float64, copy=False)
             if qn is not None and mine is not None:
-                denom = np.outer(qn, mine[start:start + block.shape[1]])
+                denom = np.outer(qn, mine[start:start + block.shape[1]]).astype(block.dtype)
                 block = np.divide(block, denom, out=np.zeros_like(block), where=denom > 0)
             yield start, block
 
@@ -333,10 +332,17 @@ class _Index:
         Q = len(query)
         best = [(np.empty((Q, 0), np.int64), np.empty((Q, 0)))] * 2     # (proponents, -opponents)
         for start, block in self._metric_blocks(query, metric):
-            idx = np.arange(start, start + block.shape[1], dtype=np.int64)
-            for side, values in enumerate((block, -block)):
-                ids = np.concatenate([best[side][0], np.broadcast_to(idx, values.shape)], 1)
-                vals = np.concatenate([best[side][1], values], 1)
+            m = block.shape[1]
+            for side in (0, 1):
+                if m <= n:
+                    part = np.broadcast_to(np.arange(m), block.shape)
+                elif side == 0:                                            # the n largest of the block
+                    part = np.argpartition(block, m - n, axis=1)[:, m - n:]
+                else:                                                      # the n smallest
+                    part = np.argpartition(block, n - 1, axis=1)[:, :n]
+                vals = np.take_along_axis(block, part, 1).astype(np.float64) * (1.0 if side == 0 else -1.0)
+                ids = np.concatenate([best[side][0], part + start], 1)
+                vals = np.concatenate([best[side][1], vals], 1)
                 if vals.shape[1] > n:
                     keep = np.argpartition(-vals, n - 1, axis=1)[:, :n]
                     ids, vals = np.take_along_axis(ids, keep, 1), np.take_along_axis(vals, keep, 1)
