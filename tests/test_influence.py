@@ -83,13 +83,13 @@ def _splitmix(x: int) -> int:
     return z ^ (z >> 31)
 
 
-def reference_matrix(layer: str, V: int, D: int, k: int, seed: int, s: int) -> np.ndarray:
+def reference_matrix(layer: int, V: int, D: int, k: int, seed: int, s: int) -> np.ndarray:
     """P from the docstring's definition, one coordinate at a time in Python integers."""
     import zlib
 
     m = k // s
     P = np.zeros((k, V * D))
-    top = _splitmix(_splitmix(seed) ^ zlib.crc32(layer.encode()))
+    top = _splitmix(_splitmix(seed) ^ zlib.crc32(str(layer).encode()))
     for r in range(V):
         base = _splitmix(top ^ r)
         for d in range(D):
@@ -103,8 +103,8 @@ def test_projection_is_the_documented_matrix_applied_to_dense_gradients(demo):
     data, early, final = demo
     V, D = final.embedding.weight.shape
     proj = inf.Projection(k=64, seed=3, density=4)
-    P = reference_matrix("embedding", V, D, 64, 3, 4)
-    np.testing.assert_array_equal(proj.matrix("embedding", V, D), P.astype(np.float32))
+    P = reference_matrix(0, V, D, 64, 3, 4)
+    np.testing.assert_array_equal(proj.matrix(0, V, D), P.astype(np.float32))
     idx = inf.collect([(early, 0.25), (final, 4.0)], batches(data.train, 40, size=16), loss_fn,
                       k=64, seed=3, density=4, dtype="float32", progress=False)
     want = np.concatenate([np.sqrt(lr) * dense_grads(m, data.train, 40).numpy() @ P.T
@@ -115,14 +115,14 @@ def test_projection_is_the_documented_matrix_applied_to_dense_gradients(demo):
 def test_exact_rows_are_kept_outside_the_sketch(demo):
     data, early, final = demo
     V, D = final.embedding.weight.shape
-    P = reference_matrix("embedding", V, D, 32, 5, 2)
+    P = reference_matrix(0, V, D, 32, 5, 2)
     bs = batches(data.train, 40, size=20)
     idx = inf.collect([(early, 0.5), (final, 2.0)], bs, loss_fn, k=32, seed=5, density=2, dtype="float32",
                       exact_rows=3, progress=False)
     dense = {m: dense_grads(m, data.train, 40).numpy().reshape(40, V, D) for m in (early, final)}
     mass = sum((dense[m][:20] ** 2).sum((0, 2)) for m in (early, final))     # first batch, both checkpoints
     heavy = sorted(np.argsort(-mass, kind="stable")[:3].tolist())
-    assert idx.manifest["exact_rows"] == {"embedding": heavy}
+    assert idx.manifest["exact_rows"] == [heavy]
     want = []
     for m, lr in ((early, 0.5), (final, 2.0)):
         g = dense[m].copy()
@@ -143,7 +143,7 @@ def test_projection_unbiased_with_the_stated_variance():
     y = 0.6 * x + y
     est = []
     for seed in range(300):
-        P = inf.Projection(k, seed, density=4).matrix("t", V, D).astype(np.float64)
+        P = inf.Projection(k, seed, density=4).matrix(0, V, D).astype(np.float64)
         est.append((P @ x) @ (P @ y))
     est = np.array(est)
     var = (x @ x * (y @ y) + (x @ y) ** 2 - 2 * np.sum(x ** 2 * y ** 2)) / k

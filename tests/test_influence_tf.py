@@ -56,6 +56,6 @@ def test_keras_tf_data_exact_and_projected_match_per_example_tapes():
     np.testing.assert_allclose(exact.self_influence(), 0.5 * (G[0] ** 2).sum(1) + 2.0 * (G[1] ** 2).sum(1), rtol=1e-4)
     proj = inf.collect(ckpts, ds, loss_fn, k=64, dtype="float32", progress=False)
     V, D = models[0].get_layer("embedding").embeddings.shape
-    P = inf.Projection(64).matrix("embedding", V, D).astype(np.float64)
+    P = inf.Projection(64).matrix(0, V, D).astype(np.float64)
     want = np.concatenate([np.sqrt(0.5) * G[0] @ P.T, np.sqrt(2.0) * G[1] @ P.T], 1)
     np.testing.assert_allclose(proj.vectors(), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

@@ -130,12 +130,12 @@ class Projection:
     blocks of ``m = k / density`` outputs, to one bucket with a random sign (the block
     construction of Kane & Nelson, 2014, "Sparser Johnson–Lindenstrauss Transforms", J. ACM
     61(1); ``density=1`` is CountSketch, Charikar et al. 2002; ``density=k`` a dense Rademacher
-    matrix). Buckets and signs are a hash of (seed, layer name, r, d, block), so the matrix
+    matrix). Buckets and signs are a hash of (seed, layer ℓ, r, d, block), so the matrix
     P (k × V·D) is never stored: a batch's unique rows get their (D, density) buckets on the
     fly, and ``P · vec(G_b)`` costs O(T · D · density) per example, a scatter-add over the
     entries the example has. Hash, for u = SplitMix64::
 
-        base(r) = u(u(u(seed) ^ crc32(layer)) ^ r)
+        base(r) = u(u(u(seed) ^ crc32(str(ℓ))) ^ r)       (ℓ: the layer's position, 0, 1, ...)
         z       = u(base(r) ^ (d · density + i))            (block i)
         bucket  = i · m + (z >> 32) mod m,   sign = +1 if z is even else −1,   value ± 1/√density
 
@@ -167,12 +167,12 @@ class Projection:
         if not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2 ** 63:
             raise EmbgradError(f"Projection seed must be an int in [0, 2**63), got {self.seed!r}.")
 
-    def tables(self, layer: str, rows: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    def tables(self, layer: int, rows: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """Buckets int64 (R, dim · density) in [0, k) and signed values float32 (R, dim · density)
-        (± 1/√density) of the coordinates of ``rows`` (int (R,)); column d · density + i is
-        dimension d in block i."""
+        (± 1/√density) of the coordinates of ``rows`` (int (R,)) of the ``layer``-th captured layer;
+        column d · density + i is dimension d in block i."""
         s, m = self.density, self.k // self.density
-        salt = np.uint64(zlib.crc32(layer.encode("utf-8")))
+        salt = np.uint64(zlib.crc32(str(int(layer)).encode("utf-8")))
         top = _splitmix64(_splitmix64(np.array([self.seed], np.uint64)) ^ salt)
         base = _splitmix64(top ^ np.asarray(rows, dtype=np.int64).astype(np.uint64))     # (R,)
         z = _splitmix64(base[:, None] ^ np.arange(dim * s, dtype=np.uint64)[None, :])    # (R, D·s)
@@ -181,7 +181,7 @@ class Projection:
         signs = np.where(z & np.uint64(1), -1.0, 1.0).astype(np.float32) / np.float32(math.sqrt(s))
         return buckets, signs
 
-    def matrix(self, layer: str, num_rows: int, dim: int, max_bytes: int = 2 ** 28) -> np.ndarray:
+    def matrix(self, layer: int, num_rows: int, dim: int, max_bytes: int = 2 ** 28) -> np.ndarray:
         """The dense (k, num_rows · dim) matrix P (float32), for checks on small tables;
         EmbgradError above ``max_bytes``."""
         need = 4 * self.k * num_rows * dim
@@ -194,7 +194,7 @@ class Projection:
         np.add.at(out, (buckets.reshape(-1), cols), signs.reshape(-1))
         return out
 
-    def project(self, layer: str, grads: ExampleGrads) -> Any:
+    def project(self, layer: int, grads: ExampleGrads) -> Any:
         """P · vec(G_b) for each example b: a float32 framework tensor (B, k) on the gradients'
         device (a scatter-add of B · T · D · density values)."""
         b = get_backend(grads.values)
@@ -283,8 +283,8 @@ class _Index:
         for key in ("layers", "checkpoints", "projection", "exact_rows"):
             a, b = self.manifest.get(key), query.manifest.get(key)
             if key == "layers":
-                a = [(x["name"], x["num_rows"], x["dim"]) for x in a or []]
-                b = [(x["name"], x["num_rows"], x["dim"]) for x in b or []]
+                a = [(x["num_rows"], x["dim"]) for x in a or []]      # by position: Gluon names differ
+                b = [(x["num_rows"], x["dim"]) for x in b or []]      # between instances of one model
             if key == "checkpoints":
                 a = [x["lr"] for x in a or []]
                 b = [x["lr"] for x in b or []]
@@ -407,9 +407,9 @@ class ExactIndex(_Index):
         like = query._like if query._backend is not None else self._like
         total = np.zeros((len(query), self.num_examples))
         for c, lr in enumerate(self.lrs):
-            for layer in (x["name"] for x in self.manifest["layers"]):
-                q = query.example_grads(c, layer, b, like)
-                mine = self.example_grads(c, layer, b, like)
+            for x_q, x_mine in zip(query.manifest["layers"], self.manifest["layers"]):
+                q = query.example_grads(c, x_q["name"], b, like)
+                mine = self.example_grads(c, x_mine["name"], b, like)
                 total += lr * b.to_numpy(q.dot(mine)).astype(np.float64)
         yield 0, total
 
@@ -591,9 +591,11 @@ def _batch_grads(ckpts: list[Checkpoint], batch: Any, loss_fn: LossFn, layers: A
 
 
 def _layer_info(grads: list[dict[str, ExampleGrads]], ckpts: list[Checkpoint]) -> list[dict[str, Any]]:
+    """The layers (first checkpoint's names) after checking every checkpoint has the same tables,
+    position by position (names may differ: Gluon numbers its blocks per instance)."""
     first = grads[0]
     for c, per in zip(ckpts[1:], grads[1:], strict=True):
-        if [(n, g.num_rows, g.dim) for n, g in per.items()] != [(n, g.num_rows, g.dim) for n, g in first.items()]:
+        if [(g.num_rows, g.dim) for g in per.values()] != [(g.num_rows, g.dim) for g in first.values()]:
             raise EmbgradError(f"checkpoint {c.name!r} has other embedding layers than {ckpts[0].name!r}: "
                                f"{[(n, g.num_rows, g.dim) for n, g in per.items()]} vs "
                                f"{[(n, g.num_rows, g.dim) for n, g in first.items()]}; TracInCP needs the same model "
@@ -644,7 +646,8 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
     at one checkpoint, lr 1). ``data``: any iterable of batches (a torch ``DataLoader``, a
     ``tf.data.Dataset``, a list...), iterated once, in order. ``loss_fn(model, batch)``: the
     scalar loss of the batch, the *sum* of its examples' losses (or their mean, with
-    ``loss_reduction="mean"``). ``layers``: which embedding layers (as in :func:`embgrad.capture`;
+    ``loss_reduction="mean"``), computed the way the framework records gradients (MXNet Gluon:
+    inside ``autograd.record()``). ``layers``: which embedding layers (as in :func:`embgrad.capture`;
     the gradient is the concatenation of all of them).
 
     ``mode``: "exact" (sparse per-example gradients kept, memory O(N · T · D)) or "projected"
@@ -678,7 +681,8 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
             k, seed, density = p["k"], p["seed"], p["density"]
             dtype = like.manifest["dtype"]
             exact_rows = like.manifest.get("exact_rows") or {}
-        layers = layers if layers is not None else [x["name"] for x in like.manifest["layers"]]
+        if layers is None:
+            layers = _like_layers(like, [c.model for c in ckpts])
         lrs = [c.lr for c in ckpts]
         if lrs != list(like.lrs):
             raise EmbgradError(f"like= was collected with learning rates {list(like.lrs)} but these checkpoints "
@@ -698,10 +702,11 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
         "loss_reduction": loss_reduction, "shard_size": shard_size, "exact_rows_requested": heavy_spec,
         "requested_layers": layers if layers is None or isinstance(layers, str) else
         [x if isinstance(x, str) else type(x).__name__ for x in layers],
+        "layers_by_name": layers is None or isinstance(layers, str) or all(isinstance(x, str) for x in layers),
     }
     from . import __version__
     manifest: dict[str, Any] = {**settings, "layers": None, "num_examples": 0, "batches_done": 0,
-                                "exact_rows": heavy_spec if isinstance(heavy_spec, dict) else None,
+                                "exact_rows": heavy_spec if isinstance(heavy_spec, list) else None,
                                 "shards": [], "complete": False, "embgrad": __version__,
                                 "path": str(path) if path is not None else None}
     out_dir = Path(path) if path is not None else None
@@ -751,8 +756,10 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
                 info = _layer_info(grads, ckpts)
                 if manifest["layers"] is None:
                     manifest["layers"] = info
-                elif manifest["layers"] != info:
+                elif [(x["num_rows"], x["dim"]) for x in manifest["layers"]] != [(x["num_rows"], x["dim"]) for x in info]:
                     raise EmbgradError(f"batch {i} captured layers {info}, earlier batches {manifest['layers']}.")
+                names = [x["name"] for x in manifest["layers"]]
+                grads = [dict(zip(names, per.values(), strict=True)) for per in grads]   # by position
                 first = next(iter(grads[0].values()))
                 B = len(first)
                 backend = backend or get_backend(first.values)
@@ -763,9 +770,8 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
                         sq[:, c] += backend.to_numpy(eg.norms()).astype(np.float64) ** 2
                 if proj is not None:
                     if manifest["exact_rows"] is None:
-                        manifest["exact_rows"] = _heaviest_rows(
-                            backend, grads, heavy_spec if isinstance(heavy_spec, int) else 0)
-                    heavy = {name: np.asarray(manifest["exact_rows"].get(name, []), np.int64) for name in grads[0]}
+                        manifest["exact_rows"] = _resolve_exact_rows(backend, grads, heavy_spec)
+                    heavy = [np.asarray(r, np.int64) for r in manifest["exact_rows"]]
                     vec = np.concatenate([_project_batch(backend, proj, per, heavy) * np.float32(math.sqrt(ckpts[c].lr))
                                           for c, per in enumerate(grads)], axis=1)
                     manifest["width"] = vec.shape[1] // C
@@ -810,10 +816,27 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
     return index
 
 
-def _exact_rows_spec(exact_rows: Any, projected: bool) -> int | dict[str, list[int]]:
-    """``exact_rows`` checked: an int H >= 0, or {layer: sorted unique rows}."""
+def _like_layers(like: _Index, models: list[Any]) -> Any:
+    """The layers to capture for a query collected ``like`` an index: the index's layer names when
+    every checkpoint's model has them all, else what the index was asked for by name (None: every
+    layer)."""
+    names = [x["name"] for x in like.manifest["layers"]]
+    if all(set(names) <= set(get_backend(m).find_embeddings(m)) for m in models):
+        return names
+    req = like.manifest.get("requested_layers")
+    if req is None or isinstance(req, str) or (isinstance(req, list) and like.manifest.get("layers_by_name")):
+        return req
+    raise EmbgradError(f"these models do not all have the index's layers {names} by name, and the index was "
+                       "given layer objects: pass layers= (the same layers) to collect(..., like=index).")
+
+
+def _exact_rows_spec(exact_rows: Any, projected: bool) -> Any:
+    """``exact_rows`` checked: an int H >= 0, {layer name: sorted unique rows}, or (from a
+    manifest) a list of sorted rows per layer position."""
     if isinstance(exact_rows, (int, np.integer)) and not isinstance(exact_rows, bool) and exact_rows >= 0:
         return int(exact_rows)
+    if isinstance(exact_rows, list) and all(isinstance(v, list) for v in exact_rows):
+        return [sorted({int(r) for r in v}) for v in exact_rows]
     if isinstance(exact_rows, Mapping) and all(isinstance(k, str) for k in exact_rows):
         try:
             out = {k: sorted({int(r) for r in v}) for k, v in exact_rows.items()}
@@ -827,9 +850,24 @@ def _exact_rows_spec(exact_rows: Any, projected: bool) -> int | dict[str, list[i
                        f"{{layer name: [row ids]}}, got {exact_rows!r}.")
 
 
-def _heaviest_rows(b: Backend, grads: list[dict[str, ExampleGrads]], H: int) -> dict[str, list[int]]:
-    """Per layer, the H rows with the largest Σ‖g‖² over the batch and checkpoints (sorted)."""
-    out: dict[str, list[int]] = {}
+def _resolve_exact_rows(b: Backend, grads: list[dict[str, ExampleGrads]], spec: Any) -> list[list[int]]:
+    """Per layer position, the sorted rows kept exactly: given by name, or the H rows with the
+    largest Σ‖g‖² over the first batch and every checkpoint."""
+    if isinstance(spec, dict):
+        unknown = set(spec) - set(grads[0])
+        if unknown:
+            raise EmbgradError(f"exact_rows names layers {sorted(unknown)} that were not captured; captured: "
+                               f"{', '.join(grads[0])}.")
+        out = []
+        for name, eg in grads[0].items():
+            rows = spec.get(name, [])
+            if rows and rows[-1] >= eg.num_rows:
+                raise EmbgradError(f"exact_rows: row {rows[-1]} is out of range for layer {name!r} of "
+                                   f"{eg.num_rows} rows.")
+            out.append(list(rows))
+        return out
+    H = int(spec)
+    out = []
     for name, first in grads[0].items():
         mass = np.zeros(first.num_rows)
         for per in grads:
@@ -838,33 +876,33 @@ def _heaviest_rows(b: Backend, grads: list[dict[str, ExampleGrads]], H: int) -> 
                 sq = b.to_numpy(b.sum(eg.values * eg.values, 1)).astype(np.float64)
                 mass += np.bincount(b.to_numpy(eg.rows), weights=sq, minlength=first.num_rows)
         top = np.argsort(-mass, kind="stable")[:H] if H else np.empty(0, np.int64)
-        out[name] = sorted(int(r) for r in top if mass[r] > 0)
+        out.append(sorted(int(r) for r in top if mass[r] > 0))
     return out
 
 
 def _project_batch(b: Backend, proj: Projection, per: dict[str, ExampleGrads],
-                   heavy: dict[str, np.ndarray]) -> np.ndarray:
+                   heavy: list[np.ndarray]) -> np.ndarray:
     """float32 (B, k + Σ H_l · D_l): the sketch of every layer's rows outside ``heavy`` (summed over
     layers), then each layer's ``heavy`` rows exactly (B, H_l · D_l)."""
     sketch, dense = None, []
-    for name, eg in per.items():
-        rows_h = heavy.get(name, np.empty(0, np.int64))
+    for pos, eg in enumerate(per.values()):
+        rows_h = heavy[pos]
         H = len(rows_h)
         if H and eg.nnz:
             rows = b.to_numpy(eg.rows)
-            pos = np.searchsorted(rows_h, rows)
-            hit = (pos < H) & (rows_h[np.minimum(pos, H - 1)] == rows)
+            at = np.searchsorted(rows_h, rows)
+            hit = (at < H) & (rows_h[np.minimum(at, H - 1)] == rows)
             keep, take = b.from_numpy(~hit, like=eg.rows), b.from_numpy(hit, like=eg.rows)
             values = eg.values
             tail = ExampleGrads(b.boolean_mask(eg.example_ids, keep), b.boolean_mask(eg.rows, keep),
                                 b.boolean_mask(values, keep), len(eg), eg.num_rows, b)
-            keys = b.boolean_mask(eg.example_ids, take) * H + b.from_numpy(pos[hit].astype(np.int64), like=eg.rows)
+            keys = b.boolean_mask(eg.example_ids, take) * H + b.from_numpy(at[hit].astype(np.int64), like=eg.rows)
             block = b.segment_sum(b.cast(b.boolean_mask(values, take), "float32"), keys, len(eg) * H)
             dense.append(b.to_numpy(b.reshape(block, (len(eg), H * eg.dim))))
-            part = proj.project(name, tail)
+            part = proj.project(pos, tail)
         else:
             if H:
                 dense.append(np.zeros((len(eg), H * eg.dim), np.float32))
-            part = proj.project(name, eg)
+            part = proj.project(pos, eg)
         sketch = part if sketch is None else sketch + part
     return np.concatenate([b.to_numpy(sketch), *dense], axis=1)
