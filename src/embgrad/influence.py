@@ -407,7 +407,7 @@ class ExactIndex(_Index):
         like = query._like if query._backend is not None else self._like
         total = np.zeros((len(query), self.num_examples))
         for c, lr in enumerate(self.lrs):
-            for x_q, x_mine in zip(query.manifest["layers"], self.manifest["layers"]):
+            for x_q, x_mine in zip(query.manifest["layers"], self.manifest["layers"], strict=True):
                 q = query.example_grads(c, x_q["name"], b, like)
                 mine = self.example_grads(c, x_mine["name"], b, like)
                 total += lr * b.to_numpy(q.dot(mine)).astype(np.float64)
@@ -756,7 +756,8 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
                 info = _layer_info(grads, ckpts)
                 if manifest["layers"] is None:
                     manifest["layers"] = info
-                elif [(x["num_rows"], x["dim"]) for x in manifest["layers"]] != [(x["num_rows"], x["dim"]) for x in info]:
+                elif [(x["num_rows"], x["dim"]) for x in manifest["layers"]] != [
+                        (x["num_rows"], x["dim"]) for x in info]:
                     raise EmbgradError(f"batch {i} captured layers {info}, earlier batches {manifest['layers']}.")
                 names = [x["name"] for x in manifest["layers"]]
                 grads = [dict(zip(names, per.values(), strict=True)) for per in grads]   # by position
