@@ -238,3 +238,22 @@ def test_keras_model_named_by_its_own_name():
         name = "whatever"
     assert _model_name(Functional()) == "demo_classifier (a Keras Functional model)"
     assert _model_name(Classifier()) == "Classifier"
+
+
+def test_figures_labels_do_not_overlap_and_clipped_examples_sit_on_the_line(demo):
+    from embgrad.report.figures import norms_axes, rows_axes
+    results = demo[0]
+    fig = rows_axes(results.weight, label=12)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
+    assert len(boxes) >= 5
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert fig.axes[0].get_title() == f"{results.weight.received} of {results.weight.num_rows} rows received gradient"
+    pe = results.per_example
+    ax = norms_axes(pe).axes[0]
+    spikes = [c for c in ax.collections if c.__class__.__name__ == "LineCollection"]
+    (segment,) = spikes[0].get_segments()
+    assert np.allclose(segment[:, 0], pe.max_norm)                 # on the line, not in a bin to its right
+    assert segment[:, 1].max() == int((pe.norms > pe.max_norm).sum())
+    edges = np.array([p.get_x() for p in ax.patches if hasattr(p, "get_width") and p.get_width() > 0])
+    assert np.isclose(edges, pe.max_norm).any()                    # max_norm is a bin edge

@@ -67,6 +67,12 @@ def loss_figure(model: ModelInfo, path: Path) -> str:
 
 def rows_figure(weight: WeightGradInfo, path: Path, label: int = 8) -> str:
     """Row gradient norm against the row's count in the batch (log-log), planted words red."""
+    return _save(rows_axes(weight, label), path)
+
+
+def rows_axes(weight: WeightGradInfo, label: int = 8) -> Any:
+    """The figure of :func:`rows_figure`, not yet saved; its ``label`` largest rows labelled
+    without overlapping labels."""
     fig, ax = _figure((5.6, 3.6))
     planted = np.array([is_planted(t) for t in weight.tokens], dtype=bool)
     norms = weight.row_norms
@@ -78,27 +84,61 @@ def rows_figure(weight: WeightGradInfo, path: Path, label: int = 8) -> str:
     points: dict[tuple[int, float], list[str]] = {}      # tokens at the same spot share a label
     for _, tok, count, norm in weight.top(label):
         points.setdefault((count, float(f"{norm:.3g}")), []).append(tok)
-    for (count, norm), toks in points.items():
-        ax.annotate(", ".join(toks), (count, norm), xytext=(-4, 3), textcoords="offset points",
-                    fontsize=8, ha="right")
     ax.set(xscale="log", yscale="log", xlabel="occurrences of the token in the batch",
            ylabel="row gradient norm",
-           title=f"{len(weight.rows)} of {weight.num_rows} rows received gradient")
+           title=f"{weight.received} of {weight.num_rows} rows received gradient")
     ax.legend(frameon=False, loc="lower right")
-    return _save(fig, path)
+    _label_points(fig, ax, [(c, n, ", ".join(t)) for (c, n), t in points.items()])
+    return fig
+
+
+def _label_points(fig: Any, ax: Any, items: list[tuple[float, float, str]], fontsize: int = 8) -> None:
+    """Label points so that no two labels overlap: each label goes left of and above its point,
+    and moves down in steps of one line until it clears the labels already placed (largest y
+    first), with a thin leader line when it moved. Deterministic and cheap: a handful of labels
+    (adjustText would do it iteratively, but pulls in SciPy for the demo)."""
+    fig.canvas.draw()                                       # fixes the limits and transforms
+    placed: list[Any] = []
+    line_px = fontsize * fig.dpi / 72 * 1.25
+    for x, y, text in sorted(items, key=lambda it: -it[1]):
+        for step in range(40):
+            dy = 3 - step * line_px * 72 / fig.dpi             # points
+            ann = ax.annotate(text, (x, y), xytext=(-4, dy), textcoords="offset points", fontsize=fontsize,
+                              ha="right", va="bottom",
+                              arrowprops=None if step == 0 else {"arrowstyle": "-", "color": _GREY, "lw": 0.5})
+            box = ann.get_window_extent(fig.canvas.get_renderer()).expanded(1.05, 1.1)
+            if not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                break
+            ann.remove()
 
 
 def norms_figure(per_example: PerExampleInfo, path: Path) -> str:
     """Histograms (log-spaced bins) of per-example norms before and after clipping."""
+    return _save(norms_axes(per_example), path)
+
+
+def norms_axes(per_example: PerExampleInfo) -> Any:
+    """The figure of :func:`norms_figure`, not yet saved: max_norm is a bin edge, the clipped
+    examples one bar ON the max_norm line, the unchanged ones an outline over the same bars."""
     fig, ax = _figure((5.6, 3.4))
     pe = per_example
     lo = max(min(pe.norms.min(), pe.clipped.min()), 1e-12)
-    bins = np.geomspace(lo, pe.norms.max() * 1.01, 40)
+    hi = max(pe.norms.max() * 1.01, pe.max_norm * 1.01)
+    # max_norm is a bin edge, so no bin straddles the clipping line
+    below = np.geomspace(lo, pe.max_norm, 25) if lo < pe.max_norm else np.array([pe.max_norm])
+    bins = np.concatenate([below, np.geomspace(pe.max_norm, hi, 16)[1:]])
     ax.hist(pe.norms, bins=bins, color=OTHER_COLOR, alpha=0.55, label="before clipping")
-    ax.hist(pe.clipped, bins=bins, color="#f4a582", alpha=0.75, label="after clipping", histtype="stepfilled")
+    # after clipping: the norms under max_norm are unchanged (an outline over the same bars), and
+    # every clipped example sits exactly ON the line: one bar there, not a bin to its right
+    clipped = pe.norms > pe.max_norm
+    ax.hist(pe.norms[~clipped], bins=bins, histtype="step", color="#d6604d", lw=1.4, label="after clipping")
+    ax.vlines(pe.max_norm, 0, int(clipped.sum()), color="#d6604d", lw=4)
     ax.axvline(pe.max_norm, color="#111", lw=1, ls="--")
-    ax.annotate(f"max_norm = {pe.max_norm:.3g}", (pe.max_norm, ax.get_ylim()[1] * 0.92),
-                xytext=(4, 0), textcoords="offset points", fontsize=8)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)                # headroom: the notes sit above the bars
+    ax.text(0.99, 0.97, f"dashed: max_norm = {pe.max_norm:.3g}\n{int(clipped.sum())} of {len(pe.norms)} "
+            "examples clipped onto it", transform=ax.transAxes, ha="right", va="top", fontsize=8,
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.9, "pad": 1})
     flipped = pe.norms[pe.flipped]
     if flipped.size:
         ax.plot(flipped, np.full(flipped.shape, ax.get_ylim()[1] * 0.04), "v", color=PLANTED_COLOR,
@@ -106,7 +146,7 @@ def norms_figure(per_example: PerExampleInfo, path: Path) -> str:
     ax.set(xscale="log", xlabel="per-example gradient norm", ylabel="examples",
            title=f"Per-example gradient norms (batch of {len(pe.norms)})")
     ax.legend(frameon=False, loc="upper left")
-    return _save(fig, path)
+    return fig
 
 
 def cost_figure(timing: Timing, path: Path) -> str:
