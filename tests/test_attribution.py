@@ -553,3 +553,12 @@ def test_gradient_shap_converges_to_integrated_gradients(toy):
     assert np.abs(mc.scores - ref.scores).max() < 0.05 * scale
     glob = attribute(toy, inputs(), 1, method="gradient_shap", steps=50, multiply_by_inputs=False, seed=0)
     assert glob.delta is None and glob.scores.shape == (3, 6)
+
+
+def test_to_html_shows_legend_target_and_output(toy):
+    a = attribute(toy, inputs(), 2, method="grad_x_input")
+    html = a.to_html()
+    assert a.target == "class 2" and "target: class 2" in html
+    assert "blue lowers it" in html and "raises the target output f" in html       # the legend
+    for b in range(3):
+        assert f"#{b} · f={a.outputs[b]:.3g}" in html

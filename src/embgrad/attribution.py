@@ -126,7 +126,9 @@ class Attribution:
     ``outputs`` / ``baseline_outputs``: f at the input / baseline, NumPy (B,) (or (K, B)).
     ``steps``: NumPy int (B,) steps (noise samples for SmoothGrad) behind each example's
     result; ``evaluations``: example rows that went through the model (forward, or forward and
-    backward), all passes included; ``converged``: NumPy bool (B,) for ``steps="auto"``.
+    backward), all passes included; ``converged``: NumPy bool (B,) for ``steps="auto"``. ``target``: what
+    was attributed for a single target ("class 2", "per-example", a callable's name); None for
+    several (see ``targets``).
     """
 
     method: str
@@ -145,6 +147,7 @@ class Attribution:
     outputs: np.ndarray
     baseline_outputs: np.ndarray | None = None
     converged: np.ndarray | None = None
+    target: str | None = None
 
     def _rows(self) -> tuple[list[list[str]], np.ndarray, np.ndarray, list[str]]:
         toks = self.tokens or [[f"[{i}]" for i in row] for row in self.ids.tolist()]
@@ -173,6 +176,8 @@ class Attribution:
         if title is None:
             title = f"{self.method} on {self.layer}" + (f" ({self.rule}, {self._steps_text()} steps)"
                                                          if self.method == "integrated_gradients" else "")
+            if self.target is not None:
+                title += f" · target: {self.target}"
         legend = color_legend(None if scale == "row" else float(np.abs(scores).max(initial=0.0)),
                               positive="raises the target output f", negative="lowers it")
         return token_heatmap(toks, scores, mask=mask, labels=labels, title=title, scale=scale, legend=legend)
@@ -1075,7 +1080,8 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
         tokens=_tokens(tokens, ids_np), ids=ids_np, mask=m, layer=eng.info.name,
         targets=None if single else eng.targets.labels, baseline=base_desc, rule=used_rule,
         steps=steps_used, evaluations=eng.evaluations, outputs=out_vals,
-        baseline_outputs=base_vals, converged=extra["converged"])
+        baseline_outputs=base_vals, converged=extra["converged"],
+        target=eng.targets.labels[0] if single else None)
 
 
 # ----------------------------------------------------------------------------- jacobian
