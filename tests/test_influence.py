@@ -242,6 +242,9 @@ def test_resume_after_interruption_gives_the_uninterrupted_index(demo, tmp_path)
     np.testing.assert_array_equal(loaded.top(q, 3).proponents, full.top(q, 3).proponents)
     with pytest.raises(EmbgradError, match="resume=True"):
         inf.collect(final, bs, loss_fn, tmp_path / "part", k=128, shard_size=50, progress=False, resume=False)
+    # the rich progress bar (on stderr) runs through a resumed collection too
+    bar = inf.collect(final, bs, loss_fn, tmp_path / "bar", k=128, shard_size=50, progress=True)
+    np.testing.assert_array_equal(bar.vectors(), full.vectors())
     # a complete index is returned as it is, without iterating the data again
     again = inf.collect(final, interrupted(bs, 0), loss_fn, tmp_path / "part", k=128, shard_size=50, progress=False)
     assert len(again) == 200

@@ -76,6 +76,9 @@ def _influence_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=1024, help="projection dimension (default: 1024)")
     p.add_argument("--exact-rows", type=int, default=None, metavar="H",
                    help="rows kept exactly outside the projection (default: 8 with --model, 0 on the demo)")
+    p.add_argument("--metric", choices=("dot", "cosine"), default="cosine",
+                   help="rank proponents by the cosine of the gradients (default) or the raw TracInCP score "
+                        "(dot), which favours examples with large gradients")
     p.add_argument("--tests", type=int, default=6, help="demo test sentences to show (default: 6)")
     p.add_argument("--seed", type=int, default=0, help="demo seed (default: 0)")
     p.add_argument("--out", type=Path, default=Path("embgrad-influence.html"),
@@ -98,12 +101,12 @@ def _influence(args: argparse.Namespace) -> int:
             status.update(what)
         if args.model is None:
             page = demo_influence(args.seed, mode, args.k, args.texts or args.tests, progress=False, step=step,
-                                  command=f"embgrad {argv}", exact_rows=args.exact_rows or 0)
+                                  command=f"embgrad {argv}", exact_rows=args.exact_rows or 0, metric=args.metric)
         else:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             page = model_influence(args.model, args.train, args.texts, mode, args.k, progress=False, step=step,
                                    command=f"embgrad {argv}",
-                                   exact_rows=8 if args.exact_rows is None else args.exact_rows)
+                                   exact_rows=8 if args.exact_rows is None else args.exact_rows, metric=args.metric)
     found, total = page.flipped_found()
     console.print(f"[bold]{page.model_name}[/] on {page.source}: {len(page.train_texts):,} training sentences, "
                   f"{mode}" + (f" k={page.k}" if page.k else "") + f", {page.seconds:.1f} s", highlight=False)

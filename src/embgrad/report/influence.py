@@ -88,17 +88,17 @@ def _loss(model: Any, batch: Any) -> Any:
 
 
 def _collect(ckpts: list, train_b: list, test_b: list, mode: str, k: int, layers: Any,
-             progress: bool, exact_rows: int = 0
+             progress: bool, exact_rows: int = 0, metric: str = "dot",
              ) -> tuple[inf.Influences, np.ndarray, inf.ExactIndex | inf.ProjectedIndex, Any]:
     index = inf.collect(ckpts, train_b, _loss, layers=layers, mode=mode, k=k, progress=progress,
                         exact_rows=exact_rows if mode == "projected" else 0, description="training set")
     query = inf.collect(ckpts, test_b, _loss, like=index, progress=False)
-    return index.top(query, n=5), index.self_influence(), index, query
+    return index.top(query, n=5, metric=metric), index.self_influence(), index, query
 
 
 def demo_influence(seed: int = 0, mode: str = "projected", k: int = 1024, tests: Sequence[str] | int = 6,
                    progress: bool = True, step: Callable[[str], None] | None = None,
-                   command: str = "embgrad influence", exact_rows: int = 0) -> InfluencePage:
+                   command: str = "embgrad influence", exact_rows: int = 0, metric: str = "dot") -> InfluencePage:
     """TracInCP on the demo: the torch demo classifier after epochs 2, 4 and 6 (lr 0.02, the
     trainer's Adam step size, as in Pruthi et al. 2020 §3.1), its 1,600 training sentences
     (2 % flipped labels), and ``tests`` (test sentences, or how many of the test split).
@@ -110,11 +110,12 @@ def demo_influence(seed: int = 0, mode: str = "projected", k: int = 1024, tests:
     from ..demo.models import _one_thread
 
     with _one_thread():       # a tiny model: threads only add synchronisation (see demo.models)
-        return _demo_influence(seed, mode, k, tests, progress, step, command, exact_rows)
+        return _demo_influence(seed, mode, k, tests, progress, step, command, exact_rows, metric)
 
 
 def _demo_influence(seed: int, mode: str, k: int, tests: Sequence[str] | int, progress: bool,
-                    step: Callable[[str], None] | None, command: str, exact_rows: int) -> InfluencePage:
+                    step: Callable[[str], None] | None, command: str, exact_rows: int,
+                    metric: str) -> InfluencePage:
     import torch
 
     from ..demo import LABELS, demo_data, train
@@ -145,11 +146,11 @@ def _demo_influence(seed: int, mode: str, k: int, tests: Sequence[str] | int, pr
     train_b = [(X[i:i + 128], Y[i:i + 128]) for i in range(0, len(X), 128)]
     test_b = [(torch.as_tensor(ids), torch.as_tensor(np.asarray(labels, dtype=np.int64)))]
     say("collecting gradients")
-    top, si, _, _ = _collect(ckpts, train_b, test_b, mode, k, "embedding", progress, exact_rows)
+    top, si, _, _ = _collect(ckpts, train_b, test_b, mode, k, "embedding", progress, exact_rows, metric)
     recall = None
     if mode == "projected":
         say("checking against exact mode")
-        exact, _, _, _ = _collect(ckpts, train_b, test_b, "exact", k, "embedding", False)
+        exact, _, _, _ = _collect(ckpts, train_b, test_b, "exact", k, "embedding", False, 0, metric)
         recall = inf.recall_at(top.proponents, exact.proponents)
     return InfluencePage(
         f"demo (seed {seed})", "TinyClassifier (torch)", mode, k if mode == "projected" else None, exact_rows,
@@ -197,7 +198,7 @@ def read_training_file(path: str | Path, labels: Sequence[str]) -> tuple[list[st
 def model_influence(model_dir: str | Path, train_file: str | Path, tests: Sequence[str], mode: str = "projected",
                     k: int = 1024, batch_size: int = 16, progress: bool = True,
                     step: Callable[[str], None] | None = None, command: str = "embgrad influence",
-                    exact_rows: int = 8) -> InfluencePage:
+                    exact_rows: int = 8, metric: str = "dot") -> InfluencePage:
     """TracIn (one checkpoint, lr 1) on a local Hugging Face sequence classifier, over its input
     (word) embedding table: the training sentences of ``train_file`` against ``tests`` (their
     predicted labels). Texts longer than the model's limit are truncated. ``exact_rows``: rows kept
@@ -243,7 +244,7 @@ def model_influence(model_dir: str | Path, train_file: str | Path, tests: Sequen
     layer = model.get_input_embeddings()
     say("collecting gradients")
     top, si, _, _ = _collect([inf.Checkpoint(model, 1.0, "saved model")], train_b, test_b, mode, k, [layer],
-                             progress, exact_rows)
+                             progress, exact_rows, metric)
     names = loaded.labels
     return InfluencePage(
         str(model_dir), type(model).__name__, mode, k if mode == "projected" else None, exact_rows,
@@ -273,6 +274,13 @@ def render_influence(page: InfluencePage) -> str:
         cards.append((f"{page.recall:.0%}", "recall@5 of projected vs exact proponents"))
     if page.flipped is not None:
         cards.append((f"{found} / {total}", f"flipped labels in the top {TOP_FRACTION:.0%} by self-influence"))
+    if page.influences.metric == "cosine":
+        note = ("Scores are cosines of the gradients (TracInCP divided by both gradient norms): they rank by "
+                "direction only; --metric dot gives the raw TracInCP scores, which favour training examples "
+                "with large gradients (often the mislabelled ones).")
+    else:
+        note = ("Raw TracInCP scores favour training examples with large gradients, which are often the "
+                "mislabelled ones (★); --metric cosine ranks by direction only.")
     card_html = '<div class="cards">' + "".join(
         f'<div class="card"><div class="v">{esc(v)}</div><div class="k">{esc(t)}</div></div>'
         for v, t in cards) + "</div>"
@@ -312,7 +320,7 @@ def render_influence(page: InfluencePage) -> str:
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>embgrad influence · {esc(page.source)}</title><style>{css}</style></head><body>"
             f"<header><h1>embgrad influence</h1><p>{esc(page.model_name)} on {esc(page.source)}: {esc(intro)}</p>"
-            f"{card_html}</header><main>{''.join(parts)}{self_section}</main>"
+            f"<p>{esc(note)}</p></header><main>{card_html}{''.join(parts)}{self_section}</main>"
             f"<footer>Generated by embgrad {esc(__version__)} with <code>{esc(page.command)}</code> in "
             f"{page.seconds:.1f} s. This page loads nothing from the network.</footer></body></html>\n")
 
