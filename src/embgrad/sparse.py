@@ -502,7 +502,17 @@ def coalesce_lookups(backend: Backend, example_ids: Any, ids: Any, grads: Any, n
     """Coalesce flat lookups: ``example_ids`` (N,), ``ids`` (N,) int64 valid rows, ``grads`` (N, D).
 
     The one hot path of capture: a unique over N keys and a segment sum of (N, D) values.
+
+    Raises:
+        EmbgradError: per example, when the (example, row) keys ``example · num_rows + row``
+            would not fit in int64 (``batch_size · num_rows >= 2**63``).
     """
+    if per_example and isinstance(batch_size, (int, np.integer)) \
+            and int(batch_size) * int(num_rows) >= 2 ** 63:
+        raise EmbgradError(
+            f"per-example gradients of a table of num_rows={num_rows} for {batch_size} examples: the "
+            f"(example, row) key example * num_rows + row would overflow int64 ({batch_size} x "
+            f"{num_rows} >= 2**63). Pass the table's real row count, or fewer examples at a time.")
     out = _compiled(backend, _coalesce_lookups_impl)(example_ids, ids, grads, num_rows, per_example)
     if not per_example:
         rows, values = out
@@ -535,30 +545,47 @@ def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example:
     """The table gradient from ids (B, T) (or (N,)) and dLoss/d(looked-up vectors) (B, T, D).
 
     Returns a :class:`RowGrad`, or an :class:`ExampleGrads` when ``per_example`` (with 1-D
-    ids every lookup is its own example). Lookups of ``ignore_index`` contribute nothing.
+    ids every lookup is its own example; ids (B, T1, T2, ...) are example b's T1·T2·... lookups,
+    as in ``capture``). Lookups of ``ignore_index`` contribute nothing. An empty batch gives
+    empty results (zero norms).
+
+    Raises:
+        EmbgradError: non-integer or ragged ids, ``output_grad`` not shaped ``ids.shape + (D,)``,
+            an id out of range, NaN/Inf gradients, an (example, row) key overflow.
     """
     b = get_backend(output_grad)
     if not isinstance(num_rows, (int, np.integer)) or num_rows <= 0:
         raise EmbgradError(f"num_rows must be a positive int (the table's row count), got {num_rows!r}.")
     num_rows = int(num_rows)
     if not b.is_appropriate(ids):
-        ids = b.from_numpy(np.asarray(ids), like=output_grad)
+        try:
+            arr = np.asarray(ids)
+        except ValueError as e:   # ragged nested lists
+            raise EmbgradError(f"ids must be a rectangular array (B, T) or (N,); got ragged nested lists "
+                               f"({e}). Pad each example to the same length and pass ignore_index= for "
+                               "the padding id.") from None
+        if arr.dtype == object:
+            raise EmbgradError("ids must be a rectangular array of integers (B, T) or (N,); got ragged "
+                               "or mixed nested sequences. Pad each example to the same length and pass "
+                               "ignore_index= for the padding id.")
+        ids = b.from_numpy(arr, like=output_grad)
     if not b.is_integer(ids):
         raise EmbgradError(f"ids must be integers, got dtype {b.dtype_name(ids)}; cast them to int64.")
     ishape, gshape = b.shape(ids), b.shape(output_grad)
     output_grad = b.gate(output_grad, *_check_grad_shape(b, ishape, gshape))
-    if len(ishape) not in (1, 2):
-        raise EmbgradError(f"ids must be (B, T) or (N,), got shape {ishape}.")
-    if any(isinstance(s, (int, np.integer)) and s == 0 for s in ishape):
-        raise EmbgradError(f"empty batch: ids of shape {ishape}; there is nothing to coalesce.")
+    if len(ishape) == 0:
+        raise EmbgradError("ids must be (B, T, ...) or (N,), got a 0-d tensor; reshape it to (1,).")
+    empty = any(isinstance(s, (int, np.integer)) and s == 0 for s in ishape)   # empty results
     bad = b.count_nonfinite(output_grad)
     if bad:
         raise EmbgradError(f"output_grad holds {bad} NaN/Inf values; the loss or model diverged.")
     B = ishape[0]
-    T = ishape[1] if len(ishape) == 2 else 1
+    T = math.prod(ishape[1:])          # lookups per example (the non-batch dims flattened, as capture)
     D = gshape[-1]
     ids = b.cast(b.reshape(ids, (-1,)), "int64")
-    if b.traced(ids):  # inside tf.function: checked when the graph runs
+    if empty:
+        lo, hi = 0, 0
+    elif b.traced(ids):  # inside tf.function: checked when the graph runs
         checked = ids if ignore_index is None else b.where(ids == ignore_index, b.zeros((1,), "int64", ids), ids)
         ids = b.gate(ids, b.assert_in_range(checked, num_rows, f"embgrad: an id is out of range for a "
                                             f"table of {num_rows} rows (valid ids are 0..{num_rows - 1})."))
@@ -573,7 +600,7 @@ def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example:
             raise EmbgradError(f"id {bad_id} is out of range for a table of {num_rows} rows "
                                f"(valid ids are 0..{num_rows - 1}).")
     grads = b.reshape(output_grad, (-1, D))
-    ex = b.floordiv(b.arange(B * T, ids), T)
+    ex = b.floordiv(b.arange(B * T, ids), T) if not (isinstance(T, int) and T == 0) else b.arange(0, ids)
     if ignore_index is not None:
         keep = ids != ignore_index
         ids, grads, ex = b.boolean_mask(ids, keep), b.boolean_mask(grads, keep), b.boolean_mask(ex, keep)

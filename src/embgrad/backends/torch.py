@@ -25,6 +25,7 @@ def _in_backward() -> bool:
 
 _BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
 _warned_max_norm = WeakIdSet()   # layers warned about max_norm (once each)
+_warned_bag_freq = WeakIdSet()   # EmbeddingBags warned about scale_grad_by_freq (once each)
 
 
 def _embedding_types() -> tuple[type, ...]:
@@ -40,9 +41,12 @@ def _validate_ids(info: EmbeddingInfo, ids: torch.Tensor, what: str = "ids") -> 
         raise EmbgradError(
             f"layer {info.name!r}: {what} have dtype {ids.dtype}, but an embedding looks up integer "
             f"ids. Convert them with ids.long() (and check they are whole numbers in [0, {info.num_rows})).")
+    if ids.is_meta:
+        raise EmbgradError(f"layer {info.name!r}: {what} are a meta tensor (shape only, no values), so "
+                           "there is nothing to look up; pass ids with values (materialize the model "
+                           "and inputs, e.g. model.to_empty(device=...) and real ids).")
     if ids.numel() == 0:
-        raise EmbgradError(f"layer {info.name!r}: empty batch ({what} of shape {tuple(ids.shape)}); "
-                           "there is nothing to look up. Pass at least one example with one token.")
+        return    # an empty batch (Poisson sampling makes them): empty results, as PyTorch's forward
     lo, hi = (int(v) for v in torch.aminmax(ids))
     if lo < 0 or hi >= info.num_rows:
         bad = lo if lo < 0 else hi
@@ -51,6 +55,40 @@ def _validate_ids(info: EmbeddingInfo, ids: torch.Tensor, what: str = "ids") -> 
             f"layer {info.name!r}: id {bad} at position {pos} is out of range for a table of "
             f"{info.num_rows} rows (valid ids are 0..{info.num_rows - 1}). Check the tokenizer's "
             "vocabulary size against the embedding's num_embeddings, or map unknown tokens to an UNK id.")
+
+
+def _check_materialized(info: EmbeddingInfo) -> None:
+    """Refuse a table that has no values (built on the meta device)."""
+    w = getattr(info.layer, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_meta:
+        raise EmbgradError(
+            f"layer {info.name!r}: its weight is a meta tensor (shape {tuple(w.shape)}, no values: the "
+            "model was built on the meta device, e.g. by init_empty_weights or device='meta'). "
+            "Materialize it first: model.to_empty(device='cpu') and load the weights.")
+
+
+def _validate_offsets(info: EmbeddingInfo, offsets: Any, n: int) -> None:
+    """Refuse EmbeddingBag offsets PyTorch would fail on cryptically or read wrongly."""
+    if not isinstance(offsets, torch.Tensor) or offsets.is_floating_point() or offsets.dim() != 1:
+        raise EmbgradError(f"layer {info.name!r}: offsets must be a 1-D integer tensor (where each bag "
+                           f"starts in the flat ids), got {type(offsets).__name__} "
+                           f"{getattr(offsets, 'dtype', '')} {tuple(getattr(offsets, 'shape', ()))}.")
+    if offsets.numel() == 0:
+        return
+    o = offsets.long()
+    bad = None
+    if int(o[0]) != 0:
+        bad = f"the first offset is {int(o[0])}, not 0"
+    elif bool((o < 0).any()):
+        bad = f"offset {int(o.min())} is negative"
+    elif o.numel() > 1 and bool((o[1:] < o[:-1]).any()):
+        k = int((o[1:] < o[:-1]).nonzero()[0, 0])
+        bad = f"offsets are out of order ({int(o[k])} then {int(o[k + 1])} at positions {k}, {k + 1})"
+    elif int(o.max()) > n:
+        bad = f"offset {int(o.max())} is past the end of the {n} ids"
+    if bad is not None:
+        raise EmbgradError(f"layer {info.name!r}: {bad}. EmbeddingBag offsets must start at 0 and never "
+                           "decrease (bag b holds ids[offsets[b]:offsets[b + 1]]).")
 
 
 class _Handles:
@@ -284,8 +322,14 @@ class TorchBackend(Backend):
     def sequence_first_layers(self, model):
         seq_types = (nn.RNNBase, nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
                      nn.MultiheadAttention)
+        def batch_first(m: nn.Module) -> bool:
+            if hasattr(m, "batch_first"):
+                return bool(m.batch_first)
+            attn = getattr(m, "self_attn", None)   # TransformerEncoderLayer / DecoderLayer
+            return bool(getattr(attn, "batch_first", False))
+
         return [name or type(m).__name__ for name, m in model.named_modules()
-                if isinstance(m, seq_types) and not getattr(m, "batch_first", False)]
+                if isinstance(m, seq_types) and not batch_first(m)]
 
     def in_backward(self):
         return _in_backward()
@@ -317,7 +361,20 @@ class TorchBackend(Backend):
             if active is not None and not active():
                 return None        # another thread's / context's forward: not ours
             ids = args[0] if args else kwargs.get("input")
+            _check_materialized(info)
             _validate_ids(info, ids, "input ids")
+            if info.kind == "bag":
+                offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
+                if offsets is not None and ids.dim() == 1:
+                    _validate_offsets(info, offsets, ids.numel())
+                if info.options.get("scale_grad_by_freq") and _warned_bag_freq.add_new(mod):
+                    warnings.warn(
+                        f"EmbeddingBag {info.name!r} has scale_grad_by_freq=True: embgrad divides each "
+                        "row's gradient by how often the row occurs in the mini-batch (the definition "
+                        "PyTorch documents, and what nn.Embedding computes); PyTorch's EmbeddingBag "
+                        "backward divides some rows by other counts (ids [[1, 2], [1, 3]] in sum mode: "
+                        "row 2 gets 0.5, where the definition gives 1.0), so weight_grad can differ from "
+                        "the .grad PyTorch writes.", stacklevel=3)
             if info.options.get("max_norm") is not None and _warned_max_norm.add_new(mod):
                 warnings.warn(
                     f"embedding {info.name!r} has max_norm={info.options['max_norm']}: PyTorch "
@@ -653,6 +710,7 @@ class TorchBackend(Backend):
         return info.layer.weight
 
     def table_gather(self, info, rows, effective=False):
+        _check_materialized(info)
         return info.layer.weight.detach().index_select(0, rows)
 
     def table_write(self, info, rows, values):
@@ -663,6 +721,9 @@ class TorchBackend(Backend):
 
     def table_quantized(self, info):
         w = info.layer.weight
+        if w.is_meta:
+            return (f"its weight is a meta tensor (shape {tuple(w.shape)}, no values: built on the meta "
+                    "device); materialize it first (model.to_empty(device='cpu'), then load the weights)")
         if w.is_quantized or not w.is_floating_point():
             return (f"its weight has dtype {w.dtype} (quantized); write the float table before "
                     "quantizing the model")
