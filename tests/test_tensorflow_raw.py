@@ -192,8 +192,11 @@ def test_rows_from_lookups_bad_input():
         embgrad.rows_from_lookups(tf.constant([[0.0, 1, 2], [3, 4, 0]]), og, 5)
     with pytest.raises(EmbgradError, match="NaN"):
         embgrad.rows_from_lookups(tf.constant([[0, 1, 2], [3, 4, 0]]), og * np.nan, 5)
-    with pytest.raises(EmbgradError, match="empty batch"):
-        embgrad.rows_from_lookups(tf.zeros((0, 3), tf.int32), tf.zeros((0, 3, 4)), 5)
+    empty = embgrad.rows_from_lookups(tf.zeros((0, 3), tf.int32), tf.zeros((0, 3, 4)), 5,
+                                      per_example=True)        # an empty batch: empty results
+    assert empty.batch_size == 0 and empty.nnz == 0 and tuple(empty.norms().shape) == (0,)
+    assert embgrad.rows_from_lookups(tf.zeros((2, 0), tf.int32), tf.zeros((2, 0, 4)), 5,
+                                     per_example=True).norms().numpy().tolist() == [0.0, 0.0]
     with pytest.raises(EmbgradError, match="shape"):
         embgrad.rows_from_lookups(tf.constant([[0, 1]]), og, 5)
 
