@@ -42,7 +42,7 @@ def world(request):
 def _same_on_every_rank(results, key):
     first = results[0][key]
     for r, res in enumerate(results[1:], 1):
-        for a, b in zip(first, res[key]):
+        for a, b in zip(first, res[key], strict=True):
             assert np.array_equal(a, b), f"{key}: rank {r} differs from rank 0"
     return first
 

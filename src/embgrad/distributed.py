@@ -286,6 +286,9 @@ def sharded_example_grads(ids: Any, output_grad: Any, sharding: RowSharding, *,
         EmbgradError: on every rank, if any rank's ids are not integers, out of [0, V), shaped
             unlike ``output_grad``, or its gradients hold NaN/Inf, or the ranks disagree on V/D.
     """
+    if not isinstance(sharding, RowSharding):   # (without it, no group to tell the others)
+        raise EmbgradError(f"sharding must be an embgrad.distributed.RowSharding, got "
+                           f"{type(sharding).__name__}.")
     td = _td()
     c = td.comm(sharding.group)
     import torch
@@ -293,9 +296,6 @@ def sharded_example_grads(ids: Any, output_grad: Any, sharding: RowSharding, *,
     B, D = 0, 0
     ex = flat = grads = None
     try:
-        if not isinstance(sharding, RowSharding):
-            raise EmbgradError(f"sharding must be an embgrad.distributed.RowSharding, got "
-                               f"{type(sharding).__name__}")
         if not isinstance(ids, torch.Tensor) or not isinstance(output_grad, torch.Tensor):
             raise EmbgradError("ids and output_grad must be torch tensors")
         if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
@@ -326,7 +326,7 @@ def sharded_example_grads(ids: Any, output_grad: Any, sharding: RowSharding, *,
         error = str(e)
     if error is not None:
         td.gather_meta(c, [0] * (4 + c.size), error, "embgrad.distributed.sharded_example_grads")
-    ex, local, vals, sizes = td.route_lookups(c, sharding._shards, ex, flat, grads, B, None)
+    ex, local, vals, sizes = td.route_lookups(c, sharding._shards, ex, flat, grads, B)
     b = _torch_backend()
     total = int(sizes.sum())
     local_grads = coalesce_lookups(b, ex, local, vals, max(sharding.num_local_rows, 1), total, True)

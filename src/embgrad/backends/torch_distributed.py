@@ -328,7 +328,7 @@ class RowShards:
 
 
 def route_lookups(c: Comm, shards: RowShards, example_ids: torch.Tensor, ids: torch.Tensor,
-                  values: torch.Tensor, batch_size: int, error: str | None,
+                  values: torch.Tensor, batch_size: int,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
     """Send each lookup (example id, global row id, (D,) values) to the rank owning its row
     with one ``all_to_all_single`` of uneven splits.
@@ -340,14 +340,11 @@ def route_lookups(c: Comm, shards: RowShards, example_ids: torch.Tensor, ids: to
     """
     dev_in = values.device
     ids, example_ids, values = ids.to(c.device), example_ids.to(c.device), values.to(c.device)
-    if error is None:
-        owner = shards.owner(ids)
-        order = torch.argsort(owner, stable=True)
-        send = torch.bincount(owner, minlength=c.size).cpu().tolist()
-    else:
-        order, send = ids[:0], [0] * c.size
+    owner = shards.owner(ids)
+    order = torch.argsort(owner, stable=True)
+    send = torch.bincount(owner, minlength=c.size).cpu().tolist()
     code = _DTYPE_CODES.get(values.dtype, 0)
-    meta = gather_meta(c, [batch_size, shards.num_rows, int(values.shape[1]), code, *send], error,
+    meta = gather_meta(c, [batch_size, shards.num_rows, int(values.shape[1]), code, *send], None,
                        "embgrad.distributed.sharded_example_grads")
     for name, col in (("num_rows", meta[:, 1]), ("dim", meta[:, 2]), ("dtype", meta[:, 3])):
         if (col != col[0]).any():
