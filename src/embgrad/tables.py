@@ -264,12 +264,16 @@ class Table:
     # ------------------------------------------------------------------ freeze
     def freeze(self, ids: Any, *, optimizer: Any = None) -> FrozenRows:
         """Keep rows ``ids`` out of training: their gradient is masked to exactly zero (a hook
-        on the weight in PyTorch, a gradient mask in TensorFlow/Keras and Gluon), so SGD with
-        momentum, Adam, ... leave them bit-identical.
+        on the weight in PyTorch, a gradient mask in TensorFlow/Keras and Gluon).
 
-        Weight decay applied by the optimizer itself (``weight_decay=`` in PyTorch optimizers,
-        AdamW's decoupled decay) ignores the gradient and still moves frozen rows; pass the
-        ``optimizer`` (PyTorch) and the rows are put back after each of its steps. Freezing more
+        A zero gradient alone does not stop an optimizer that has already taken steps: momentum
+        and Adam's moments built up before the freeze, and weight decay (``weight_decay=``,
+        AdamW's decoupled decay) move rows whose gradient is zero. In PyTorch the rows are
+        therefore also put back after every optimizer step, bit for bit: after the steps of
+        ``optimizer`` when given, else after the steps of any ``torch.optim.Optimizer`` that
+        holds the table (torch's global optimizer step hooks, removed with the guard), so frozen
+        rows stay bit-identical with SGD + momentum, Adam, AdamW, RMSprop, ..., frozen before or
+        during training. Freezing more
         rows adds to the frozen set. Returns the :class:`FrozenRows` guard; ``unfreeze()`` or
         ``guard.remove()`` removes it. :func:`embgrad.capture` still reports the rows' true
         gradient (of the loss); the mask acts on what the optimizer is given.

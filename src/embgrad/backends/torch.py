@@ -746,20 +746,35 @@ class TorchBackend(Backend):
         if optimizer is not None:
             self._check_optimizer(info, optimizer)
         handles = [w.register_hook(mask)]
-        if optimizer is not None:
-            # optimizer-side updates that ignore the gradient (weight decay, AdamW's decoupled
-            # decay): the rows are put back after every step, bit for bit
-            saved: list[torch.Tensor] = []
+        # Updates that do not come from this step's gradient (momentum and Adam moments built
+        # up before the freeze, weight decay, AdamW's decoupled decay) still move rows whose
+        # gradient is zero: the rows are put back after every optimizer step that updates this
+        # table, bit for bit. With ``optimizer`` given, on its steps; without, on the steps of
+        # any torch optimizer holding the weight (torch's global optimizer step hooks, removed
+        # with the guard).
+        saved: dict[int, torch.Tensor] = {}
 
-            def snapshot(opt, args, kwargs):
-                saved[:] = [w.detach().index_select(0, idx)]
+        def holds(opt) -> bool:
+            return any(p is w for group in opt.param_groups for p in group["params"])
 
-            def restore(opt, args, kwargs):
+        def snapshot(opt, args, kwargs):
+            if optimizer is not None or holds(opt):
+                saved[id(opt)] = w.detach().index_select(0, idx)
+
+        def restore(opt, args, kwargs):
+            rows = saved.pop(id(opt), None)
+            if rows is not None:
                 with torch.no_grad():
-                    w.index_copy_(0, idx, saved[0])
+                    w.index_copy_(0, idx, rows)
 
+        if optimizer is not None:
             handles += [optimizer.register_step_pre_hook(snapshot),
                         optimizer.register_step_post_hook(restore)]
+        else:
+            from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                               register_optimizer_step_pre_hook)
+            handles += [register_optimizer_step_pre_hook(snapshot),
+                        register_optimizer_step_post_hook(restore)]
         return _Handles(handles)
 
     def _check_optimizer(self, info, optimizer):
