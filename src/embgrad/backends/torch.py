@@ -754,7 +754,7 @@ class TorchBackend(Backend):
         # with the guard).
         saved: dict[int, torch.Tensor] = {}
 
-        def holds(opt) -> bool:
+        def holds(opt: torch.optim.Optimizer) -> bool:
             return any(p is w for group in opt.param_groups for p in group["params"])
 
         def snapshot(opt, args, kwargs):
@@ -771,10 +771,9 @@ class TorchBackend(Backend):
             handles += [optimizer.register_step_pre_hook(snapshot),
                         optimizer.register_step_post_hook(restore)]
         else:
-            from torch.optim.optimizer import (register_optimizer_step_post_hook,
-                                               register_optimizer_step_pre_hook)
-            handles += [register_optimizer_step_pre_hook(snapshot),
-                        register_optimizer_step_post_hook(restore)]
+            from torch.optim import optimizer as optim_mod
+            handles += [optim_mod.register_optimizer_step_pre_hook(snapshot),
+                        optim_mod.register_optimizer_step_post_hook(restore)]
         return _Handles(handles)
 
     def _check_optimizer(self, info, optimizer):
