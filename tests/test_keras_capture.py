@@ -238,7 +238,7 @@ def test_embeddings_constraint_and_frozen_layer():
     np.testing.assert_allclose(g2.weight_grad.to_dense().numpy(), ref, atol=1e-6)
 
 
-def test_reversible_embedding_tied_lookup_part_only():
+def test_reversible_embedding_tied_whole_table_and_lookup_part():
     keras.utils.set_random_seed(4)
     emb = keras.layers.ReversibleEmbedding(V, D, tie_weights=True, name="tied")
     ids = _ids()
@@ -253,13 +253,15 @@ def test_reversible_embedding_tied_lookup_part_only():
     with embgrad.capture(emb) as cap:
         loss, h, _ = loss_fn()
     g = cap.gradients(loss)["tied"]
-    assert g.tied and len(g.calls) == 1                   # the reverse call is not a lookup
+    assert g.tied and len(g.calls) == 1                   # the reverse call is not a lookup ...
+    assert len(g.projections) == 1                        # ... but the table's tied projection
     with tf.GradientTape(persistent=True) as tape:
         loss, h, logits = loss_fn()
     total = tf.convert_to_tensor(tape.gradient(loss, emb.embeddings)).numpy()
     dlogits = tape.gradient(loss, logits).numpy().reshape(-1, V)
     projection = dlogits.T @ h.numpy().reshape(-1, D)    # d loss / d table through h @ table^T
-    np.testing.assert_allclose(g.weight_grad.to_dense().numpy() + projection, total, atol=1e-5)
+    np.testing.assert_allclose(g.lookup_grad.to_dense().numpy() + projection, total, atol=1e-5)
+    np.testing.assert_allclose(g.weight_grad.to_dense().numpy(), total, atol=1e-5)
     assert np.abs(projection).sum() > 0
 
 

@@ -258,7 +258,7 @@ class TiedLM(nn.Module):
         return self.proj(torch.tanh(self.emb(x)))
 
 
-def test_tied_table_flagged_and_lookup_part_separated():
+def test_tied_table_whole_by_default_lookup_part_by_name():
     model = TiedLM()
     x, _ = _xy(B=3, T=5, V=30)
     y = torch.randint(0, 30, (3, 5))
@@ -277,7 +277,9 @@ def test_tied_table_flagged_and_lookup_part_separated():
     proj_part, = torch.autograd.grad(
         nn.functional.cross_entropy(nn.functional.linear(torch.tanh(e), w).reshape(-1, 30), y.reshape(-1),
                                     reduction="sum"), w)
-    torch.testing.assert_close(g.weight_grad.to_dense() + proj_part, full)
+    torch.testing.assert_close(g.lookup_grad.to_dense() + proj_part, full)
+    torch.testing.assert_close(g.weight_grad.to_dense(), full)            # the whole table by default
+    torch.testing.assert_close(g.per_example(part="lookup").sum().to_dense(), g.lookup_grad.to_dense())
 
 
 def test_no_grad_forward_is_a_clear_error():

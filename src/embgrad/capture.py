@@ -84,6 +84,9 @@ def input_embedding(model: Any, found: Sequence[EmbeddingInfo]) -> EmbeddingInfo
     return found[0] if len(found) == 1 else None
 
 
+_PARTS = ("table", "lookup")
+
+
 class _Examples:
     """Which examples each recorded call looked up, for per-example gradients.
 
@@ -112,19 +115,35 @@ class LayerGradients:
     ``output_grad`` is the gradient of each looked-up vector (the bag reduction applied).
     ``ids`` and ``output_grad`` are as the layer saw them (e.g. (1, T) for position ids
     broadcast over the batch; (T, B) with ``batch_dim=1``); ``per_example()`` resolves them.
+
+    Tied tables (``tied`` is True: the table is also used outside this layer's lookups, e.g. by
+    a language-model head that shares it): ``weight_grad`` and ``per_example()`` describe the
+    WHOLE table's gradient (lookups + projection + cross term, see :mod:`embgrad.tied`);
+    ``lookup_grad`` and ``per_example(part="lookup")`` the lookup part alone. ``projections``
+    lists ``(inputs (B, S, D), logit_grads (B, S, V))`` of each recorded call of the tied
+    projection. A use of the table embgrad cannot see through (``h @ emb.weight.T`` written by
+    hand) makes the whole-table per-example gradient an :class:`EmbgradError` naming the fix.
     """
 
     __slots__ = ("name", "num_rows", "dim", "tied", "frozen", "info", "calls", "_valid",
                  "_backend", "_loss_reduction", "_coupling", "_weight_grad", "_per_example",
-                 "_examples", "_index")
+                 "_examples", "_index", "projections", "_proj_forwards", "_unknown_use", "_total",
+                 "_shared", "_lookup_grad", "_table_pe", "_checked")
 
     def __init__(self, info: EmbeddingInfo, calls: list[tuple[Any, Any]], valid: list[Any],
                  backend: Backend, loss_reduction: str, coupling: Sequence[str] = (),
-                 examples: _Examples | None = None, index: Sequence[int] = ()):
+                 examples: _Examples | None = None, index: Sequence[int] = (), *,
+                 projections: Sequence[tuple[Any, Any, int]] = (), unknown_use: str | None = None,
+                 total: Any = None, checked: bool = True):
         self.name = info.name
         self.num_rows = info.num_rows
         self.dim = info.dim
-        self.tied = info.tied
+        self.projections = [(h, a) for h, a, _ in projections]
+        self._proj_forwards = [f for _, _, f in projections]
+        self._unknown_use = unknown_use
+        self._total = total            # the dense total gradient of the table, when a use is unknown
+        self._shared: tuple[LayerGradients, ...] = ()   # other captured layers looking up the same table
+        self.tied = bool(info.tied or self.projections or unknown_use)
         self.frozen = info.frozen
         self.info = info
         self.calls = calls
@@ -136,6 +155,11 @@ class LayerGradients:
         self._per_example: ExampleGrads | None = None
         self._examples = examples
         self._index = list(index) if index else list(range(len(calls)))
+        self._lookup_grad: RowGrad | None = None
+        self._table_pe: Any = None
+        # whether embgrad could see every use of the table (autograd graph, or a fingerprint of
+        # the table's total gradient); a tied table whose other uses are unseen is not guessed at
+        self._checked = checked
 
     @property
     def ids(self) -> Any:
@@ -209,21 +233,125 @@ class LayerGradients:
         return cat(exs), cat(rows), cat(grads), exm.batch_size
 
     @property
-    def weight_grad(self) -> RowGrad:
-        """The gradient of the table from its lookups, coalesced (unique sorted rows)."""
-        if self._weight_grad is None:
+    def lookup_grad(self) -> RowGrad:
+        """The gradient of the table from this layer's lookups alone, coalesced (unique sorted
+        rows); equal to ``weight_grad`` unless the table is tied."""
+        if self._lookup_grad is None:
             if self._per_example is not None and self._loss_reduction == "sum" \
                     and not self.info.options.get("scale_grad_by_freq"):
-                self._weight_grad = self._per_example.sum()
+                self._lookup_grad = self._per_example.sum()
             else:
                 with self._backend.no_grad():
                     rows, grads = self._flat_weight()
-                    self._weight_grad = coalesce_lookups(self._backend, rows, rows, grads, self.num_rows,
-                                                         1, per_example=False)
+                    rg = coalesce_lookups(self._backend, rows, rows, grads, self.num_rows, 1, per_example=False)
+                    assert isinstance(rg, RowGrad)
+                    self._lookup_grad = rg
+        return self._lookup_grad
+
+    @property
+    def weight_grad(self) -> RowGrad:
+        """The gradient of the whole table (for a tied table: lookups of every captured layer
+        that shares it, plus the tied projection's part, dense over all V rows); the lookup
+        part alone is ``lookup_grad``."""
+        if self._weight_grad is None:
+            if not self.tied or not (self.projections or self._unknown_use or self._shared):
+                self._weight_grad = self.lookup_grad
+            elif self._unknown_use is not None:
+                if self._total is None:
+                    raise EmbgradError(self._unknown_message("weight_grad", "lookup_grad"))
+                from .sparse import row_grad
+                total, factor = self._total if isinstance(self._total, tuple) else (self._total, None)
+                rg = row_grad(total, self.num_rows)
+                self._weight_grad = rg if factor is None else rg.scale(factor)
+            else:
+                from .tied import projection_grad
+                b = self._backend
+                with b.no_grad():
+                    total = self.lookup_grad
+                    for other in self._shared:
+                        total = total + other.lookup_grad
+                    if self.projections:
+                        acc = "float64" if b.dtype_name(total.values) == "float64" else "float32"
+                        dense = projection_grad(b, self.projections, acc)
+                        if len(total):
+                            dense = dense + b.scatter_rows(total.rows, b.cast(total.values, acc), self.num_rows)
+                        total = RowGrad(b.arange(self.num_rows, dense), dense, self.num_rows, b)
+                self._weight_grad = total
         return self._weight_grad
 
-    def per_example(self) -> ExampleGrads:
-        """Per-example sparse gradients: example b holds only the rows it looked up.
+    def _unknown_message(self, what: str, alternative: str) -> str:
+        return (f"layer {self.name!r}: its table is also used outside its lookups and the projections "
+                f"embgrad recognises ({self._unknown_use}; e.g. `h @ emb.weight.T` written by hand, or "
+                f"another module reading the weight), so the whole table's {what} "
+                "cannot be formed exactly. Fix: route the product through an nn.Linear that shares the "
+                "table (`head = nn.Linear(D, V, bias=False); head.weight = emb.weight; logits = "
+                "head(h)`), capture every embedding module that shares it, and pass the whole model to "
+                f"capture(); or ask for the lookup part explicitly: {alternative}.")
+
+    def _table_part(self) -> Any:
+        """The whole-table per-example gradients (a TableExampleGrads, or the lookups' own
+        ExampleGrads when nothing else reads the table)."""
+        from .tied import TableExampleGrads
+
+        b = self._backend
+        lookups = [self] + list(self._shared)
+        if len(lookups) == 1:
+            lk = self._lookup_examples()
+        else:
+            parts = [lg._lookup_flat() for lg in lookups]   # examples numbered capture-wide
+            ex = b.concat([p[0] for p in parts])
+            rows = b.concat([p[1] for p in parts])
+            grads = b.concat([p[2] for p in parts])
+            sizes = {p[3] for p in parts}
+            if len(sizes) != 1 or -1 in sizes:
+                raise EmbgradError(
+                    f"layers {[lg.name for lg in lookups]} share one table but looked up batches of "
+                    f"sizes {sorted(sizes)}; per-example gradients of the table need the same examples.")
+            B = sizes.pop()
+            if self._loss_reduction == "mean":
+                grads = grads * float(B)
+            pe = coalesce_lookups(b, ex, rows, grads, self.num_rows, B, per_example=True)
+            assert isinstance(pe, ExampleGrads)
+            lk = pe
+        if not self.projections:
+            return lk
+        B = lk._static_batch("a tied table's per-example gradients")
+        # the projection's calls: those of one forward side by side (positions), forwards of
+        # distinct examples one after the other (examples), as the lookups are numbered
+        groups: dict[int, tuple[list, list]] = {}
+        for (h, a), f in zip(self.projections, self._proj_forwards, strict=True):
+            hs, as_ = groups.setdefault(f, ([], []))
+            hs.append(_as_positions(b, h, self.name, "input"))
+            as_.append(_as_positions(b, a, self.name, "logit gradient"))
+        per_fwd = [(hs[0] if len(hs) == 1 else b.concat(hs, axis=1),
+                    as_[0] if len(as_) == 1 else b.concat(as_, axis=1)) for _, (hs, as_) in sorted(groups.items())]
+        rows_per_fwd = [b.shape(h)[0] for h, _ in per_fwd]
+        H: Any = None
+        A: Any = None
+        if len(per_fwd) == 1 or all(n == B for n in rows_per_fwd):
+            H = b.concat([h for h, _ in per_fwd], axis=1) if len(per_fwd) > 1 else per_fwd[0][0]
+            A = b.concat([a for _, a in per_fwd], axis=1) if len(per_fwd) > 1 else per_fwd[0][1]
+        elif sum(rows_per_fwd) == B and len({b.shape(h)[1] for h, _ in per_fwd}) == 1:
+            H = b.concat([h for h, _ in per_fwd], axis=0)
+            A = b.concat([a for _, a in per_fwd], axis=0)
+        if H is None or b.shape(H)[0] != B:
+            raise EmbgradError(
+                f"layer {self.name!r}: the tied projection ran on batches of {rows_per_fwd} rows, but the "
+                f"lookups have {B} examples; per-example gradients of the whole table need the "
+                "projection to run on (B, ..., D) inputs of the same examples (not flattened to "
+                "(B*T, D)), with the same number of positions in every forward.")
+        if self._loss_reduction == "mean":
+            A = A * float(B)
+        return TableExampleGrads(lk, H, A, b)
+
+    def per_example(self, part: str = "table") -> Any:
+        """Per-example gradients of the layer's table.
+
+        ``part="table"`` (default): the whole table's gradient. For an untied table that is the
+        lookups' :class:`ExampleGrads` (example b holds only the rows it looked up); for a tied
+        one a :class:`~embgrad.tied.TableExampleGrads` (lookups + projection + cross term; same
+        methods: norms, clip, scale, sum, dot, example, to_dense). ``part="lookup"``: the lookup
+        part alone (an :class:`ExampleGrads`), also for tied tables.
 
         Examples are numbered across the capture's forwards (see :func:`capture`'s
         ``forwards=``): with two forwards of B1 and B2 examples, B1 + B2 in all. A lookup
@@ -246,8 +374,38 @@ class LayerGradients:
         Raises:
             EmbgradError: where per-example gradients are not defined or embgrad cannot be sure
                 of them: calls of one forward with different batch sizes, a broadcast lookup
-                whose batch size cannot be known, sequence-first models without ``batch_dim=``.
+                whose batch size cannot be known, sequence-first models without ``batch_dim=``;
+                ``part`` not "table" or "lookup"; a tied table read somewhere embgrad cannot see
+                (``part="table"`` only: the message names the fix).
         """
+        if part not in _PARTS:
+            raise EmbgradError(f"layer {self.name!r}: per_example(part=...) takes 'table' (the whole "
+                               f"table, the default) or 'lookup' (the lookup part alone), got {part!r}.")
+        if part == "table" and self.tied and not (self.projections or self._unknown_use or self._shared) \
+                and not self._checked:
+            raise EmbgradError(
+                f"layer {self.name!r}: its table is tied (also used outside its lookups), and embgrad "
+                f"could not see those uses here ({self._backend.name} backend"
+                + (", gradients() without the loss" if self._backend.name == "torch" else "") +
+                "), so it does not know the whole table's per-example gradients. Pass the loss "
+                "(cap.gradients(loss)) on PyTorch or Keras, or ask for the lookup part explicitly: "
+                "per_example(part='lookup').")
+        if part == "table" and self.tied and (self.projections or self._unknown_use or self._shared):
+            if self._unknown_use is not None:
+                raise EmbgradError(self._unknown_message("per-example gradients",
+                                                         "per_example(part='lookup')"))
+            if self._table_pe is None:
+                with self._backend.no_grad():
+                    self._table_pe = self._table_part()
+            return self._table_pe
+        return self._lookup_examples()
+
+    def _lookup_flat(self) -> tuple[Any, Any, Any, Any]:
+        with self._backend.no_grad():
+            return self._flat_examples()
+
+    def _lookup_examples(self) -> ExampleGrads:
+        """The lookup part's per-example gradients (cached)."""
         if self._per_example is None:
             if self._coupling:
                 warnings.warn(
@@ -280,6 +438,36 @@ def _counts(b: Backend, keys: Any, like: Any) -> Any:
     uniq, inv = b.unique(keys)
     ones = b.zeros((b.shape(keys)[0],), b.dtype_name(like), like) + 1.0
     return b.gather(b.segment_sum(ones, inv, b.shape(uniq)[0]), inv)
+
+
+def _grad_fingerprint(b: Backend, g: Any) -> Any:
+    """The :func:`embgrad.tied.fingerprint_rows` of a framework gradient of a table (dense,
+    sparse, IndexedSlices), without coalescing it."""
+    from .tied import fingerprint_rows
+    rows, values, _ = b.row_grad_parts(g)
+    return fingerprint_rows(b, rows, values)
+
+
+def _fingerprint_differs(b: Backend, total: Any, lg: LayerGradients) -> bool:
+    """Whether a table's total-gradient fingerprint is more than its recorded uses' (the
+    lookups of every captured layer sharing it, and its projections)."""
+    from .tied import fingerprint_projection, fingerprint_rows, fingerprints_differ
+    parts = []
+    with b.no_grad():
+        for g in (lg, *lg._shared):
+            rows, grads = g._flat_weight()
+            parts.append(fingerprint_rows(b, rows, grads))
+        parts += [fingerprint_projection(b, h, a) for h, a in lg.projections]
+        return fingerprints_differ(b, total, parts)
+
+
+def _as_positions(b: Backend, x: Any, name: str, what: str) -> Any:
+    """A projection's (N, ..., K) tensor as (N, S, K) (S = 1 for (N, K))."""
+    shape = b.shape(x)
+    if len(shape) < 2:
+        raise EmbgradError(f"layer {name!r}: the tied projection's {what} has shape {shape}; "
+                           "expected (B, ..., D).")
+    return b.reshape(x, (shape[0], -1, shape[-1]))
 
 
 class Gradients(Mapping):
@@ -345,6 +533,8 @@ class Capture:
         self.batch_dim = batch_dim
         self.forwards = forwards
         self.calls: list[Call] = []
+        self.projections: list[Call] = []   # calls of tied projections (role "projection")
+        self._grad_before: dict[str, Any] = {}
         self._tap: Tap | None = None
         self._fwd_tap: Tap | None = None
         self._coupling: list[str] = []
@@ -361,6 +551,14 @@ class Capture:
         if self._tap is not None:
             raise EmbgradError("this capture is already active; capture contexts do not nest with themselves.")
         self.calls = []
+        self.projections = []
+        # fingerprints of the tables' accumulated gradients before the block (None: no gradient
+        # yet), so that gradients() after the user's own backward sees what that backward added
+        self._grad_before = {}
+        for info in self.layers:
+            if not info.frozen and self._backend.table_weight(info) is not None:
+                g = self._backend.accumulated_grad(info)
+                self._grad_before[info.name] = None if g is None else _grad_fingerprint(self._backend, g)
         self._fwd_hints, self._depth, self._loose = [], 0, None
         self._loose_fwds = set()
         self._graph_freed = False
@@ -427,6 +625,9 @@ class Capture:
                 self._loose = len(self._fwd_hints) - 1
                 self._loose_fwds.add(self._loose)
             call.forward = self._loose
+        if call.role == "projection":
+            self.projections.append(call)
+            return None
         call.batch_dim = self.batch_dim or 0
         if call.grad_enabled and call.info.kind == "embedding":
             shape = self._backend.shape(call.ids)
@@ -496,6 +697,15 @@ class Capture:
         assert tap is not None
         b = self._backend
         src = None
+        projections = [p for p in self.projections if p.grad_enabled]
+        n_calls = len(self.calls)
+        weights = {i.name: b.table_weight(i) for i in self.layers}
+        trainable = [i for i in self.layers if not i.frozen and weights[i.name] is not None]
+        checked: set[str] = set()
+        totals: dict[str, Any] = {}
+        unknown: dict[str, str] = {}
+        check_fp: dict[str, Any] = {}    # layer -> fingerprint of the table's total gradient
+        proj_grads: list[Any] = []
         if loss is not None:
             if self._graph_freed and getattr(tap, "single_use", False):
                 raise EmbgradError(
@@ -503,7 +713,26 @@ class Capture:
                     "and that backward pass freed the graph. Keep the first result, pass "
                     "retain_graph=True to the first call, or run the forward again in a new capture.")
             loss = b.scalar_loss(loss)
-            raw, src = tap.grad(loss, self.calls, sources, retain_graph)
+            # uses of a table that no recorded lookup or projection explains (never a lookup-only
+            # gradient of a tied table without a word): torch walks its autograd graph; Keras on
+            # TensorFlow asks the tape for the table's total gradient and compares fingerprints
+            extra_for: list[str] = []
+            if b.table_check == "graph":
+                unknown = b.table_uses(loss, self.layers, self.calls + projections)
+                checked = {i.name for i in self.layers}
+                extra_for = [i.name for i in trainable if i.name in unknown]
+            elif b.table_check == "total" and not b.traced(loss):   # values needed: eager only
+                extra_for = [i.name for i in trainable]
+            extra = [weights[n] for n in extra_for]
+            srcs = list(sources or []) + extra
+            raw, src = tap.grad(loss, self.calls + projections, srcs if srcs else sources, retain_graph)
+            raw, proj_grads = list(raw[:n_calls]), list(raw[n_calls:])
+            if extra:
+                got = list(src or [])
+                totals = dict(zip(extra_for, got[len(got) - len(extra):], strict=True))
+                src = got[:len(got) - len(extra)] if sources is not None else None
+            if b.table_check == "total":
+                check_fp = {n: _grad_fingerprint(b, g) for n, g in totals.items() if g is not None}
             if raw and all(g is None for g in raw):
                 raise EmbgradError(
                     f"the loss does not depend on any lookup recorded in this capture (layers "
@@ -523,7 +752,39 @@ class Capture:
                     f"no backward pass has reached layers {sorted(set(missing))}: pass the loss, "
                     "cap.gradients(loss), or call loss.backward() before cap.gradients().")
             grads = [c.grad for c in self.calls]
+            proj_grads = [c.grad for c in projections]
+            # the user's own backward added the table's total gradient to its accumulated gradient
+            for info in trainable:
+                after = b.accumulated_grad(info)
+                before = self._grad_before.get(info.name, False)
+                if after is not None and before is not False:
+                    fp = _grad_fingerprint(b, after)
+                    check_fp[info.name] = fp if before is None else fp - before
+                    if before is None:
+                        totals[info.name] = after
         inv_scale = None if loss_scale is None else 1.0 / _positive_scale(b, loss_scale)
+        if inv_scale is not None and loss is not None:   # totals from the tape are of the scaled loss
+            check_fp = {n: fp * inv_scale for n, fp in check_fp.items()}
+            totals = {n: (t, inv_scale) for n, t in totals.items()}
+        proj_by_layer: dict[str, list] = {i.name: [] for i in self.layers}
+        for call, g in zip(projections, proj_grads, strict=True):
+            if g is None:               # a projection the backward did not reach
+                continue
+            bad = b.count_nonfinite(g)
+            if bad:
+                raise EmbgradError(
+                    f"layer {call.info.name!r}: the gradient of its tied projection's output holds "
+                    f"{bad} NaN/Inf values. " + ("The scaled loss overflowed: skip this step." if inv_scale
+                                                  is not None else "The loss or the model diverged."))
+            if inv_scale is not None:
+                g = b.cast(g, "float64" if b.dtype_name(g) == "float64" else "float32") * inv_scale
+            if "version" in call.meta and getattr(call.output, "_version", None) != call.meta["version"]:
+                raise EmbgradError(
+                    f"layer {call.info.name!r}: the output of its tied projection was modified in "
+                    "place after the projection ran, so its gradient is not the logit gradient "
+                    "of the table's product. Use an out-of-place operation on the logits.")
+            lg = call.meta["logit_grad"](g) if call.meta.get("logit_grad") else g
+            proj_by_layer[call.info.name].append((call.meta["input"], lg, call.forward))
         by_layer: dict[str, tuple[list, list, list]] = {i.name: ([], [], []) for i in self.layers}
         token_grads = []
         for n, (call, g) in enumerate(zip(self.calls, grads, strict=True)):
@@ -547,12 +808,31 @@ class Capture:
             by_layer[call.info.name][1].append(call.valid)
             by_layer[call.info.name][2].append(n)
         examples = self._examples(token_grads)
-        result = {}
+        result: dict[str, LayerGradients] = {}
         for info in self.layers:
             calls, valid, index = by_layer[info.name]
             if calls:
-                result[info.name] = LayerGradients(info, calls, valid, b, loss_reduction, self._coupling,
-                                                   examples, index)
+                result[info.name] = LayerGradients(
+                    info, calls, valid, b, loss_reduction, self._coupling, examples, index,
+                    projections=proj_by_layer[info.name], unknown_use=unknown.get(info.name),
+                    total=totals.get(info.name), checked=info.name in checked)
+        # captured layers that look up the same table: each one's whole-table gradient has all lookups
+        for name, lg in result.items():
+            w = weights[name]
+            if w is not None:
+                shared = [o for n, o in result.items() if n != name and weights[n] is w]
+                if shared:
+                    lg._shared = tuple(shared)
+                    lg.tied = True
+        for name, fp in check_fp.items():
+            lg = result.get(name)
+            if lg is None:
+                continue
+            lg._checked = True
+            if _fingerprint_differs(b, fp, lg):
+                lg._unknown_use = "the table's total gradient differs from that of its recorded lookups and projections"
+                lg.tied = True
+                lg._total = totals.get(name)   # exact only when nothing had accumulated before
         return Gradients(result, src, aliases=self._given)
 
     def _compiled_hint(self) -> str:

@@ -75,6 +75,12 @@ class Call:
     ``forward``: which forward of the capture the call belongs to, ``batch_dim``: the ids'
     dimension that indexes the examples (both set by the core in ``on_call``, before the tap
     reads ``batch_free``).
+    ``role``: ``"lookup"`` for an embedding call; ``"projection"`` for a call of a layer that
+    multiplies by the same table (a tied output projection ``logits = h @ W.T``): then ``ids``
+    is None, ``output`` the (B, S, V) product before any bias, scaling or softcapping is
+    applied after it (or the layer's output where those only add a bias), and ``meta["input"]``
+    the (B, S, D) input ``h``; ``meta["logit_grad"]``, when set, maps dLoss/d(output) to
+    dLoss/d(h @ W.T) (e.g. through a softcap inside the layer).
     """
 
     info: EmbeddingInfo
@@ -91,6 +97,7 @@ class Call:
     other_use: bool = False
     forward: int = 0
     batch_dim: int = 0
+    role: str = "lookup"
 
 
 class Tap:
@@ -180,6 +187,29 @@ class Backend:
     def scalar_loss(self, loss: Any) -> Any:
         """Validate that ``loss`` is a scalar tensor of this framework (else EmbgradError)."""
         return loss
+
+    #: how :meth:`embgrad.Capture.gradients` sees every use of a table when given the loss:
+    #: "graph" (:meth:`table_uses` walks the autograd graph), "total" (the tape's total gradient
+    #: of the table is compared with that of the recorded uses), or None (it cannot)
+    table_check: str | None = None
+
+    def table_weight(self, info: EmbeddingInfo) -> Any:
+        """The layer's table variable now (it may have been built after the layer was found),
+        or None."""
+        return info.weight
+
+    def accumulated_grad(self, info: EmbeddingInfo) -> Any:
+        """The gradient a user's own backward accumulates for the table (torch ``weight.grad``),
+        or None (none yet, or the framework keeps none)."""
+        return None
+
+    def table_uses(self, loss: Any, infos: Sequence[EmbeddingInfo], calls: Sequence[Call]) -> dict[str, str]:
+        """Uses of each layer's table that ``loss`` depends on other than the recorded ``calls``
+        (lookups and tied projections): ``{layer name: description}`` for the layers that have
+        such a use (e.g. ``h @ emb.weight.T`` written by hand), empty when there is none.
+        ``loss`` is None after the user's own backward. The default finds none (backends that
+        can see their autograd graph override it)."""
+        return {}
 
     # ------------------------------------------------------------------ tensor primitives
     def to_numpy(self, x: Any) -> np.ndarray:
@@ -362,6 +392,20 @@ class Backend:
 
     def matmul_t(self, a: Any, b: Any) -> Any:
         """a @ b.T for a (N, D) and b (C, D): (N, C)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ tied tables (embgrad.tied)
+    def matmul(self, a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False) -> Any:
+        """Batched matrix product over the last two axes (leading axes broadcast), with either
+        factor transposed in its last two axes: (..., M, K) @ (..., K, N) -> (..., M, N)."""
+        raise NotImplementedError
+
+    def take_along_last(self, x: Any, idx: Any) -> Any:
+        """``out[b, s, n] = x[b, s, idx[b, n]]`` for x (B, S, V) and int64 idx (B, N)."""
+        raise NotImplementedError
+
+    def gather_last(self, x: Any, idx: Any) -> Any:
+        """``x[..., idx]``: the entries of the last axis at int64 (N,) ``idx``."""
         raise NotImplementedError
 
     def topk(self, x: Any, k: int) -> tuple[Any, Any]:

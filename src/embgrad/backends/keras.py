@@ -258,7 +258,10 @@ class KerasBackend(Backend):
             if active is not None and not active():
                 return inner(*args, **kwargs)          # another thread's / context's forward
             if kwargs.get("reverse") or (len(args) > 1 and args[1] is True):
-                return inner(*args, **kwargs)          # the tied output projection: not a lookup
+                out = inner(*args, **kwargs)           # the tied output projection: not a lookup
+                if not getattr(info.layer, "tie_weights", False):
+                    return out                         # its own reverse_embeddings: not this table
+                return self._projection(tap, info, args[0] if args else kwargs.get("inputs"), out, on_call)
             ids = args[0] if args else kwargs.get("inputs")
             checked = self._check(info, ids)
             if checked is not None and checked is not ids:   # graph mode: ids gated on the check
@@ -283,6 +286,29 @@ class KerasBackend(Backend):
     def _wrap_dispatch(self, fn: Callable) -> Callable:
         """The dispatcher as installed (TensorFlow: kept out of autograph's conversion)."""
         return fn
+
+    def _projection(self, tap: Tap, info: EmbeddingInfo, h: Any, out: Any, on_call: Callable) -> Any:
+        """Records a ``ReversibleEmbedding(reverse=True)`` call (``logits = h @ table.T``, then
+        an optional ``logit_soft_cap``) as the table's tied projection; the logit gradient is
+        taken through the softcap: d(c·tanh(z/c))/dz = 1 - (out/c)²."""
+        out, grad_enabled = self._record(tap, info, out)
+        meta: dict[str, Any] = {"input": h, "node": getattr(out, "grad_fn", None),
+                                "input_node": getattr(h, "grad_fn", None)}
+        cap = getattr(info.layer, "logit_soft_cap", None)
+        if cap is not None:
+            capped = out
+
+            def logit_grad(g: Any, capped: Any = capped, cap: float = float(cap)) -> Any:
+                t = self.cast(capped, "float32") / cap
+                return self.cast(g, "float32") * (1.0 - t * t)
+            meta["logit_grad"] = logit_grad
+        call = Call(info=info, ids=None, output=out, grad_enabled=grad_enabled, role="projection", meta=meta)
+        self._on_grad(call)
+        on_call(call)
+        return out
+
+    def table_weight(self, info: EmbeddingInfo) -> Any:
+        return _table_variable(info.layer)
 
     # hooks the flavours fill in
     def _check(self, info: EmbeddingInfo, ids: Any) -> Any:
@@ -411,6 +437,8 @@ def _keras_on_tensorflow() -> type:
         from .tensorflow import TapeTap, TensorFlowBackend
 
         class KerasTensorFlowBackend(KerasBackend, TensorFlowBackend):
+            table_check = "total"
+
             def _check(self, info, ids):
                 return self.check_ids(ids, info.num_rows, f"Keras layer {info.name!r}")
 

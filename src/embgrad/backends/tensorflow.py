@@ -417,6 +417,15 @@ class TensorFlowBackend(Backend):
     def matmul_t(self, a, b):
         return tf.matmul(a, b, transpose_b=True)
 
+    def matmul(self, a, b, transpose_a=False, transpose_b=False):
+        return tf.linalg.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+    def take_along_last(self, x, idx):
+        return tf.gather(x, idx, axis=2, batch_dims=1)
+
+    def gather_last(self, x, idx):
+        return tf.gather(x, idx, axis=-1)
+
     def topk(self, x, k):
         v, i = tf.math.top_k(x, k)
         return v, tf.cast(i, tf.int64)

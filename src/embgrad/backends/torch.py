@@ -91,6 +91,19 @@ def _validate_offsets(info: EmbeddingInfo, offsets: Any, n: int) -> None:
                            "decrease (bag b holds ids[offsets[b]:offsets[b + 1]]).")
 
 
+def _store_grad(out: torch.Tensor, call: Call) -> None:
+    """Sets ``call.grad`` to dLoss/d(out) when the user's own backward reaches ``out``. A weak
+    reference: a strong one would make an output -> hook -> call -> output cycle through the
+    C++ graph that Python's GC cannot see (every capture leaked its outputs and graph)."""
+    ref = weakref.ref(call)
+
+    def store(g: torch.Tensor, ref: Any = ref) -> None:
+        c = ref()
+        if c is not None:
+            c.grad = g
+    out.register_hook(store)
+
+
 class _Handles:
     """Hook handles removed together (a tap, or a frozen-rows guard)."""
 
@@ -288,11 +301,16 @@ class TorchBackend(Backend):
             name = mname or type(mod).__name__
             w = mod.weight
             tied = bool(holders.get(id(w), set()) - {id(mod)})
+            # the modules that multiply by the same table: nn.Linear heads (GPT-2's lm_head, BERT's
+            # MLM decoder); other holders are found in the autograd graph when they use it
+            projections = tuple((pn or type(pm).__name__, pm) for pn, pm in model.named_modules()
+                                if isinstance(pm, nn.Linear) and pm.weight is w)
             bag = isinstance(mod, nn.EmbeddingBag)
             options = {
                 "scale_grad_by_freq": bool(mod.scale_grad_by_freq),
                 "max_norm": mod.max_norm,
                 "sparse": bool(mod.sparse),
+                "projections": projections,
             }
             if bag:
                 options["mode"] = mod.mode
@@ -350,6 +368,9 @@ class TorchBackend(Backend):
                 handles.append(mod.register_forward_pre_hook(self._pre_hook(info, active), with_kwargs=True))
                 handles.append(mod.register_forward_hook(self._post_hook(info, on_call, active),
                                                          with_kwargs=True))
+                for _, proj in info.options.get("projections", ()):
+                    handles.append(proj.register_forward_hook(self._projection_hook(info, on_call, active),
+                                                              with_kwargs=True))
         except BaseException:
             for h in handles:
                 h.remove()
@@ -409,16 +430,7 @@ class TorchBackend(Backend):
                     # the looked-up vectors' own gradient even if the output is then changed
                     # in place (e *= 2, relu_, Dropout(inplace=True))
                     call.meta["edge"] = get_gradient_edge(out)
-                # a weak reference: a strong one would make an output -> hook -> call -> output
-                # cycle through the C++ graph that Python's GC cannot see (every capture leaked
-                # its (B, T, D) outputs and graph)
-                ref = weakref.ref(call)
-
-                def store(g, ref=ref):
-                    c = ref()
-                    if c is not None:
-                        c.grad = g
-                out.register_hook(store)
+                _store_grad(out, call)
             replaced = on_call(call)
             if replaced is not None:
                 return replaced
@@ -429,6 +441,80 @@ class TorchBackend(Backend):
                 return _wrap_broadcast(out, weakref.ref(call), bdim)
             return out if out is not output else None
         return hook
+
+    def _projection_hook(self, info: EmbeddingInfo, on_call: Callable[[Call], Any],
+                         active: Callable[[], bool] | None = None) -> Callable[..., Any]:
+        """Records a call of an nn.Linear that shares the table: its input h and its output
+        (logits = h @ W.T + bias), whose gradient is the logit gradient of the tied part."""
+        def hook(mod, args, kwargs, output):
+            if (active is not None and not active()) or _in_backward():
+                return None        # another thread's forward, or a checkpointing recomputation
+            h = args[0] if args else kwargs.get("input")
+            grad_enabled = torch.is_grad_enabled() and output.requires_grad
+            call = Call(info=info, ids=None, output=output, grad_enabled=grad_enabled, role="projection",
+                        meta={"input": h.detach(), "node": output.grad_fn,
+                              "input_node": h.grad_fn, "version": output._version})
+            if grad_enabled:
+                _store_grad(output, call)
+            on_call(call)
+            return None
+        return hook
+
+    table_check = "graph"
+
+    def accumulated_grad(self, info):
+        w = self.table_weight(info)
+        w = w if isinstance(w, torch.Tensor) else getattr(w, "value", None)
+        return w.grad if isinstance(w, torch.Tensor) and w.requires_grad else None
+
+    def table_uses(self, loss, infos, calls):
+        """Walks the autograd graph from ``loss``: an edge into a table's AccumulateGrad node
+        that does not come through a recorded lookup or tied projection is a use embgrad does
+        not see (e.g. ``h @ emb.weight.T`` written by hand)."""
+        weights: dict[int, list[EmbeddingInfo]] = {}
+        for info in infos:
+            w = self.table_weight(info)
+            w = w if isinstance(w, torch.Tensor) else getattr(w, "value", None)   # a Keras variable
+            if isinstance(w, torch.Tensor) and w.requires_grad:
+                weights.setdefault(id(w), []).append(info)
+        if not weights or loss is None or loss.grad_fn is None:
+            return {}
+        stop: dict[Any, list] = {}
+        for c in calls:
+            if "edge" in c.meta:          # the lookup's own node, also after in-place ops on its output
+                node = c.meta["edge"].node
+            else:
+                node = c.meta.get("node") if "node" in c.meta else getattr(c.output, "grad_fn", None)
+            if node is None:
+                continue
+            cont = stop.setdefault(node, [])
+            if c.role == "projection" and c.meta.get("input_node") is not None:
+                cont.append(c.meta["input_node"])
+        found: dict[int, set[str]] = {}
+        seen: set = set()
+        stack = [loss.grad_fn]
+        while stack:
+            n = stack.pop()
+            if n is None or n in seen:
+                continue
+            seen.add(n)
+            if n in stop:
+                stack.extend(stop[n])
+                continue
+            for nxt, _ in n.next_functions:
+                if nxt is None:
+                    continue
+                var = getattr(nxt, "variable", None)
+                if var is not None:
+                    if id(var) in weights:
+                        found.setdefault(id(var), set()).add(type(n).__name__)
+                    continue
+                stack.append(nxt)
+        out = {}
+        for wid, names in found.items():
+            for info in weights[wid]:
+                out[info.name] = "through autograd nodes " + ", ".join(sorted(names))
+        return out
 
     def _bag_call(self, info: EmbeddingInfo, mod: Any, args: tuple, kwargs: dict, ids: Any, out: Any) -> Call:
         """Turn an EmbeddingBag call into per-entry ids (B, L) and a per-entry gradient map."""
@@ -700,6 +786,16 @@ class TorchBackend(Backend):
 
     def matmul_t(self, a, b):
         return a @ b.T
+
+    def matmul(self, a, b, transpose_a=False, transpose_b=False):
+        return torch.matmul(a.transpose(-1, -2) if transpose_a else a,
+                            b.transpose(-1, -2) if transpose_b else b)
+
+    def take_along_last(self, x, idx):
+        return torch.gather(x, 2, idx[:, None, :].expand(x.shape[0], x.shape[1], idx.shape[1]))
+
+    def gather_last(self, x, idx):
+        return x.index_select(-1, idx)
 
     def topk(self, x, k):
         v, i = torch.topk(x, k, dim=-1)
