@@ -9,7 +9,8 @@ Sections (each a module of benchmarks/, each method of each case in its own proc
 4. gradient similarity (``similarity``);
 5. loading pretrained vectors (``load_vectors``, when present);
 7. embgrad.distributed over gloo: bytes and time of the sparse exchange vs a dense all-reduce,
-   row-sharded norms (``dist_exchange``).
+   row-sharded norms (``dist_exchange``);
+8. differentially private training of a recommender, and Opacus with embgrad's samplers (``privacy``).
 
 ``--quick`` runs the same code on small sizes (a test runs it so the harness cannot rot);
 its outputs go to ``build/bench-quick/`` unless ``--out`` says otherwise, so the committed
@@ -53,6 +54,7 @@ EXTERNAL: dict[str, tuple[str, str]] = {
     "influence": ("6. Training-data attribution (embgrad.influence, TracInCP)", "influence"),
     "distributed": ("7. Past one machine: sparse gradient exchange over torch.distributed (gloo)",
                     "dist_exchange"),
+    "privacy": ("8. Differentially private training: DP-SGD, DP-FEST, DP-AdaFEST, Opacus", "privacy"),
 }
 
 

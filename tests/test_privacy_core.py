@@ -293,3 +293,19 @@ def test_tensorflow_tensors_give_the_same_result_as_torch():
         out[name] = res.numpy()
     np.testing.assert_array_equal(out["torch"][0], out["tf"][0])
     np.testing.assert_allclose(out["torch"][1], out["tf"][1], rtol=1e-6)
+
+
+def test_noise_multiplier_for_reaches_the_target_epsilon():
+    pytest.importorskip("dp_accounting")
+    q, steps, delta = 0.005, 200, 5e-6
+    s = privacy.noise_multiplier_for(lambda s: DPSGD(s, 1.0), epsilon=3.0, sample_rate=q, steps=steps,
+                                     delta=delta)
+    assert privacy.epsilon(DPSGD(s, 1.0), sample_rate=q, steps=steps, delta=delta) <= 3.0
+    assert privacy.epsilon(DPSGD(s * 0.99, 1.0), sample_rate=q, steps=steps, delta=delta) > 3.0
+    opacus = pytest.importorskip("opacus.accountants.utils")   # Opacus's own calibration agrees
+    want = opacus.get_noise_multiplier(target_epsilon=3.0, target_delta=delta, sample_rate=q,
+                                       steps=steps, accountant="rdp")
+    assert s == pytest.approx(want, rel=0.03)
+    with pytest.raises(embgrad.EmbgradError, match="noise multiplier above"):
+        privacy.noise_multiplier_for(lambda s: DPSGD(s, 1.0), epsilon=1e-4, sample_rate=1.0,
+                                     steps=10 ** 6, delta=delta)

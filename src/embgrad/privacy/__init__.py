@@ -12,7 +12,7 @@ import importlib.util
 from typing import Any
 
 from ..errors import EmbgradError
-from .accounting import dp_event, epsilon, equivalent_noise_multiplier
+from .accounting import dp_event, epsilon, equivalent_noise_multiplier, noise_multiplier_for
 from .mechanisms import DPFEST, DPSGD, DPAdaFEST
 from .noise import (
     RowSelection,
@@ -29,7 +29,8 @@ from .noise import (
 __all__ = [
     "DPFEST", "DPSGD", "DPAdaFEST", "RowSelection",
     "contribution_counts", "dense_noise", "dp_event", "epsilon", "equivalent_noise_multiplier",
-    "false_positive_probability", "gaussian_noise", "make_private_keras", "noise_rows", "register_opacus",
+    "false_positive_probability", "gaussian_noise", "make_private_keras", "noise_multiplier_for",
+    "noise_rows", "register_opacus",
     "select_rows", "split_noise_multiplier", "top_k_rows",
 ]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import EmbgradError
 
-__all__ = ["dp_event", "epsilon", "equivalent_noise_multiplier"]
+__all__ = ["dp_event", "epsilon", "equivalent_noise_multiplier", "noise_multiplier_for"]
 
 
 def _dp() -> Any:
@@ -98,3 +98,40 @@ def epsilon(mechanism: Any, *, sample_rate: float, steps: int, delta: float,
     else:
         raise EmbgradError(f"accountant must be 'rdp' or 'pld', got {accountant!r}.")
     return float(acc.get_epsilon(delta))
+
+
+_epsilon_of = epsilon   # noise_multiplier_for's parameter is named epsilon
+
+
+def noise_multiplier_for(make: Any, *, epsilon: float, sample_rate: float, steps: int, delta: float,
+                         accountant: str = "rdp", low: float = 0.3, high: float = 100.0,
+                         tol: float = 1e-3) -> float:
+    """The smallest noise multiplier σ (to relative ``tol``) whose mechanism ``make(σ)`` spends
+    at most ``epsilon`` over ``steps`` steps: bisection on :func:`epsilon` (as Opacus's
+    ``get_noise_multiplier``).
+
+    Args:
+        make: ``σ -> mechanism``, e.g. ``lambda s: DPAdaFEST(s, 1.0, threshold=5.0)``.
+        epsilon: the target ε (> 0); the other arguments as in :func:`epsilon`.
+    Returns:
+        σ as a float.
+    Raises:
+        EmbgradError: ε unreachable below ``high`` or bad arguments.
+    """
+    if not (isinstance(epsilon, (int, float)) and epsilon > 0):
+        raise EmbgradError(f"epsilon must be > 0, got {epsilon!r}.")
+
+    def eps(s: float) -> float:
+        return _epsilon_of(make(s), sample_rate=sample_rate, steps=steps, delta=delta,
+                           accountant=accountant)
+
+    if eps(high) > epsilon:
+        raise EmbgradError(f"ε={epsilon} needs a noise multiplier above {high} for {steps} steps at "
+                           f"sampling rate {sample_rate}; take fewer steps or a smaller rate.")
+    lo, hi = low, high
+    if eps(lo) <= epsilon:
+        return lo
+    while hi - lo > tol * hi:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if eps(mid) <= epsilon else (mid, hi)
+    return hi
