@@ -5,6 +5,7 @@ shown off where the issue measured them."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -335,3 +336,89 @@ def test_full_dp_fine_tuning_in_ghost_mode(arch):
     emb = "transformer.wpe.weight" if arch == "gpt2" else "bert.embeddings.position_embeddings.weight"
     assert emb in moved            # position table trained (noised) in ghost mode
     assert 0 < pe.get_epsilon(1e-5) < float("inf")
+
+
+# ------------------------------------------------------------------ sparse noise under Opacus
+class Rec(nn.Module):
+    def __init__(self, V, sparse=True):
+        super().__init__()
+        self.emb = nn.Embedding(V, 4, sparse=sparse)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).sum(1))
+
+
+def _sparse_run(V, mech, ids, y, seed=0, sparse=True, rows=None, mode="ghost"):
+    torch.manual_seed(seed)
+    model = Rec(V, sparse)
+    before = model.emb.weight.detach().clone(), model.head.weight.detach().clone()
+    dl = DataLoader(TensorDataset(ids, y), batch_size=len(y))
+    with privacy.register_opacus():
+        pe = PrivacyEngine()
+        kw = {"module": model, "optimizer": torch.optim.SGD(model.parameters(), lr=1.0), "data_loader": dl,
+              "noise_multiplier": mech.noise_multiplier, "max_grad_norm": mech.max_grad_norm,
+              "poisson_sampling": False, "grad_sample_mode": mode}
+        if mode == "ghost":
+            m2, opt, crit, dl2 = pe.make_private(criterion=nn.CrossEntropyLoss(), **kw)
+        else:
+            (m2, opt, dl2), crit = pe.make_private(**kw), nn.CrossEntropyLoss()
+        sparse_opt = privacy.sparse_noise_optimizer(opt, mech, model.emb, rows=rows, rng=seed)
+        for xb, yb in dl2:
+            sparse_opt.zero_grad()
+            crit(m2(xb), yb).backward()
+            sparse_opt.step()
+    return model, before, pe, sparse_opt
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_adafest_under_opacus_noises_only_selected_rows(mode):
+    V, C = 5000, 1.0
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (32, 6), generator=g)           # 20 frequent rows
+    y = torch.randint(0, 2, (32,), generator=g)
+    # a threshold no count reaches: the table does not move at all; the head does
+    m = privacy.DPAdaFEST(noise_multiplier=1.0, max_grad_norm=C, threshold=1e3)
+    model, (emb0, head0), _, _ = _sparse_run(V, m, ids, y, mode=mode, sparse=(mode == "ghost"))
+    assert torch.equal(model.emb.weight.detach(), emb0)
+    assert not torch.equal(model.head.weight.detach(), head0)
+    # threshold 0: about half the untouched rows pass; each moved by lr * N(0, (σ_grad C)²) / B
+    m0 = privacy.DPAdaFEST(noise_multiplier=1.0, max_grad_norm=C, threshold=0.0)
+    model, (emb0, _), engine, opt = _sparse_run(V, m0, ids, y, mode=mode, sparse=(mode == "ghost"))
+    delta = (model.emb.weight.detach() - emb0)[20:]            # untouched rows: pure noise
+    moved = delta.abs().sum(1) > 0
+    n = int(moved.sum())
+    assert abs(n - (V - 20) / 2) < 5 * math.sqrt((V - 20) / 4)
+    noise = delta[moved].reshape(-1) * len(y)
+    std = m0.gradient_noise_std
+    assert abs(float(noise.std()) - std) < 5 * std / math.sqrt(2 * noise.numel())
+    # Opacus's accountant charged σ, the mechanism's equivalent Gaussian
+    assert engine.accountant.history[-1][0] == m0.noise_multiplier
+    assert type(opt).__name__.startswith("SparseNoise")
+
+
+def test_fest_under_opacus_updates_only_the_fixed_rows():
+    V = 300
+    ids = torch.randint(0, 300, (16, 5), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(2))
+    fixed = privacy.top_k_rows(torch.arange(V, dtype=torch.float64).numpy(), 10, like=torch.zeros(1))
+    m = privacy.DPFEST(noise_multiplier=0.5, max_grad_norm=1.0)
+    model, (emb0, _), _, _ = _sparse_run(V, m, ids, y, rows=fixed)
+    moved = torch.nonzero((model.emb.weight.detach() - emb0).abs().sum(1) > 0).reshape(-1)
+    assert moved.tolist() == list(range(290, 300))
+
+
+def test_sparse_noise_optimizer_errors():
+    model = Rec(50)
+    dl = DataLoader(TensorDataset(torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long)),
+                    batch_size=4)
+    with privacy.register_opacus():
+        _, opt, _ = PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1),
+                                                 data_loader=dl, noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(embgrad.EmbgradError, match="must equal the mechanism"):
+        privacy.sparse_noise_optimizer(opt, privacy.DPAdaFEST(2.0, 1.0, threshold=1.0), model.emb)
+    with pytest.raises(embgrad.EmbgradError, match="DPOptimizer"):
+        privacy.sparse_noise_optimizer(torch.optim.SGD(model.parameters(), lr=1),
+                                       privacy.DPAdaFEST(1.0, 1.0, threshold=1.0), model.emb)
+    with pytest.raises(embgrad.EmbgradError, match="num_tables"):
+        privacy.sparse_noise_optimizer(opt, privacy.DPAdaFEST(1.0, 1.0, threshold=1.0, num_tables=2), model.emb)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import EmbgradError
 from ..sparse import ExampleGrads, coalesce_lookups
@@ -153,8 +154,10 @@ def _norm_sampler(layer: Any, activations: list, backprops: torch.Tensor) -> dic
         return {}
     if backprops.shape[0] == 0:
         return {layer.weight: torch.zeros(0, dtype=backprops.dtype, device=backprops.device)}
-    norms = embedding_example_grads(layer, activations, backprops).norms()
-    return {layer.weight: norms.to(backprops.dtype)}
+    eg = embedding_example_grads(layer, activations, backprops)
+    if layer.weight in _WANTED:
+        _PENDING.setdefault(layer.weight, []).append(eg)
+    return {layer.weight: eg.norms().to(backprops.dtype)}
 
 
 def _grad_sampler(layer: Any, activations: list, backprops: torch.Tensor) -> dict:
@@ -165,8 +168,17 @@ def _grad_sampler(layer: Any, activations: list, backprops: torch.Tensor) -> dic
         V, D = layer.weight.shape
         return {layer.weight: torch.zeros((0, V, D), dtype=backprops.dtype, device=backprops.device)}
     eg = embedding_example_grads(layer, activations, backprops)
+    if layer.weight in _WANTED:
+        _PENDING.setdefault(layer.weight, []).append(eg)
     dense = eg.to_dense(max_bytes=1 << 62)
     return {layer.weight: dense.to(backprops.dtype)}
+
+
+#: table parameter -> the ExampleGrads of its lookups since the last optimizer step (read by the
+#: sparse-noise optimizer for DP-AdaFEST's counts; weak keys: nothing outlives the model)
+_PENDING: Any = WeakIdKeyDictionary()   # keyed by identity: tensors compare elementwise
+#: the table parameters a sparse-noise optimizer noises (only their lookups are recorded)
+_WANTED: Any = WeakIdKeyDictionary()
 
 
 # ------------------------------------------------------------------ the activation-hook wrapper
@@ -333,3 +345,107 @@ _MISSING = object()
 def register_opacus() -> OpacusRegistration:
     """Register embgrad's samplers for ``nn.Embedding`` and ``nn.EmbeddingBag`` in Opacus."""
     return OpacusRegistration()
+
+
+# ------------------------------------------------------------------ sparse noise under Opacus
+class _SparseNoise:
+    """Mixed into Opacus's DPOptimizer class: tables get DP-FEST / DP-AdaFEST noise (only on
+    selected rows), every other parameter Opacus's Gaussian with σ_grad."""
+
+    _embgrad_mechanism: Any
+    _embgrad_rows: Any
+    _embgrad_tables: set
+    _embgrad_rng: Any
+
+    def add_noise(self) -> None:
+        from opacus.optimizers.optimizer import (
+            _check_processed_flag,
+            _generate_noise,
+            _mark_as_processed,
+        )
+
+        from ..privacy.mechanisms import DPAdaFEST
+        from ..privacy.noise import contribution_counts
+        from ..sparse import row_grad
+
+        m = self._embgrad_mechanism
+        for p in self.params:  # type: ignore[attr-defined]
+            _check_processed_flag(p.summed_grad)
+            pending = _PENDING.pop(p, [])
+            if id(p) in self._embgrad_tables:
+                if len(pending) != 1:
+                    raise EmbgradError(
+                        f"sparse noise: table {tuple(p.shape)} was looked up {len(pending)} times since the "
+                        "last step (several calls per forward, or gradient accumulation); DP-AdaFEST's "
+                        "contribution counts need exactly one lookup per step. Use dense noise for it.")
+                grad = row_grad(p.summed_grad.detach(), num_rows=p.shape[0])
+                if isinstance(m, DPAdaFEST):
+                    counts = contribution_counts(pending[0], contribution_bound=m.contribution_bound)
+                    noisy = m.privatize(grad, counts, self._embgrad_rng)
+                else:
+                    noisy = m.privatize(grad, self._embgrad_rows[id(p)], self._embgrad_rng)
+                values = noisy.values.to(p.dtype)
+                if p.summed_grad.is_sparse:
+                    p.grad = torch.sparse_coo_tensor(noisy.rows[None], values, p.shape).coalesce()
+                else:
+                    p.grad = torch.zeros_like(p).index_copy_(0, noisy.rows, values)
+            else:
+                noise = _generate_noise(std=m.gradient_noise_std, reference=p.summed_grad,
+                                        generator=self.generator,  # type: ignore[attr-defined]
+                                        secure_mode=self.secure_mode)  # type: ignore[attr-defined]
+                p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        for p in self.params:  # type: ignore[attr-defined]
+            _PENDING.pop(p, None)    # lookups of a step that was not taken
+        super().zero_grad(set_to_none)  # type: ignore[misc]
+
+
+def sparse_noise_optimizer(optimizer: Any, mechanism: Any, tables: Any, rows: Any = None,
+                           rng: Any = None) -> Any:
+    """See :func:`embgrad.privacy.sparse_noise_optimizer`."""
+    from opacus.optimizers import DPOptimizer
+
+    from ..privacy.mechanisms import DPFEST, DPAdaFEST
+    from ..privacy.noise import RowSelection, make_rng
+
+    if not isinstance(optimizer, DPOptimizer):
+        raise EmbgradError(f"sparse_noise_optimizer takes the DPOptimizer that PrivacyEngine.make_private "
+                           f"returned, got {type(optimizer).__name__}.")
+    if not isinstance(mechanism, (DPAdaFEST, DPFEST)):
+        raise EmbgradError(f"mechanism must be DPAdaFEST or DPFEST, got {mechanism!r}.")
+    if abs(optimizer.noise_multiplier - mechanism.noise_multiplier) > 1e-12 \
+            or abs(optimizer.max_grad_norm - mechanism.max_grad_norm) > 1e-12:
+        raise EmbgradError(
+            f"the optimizer's noise_multiplier={optimizer.noise_multiplier}, max_grad_norm="
+            f"{optimizer.max_grad_norm} must equal the mechanism's ({mechanism.noise_multiplier}, "
+            f"{mechanism.max_grad_norm}): Opacus's accountant charges the optimizer's σ, which is "
+            "the mechanism's equivalent single Gaussian.")
+    modules = [tables] if isinstance(tables, nn.Module) else list(tables)
+    for t in modules:
+        if not isinstance(t, (nn.Embedding, nn.EmbeddingBag)):
+            raise EmbgradError(f"tables must be nn.Embedding/nn.EmbeddingBag modules, got {type(t).__name__}.")
+    if isinstance(mechanism, DPAdaFEST) and mechanism.num_tables != len(modules):
+        raise EmbgradError(f"the DPAdaFEST mechanism was made for num_tables={mechanism.num_tables}, "
+                           f"but {len(modules)} tables were given.")
+    params = {id(p) for p in optimizer.params}
+    for t in modules:
+        if id(t.weight) not in params:
+            raise EmbgradError(f"{_layer_name(t)}'s weight is not among the optimizer's parameters.")
+    fixed = {}
+    if isinstance(mechanism, DPFEST):
+        rows = rows if isinstance(rows, (list, tuple)) else [rows]
+        if len(rows) != len(modules) or any(not isinstance(r, RowSelection) for r in rows):
+            raise EmbgradError("DPFEST needs rows=: one RowSelection (top_k_rows) per table.")
+        fixed = {id(t.weight): r for t, r in zip(modules, rows, strict=True)}
+    cls = type(f"SparseNoise{type(optimizer).__name__}", (_SparseNoise, type(optimizer)), {})
+    new: Any = object.__new__(cls)
+    new.__dict__.update(optimizer.__dict__)
+    new._embgrad_mechanism = mechanism
+    new._embgrad_rows = fixed
+    new._embgrad_tables = {id(t.weight) for t in modules}
+    for t in modules:
+        _WANTED[t.weight] = True
+    new._embgrad_rng = make_rng(rng)
+    return new

@@ -30,7 +30,7 @@ __all__ = [
     "DPFEST", "DPSGD", "DPAdaFEST", "RowSelection",
     "contribution_counts", "dense_noise", "dp_event", "epsilon", "equivalent_noise_multiplier",
     "false_positive_probability", "gaussian_noise", "make_private_keras", "noise_multiplier_for",
-    "noise_rows", "register_opacus",
+    "noise_rows", "register_opacus", "sparse_noise_optimizer",
     "select_rows", "split_noise_multiplier", "top_k_rows",
 ]
 
@@ -91,3 +91,33 @@ def make_private_keras(model: Any, *, loss: Any, mechanism: Any, seed: int | Non
     from ..backends.keras_privacy import make_private_keras as _make
 
     return _make(model, loss=loss, mechanism=mechanism, seed=seed)
+
+
+def sparse_noise_optimizer(optimizer: Any, mechanism: Any, tables: Any, rows: Any = None,
+                           rng: Any = None) -> Any:
+    """Opacus's DP optimizer with sparsity-preserving noise on embedding tables (PyTorch).
+
+    Takes the ``DPOptimizer`` that ``PrivacyEngine.make_private`` returned (made with
+    ``noise_multiplier = mechanism.noise_multiplier`` and ``max_grad_norm = mechanism.max_grad_norm``,
+    inside :func:`register_opacus`) and returns a new optimizer (the given one is left as it was)
+    that, at each step, gives each table in ``tables`` DP-AdaFEST noise (rows selected from the
+    step's noisy contribution counts, which embgrad's samplers record) or DP-FEST noise (the fixed
+    ``rows``), and every other parameter Opacus's Gaussian with σ_grad·C. Opacus's accountant keeps
+    charging σ, the equivalent single Gaussian, so ``engine.get_epsilon`` stays right. With
+    ``nn.Embedding(..., sparse=True)`` the table's gradient and update stay sparse (use SGD or
+    SparseAdam). Use the returned optimizer in the training loop.
+
+    Args:
+        optimizer: Opacus ``DPOptimizer`` or ``DPOptimizerFastGradientClipping``.
+        mechanism: :class:`DPAdaFEST` (``num_tables`` = len(tables)) or :class:`DPFEST`.
+        tables: the ``nn.Embedding``/``nn.EmbeddingBag`` module(s) to noise sparsely.
+        rows: DP-FEST only: one :class:`RowSelection` (:func:`top_k_rows`) per table.
+        rng: seed or NumPy Generator for the selection and table noise.
+    Raises:
+        EmbgradError: σ or C differing from the optimizer's, a table not in the optimizer, a
+            table looked up more than once per step (DP-AdaFEST counts need one lookup).
+    Source: Ghazi et al. 2023 (arXiv 2311.08357); Opacus 1.6 ``DPOptimizer.add_noise``.
+    """
+    from ..backends.torch_opacus import sparse_noise_optimizer as _make
+
+    return _make(optimizer, mechanism, tables, rows=rows, rng=rng)
