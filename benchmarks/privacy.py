@@ -43,7 +43,7 @@ def _config(quick: bool) -> dict:
     if quick:
         return {"V": 100_000, "D": 8, "F": 8, "N": 40_000, "N_test": 10_000, "B": 512,
                 "eps": [3.0], "opacus_V": 100_000, "opacus_B": 128, "opacus_steps": 5}
-    return {"V": 1_000_000, "D": 8, "F": 8, "N": 400_000, "N_test": 50_000, "B": 1024,
+    return {"V": 1_000_000, "D": 8, "F": 8, "N": 200_000, "N_test": 50_000, "B": 1024,
             "eps": [1.0, 3.0, 8.0], "opacus_V": 1_000_000, "opacus_B": 256, "opacus_steps": 20}
 
 
