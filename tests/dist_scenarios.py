@@ -99,6 +99,12 @@ def scenarios(rank: int, size: int) -> dict[str, Any]:
     out["dense_auto"] = (m, r.numpy().copy(), v.numpy().copy(), _np(small))
     out["float64"] = _np(edist.all_reduce_rows(
         embgrad.RowGrad(rg.rows, rg.values.double(), V)))
+    # a subgroup of the even ranks: only they exchange, the others stay out
+    evens = list(range(0, size, 2))
+    sub = torch.distributed.new_group(evens)
+    if rank in evens:
+        out["subgroup"] = _np(edist.all_reduce_rows(rg, group=sub, method="all_to_all"))
+        out["subgroup_gather"] = _np(edist.all_reduce_rows(rg, group=sub))
     # bad input on one rank: every rank raises EmbgradError, at once
     t0 = time.monotonic()
     bad = embgrad.RowGrad(rg.rows, rg.values, V + 1) if rank == size - 1 else rg

@@ -79,6 +79,21 @@ def test_all_reduce_rows_equals_one_process(world, method):
         assert len(results[1]["local"][0]) == 0
 
 
+def test_all_reduce_rows_over_a_subgroup(world):
+    size, results = world
+    total = None
+    for r in range(0, size, 2):
+        g = sc.row_grad_of(*sc.local_batch(size, r))
+        total = g if total is None else total + g
+    rows, values = total.numpy()
+    for r, res in enumerate(results):
+        if r % 2:
+            assert "subgroup" not in res
+            continue
+        for key in ("subgroup", "subgroup_gather"):
+            assert np.array_equal(res[key][0], rows) and np.array_equal(res[key][1], values)
+
+
 def test_all_reduce_rows_switches_to_dense_when_rows_are_dense(world):
     _size, results = world
     for res in results:
