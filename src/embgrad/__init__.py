@@ -5,6 +5,7 @@ you pass, among the frameworks you already imported.
 """
 from __future__ import annotations
 
+from . import distributed as distributed  # all_reduce_rows & co.; torch is imported when called
 from .attribution import Attribution, attribute, hotflip, jacobian
 from .capture import Gradients, LayerGradients, capture
 from .errors import EmbgradError
