@@ -195,8 +195,9 @@ class Projection:
         return out
 
     def project(self, layer: int, grads: ExampleGrads) -> Any:
-        """P · vec(G_b) for each example b: a float32 framework tensor (B, k) on the gradients'
-        device (a scatter-add of B · T · D · density values)."""
+        """P · vec(G_b) for each example b of the ``layer``-th captured layer (its position, which
+        salts the hash): a float32 framework tensor (B, k) on the gradients' device, by one
+        scatter-add of B · T · D · density values through the backend's segment sum."""
         b = get_backend(grads.values)
         B, D, k = len(grads), grads.dim, self.k
         if grads.nnz == 0:
