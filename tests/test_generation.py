@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import embgrad
-from embgrad import EmbgradError
+import embgrad  # noqa: E402
+from embgrad import EmbgradError  # noqa: E402
 
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "to", "park", "a", "good", "bad", "movie", "was",
          "great", "awful", "plot", "and", "it"]
@@ -89,7 +89,7 @@ def test_integrated_gradients_match_captum_llm_gradient_attribution(model, tok):
     base = 3
     r = embgrad.attribute_generation(model, PROMPTS, CONTS, tokenizer=tok, baseline=base, steps=16,
                                      interpolate="prompt")
-    for i, (p, c) in enumerate(zip(PROMPTS, CONTS)):
+    for i, (p, c) in enumerate(zip(PROMPTS, CONTS, strict=False)):
         ref = captum_llm(model, tok, p, c, "ig", base)
         n = r.n_prompt(i)
         assert ref.shape == (len(tok.encode(c)), n)
@@ -100,7 +100,7 @@ def test_integrated_gradients_match_captum_llm_gradient_attribution(model, tok):
 
 def test_grad_x_input_matches_captum_layer_gradient_x_activation(model, tok):
     r = embgrad.attribute_generation(model, PROMPTS, CONTS, method="grad_x_input", tokenizer=tok)
-    for i, (p, c) in enumerate(zip(PROMPTS, CONTS)):
+    for i, (p, c) in enumerate(zip(PROMPTS, CONTS, strict=False)):
         ref = captum_llm(model, tok, p, c, "gxa", 0)
         np.testing.assert_allclose(r.prompt_scores(i), ref, atol=1e-5, rtol=0)
 
@@ -111,7 +111,7 @@ def test_integrated_gradients_over_all_sources_match_captum_layer_ig_per_target(
     base = 5
     r = embgrad.attribute_generation(model, PROMPTS, CONTS, tokenizer=tok, baseline=base, steps=24,
                                      rule="trapezoid")
-    for i, (p, c) in enumerate(zip(PROMPTS, CONTS)):
+    for i, (p, c) in enumerate(zip(PROMPTS, CONTS, strict=False)):
         pid, tid = tok.encode(p), tok.encode(c)
         for j, y in enumerate(tid):
             seq = torch.tensor([pid + tid[:j]])
@@ -129,7 +129,7 @@ def test_integrated_gradients_over_all_sources_match_captum_layer_ig_per_target(
 
 def test_completeness_and_log_probs(model, tok):
     r = embgrad.attribute_generation(model, PROMPTS, CONTS, tokenizer=tok, steps=64)
-    for i, (p, c) in enumerate(zip(PROMPTS, CONTS)):
+    for i, (p, c) in enumerate(zip(PROMPTS, CONTS, strict=False)):
         pid, tid = tok.encode(p), tok.encode(c)
         with torch.no_grad():
             lp = torch.log_softmax(model(torch.tensor([pid + tid])).logits[0], -1)
@@ -142,7 +142,7 @@ def test_completeness_and_log_probs(model, tok):
 
 def test_saliency_matches_autograd_per_target(model, tok):
     r = embgrad.attribute_generation(model, PROMPTS, CONTS, method="saliency", tokenizer=tok)
-    for i, (p, c) in enumerate(zip(PROMPTS, CONTS)):
+    for i, (p, c) in enumerate(zip(PROMPTS, CONTS, strict=False)):
         pid, tid = tok.encode(p), tok.encode(c)
         seq = torch.tensor([pid + tid[:-1]])
         e = model.transformer.wte(seq).detach().requires_grad_(True)
@@ -160,7 +160,7 @@ def test_batched_equals_each_prompt_alone_left_or_right_padded(model, tok, metho
         enc = tok(PROMPTS, return_tensors="pt", padding=True)
         outs.append(embgrad.attribute_generation(model, dict(enc), CONTS, method=method, tokenizer=tok, steps=8))
     tok.padding_side = "right"
-    for i, (p, c) in enumerate(zip(PROMPTS, CONTS)):
+    for i, (p, c) in enumerate(zip(PROMPTS, CONTS, strict=False)):
         alone = embgrad.attribute_generation(model, [p], [c], method=method, tokenizer=tok, steps=8)
         for r in outs:
             np.testing.assert_allclose(r.scores[i], alone.scores[0], atol=2e-6, rtol=0)
@@ -171,14 +171,15 @@ def test_batched_equals_each_prompt_alone_left_or_right_padded(model, tok, metho
 def test_vmap_vjp_equals_loop_and_small_chunks(model, tok):
     a = embgrad.attribute_generation(model, PROMPTS, CONTS, tokenizer=tok, steps=8, vjp="loop")
     b = embgrad.attribute_generation(model, PROMPTS, CONTS, tokenizer=tok, steps=8, vjp="vmap", batch_size=5)
-    for x, y in zip(a.scores, b.scores):
+    for x, y in zip(a.scores, b.scores, strict=False):
         np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
     assert b.forward_passes == 2 + -(-3 * 8 // 5)
 
 
 def test_greedy_targets_are_generate_and_attributed(model, tok):
     enc = tok(PROMPTS[:1], return_tensors="pt")
-    want = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)[0, enc["input_ids"].shape[1]:]
+    n = enc["input_ids"].shape[1]
+    want = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)[0, n:]
     r = embgrad.attribute_generation(model, PROMPTS[:1], None, method="grad_x_input", max_new_tokens=6,
                                      eos_token_id=[], tokenizer=tok)
     assert r.generated and r.target_ids[0].tolist() == want.tolist()

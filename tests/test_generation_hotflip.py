@@ -8,12 +8,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_generation import write_bpe_files
+from test_generation import write_bpe_files  # noqa: E402
 
-import embgrad
-from embgrad.backends import get_backend
-from embgrad.candidates import top_candidates, whole_word_ids
-from embgrad.generation import hotflip_generation
+import embgrad  # noqa: E402
+from embgrad.backends import get_backend  # noqa: E402
+from embgrad.candidates import top_candidates, whole_word_ids  # noqa: E402
+from embgrad.generation import hotflip_generation  # noqa: E402
 
 V = 131072
 
@@ -50,7 +50,7 @@ def onehot_reference(model, prompt, target, k, sign):
 def test_hotflip_generation_at_128k_matches_onehot_gradient(big, direction):
     sign = 1.0 if direction == "increase" else -1.0
     r = hotflip_generation(big, PROMPTS, TARGETS, k=4, direction=direction, verify=True)
-    for i, (p, t) in enumerate(zip(PROMPTS, TARGETS)):
+    for i, (p, t) in enumerate(zip(PROMPTS, TARGETS, strict=False)):
         want_v, want_pos, want_new, total = onehot_reference(big, p, t, 4, sign)
         np.testing.assert_allclose(r.predicted[i], want_v, rtol=1e-4, atol=1e-6)
         assert r.positions[i].tolist() == want_pos.tolist() and r.new_ids[i].tolist() == want_new.tolist()

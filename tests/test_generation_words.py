@@ -9,10 +9,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_generation import gpt2, write_bpe_files
+from test_generation import gpt2, write_bpe_files  # noqa: E402
 
-import embgrad
-from embgrad.words import aggregate, token_spans, word_groups
+import embgrad  # noqa: E402
+from embgrad.words import aggregate, token_spans, word_groups  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "default: the predicted label)")
     ex.add_argument("--compare", metavar="TEXT", help="explain the cosine similarity to this text "
                                                       "(sentence-embedding model)")
+    ex.add_argument("--continuation", metavar="TEXT",
+                    help="causal language model: explain this continuation of each text token by token "
+                         "(default: the model's greedy continuation)")
+    ex.add_argument("--max-new-tokens", type=int, default=20, metavar="N",
+                    help="causal language model without --continuation: tokens to generate (default: 20)")
     ex.add_argument("--method", action="append", choices=("saliency", "grad_x_input", "integrated_gradients",
                                                           "smoothgrad"),
                     help="attribution method, repeatable (default: grad_x_input and integrated_gradients)")
@@ -157,6 +162,11 @@ def _explain(args: argparse.Namespace) -> int:
         import transformers
         transformers.utils.logging.disable_progress_bar()
         loaded = load_model(args.model_dir)
+    if loaded.kind == "causal-lm":
+        return _explain_generation(args, loaded, console)
+    if args.continuation is not None:
+        raise EmbgradError(f"--continuation explains a causal language model's continuation, but "
+                           f"{args.model_dir!r} holds a {loaded.kind}; drop --continuation.")
     with warnings.catch_warnings(record=True) as caught, console.status("attributing"):
         warnings.simplefilter("always")
         ex = explain(loaded, args.texts, target=args.target, methods=tuple(args.method or DEFAULT_METHODS),
@@ -177,6 +187,35 @@ def _explain(args: argparse.Namespace) -> int:
     console.print(table)
     page = write_explanation(ex, args.out)
     console.print(f"[bold green]Explanation written to[/] {page.resolve()}")
+    return 0
+
+
+def _explain_generation(args: argparse.Namespace, loaded: object, console: object) -> int:
+    """`embgrad explain` on a causal language model (see embgrad.report.generation)."""
+    from rich.table import Table
+
+    from .report.generation import explain_generation, write_generation_page
+
+    if args.target is not None or args.compare is not None:
+        raise EmbgradError(f"{args.model_dir!r} is a causal language model: it explains a continuation "
+                           "(--continuation TEXT, or its greedy one), not --target or --compare.")
+    if args.max_new_tokens < 1:
+        raise EmbgradError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    with console.status("attributing"):                                     # type: ignore[attr-defined]
+        gx = explain_generation(loaded, args.texts, continuation=args.continuation,
+                                methods=tuple(args.method or ("grad_x_input", "integrated_gradients")),
+                                steps=args.steps, max_new_tokens=args.max_new_tokens)
+    table = Table(title="Prompt tokens that drove the continuation most", title_justify="left")
+    for col in ("#", "method", "top prompt tokens (summed over the continuation)"):
+        table.add_column(col)
+    for b, text in enumerate(gx.texts):
+        console.print(f"  #{b + 1} “{text}” → “{gx.continuation_text(b)}”", highlight=False)  # type: ignore[attr-defined]
+        for i, method in enumerate(gx.results):
+            top = ", ".join(f"{t} {s:+.3g}" for t, s in gx.top_sources(method, b))
+            table.add_row(f"#{b + 1}" if i == 0 else "", method, top)
+    console.print(table)                                                     # type: ignore[attr-defined]
+    page = write_generation_page(gx, args.out)
+    console.print(f"[bold green]Explanation written to[/] {page.resolve()}")  # type: ignore[attr-defined]
     return 0
 
 

@@ -35,7 +35,7 @@ DEFAULT_METHODS = ("grad_x_input", "integrated_gradients")
 
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
-    """A local model: ``kind`` is "classifier" or "sentence-embedding"; ``labels`` the class
+    """A local model: ``kind`` is "classifier", "sentence-embedding" or "causal-lm"; ``labels`` the class
     names (classifier); ``pooling`` how token states become a sentence vector (embedding
     model); ``max_length`` the most tokens the model takes."""
 
@@ -118,7 +118,9 @@ def load_model(model_dir: str | Path) -> LoadedModel:
 
     arch = " ".join(config.get("architectures") or [])
     classifier = "ForSequenceClassification" in arch
-    auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
+    causal = "ForCausalLM" in arch or "LMHeadModel" in arch
+    auto: Any = (transformers.AutoModelForSequenceClassification if classifier
+                 else transformers.AutoModelForCausalLM if causal else transformers.AutoModel)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
@@ -138,6 +140,8 @@ def load_model(model_dir: str | Path) -> LoadedModel:
         id2label = model.config.id2label or {}
         labels = tuple(str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(model.config.num_labels))
         return LoadedModel(path, model, tokenizer, "classifier", labels, None, max_length)
+    if causal:        # explained by embgrad.report.generation (attribute_generation)
+        return LoadedModel(path, model, tokenizer, "causal-lm", None, None, max_length)
     if not (path / "modules.json").exists() and not hasattr(model, "get_input_embeddings"):
         raise EmbgradError(f"{str(path)!r} holds a {arch or 'model'} that is neither a sequence classifier nor "
                            "a sentence-embedding model; embgrad explain needs one of those.")
