@@ -51,7 +51,7 @@ def tape_reference(lm, p, t, method, steps=16):
     for j, y in enumerate(t):
         pos = len(p) - 1 + j
 
-        def grad(x):
+        def grad(x, pos=pos, y=y):
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 lp = tf.nn.log_softmax(lm.head(x)[0, pos])[y]
