@@ -267,7 +267,7 @@ def _demo(args: argparse.Namespace) -> int:
             bar.update(load, total=1, completed=1)
             bar.update(task, total=epochs, completed=epoch, info=f"loss {loss:.3f}")
 
-        steps = bar.add_task("report", total=5, info="", visible=False)  # 4 sections + writing
+        steps = bar.add_task("report", total=6, info="", visible=False)  # 5 sections + writing
 
         def step(name: str) -> None:
             bar.update(steps, visible=True, description=name, advance=1)

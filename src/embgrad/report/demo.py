@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -42,6 +42,7 @@ class DemoResults:
     attribution: AttributionInfo
     hotflip: HotFlipInfo
     seconds: dict[str, float] = field(default_factory=dict)
+    generation: Any = None            # embgrad.demo.lm.GenerationInfo (PyTorch demo), else None
 
     def __repr__(self) -> str:
         return (f"DemoResults({self.model.framework}, test_accuracy={self.model.test_accuracy:.3f}, "
@@ -102,4 +103,12 @@ def _sections(trained: Trained, data: DemoData, batch_size: int, seed: int, step
     t = time.perf_counter()
     flips = hotflip_info(trained, sentences)
     seconds["hotflip"] = time.perf_counter() - t
-    return DemoResults(model, weight, per_example, similarity, attribution, flips, seconds)
+
+    generation = None
+    if trained.framework == "torch":   # a tiny causal LM on the same sentences (issue 18)
+        from ..demo.lm import generation_info
+        step("a tiny causal LM")
+        t = time.perf_counter()
+        generation = generation_info(data, sentences, seed=seed)
+        seconds["generation"] = time.perf_counter() - t
+    return DemoResults(model, weight, per_example, similarity, attribution, flips, seconds, generation)

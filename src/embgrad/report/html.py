@@ -13,7 +13,7 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -34,6 +34,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("attribution", "Attributions"),
     ("hotflip", "HotFlip"),
     ("similarity", "Gradient similarity"),
+    ("generation", "A language model that generates"),
 )
 _METHOD_NAMES = {"saliency": "Saliency ‖∂f/∂e‖", "grad_x_input": "Gradient × input",
                  "integrated_gradients": "Integrated gradients"}
@@ -205,6 +206,32 @@ def _similarity_section(s: SimilarityInfo) -> str:
                     f"<div><h3>Opponents</h3>{table(s.opponents(5))}</div></div>")
 
 
+def _generation_section(g: Any) -> str:
+    if g is None:
+        return ""
+    lm = g.lm
+    intro = (f"A tiny causal language model (embedding → GRU → logits over {len(lm.vocab)} tokens), trained in "
+             f"{lm.seconds:.1f} s on the same sentences followed by <code>{esc('<sentiment>')}</code> and their "
+             f"label word, predicts the label of {lm.accuracy:.0%} of the test sentences. "
+             "<code>embgrad.attribute_generation</code> attributes the label token's log-probability to every "
+             "prompt token (here gradient × input; all targets of all prompts share each forward pass). "
+             "The top-|score| word of the sentence (the separator, a constant cue, left out) is a planted "
+             f"word for {g.hits['grad_x_input']:.0%} of these sentences with gradient × input, "
+             f"{g.hits['saliency']:.0%} with saliency and {g.hits['integrated_gradients']:.0%} with integrated "
+             "gradients from a zero baseline (the path through all-zero sentences passes states of the GRU the "
+             "model never saw). Planted words are underlined.")
+    r = g.result
+    rows, labels, marks, toks = [], [], [], []
+    for i in range(len(r)):
+        src, tgt = r._labels(i)
+        toks.append(src)
+        rows.append(r.scores[i][0])
+        marks.append(np.concatenate([g.planted[i], np.zeros(len(src) - len(g.planted[i]), bool)]))
+        labels.append(f"→ {tgt[0]} (log p {r.log_probs[i][0]:.2f})")
+    heat = token_heatmap(toks, rows, labels=labels, marks=marks, title="gradient × input of log p(label)")
+    return _section("generation", len(SECTIONS), intro, f'<div class="heatmaps"><div>{heat}</div></div>')
+
+
 def render_page(r: DemoResults, figs: dict[str, str], command: str = "embgrad demo") -> str:
     """The HTML page for ``r``; ``figs`` maps figure keys to image sources (``data:`` URIs, or
     file names next to the page)."""
@@ -212,7 +239,8 @@ def render_page(r: DemoResults, figs: dict[str, str], command: str = "embgrad de
     nav = "".join(f'<a href="#{k}">{n}. {esc(t)}</a>' for n, (k, t) in enumerate(SECTIONS, 1))
     body = "".join([
         _cards(r), _model_section(r, figs), _weight_section(r, figs), _per_example_section(r, figs),
-        _attribution_section(r.attribution, figs), _hotflip_section(r.hotflip), _similarity_section(r.similarity)])
+        _attribution_section(r.attribution, figs), _hotflip_section(r.hotflip), _similarity_section(r.similarity),
+        _generation_section(r.generation)])
     total = sum(r.seconds.values())
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
