@@ -94,9 +94,27 @@ def evaluate(results: dict[str, CaseResult], quick: bool) -> list[Target]:
     # 4. similarity
     t.append(_faster(results, "similarity", "dense", 50,
                      "Similarity matrix: ≥ 50× faster than the dense route (V=50k)"))
+    # issue 18: attribution for generating language models
+    t.append(_faster(results, "gen_ig", "captum", 10,
+                     "Generation attribution: ≥ 10× faster than Captum LLMGradientAttribution (8 prompts, "
+                     "25 targets, IG 32 steps), equal results"))
+    t.append(_smaller(results, "hotflip_128k", "onehot",
+                      "HotFlip/GCG candidates at V=128k: less peak memory than the one-hot gradient, equal top-k"))
     if quick:
         return [Target(x.text, "quick sizes: targets are for the full sizes", None) for x in t]
     return [_with_reason(x, results) for x in t]
+
+
+def _smaller(results: dict[str, CaseResult], key: str, peer: str, text: str, method: str = "embgrad") -> Target:
+    """``method``'s peak memory below ``peer``'s (its result checked equal by the harness)."""
+    e, p, missing = _measured_pair(results, key, method, peer, text)
+    if missing:
+        return missing
+    if not e.peak_bytes or not p.peak_bytes:
+        return Target(text, "peak memory not measured", None)
+    return Target(text, f"`{peer}` {fmt_bytes(p.peak_bytes)} / {method} {fmt_bytes(e.peak_bytes)}, time "
+                        f"`{peer}` {fmt_time(p.median_s)} / {method} {fmt_time(e.median_s)}",
+                  e.peak_bytes < p.peak_bytes)
 
 
 def _measured_pair(results: dict[str, CaseResult], key: str, method: str, peer: str,

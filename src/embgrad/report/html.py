@@ -226,9 +226,13 @@ def _generation_section(g: Any) -> str:
         src, tgt = r._labels(i)
         toks.append(src)
         rows.append(r.scores[i][0])
-        marks.append(np.concatenate([g.planted[i], np.zeros(len(src) - len(g.planted[i]), bool)]))
+        marks.append(g.planted[i])
         labels.append(f"→ {tgt[0]} (log p {r.log_probs[i][0]:.2f})")
-    heat = token_heatmap(toks, rows, labels=labels, marks=marks, title="gradient × input of log p(label)")
+    width = max(len(t) for t in toks)
+    marked = np.zeros((len(toks), width), dtype=bool)
+    for i, m in enumerate(marks):
+        marked[i, :len(m)] = m
+    heat = token_heatmap(toks, rows, labels=labels, marks=marked, title="gradient × input of log p(label)")
     return _section("generation", len(SECTIONS), intro, f'<div class="heatmaps"><div>{heat}</div></div>')
 
 
