@@ -208,7 +208,9 @@ def _similarity_section(s: SimilarityInfo) -> str:
 
 def _generation_section(g: Any) -> str:
     if g is None:
-        return ""
+        return _section("generation", len(SECTIONS), "The tiny causal language model of this section is a PyTorch "
+                        "model: run <code>embgrad demo --framework torch</code> to see "
+                        "<code>embgrad.attribute_generation</code> on it (it also takes Keras causal LMs).", "")
     lm = g.lm
     intro = (f"A tiny causal language model (embedding → GRU → logits over {len(lm.vocab)} tokens), trained in "
              f"{lm.seconds:.1f} s on the same sentences followed by <code>{esc('<sentiment>')}</code> and their "
