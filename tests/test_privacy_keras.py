@@ -95,14 +95,16 @@ def test_adafest_updates_only_selected_rows():
     before = model.get_layer("tok").embeddings.numpy()
     dense_before = model.layers[-1].kernel.numpy()
     # a threshold no count reaches (noise std 1.41): no table row changes; other weights do
-    m = privacy.DPAdaFEST(noise_multiplier=1.0, max_grad_norm=C, threshold=1e3, selection_fraction=0.5)
+    m = privacy.DPAdaFEST(noise_multiplier=1.0, max_grad_norm=C, threshold=1e3, selection_fraction=0.5,
+                          num_tables=2)
     dp = privacy.make_private_keras(model, loss=LOSS, mechanism=m, seed=0)
     dp.compile(keras.optimizers.SGD(1.0))
     dp.fit(x, y, batch_size=B, epochs=1, verbose=0, shuffle=False)
     np.testing.assert_array_equal(model.get_layer("tok").embeddings.numpy(), before)
     assert not np.array_equal(model.layers[-1].kernel.numpy(), dense_before)
     # a threshold of 0: every touched row passes w.p. >= 1/2 and about half the untouched rows
-    m0 = privacy.DPAdaFEST(noise_multiplier=1.0, max_grad_norm=C, threshold=0.0, selection_fraction=0.5)
+    m0 = privacy.DPAdaFEST(noise_multiplier=1.0, max_grad_norm=C, threshold=0.0, selection_fraction=0.5,
+                           num_tables=2)
     dp = privacy.make_private_keras(model, loss=LOSS, mechanism=m0, seed=0)
     dp.compile(keras.optimizers.SGD(1.0))
     dp.fit(x, y, batch_size=B, epochs=1, verbose=0, shuffle=False)
@@ -117,5 +119,7 @@ def test_bad_inputs():
     with pytest.raises(embgrad.EmbgradError, match="reduction=None"):
         privacy.make_private_keras(model, loss=keras.losses.SparseCategoricalCrossentropy(),
                                    mechanism=privacy.DPSGD(1.0, 1.0))
+    with pytest.raises(embgrad.EmbgradError, match="num_tables=2"):
+        privacy.make_private_keras(model, loss=LOSS, mechanism=privacy.DPAdaFEST(1.0, 1.0, threshold=3.0))
     with pytest.raises(embgrad.EmbgradError, match="DPSGD or DPAdaFEST"):
         privacy.make_private_keras(model, loss=LOSS, mechanism=privacy.DPFEST(1.0, 1.0))

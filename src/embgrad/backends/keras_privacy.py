@@ -40,6 +40,11 @@ class DPKerasModel(keras.Model):
         self._np_rng = make_rng(seed)
         infos = get_backend(inner).find_embeddings(inner)
         self._tables = {name: info for name, info in infos.items() if not info.frozen}
+        if isinstance(mechanism, DPAdaFEST) and mechanism.num_tables != len(self._tables):
+            raise EmbgradError(
+                f"the DPAdaFEST mechanism was made for num_tables={mechanism.num_tables}, but the model "
+                f"trains {len(self._tables)} tables ({', '.join(self._tables)}); each runs its own "
+                f"selection, so pass num_tables={len(self._tables)} (the selection budget is shared).")
         for name, info in self._tables.items():
             if info.tied:
                 raise EmbgradError(f"DP training of Keras model: table {name!r} is tied (its weights "
