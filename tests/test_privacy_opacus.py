@@ -97,7 +97,7 @@ def _maxdiff(a, b):
 def _registries():
     regs = (GradSampleHooks.GRAD_SAMPLERS, GradSampleHooksFastGradientClipping.GRAD_SAMPLERS,
             GradSampleHooksFastGradientClipping.NORM_SAMPLERS)
-    return ([{k: r.get(k) for k in (nn.Embedding, nn.EmbeddingBag)} for r in regs],
+    return ([{k: r.get(k) for k in (nn.Embedding, nn.EmbeddingBag, nn.Linear)} for r in regs],
             GradSampleHooks.__dict__.get("capture_activations_hook"),
             GradSampleHooksFastGradientClipping.__dict__.get("capture_activations_hook"))
 
@@ -250,17 +250,38 @@ class TiedLM(nn.Module):
         return self.out(torch.tanh(self.proj(self.emb(x)))).mean(1)
 
 
-def test_tied_table_hooks_mode_is_exact_and_ghost_mode_refuses():
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_tied_table_is_exact(mode):
+    """Embedding + tied output projection: hooks mode (Opacus sums both uses' per-example
+    gradients) and ghost mode (embgrad's whole-table norm with the cross term) equal the loop;
+    Opacus alone refuses ghost mode."""
     torch.manual_seed(2)
     model = TiedLM().double()
     x = torch.tensor([[1, 2, 3], [4, 0, 0], [5, 5, 6], [7, 8, 9]])
     y = torch.tensor([1, 2, 3, 4])
     want = _loop_step(model, x, y)
     with privacy.register_opacus():
-        got, _ = _opacus_step(model, "hooks", x, y)
-        assert _maxdiff(got, want) < 1e-12
-        with pytest.raises(embgrad.EmbgradError, match="tied table"):
+        got, _ = _opacus_step(model, mode, x, y)
+    assert _maxdiff(got, want) < 1e-12
+    if mode == "ghost":
+        with pytest.raises(NotImplementedError, match="tying"):
             _opacus_step(model, "ghost", x, y)
+
+
+def test_tied_table_used_twice_by_lookups_is_refused_in_ghost_mode():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Embedding(10, 3), nn.Embedding(10, 3)
+            self.b.weight = self.a.weight
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.a(x).mean(1) + self.b(x).mean(1))
+
+    x, y = torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 1])
+    with privacy.register_opacus(), pytest.raises(embgrad.EmbgradError, match="hooks"):
+        _opacus_step(Twice().double(), "ghost", x, y)
 
 
 # ------------------------------------------------------------------ Hugging Face models
@@ -277,16 +298,30 @@ def _lm_loss(out, y):
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
 
 
-def test_gpt2_one_step_equals_the_per_example_loop():
-    """GPT-2 built from a config (its position ids have batch size 1, broadcast over the batch):
-    hooks mode with the tied table, against the loop."""
+class LMLoss(nn.Module):
+    """Next-token cross-entropy; with reduction "none" one loss per sequence (Opacus's ghost
+    criterion asks for that), else the mean over sequences."""
+
+    reduction = "mean"
+
+    def forward(self, out, y):
+        logits = out.logits[:, :-1]
+        tok = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1),
+                                          reduction="none").reshape(y.shape[0], -1).mean(1)
+        return tok if self.reduction == "none" else tok.mean()
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_gpt2_one_step_equals_the_per_example_loop(mode):
+    """GPT-2 built from a config (position ids of batch size 1, broadcast over the batch; the
+    token table tied to lm_head), against the loop, in both Opacus modes."""
     torch.manual_seed(0)
     model = _gpt2(tie=True).double()
     x = torch.randint(0, 50, (3, 6))
     fwd = lambda m, xb: m(input_ids=xb)
-    want = _loop_step(model, x, x, forward=fwd, loss_fn=_lm_loss)
+    want = _loop_step(model, x, x, forward=fwd, loss_fn=LMLoss())
     with privacy.register_opacus():
-        got, _ = _opacus_step(model, "hooks", x, x, forward=fwd, loss_fn=_lm_loss)
+        got, _ = _opacus_step(model, mode, x, x, forward=fwd, loss_fn=LMLoss())
     assert _maxdiff(got, want) < 1e-10
 
 
@@ -296,7 +331,7 @@ def test_full_dp_fine_tuning_in_ghost_mode(arch):
     torch.manual_seed(0)
     B, T, V = 4, 8, 50
     if arch == "gpt2":
-        model = _gpt2(tie=False)
+        model = _gpt2(tie=True)              # token table tied to lm_head
         x = torch.randint(0, V, (16, T))
         y = x
     else:

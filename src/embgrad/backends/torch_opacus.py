@@ -12,7 +12,8 @@ a per-example gradient, have no EmbeddingBag norm sampler, ignore ``max`` mode a
 
 :func:`register_opacus` puts embgrad's samplers in those registries (and wraps Opacus's
 activation hook to record each bag's true batch size and check keyword ``per_sample_weights``);
-leaving the context (or ``.remove()``) puts back exactly what was there. Per-example gradients
+leaving the context (or ``.remove()``) puts back exactly what was there. It also wraps Opacus's
+``nn.Linear`` norm sampler, for the one case it needs: a Linear tied to an embedding table. Per-example gradients
 come from embgrad's sparse coalescing (:func:`embgrad.sparse.coalesce_lookups`): norms cost
 O(B·T·D), never O(B·V·D); the hooks-mode grad sampler must hand Opacus a dense (B, V, D) tensor
 (Opacus reshapes and contracts it; a sparse tensor is not accepted there).
@@ -157,7 +158,10 @@ def _norm_sampler(layer: Any, activations: list, backprops: torch.Tensor) -> dic
     eg = embedding_example_grads(layer, activations, backprops)
     if layer.weight in _WANTED:
         _PENDING.setdefault(layer.weight, []).append(eg)
-    return {layer.weight: eg.norms().to(backprops.dtype)}
+    norms = eg.norms().to(backprops.dtype)
+    if layer.weight in _TIED:
+        return {layer.weight: _tied_part(layer.weight, "lookup", (layer, activations, backprops, norms))}
+    return {layer.weight: norms}
 
 
 def _grad_sampler(layer: Any, activations: list, backprops: torch.Tensor) -> dict:
@@ -179,6 +183,67 @@ def _grad_sampler(layer: Any, activations: list, backprops: torch.Tensor) -> dic
 _PENDING: Any = WeakIdKeyDictionary()   # keyed by identity: tensors compare elementwise
 #: the table parameters a sparse-noise optimizer noises (only their lookups are recorded)
 _WANTED: Any = WeakIdKeyDictionary()
+
+
+# ------------------------------------------------------------------ tied tables in ghost mode
+#: tied table parameter -> {"lookup": ..., "linear": ...}: the two uses' parts of this backward
+_TIED: Any = WeakIdKeyDictionary()
+
+
+def _check_tied_pair(gsm: Any, module: nn.Module, names: list) -> None:
+    """A tied table works in ghost mode when it is one nn.Embedding and one nn.Linear (an
+    output projection, e.g. GPT-2's lm_head): the per-example norm of the whole table is then
+    ||A_b + L_b|| with the cross term computed from both uses. Anything else is refused."""
+    root = gsm._module
+    users = [m for m in root.modules() if any(p is module.weight for p in m.parameters(recurse=False))]
+    kinds = sorted(type(m).__name__ for m in users)
+    if kinds != ["Embedding", "Linear"] or not isinstance(module, nn.Embedding):
+        raise EmbgradError(
+            f"{_layer_name(module)}: its weight is shared by {names} (a tied table, used by "
+            f"{kinds}). In ghost mode embgrad combines one nn.Embedding with one nn.Linear; for other "
+            "tyings use grad_sample_mode='hooks' (exact: Opacus adds the per-example gradients of "
+            "all uses), or untie the weights.")
+    if module.weight not in _TIED:
+        _TIED[module.weight] = {}
+
+
+def _tied_part(weight: Any, kind: str, part: tuple) -> torch.Tensor:
+    """Record one use's part; when both are there, the whole table's per-example norms
+    sqrt(||A_b||² + ||L_b||² + 2<A_b, L_b>) (A: lookups, L: the projection); until then the
+    part's own norms (Opacus keeps the last value written, the combined one)."""
+    parts = _TIED[weight]
+    if kind in parts:
+        raise EmbgradError("a tied table was used more than once by the same layer in one forward; "
+                           "use grad_sample_mode='hooks'.")
+    parts[kind] = part
+    if len(parts) < 2:
+        return part[-1]
+    layer, acts, o, a_norm = parts.pop("lookup")
+    h, delta, l_norm = parts.pop("linear")
+    ids = acts[0].reshape(acts[0].shape[0], -1).to(torch.int64)
+    o = o.reshape(ids.shape[0], ids.shape[1], -1)
+    if layer.padding_idx is not None:           # the padding row gets no gradient from lookups
+        o = o * (ids != layer.padding_idx).unsqueeze(-1).to(o.dtype)
+    if delta.dim() == 2:                        # (B, V) and (B, D): one projection per example
+        delta, h = delta[:, None, :], h[:, None, :]
+    delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])
+    h = h.reshape(h.shape[0], -1, h.shape[-1]).to(o.dtype)
+    S, T = delta.shape[1], ids.shape[1]
+    picked = delta.gather(2, ids[:, None, :].expand(-1, S, T))          # δ_bs[ids_bt]: (B, S, T)
+    inner = torch.bmm(h, o.transpose(1, 2))                             # <h_bs, o_bt>: (B, S, T)
+    cross = (picked * inner).sum((1, 2))
+    total = a_norm.to(cross.dtype) ** 2 + l_norm.to(cross.dtype) ** 2 + 2 * cross
+    return torch.sqrt(total.clamp(min=0))
+
+
+def _wrap_linear_norm(original: Any) -> Any:
+    def linear_norm_sampler(layer: Any, activations: list, backprops: torch.Tensor) -> dict:
+        ret = original(layer, activations, backprops)
+        if layer.weight in _TIED and layer.weight in ret:
+            ret[layer.weight] = _tied_part(layer.weight, "linear",
+                                           (activations[0], backprops, ret[layer.weight]))
+        return ret
+    return linear_norm_sampler
 
 
 # ------------------------------------------------------------------ the activation-hook wrapper
@@ -214,12 +279,7 @@ def _wrap_capture(original: Any, ghost_class: type) -> Any:
             if ghost and module.weight.requires_grad:
                 tied = _shared_weights(self).get(id(module.weight))
                 if tied:
-                    raise EmbgradError(
-                        f"{_layer_name(module)}: its weight is shared by {tied} (a tied table). Opacus's "
-                        "ghost clipping keeps one norm per parameter, so the tied table's per-example "
-                        "norm would miss the other use and the cross term. Use "
-                        "grad_sample_mode='hooks' (exact: Opacus adds the per-example gradients of "
-                        "both uses), or untie the weights.")
+                    _check_tied_pair(self, module, tied)
             if isinstance(module, nn.EmbeddingBag) and torch.is_grad_enabled() and module.training:
                 _check_bag_call(module, forward_input, forward_output)
         broadcast = 1
@@ -227,7 +287,15 @@ def _wrap_capture(original: Any, ghost_class: type) -> Any:
                 and forward_input[0].shape[0] == 1 and module.weight.requires_grad:
             broadcast = _batch_of_this_forward(self, module)
         n_before = len(getattr(module, "activations", None) or [])
-        out = original(self, module, forward_input, forward_output)
+        w = getattr(module, "weight", None)
+        bypass = isinstance(w, torch.Tensor) and w in _TIED and getattr(w, "_forward_counter", 0) >= 1
+        if bypass:   # Opacus refuses a second use of a parameter in ghost mode; embgrad combines them
+            w._forward_counter -= 1  # type: ignore[union-attr]
+        try:
+            out = original(self, module, forward_input, forward_output)
+        finally:
+            if bypass:
+                w._forward_counter += 1  # type: ignore[union-attr]
         acts = getattr(module, "activations", None) or []
         if broadcast > 1 and len(acts) > n_before:
             # ids of batch 1 in a batch of B (Hugging Face position ids, Opacus issue 841): the
@@ -305,6 +373,10 @@ class OpacusRegistration:
             for cls in (nn.Embedding, nn.EmbeddingBag):
                 self._saved.append((registry, cls, registry.get(cls, _MISSING)))
                 registry[cls] = fn
+        linear = Ghost.NORM_SAMPLERS.get(nn.Linear)
+        if linear is not None:
+            self._saved.append((Ghost.NORM_SAMPLERS, nn.Linear, linear))
+            Ghost.NORM_SAMPLERS[nn.Linear] = _wrap_linear_norm(linear)
         for cls in (GradSampleHooks, Ghost):
             before = cls.__dict__.get("capture_activations_hook", _MISSING)
             original = cls.capture_activations_hook

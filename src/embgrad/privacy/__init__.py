@@ -46,7 +46,11 @@ def register_opacus() -> Any:
     adds: no gradient for ``padding_idx`` (as torch), EmbeddingBag norms in ghost mode, ``max``
     mode, ``per_sample_weights``, ``include_last_offset``, sparse per-example norms (O(B·T·D)).
     Tied tables (one weight in two modules) are exact in hooks mode (Opacus sums the
-    per-example gradients of both uses); ghost mode refuses them with an EmbgradError.
+    per-example gradients of both uses) and, for one ``nn.Embedding`` tied to one ``nn.Linear``
+    (an output projection such as GPT-2's ``lm_head``), in ghost mode: the whole table's
+    per-example norm sqrt(||A_b||² + ||L_b||² + 2<A_b, L_b>), the cross term from the lookups'
+    output gradients and the projection's inputs and output gradients; other tyings are refused
+    in ghost mode with an EmbgradError.
 
     Returns:
         an ``OpacusRegistration`` (``.remove()``, context manager).
