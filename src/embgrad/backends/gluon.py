@@ -202,10 +202,17 @@ class _GluonCall(Call):
 
 
 class _GluonTap(Tap):
-    def __init__(self) -> None:
+    def __init__(self, model: Any = None) -> None:
         self._patched: list[gluon.Block] = []
         self._deactivated: list[gluon.Block] = []
         self._freed = False          # an earlier grad() without retain_graph freed the graph
+        blocks = [blk for _, blk in _walk(model)] if isinstance(model, gluon.Block) else []
+        from mxnet.gluon.nn import BatchNorm, Dropout
+        # MXNet's BatchNorm updates its running statistics in BACKWARD (train mode): embgrad's own
+        # backward must leave them as they were (the user's backward updates them, as without it)
+        self._stats = [p for blk in blocks if isinstance(blk, BatchNorm)
+                       for p in (blk.running_mean, blk.running_var)]
+        self._dropouts = [blk.name for blk in blocks if isinstance(blk, Dropout)]
 
     def remove(self) -> None:
         for blk in self._patched:
@@ -225,7 +232,25 @@ class _GluonTap(Tap):
             variables.append(var)
         srcs = [_source_array(s) for s in (sources or [])]
         train_mode = bool(calls[0].meta.get("train_mode", True)) if calls else True
+        if retain_graph and train_mode and self._dropouts:
+            raise EmbgradError(
+                f"the model has Dropout ({', '.join(self._dropouts)}) in training mode, and MXNet's "
+                "Dropout frees its mask in the first backward pass over a graph: a second backward "
+                "(your loss.backward() after cap.gradients(loss, retain_graph=True)) would get "
+                "gradient 1 through it, silently. Call loss.backward() first and then "
+                "cap.gradients() without a loss (it reads the gradients your backward produced), or "
+                "record the forward with autograd.record(train_mode=False).")
         targets = variables + srcs
+        saved = [(p, [d.copy() for d in p.list_data()]) for p in self._stats]
+        try:
+            return self._grad(loss, variables, targets, sources, retain_graph, train_mode)
+        finally:
+            for p, data in saved:          # BatchNorm statistics as before embgrad's backward
+                for d, old in zip(p.list_data(), data, strict=True):
+                    old.copyto(d)
+
+    def _grad(self, loss: Any, variables: list[Any], targets: list[Any], sources: Any,
+              retain_graph: bool, train_mode: bool) -> tuple[list[Any], list[Any] | None]:
         try:
             grads = autograd.grad(loss, targets, retain_graph=retain_graph, train_mode=train_mode)
         except MXNetError as e:
@@ -244,6 +269,12 @@ class _GluonTap(Tap):
                     "differentiated. Compute the loss inside `autograd.record()`.") from None
             if "unreachable" not in msg:
                 raise
+            if not any(_reaches(loss, v, train_mode) for v in variables):
+                raise EmbgradError(
+                    "the loss does not depend on any lookup recorded by this capture (it was computed "
+                    "from a forward run before or outside the `with embgrad.capture(...)` block): its "
+                    "gradient would be zero everywhere. Compute the loss from the outputs of the "
+                    "forward run inside the block.") from None
             # some outputs do not reach the loss: their gradient is zero. Tie every target
             # to the loss with a zero weight so MXNet can return them all.
             with autograd.record(train_mode=train_mode):
@@ -255,6 +286,17 @@ class _GluonTap(Tap):
         self._freed = self._freed or not retain_graph
         grads = [_like(g, t) for g, t in zip(grads, targets, strict=True)]   # autograd.grad gives legacy arrays
         return grads[:len(variables)], (grads[len(variables):] if sources is not None else None)
+
+
+def _reaches(loss: Any, var: Any, train_mode: bool) -> bool:
+    """Whether ``loss`` depends on ``var`` (a backward pass that keeps the graph)."""
+    try:
+        autograd.grad(loss, [var], retain_graph=True, train_mode=train_mode)
+    except MXNetError as e:
+        if "unreachable" in str(e):
+            return False
+        raise
+    return True
 
 
 def _source_array(s: Any) -> Any:
@@ -367,7 +409,7 @@ class GluonBackend(Backend):
         return hits[0] if len(hits) == 1 else None
 
     def install_tap(self, model, infos, on_call, active=None):
-        tap = _GluonTap()
+        tap = _GluonTap(model)
         try:
             # an active ancestor would run its cached graph and bypass the tap; everything
             # under it then runs imperatively, without building cached graphs of its own

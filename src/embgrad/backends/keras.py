@@ -23,6 +23,8 @@ import sys
 import threading
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from ..errors import EmbgradError
 from .base import Backend, Call, EmbeddingInfo, Tap
 
@@ -240,20 +242,61 @@ class KerasBackend(Backend):
                     "embgrad taps dense lookups. Use sparse=False (the table gradient stays sparse "
                     "either way).")
         tap = self._open_tap()
+        hint = _float_inputs_hint(model)
         try:
             for info in infos:
                 layer = info.layer
                 attr = "quantized_call" if info.options.get("quantization_mode") else "call"
-                handle = _Dispatch.add(layer, attr, self._shadow(tap, info, on_call, active),
+                handle = _Dispatch.add(layer, attr, self._shadow(tap, info, on_call, active, hint),
                                        self._wrap_dispatch)
+                self._add_patch(tap, handle)
+            if _autocasts_ids(model):
+                # a Sequential whose first layer is an integer Input: Keras's Layer.__call__ casts
+                # float arrays to that dtype before any method embgrad could shadow takes them, so
+                # its first step (_check_super_called) reads the raw arguments from its caller
+                handle = _Dispatch.add(model, "_check_super_called",
+                                       self._sequential_check(model, active), self._wrap_dispatch)
+                self._add_patch(tap, handle)
+            for entry in _entries(model):
+                # where the model turns the user's arrays into its Inputs' dtypes: check ids there,
+                # before Keras truncates floats, wraps int64 or turns bools into rows 0/1
+                handle = _Dispatch.add(entry, "_convert_inputs_to_tensors",
+                                       self._entry_check(model, entry, active), self._wrap_dispatch)
                 self._add_patch(tap, handle)
         except BaseException:
             tap.remove()
             raise
         return tap
 
+    def _sequential_check(self, model: Any, active: Callable[[], bool] | None) -> Callable:
+        spec = model._layers[0].output if hasattr(model._layers[0], "output") else None
+
+        def check_super_called(inner: Callable, *args: Any, **kwargs: Any) -> Any:
+            if spec is not None and (active is None or active()):
+                caller: Any = sys._getframe(1)   # Layer.__call__ is a few frames up (dispatch,
+                for _ in range(8):             # autograph's wrapper)
+                    if caller is None or (caller.f_code.co_name == "__call__"
+                                          and caller.f_locals.get("self") is model):
+                        break
+                    caller = caller.f_back
+                raw = caller.f_locals.get("args") if caller is not None else None
+                if isinstance(raw, tuple) and len(raw) == 1 and caller.f_locals.get("self") is model:
+                    _check_entry(model, spec, raw[0])
+            return inner(*args, **kwargs)
+        return check_super_called
+
+    def _entry_check(self, model: Any, entry: Any, active: Callable[[], bool] | None) -> Callable:
+        def convert(inner: Callable, flat_inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            if active is None or active():
+                specs = list(getattr(entry, "_inputs", None) or [])
+                if isinstance(flat_inputs, (list, tuple)) and len(specs) == len(flat_inputs):
+                    for x, spec in zip(flat_inputs, specs, strict=True):
+                        _check_entry(model, spec, x)
+            return inner(flat_inputs, *args, **kwargs)
+        return convert
+
     def _shadow(self, tap: Tap, info: EmbeddingInfo, on_call: Callable,
-                active: Callable[[], bool] | None = None) -> Callable:
+                active: Callable[[], bool] | None = None, hint: str = "") -> Callable:
         def call(inner: Callable, *args: Any, **kwargs: Any) -> Any:
             if active is not None and not active():
                 return inner(*args, **kwargs)          # another thread's / context's forward
@@ -263,7 +306,12 @@ class KerasBackend(Backend):
                     return out                         # its own reverse_embeddings: not this table
                 return self._projection(tap, info, args[0] if args else kwargs.get("inputs"), out, on_call)
             ids = args[0] if args else kwargs.get("inputs")
-            checked = self._check(info, ids)
+            try:
+                checked = self._check(info, ids)
+            except EmbgradError as e:
+                if hint and _dtype_of(ids).startswith(("float", "bfloat")):
+                    raise EmbgradError(f"{e} {hint}") from None
+                raise
             if checked is not None and checked is not ids:   # graph mode: ids gated on the check
                 ids = checked
                 if args:
@@ -416,6 +464,114 @@ class _UnsupportedKeras(KerasBackend):
         raise EmbgradError(
             f"Keras is running on the {_keras3_backend()!r} backend, which embgrad does not support; "
             "set KERAS_BACKEND=tensorflow or KERAS_BACKEND=torch before importing keras.")
+
+
+def _dtype_of(x: Any) -> str:
+    dt = getattr(x, "dtype", None)
+    if dt is None:
+        return ""
+    name = str(getattr(dt, "name", dt))
+    return name[6:] if name.startswith("torch.") else name
+
+
+def _model_inputs(model: Any) -> list[Any]:
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):   # a subclassed model has no symbolic inputs
+        return []
+    return list(inputs) if isinstance(inputs, (list, tuple)) else []
+
+
+def _input_name(spec: Any) -> str:
+    """The name of the Input layer behind a symbolic model input (else the tensor's name)."""
+    layer = getattr(getattr(spec, "_keras_history", None), "operation", None)
+    return str(getattr(layer, "name", None) or getattr(spec, "name", "?"))
+
+
+def _float_inputs_hint(model: Any) -> str:
+    """For a model whose Inputs are floating point: Keras converts integer ids to floats there,
+    so a float-ids error should name that Input, not the user's ids."""
+    floats = [_input_name(t) for t in _model_inputs(model)
+              if _dtype_of(t).startswith(("float", "bfloat"))]
+    if not floats:
+        return ""
+    names = ", ".join(repr(n) for n in floats)
+    return (f"If you passed integer ids: the model's Input {names} has a floating-point dtype "
+            "(keras.Input's default is float32), and Keras converted the ids to it before the "
+            "Embedding. Build that Input with keras.Input(shape, dtype='int32').")
+
+
+def _autocasts_ids(model: Any) -> bool:
+    """A Keras 3 Sequential whose first layer is an Input of integer dtype (its ``__call__``
+    casts float arrays to that dtype, truncating them, before ``call``)."""
+    layers = getattr(model, "_layers", None)
+    if type(model).__name__ != "Sequential" or not layers or type(layers[0]).__name__ != "InputLayer":
+        return False
+    return _dtype_of(layers[0].output if hasattr(layers[0], "output") else None).startswith(("int", "uint")) \
+        and callable(getattr(type(model), "_check_super_called", None))
+
+
+def _entries(model: Any) -> list[Any]:
+    """The functional graphs through which ``model``'s own inputs enter (the model itself, or a
+    Sequential's inner functional graph), whose ``_convert_inputs_to_tensors`` casts them."""
+    out = []
+    for m in (model, getattr(model, "_functional", None)):
+        if m is not None and callable(getattr(type(m), "_convert_inputs_to_tensors", None)) \
+                and getattr(m, "_inputs", None):
+            out.append(m)
+    return out
+
+
+def _check_entry(model: Any, spec: Any, x: Any) -> None:
+    """EmbgradError when the array ``x`` given for Input ``spec`` of integer dtype would be
+    changed by Keras's conversion to that dtype: floats that are not whole (truncated), bools
+    (looked up as rows 0/1), integers outside the dtype's range (wrapped). Values are checked
+    eagerly; while tracing a tf.function, only the dtype."""
+    want = _dtype_of(spec)
+    if x is None or not want.startswith(("int", "uint")):
+        return
+    name = _input_name(spec)
+    model_name = getattr(model, "name", type(model).__name__)
+    where = f"Keras model {model_name!r}, Input {name!r} (dtype {want})"
+    have = _dtype_of(x) if hasattr(x, "dtype") else ""
+    if type(x).__name__ == "SparseTensor":
+        raise EmbgradError(
+            f"{where}: ids are a tf.SparseTensor; embgrad taps dense lookups. Densify them with "
+            "tf.sparse.to_dense(ids, default_value=PAD) and mask PAD (mask_zero=True with PAD=0).")
+    if have == "bool":
+        raise EmbgradError(
+            f"{where}: got bool values; Keras would look them up as rows 0 and 1. Pass integer ids "
+            "(or cast explicitly, e.g. ids.astype('int32'), if rows 0/1 are meant).")
+    try:
+        a = np.asarray(x.numpy() if hasattr(x, "numpy") else x)
+    except Exception:   # noqa: BLE001 - a symbolic tensor (tf.function being traced): dtype only
+        if have.startswith(("float", "bfloat")):
+            raise EmbgradError(
+                f"{where}: got {have} ids inside a tf.function; Keras would truncate them to "
+                f"{want} without a check. Cast them to {want} yourself (after checking they are "
+                "whole numbers), or give the tf.function an integer input_signature.") from None
+        return
+    if a.dtype == np.bool_:
+        raise EmbgradError(
+            f"{where}: got bool values; Keras would look them up as rows 0 and 1. Pass integer ids "
+            "(or cast explicitly, e.g. ids.astype('int32'), if rows 0/1 are meant).")
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a) | (np.floor(a) != a)
+        if bad.any():
+            pos = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise EmbgradError(
+                f"{where}: id {a[pos].item()!r} at position {pos} is not a whole number; Keras would "
+                f"truncate it to {want} silently (and look up another row). Pass integer ids.")
+    if a.dtype.kind in "iuf" and a.size:
+        info = np.iinfo(np.dtype(want))
+        lo, hi = a.min(), a.max()
+        if lo < info.min or hi > info.max:
+            bad_value = lo if lo < info.min else hi
+            pos = tuple(int(i) for i in np.argwhere(a == bad_value)[0])
+            raise EmbgradError(
+                f"{where}: id {bad_value.item()!r} at position {pos} does not fit in {want}; Keras would "
+                f"wrap it around (2**32 + 3 becomes 3) and look up another row silently. Check the "
+                "ids (no embedding has that many rows).")
 
 
 def _all_layers(model: Any) -> list[Any]:

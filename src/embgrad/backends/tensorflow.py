@@ -176,6 +176,10 @@ class TensorFlowBackend(Backend):
             raise EmbgradError(
                 f"{where}: ids are a tf.RaggedTensor (examples of different lengths); pad them to "
                 "a dense (B, T) tensor (e.g. ids.to_tensor(default_value=PAD)) and mask the padding.")
+        if isinstance(ids, tf.SparseTensor):
+            raise EmbgradError(
+                f"{where}: ids are a tf.SparseTensor; embgrad taps dense lookups. Densify them with "
+                "tf.sparse.to_dense(ids, default_value=PAD) and mask PAD (mask_zero=True with PAD=0).")
         given = ids
         if not isinstance(ids, (tf.Tensor, tf.Variable)):
             ids = tf.convert_to_tensor(ids)
