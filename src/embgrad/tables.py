@@ -18,6 +18,7 @@ import codecs
 import gzip
 import io
 import math
+import weakref
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,13 +100,20 @@ class Table:
     ``numpy(effective=True)`` give that one. Reads return NumPy (bfloat16 tables as float32).
     """
 
-    __slots__ = ("info", "name", "layer", "_backend")
+    __slots__ = ("info", "name", "layer", "_backend", "_model")
 
-    def __init__(self, info: EmbeddingInfo, backend: Backend):
+    def __init__(self, info: EmbeddingInfo, backend: Backend, model: Any = None):
         self.info = info
         self.name = info.name
         self.layer = info.layer
         self._backend = backend
+        # the model the table was taken from (weakly): freezing rebuilds its compiled train step
+        self._model: Callable[[], Any] | None = None
+        if model is not None and model is not info.layer:
+            try:
+                self._model = weakref.ref(model)
+            except TypeError:          # not weakly referenceable: nothing compiled to rebuild
+                self._model = None
 
     # ------------------------------------------------------------------ what it is
     @property
@@ -277,6 +285,12 @@ class Table:
         rows adds to the frozen set. Returns the :class:`FrozenRows` guard; ``unfreeze()`` or
         ``guard.remove()`` removes it. :func:`embgrad.capture` still reports the rows' true
         gradient (of the loss); the mask acts on what the optimizer is given.
+
+        Keras: the mask is a variable constraint, which a compiled train step reads when it is
+        traced. Freezing (or unfreezing) through ``embgrad.table(model)`` drops the model's
+        ``train_function`` that ``fit`` compiled, as ``model.compile()`` does, so the next ``fit``
+        traces it again with the rows frozen; a ``@tf.function`` step of your own traced before
+        ``freeze()`` must be traced again too (call ``freeze()`` before its first call).
         """
         rows, _ = self._rows(ids, "ids")
         rows = np.unique(rows)
@@ -291,7 +305,9 @@ class Table:
         if old is not None:
             rows = np.union1d(old.rows, rows)
             optimizer = optimizer if optimizer is not None else old.optimizer
-        return self._install_guard(var, rows, optimizer, old)
+        guard = self._install_guard(var, rows, optimizer, old)
+        self._recompile()
+        return guard
 
     def unfreeze(self, ids: Any = None) -> None:
         """Unfreeze rows ``ids`` (None: every frozen row, removing the hook/constraint)."""
@@ -301,13 +317,20 @@ class Table:
             return
         if ids is None:
             old.remove()
-            return
-        rows, _ = self._rows(ids, "ids")
-        remaining = np.setdiff1d(old.rows, rows)
-        if remaining.size == 0:
-            old.remove()
         else:
-            self._install_guard(var, remaining, old.optimizer, old)
+            rows, _ = self._rows(ids, "ids")
+            remaining = np.setdiff1d(old.rows, rows)
+            if remaining.size == 0:
+                old.remove()
+            else:
+                self._install_guard(var, remaining, old.optimizer, old)
+        self._recompile()
+
+    def _recompile(self) -> None:
+        """Let the model's compiled train step see the changed frozen rows (Keras ``fit``)."""
+        model = self._model() if self._model is not None else None
+        if model is not None:
+            self._backend.table_steps_changed(model)
 
     def _install_guard(self, var: Any, rows: np.ndarray, optimizer: Any, old: FrozenRows | None) -> FrozenRows:
         handle = self._backend.table_freeze(self.info, rows.astype(np.int64), optimizer)
@@ -436,7 +459,7 @@ def table(model_or_layer: Any, layer: Any = None) -> Table:
         names = ", ".join(repr(i.name) for i in infos)
         raise EmbgradError(f"{type(model_or_layer).__name__} has {len(infos)} embedding layers ({names}); "
                            f"pass layer=NAME to say which table you mean, e.g. layer={infos[0].name!r}.")
-    return Table(infos[0], backend)
+    return Table(infos[0], backend, model_or_layer)
 
 
 # ============================================================================ pretrained vectors

@@ -445,6 +445,10 @@ class Backend:
         way embgrad cannot write), with what to do instead; None when they can."""
         return None
 
+    def table_steps_changed(self, model: Any) -> None:
+        """Frozen rows of a table of ``model`` changed: drop what was compiled with the old ones
+        (Keras: the ``train_function`` that ``fit`` traced, which read the constraints)."""
+
     def table_freeze(self, info: EmbeddingInfo, rows: np.ndarray, optimizer: Any = None) -> Any:
         """Keep rows ``rows`` (unique int64 NumPy (R,)) out of training: mask their gradient
         (hook / constraint). ``optimizer``: where the framework needs it, the optimizer whose

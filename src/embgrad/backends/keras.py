@@ -428,6 +428,13 @@ class KerasBackend(Backend):
         _set_constraint(var, constraint)
         return _ConstraintGuard(var, constraint, prev)
 
+    def table_steps_changed(self, model: Any) -> None:
+        """``fit``'s compiled step read the old constraints when traced: drop it, as
+        ``model.compile()`` does, so that the next ``fit`` traces it again."""
+        for m in [model] + _all_layers(model):
+            if getattr(m, "train_function", None) is not None and hasattr(m, "make_train_function"):
+                m.train_function = None
+
     def _var_tensor(self, var: Any) -> Any:
         """The framework tensor/variable behind a Keras variable (read without copying)."""
         raise NotImplementedError
