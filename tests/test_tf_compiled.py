@@ -256,3 +256,19 @@ def test_value_operations_refuse_inside_tf_function_naming_the_eager_way(op):
 def test_ragged_and_sparse_ids_refused_clearly(ids):
     with pytest.raises(EmbgradError, match="takes dense tensors.*default_value=PAD"):
         embgrad.rows_from_lookups(ids(), tf.ones((2, 2, D)), V)
+
+
+def test_key_overflow_refused_eagerly_and_when_the_traced_batch_is_known():
+    """(example, row) keys example * V + row must fit int64: refused eagerly; inside a
+    tf.function with an unknown batch, checked when it runs (before a wrong result)."""
+    ids, g = tf.zeros((3, 1), tf.int64), tf.ones((3, 1, 1))
+    with pytest.raises(EmbgradError, match="would overflow int64"):
+        embgrad.rows_from_lookups(ids, g, 2 ** 62, per_example=True)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 1), tf.int64), tf.TensorSpec((None, 1, 1), tf.float32)])
+    def f(i, gg):
+        return embgrad.rows_from_lookups(i, gg, 2 ** 62, per_example=True).norms()
+
+    np.testing.assert_allclose(f(ids[:1], g[:1]).numpy(), [1.0])     # 1 x 2**62 fits
+    with pytest.raises(tf.errors.InvalidArgumentError, match="would overflow int64"):
+        f(ids, g)

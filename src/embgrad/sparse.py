@@ -513,6 +513,15 @@ def coalesce_lookups(backend: Backend, example_ids: Any, ids: Any, grads: Any, n
             f"per-example gradients of a table of num_rows={num_rows} for {batch_size} examples: the "
             f"(example, row) key example * num_rows + row would overflow int64 ({batch_size} x "
             f"{num_rows} >= 2**63). Pass the table's real row count, or fewer examples at a time.")
+    if per_example and not isinstance(batch_size, (int, np.integer)) and int(num_rows) > 1:
+        # traced with an unknown batch size: checked when the graph runs (B <= (2**63 - 1) // V)
+        limit = (2 ** 63 - 1) // int(num_rows) + 1
+        if limit < 2 ** 62:     # a batch that large cannot exist otherwise: no op needed
+            example_ids = backend.gate(example_ids, backend.assert_in_range(
+                backend.reshape(backend.cast(batch_size, "int64"), (1,)), limit,
+                f"embgrad: per-example gradients of a table of num_rows={num_rows}: the (example, "
+                "row) key example * num_rows + row would overflow int64 for this batch size. Pass "
+                "the table's real row count, or fewer examples at a time."))
     out = _compiled(backend, _coalesce_lookups_impl)(example_ids, ids, grads, num_rows, per_example)
     if not per_example:
         rows, values = out

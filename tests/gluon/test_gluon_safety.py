@@ -143,3 +143,11 @@ def test_loss_reaching_only_some_layers_still_works():
     np.testing.assert_allclose(g[net.a.name].weight_grad.to_dense().asnumpy(),
                                net.a.weight.grad().asnumpy(), rtol=1e-6)
     assert g[net.b.name].weight_grad.norm() == 0.0
+
+
+def test_key_overflow_refused():
+    ids = nd.zeros((3, 1), dtype="int64")
+    with pytest.raises(EmbgradError, match="would overflow int64"):
+        embgrad.rows_from_lookups(ids, nd.ones((3, 1, 1)), 2 ** 62, per_example=True)
+    one = embgrad.rows_from_lookups(ids[:1], nd.ones((1, 1, 1)), 2 ** 62, per_example=True)
+    np.testing.assert_allclose(one.norms().asnumpy(), [1.0])
