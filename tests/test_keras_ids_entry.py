@@ -128,3 +128,30 @@ def test_subclassed_model_sparse_ids_refused_at_the_layer():
     with pytest.raises(EmbgradError, match="Keras layer 'e': ids are a tf.SparseTensor"):
         with embgrad.capture(model):
             model(tf.sparse.from_dense(tf.constant([[1, 0]], tf.int64)))
+
+
+@pytest.mark.parametrize("sources, match", [
+    (["kernel"], r"sources\[0\] must be a variable.*got str 'kernel'.*names are not looked up"),
+    ("kernel", "got the string 'kernel'; names are not looked up"),
+    ([None], r"sources\[0\] must be a variable or tensor of the model, got NoneType"),
+    ([1.0], r"sources\[0\] must be a variable or tensor of the model, got float"),
+])
+def test_sources_that_are_not_variables_refused(sources, match):
+    model = _built(_functional)
+    with embgrad.capture(model) as cap:
+        loss = tf.reduce_sum(model(np.array([[1, 2]], np.int32)))
+    with pytest.raises(EmbgradError, match=match):
+        cap.gradients(loss, sources=sources)
+
+
+def test_sources_variables_match_gradient_tape():
+    model = _built(_functional)
+    x = np.array([[1, 2], [3, 3]], np.int32)
+    with embgrad.capture(model) as cap:
+        loss = tf.reduce_sum(model(x) ** 2)
+    got = cap.gradients(loss, sources=model.trainable_variables).sources
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(x) ** 2)
+    ref = tape.gradient(loss, model.trainable_variables)
+    for a, r in zip(got, ref, strict=True):
+        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(r).numpy(), atol=1e-6)

@@ -724,6 +724,10 @@ class Capture:
             elif b.table_check == "total" and not b.traced(loss):   # values needed: eager only
                 extra_for = [i.name for i in trainable]
             extra = [weights[n] for n in extra_for]
+            if isinstance(sources, (str, bytes)):
+                raise EmbgradError(
+                    f"sources= takes a list of variables (e.g. model.trainable_variables), got the "
+                    f"string {sources!r:.60}; names are not looked up: pass the variables themselves.")
             srcs = list(sources or []) + extra
             raw, src = tap.grad(loss, self.calls + projections, srcs if srcs else sources, retain_graph)
             raw, proj_grads = list(raw[:n_calls]), list(raw[n_calls:])
@@ -897,9 +901,9 @@ class Capture:
                         f"its ids of shape {shape} carry no batch dimension (batch size "
                         f"{'1' if call.batch_free == 'one' else 'absent'}) while the forward's batch has "
                         f"{size} examples, and embgrad saw no operation broadcasting its output over "
-                        "that batch (it sees elementwise +, -, *, / on the output itself, after "
-                        "copies and casts). Its per-example gradients are unknown: pass ids with the "
-                        f"batch dimension, e.g. ids.expand({size}, -1) for position ids.")
+                        f"that batch ({b.broadcast_seen}). Its per-example gradients are unknown: "
+                        f"pass ids with the batch dimension, e.g. {b.expand_hint(size)} for "
+                        "position ids.")
         # examples of each forward: numbered one after the other, or shared
         offsets: list[int] = []
         if self.forwards == "same_examples":

@@ -164,6 +164,13 @@ class Backend:
         forward and warns where that assumption matters)."""
         return None
 
+    #: which broadcasts of a batch-free lookup's output the tap can split by example (messages)
+    broadcast_seen: str = "it sees none: this framework's tap cannot split a broadcast output"
+
+    def expand_hint(self, batch_size: Any) -> str:
+        """How to give (1, T) position ids the batch dimension, in this framework's words."""
+        return f"ids broadcast to ({batch_size}, T)"
+
     def sequence_first_layers(self, model: Any) -> list[str]:
         """Names of layers that read their input sequence-first (time, batch, ...) by default
         (nn.LSTM/GRU/RNN/Transformer with batch_first=False): ids fed to such a model may be

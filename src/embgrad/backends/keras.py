@@ -164,6 +164,12 @@ class KerasBackend(Backend):
                    if kb not in (None, "tensorflow") else _keras_on_tensorflow())
         return super().__new__(cls)
 
+    broadcast_seen = ("a Keras lookup's output cannot be split by example once it is broadcast: "
+                      "the tap sees the (1, T, D) output only")
+
+    def expand_hint(self, batch_size: Any) -> str:
+        return f"keras.ops.broadcast_to(ids, ({batch_size}, T))"
+
     def is_appropriate(self, obj: Any) -> bool:
         if isinstance(obj, _layer_types()):
             return True
@@ -656,6 +662,12 @@ def _keras_on_torch() -> type:
                 if sources is not None:
                     sources = [getattr(s, "value", s) if not isinstance(s, torch.Tensor) else s
                                for s in sources]
+                    for k, s in enumerate(sources):
+                        if not isinstance(s, torch.Tensor):
+                            raise EmbgradError(
+                                f"sources[{k}] must be a variable or tensor of the model, got "
+                                f"{type(s).__name__} {s!r:.60}. Pass the variables themselves (e.g. "
+                                "model.trainable_variables); names are not looked up.")
                 return super().grad(loss, calls, sources, retain_graph)
 
         class KerasTorchBackend(KerasBackend, TorchBackend):

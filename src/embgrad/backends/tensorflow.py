@@ -77,7 +77,7 @@ class TapeTap(Tap):
 
     def grad(self, loss, calls, sources=None, retain_graph=False):
         outputs = [c.output for c in calls]
-        srcs = [_unwrap_variable(s) for s in (sources or [])]
+        srcs = [_source(s, k) for k, s in enumerate(_source_list(sources))]
         try:
             grads = self.tape.gradient(loss, outputs + srcs)
         except (TypeError, ValueError) as e:
@@ -91,6 +91,28 @@ class TapeTap(Tap):
         out = [tf.zeros_like(o) if g is None else _densify_slices(g) for o, g in zip(outputs, out_grads, strict=True)]
         src = list(grads[len(outputs):]) if sources is not None else None
         return out, src
+
+
+def _source_list(sources: Any) -> list[Any]:
+    if sources is None:
+        return []
+    if isinstance(sources, (str, bytes)) or not isinstance(sources, (list, tuple)):
+        raise EmbgradError(
+            f"sources= takes a list of variables (e.g. model.trainable_variables), got "
+            f"{type(sources).__name__} {sources!r:.60}.")
+    return list(sources)
+
+
+def _source(s: Any, k: int) -> Any:
+    """A ``sources=`` entry as the tensor/variable the tape differentiates (EmbgradError for
+    names and other non-variables)."""
+    v = _unwrap_variable(s)
+    if isinstance(v, (tf.Variable, tf.Tensor)):
+        return v
+    hint = (" Pass the variable itself, e.g. model.get_layer('dense').kernel, or "
+            "model.trainable_variables; names are not looked up.") if isinstance(s, str) else ""
+    raise EmbgradError(f"sources[{k}] must be a variable or tensor of the model, got "
+                       f"{type(s).__name__} {s!r:.60}.{hint}")
 
 
 def _leading_shape(n: Any, like: Any) -> Any:
@@ -141,6 +163,12 @@ class TensorFlowBackend(Backend):
 
     def __init__(self) -> None:
         self._compiled: dict[Any, Callable] = {}
+
+    broadcast_seen = ("a TensorFlow/Keras lookup's output cannot be split by example once it is "
+                      "broadcast: the tap sees the (1, T, D) output only")
+
+    def expand_hint(self, batch_size: Any) -> str:
+        return f"keras.ops.broadcast_to(ids, ({batch_size}, T)) (or tf.broadcast_to)"
 
     def is_appropriate(self, obj: Any) -> bool:
         return isinstance(obj, _TF_TYPES)

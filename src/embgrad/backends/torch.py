@@ -360,6 +360,11 @@ class TorchBackend(Backend):
                     "`with embgrad.capture(model._orig_mod) as cap: loss = model._orig_mod(x)...`.")
         return ""
 
+    broadcast_seen = "it sees elementwise +, -, *, / on the output itself, after copies and casts"
+
+    def expand_hint(self, batch_size: Any) -> str:
+        return f"ids.expand({batch_size}, -1)"
+
     def install_tap(self, model, infos, on_call, active=None):
         handles = []
         try:
