@@ -255,7 +255,7 @@ def main(quick: bool = False) -> dict:
            "positives (τ = 2.5·σ_sel: about 6,200 more rows per step at V = 10^6); a quick sweep of τ and "
            "the selection share f at the `--quick` size did not close the gap reliably (AUC moved by "
            "±0.005 between settings). Not tuned further in this round."]
-    md += ["- Why the step target is missed (cProfile of the `--quick` run, B = 512, 78 steps): the non-private "
+    md += ["- Why the step target is missed (cProfile of a smaller run: V = 10^5, B = 512, 78 steps): the non-private "
            "step is one sparse forward/backward of B·F = 4,096 lookups with D = 8 (under 1 ms); the "
            "AdaFEST step adds the per-example work, each a fixed cost of a few hundred µs at this size: "
            "two NumPy sorts to coalesce (example, row) pairs (2.4 ms per step together), "
