@@ -424,7 +424,6 @@ def test_traced_with_unknown_batch_size_what_works_and_what_says_why():
     (np.array([[1, 2, V]]), f"id {V} at position \\(0, 2\\) is out of range for a table of {V} rows"),
     (np.array([[1, -1, 2]]), "id -1 .* out of range"),              # Keras would wrap it
     (np.array([[1.5, 2.0, 3.0]], dtype="float32"), "dtype float32"),
-    (np.zeros((0, 3), dtype="int32"), "empty batch"),
 ])
 def test_bad_ids_refused_before_keras_and_model_left_clean(bad, match):
     emb = keras.layers.Embedding(V, D, name="tok")

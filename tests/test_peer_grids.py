@@ -123,6 +123,21 @@ def test_empty_batches_give_empty_results(shape):
     torch.testing.assert_close(e.norms(), torch.zeros(shape[0]))
 
 
+@pytest.mark.parametrize("shape", [(0, 4), (2, 0)])
+def test_keras_empty_batches_give_empty_results(shape):
+    tf = pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    emb = keras.layers.Embedding(V, D, name="tok")
+    x = np.zeros(shape, "int32")
+    with embgrad.capture(emb) as cap:
+        loss = tf.reduce_sum(emb(x))
+    g = cap.gradients(loss)["tok"]
+    pe = g.per_example()
+    assert pe.batch_size == shape[0] and pe.nnz == 0
+    np.testing.assert_array_equal(pe.norms().numpy(), np.zeros(shape[0]))
+    assert g.weight_grad.norm() == 0.0
+
+
 def test_rows_from_lookups_accepts_what_capture_accepts():
     torch.manual_seed(2)
     emb = nn.Embedding(V, D)

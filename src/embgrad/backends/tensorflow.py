@@ -218,8 +218,7 @@ class TensorFlowBackend(Backend):
                 f"would silently truncate them). Cast them with tf.cast(ids, 'int32') after checking "
                 f"they are whole numbers in [0, {num_rows}).")
         if ids.shape.num_elements() == 0:
-            raise EmbgradError(f"{where}: empty batch (ids of shape {tuple(ids.shape)}); there is "
-                               "nothing to look up. Pass at least one example with one token.")
+            return given    # an empty batch (Poisson sampling makes them): empty results
         if is_symbolic(ids):
             return self.gate(ids, self.assert_in_range(ids, num_rows, _out_of_range(where, "an id", num_rows)))
         lo, hi = self.minmax(ids)
