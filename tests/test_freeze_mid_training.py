@@ -70,3 +70,18 @@ def test_other_optimizers_leave_alone_and_hooks_removed():
     n_pre = len(optim_mod._global_optimizer_pre_hooks)
     guard.remove()
     assert len(optim_mod._global_optimizer_pre_hooks) == n_pre - 1
+
+
+def test_global_guard_hooks_do_not_keep_the_table_alive():
+    import gc
+    import weakref
+
+    from torch.optim import optimizer as optim_mod
+    n_pre = len(optim_mod._global_optimizer_pre_hooks)
+    emb = nn.Embedding(6, 2)
+    embgrad.table(emb).freeze([1])
+    ref = weakref.ref(emb.weight)
+    del emb
+    gc.collect()
+    assert ref() is None
+    assert len(optim_mod._global_optimizer_pre_hooks) == n_pre

@@ -854,27 +854,31 @@ class TorchBackend(Backend):
         # any torch optimizer holding the weight (torch's global optimizer step hooks, removed
         # with the guard).
         saved: dict[int, torch.Tensor] = {}
+        wref = weakref.ref(w)          # the hooks must not keep the table alive
 
-        def holds(opt: torch.optim.Optimizer) -> bool:
-            return any(p is w for group in opt.param_groups for p in group["params"])
+        def holds(opt: torch.optim.Optimizer, t: torch.Tensor) -> bool:
+            return any(p is t for group in opt.param_groups for p in group["params"])
 
         def snapshot(opt, args, kwargs):
-            if optimizer is not None or holds(opt):
-                saved[id(opt)] = w.detach().index_select(0, idx)
+            t = wref()
+            if t is not None and (optimizer is not None or holds(opt, t)):
+                saved[id(opt)] = t.detach().index_select(0, idx)
 
         def restore(opt, args, kwargs):
-            rows = saved.pop(id(opt), None)
-            if rows is not None:
+            rows, t = saved.pop(id(opt), None), wref()
+            if rows is not None and t is not None:
                 with torch.no_grad():
-                    w.index_copy_(0, idx, rows)
+                    t.index_copy_(0, idx, rows)
 
         if optimizer is not None:
             handles += [optimizer.register_step_pre_hook(snapshot),
                         optimizer.register_step_post_hook(restore)]
         else:
             from torch.optim import optimizer as optim_mod
-            handles += [optim_mod.register_optimizer_step_pre_hook(snapshot),
-                        optim_mod.register_optimizer_step_post_hook(restore)]
+            global_hooks = _Handles([optim_mod.register_optimizer_step_pre_hook(snapshot),
+                                     optim_mod.register_optimizer_step_post_hook(restore)])
+            weakref.finalize(w, global_hooks.remove)   # gone with the table, if never removed
+            handles.append(global_hooks)
         return _Handles(handles)
 
     def _check_optimizer(self, info, optimizer):
