@@ -50,7 +50,10 @@ def cases(quick: bool) -> list[Case]:
              budget_bytes=4 * GiB, time_limit_s=2400.0, tolerance=(1e-4, 1e-5), repeats=1 if not quick else 5,
              min_total_s=0.0,
              notes=("One timed call per method after the checked warm-up call (Captum takes minutes per call "
-                    "on this shared machine). "
+                    "on this shared machine, load average above 20 during the run). `embgrad_vmap` ran with the "
+                    "default chunk of that commit (all 256 rows), whose vmap'd backward holds 25 copies of the "
+                    "activations: over the 4 GiB budget. The default chunk is now divided by the number of "
+                    "targets under vjp='vmap' (not re-measured in this session). "
                     "Both attribute each target's log-probability to the prompt's tokens with the earlier "
                     "targets held at their embeddings (Captum's convention); the check compares every "
                     "(target, prompt token) score.",)),

@@ -518,15 +518,16 @@ def attribute_generation(model: Any, inputs: Any, targets: Any = None, method: s
         pos[i, :nK[i]] = nP[i] - 1 + np.arange(nK[i])
         tok[i, :nK[i]] = tgts[i]
         valid[i, :nK[i]] = True
-    if batch_size is None:
-        per_row = T * max(info.dim * min(K, 8), info.num_rows)
+    like = b.table_variable(info)
+    on_cpu = "cpu" in str(getattr(like, "device", "cpu")).lower()
+    batched = vjp == "vmap" or (vjp == "auto" and not on_cpu)
+    if batch_size is None:   # a vmap'd backward holds K copies of the backward's activations
+        per_row = T * max(info.dim * (K if batched else min(K, 8)), info.num_rows)
         batch_size = int(min(512, max(1, 2 ** 25 // max(1, per_row))))
     eng = _Engine(model, packer.inputs(ids, m), layer if layer is not None else info.layer, fwd, None,
                   batch_size, progress, call=call)
     eng.targets = _GenTargets(eng.backend, pos, tok, valid, T)  # type: ignore[assignment]
-    like = b.table_variable(info)
-    on_cpu = "cpu" in str(getattr(like, "device", "cpu")).lower()
-    eng.batched_vjp = vjp == "vmap" or (vjp == "auto" and not on_cpu)
+    eng.batched_vjp = batched
     scores, delta, f0, base_desc = _run(eng, method, baseline, steps, rule, interpolate, pad_id, m, nP)
     fx = eng._gen_fx                                                   # type: ignore[attr-defined]
     out_s: list[np.ndarray] = []
