@@ -47,7 +47,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "weight_grad": ("2. Weight-gradient extraction", "weight_grad"),
     "attribution": ("3. Attribution: integrated gradients on MiniLM", "attribution"),
     "similarity": ("4. Gradient similarity", "similarity"),
-    "generation": ("8. Attribution for language models that generate (causal LMs)", "generation"),
+    "generation": ("9. Attribution for language models that generate (causal LMs)", "generation"),
 }
 #: sections run by a module's own ``main(quick) -> dict`` (``{"markdown": ..., ...}``), in a subprocess
 EXTERNAL: dict[str, tuple[str, str]] = {
