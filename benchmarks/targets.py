@@ -100,6 +100,10 @@ def evaluate(results: dict[str, CaseResult], quick: bool) -> list[Target]:
                      "25 targets, IG 32 steps), equal results"))
     t.append(_smaller(results, "hotflip_128k", "onehot",
                       "HotFlip/GCG candidates at V=128k: less peak memory than the one-hot gradient, equal top-k"))
+    # 10. tied tables (issue 14): GPT-2's wte = lm_head, whole-table norms + clipped sum
+    t.append(_ratio_target(results, "tied_gpt2", "embgrad", "plain",
+                           "Tied table (GPT-2 wte = lm_head, V=50,257): whole-table per-example norms + "
+                           "clipped sum ≤ 1.3× plain forward+backward", most=1.3))
     if quick:
         return [Target(x.text, "quick sizes: targets are for the full sizes", None) for x in t]
     return [_with_reason(x, results) for x in t]
