@@ -143,3 +143,63 @@ def test_untied_table_is_not_flagged():
     g = cap.gradients(loss).only()
     assert not g.tied
     assert isinstance(g.per_example(), embgrad.ExampleGrads)
+
+
+KERAS_TORCH = r'''
+import numpy as np, torch, keras, embgrad
+from embgrad import EmbgradError
+V, D, B, T = 20, 4, 3, 5
+keras.utils.set_random_seed(4)
+emb = keras.layers.ReversibleEmbedding(V, D, tie_weights=True, name="tied", logit_soft_cap=3.0)
+mix = keras.layers.Dense(D, name="mix", activation="tanh")
+ids = np.random.default_rng(1).integers(0, V, (B, T))
+targets = torch.tensor(np.random.default_rng(5).integers(0, V, (B, T)))
+def loss_fn(i=slice(None)):
+    logits = emb(mix(emb(ids[i])), reverse=True)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets[i].reshape(-1), reduction="sum")
+loss_fn()
+with embgrad.capture(emb) as cap:
+    loss = loss_fn()
+g = cap.gradients(loss)["tied"]
+assert g.tied and len(g.projections) == 1
+w = emb.embeddings.value
+ref = torch.stack([torch.autograd.grad(loss_fn(slice(b, b + 1)), w)[0] for b in range(B)])
+torch.testing.assert_close(g.per_example().norms(), ref.flatten(1).norm(dim=1), rtol=1e-5, atol=1e-7)
+torch.testing.assert_close(g.weight_grad.to_dense(), ref.sum(0), rtol=1e-5, atol=1e-7)
+
+class R(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.e = keras.layers.Embedding(10, 2)
+    def call(self, x):
+        return keras.ops.matmul(keras.ops.mean(self.e(x), axis=1), keras.ops.transpose(self.e.embeddings))
+m = R()
+x = np.array([[1, 2, 3], [4, 5, 6]])
+m(x)
+with embgrad.capture(m) as cap:
+    out = (m(x) ** 2).sum()
+g = cap.gradients(out).only()
+assert g.tied
+try:
+    g.per_example()
+    raise SystemExit("no error")
+except EmbgradError as e:
+    assert "part='lookup'" in str(e)
+print("OK")
+'''
+
+
+@pytest.mark.slow
+def test_keras_on_torch_reversible_embedding_and_hand_read(tmp_path):
+    """Keras 3 on PyTorch (a subprocess: a Keras backend is fixed per process): the reverse call
+    is the table's projection (whole-table norms equal a per-example autograd loop), and a
+    hand-written read of the table is found in torch's autograd graph and refused."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "keras_torch_tied.py"
+    script.write_text(KERAS_TORCH)
+    env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -881,8 +881,8 @@ class Capture:
                            "separate forwards of the model (each its own examples).")
             elif certain:
                 size = certain.pop()
-            elif hints[f] is not None:
-                size = hints[f]
+            elif hints[f] is not None and mine:   # a forward without lookups (e.g. only a tied
+                size = hints[f]                      # projection's call) has no examples here
             elif len(guesses) == 1:
                 size = next(iter(guesses))
             elif guesses:

@@ -43,6 +43,17 @@ _FP_RTOL = 1e-3   # a table fingerprint this close (relative) to the recorded us
 _CHUNK = 1 << 25  # elements of the largest temporary per batch chunk (128 MiB in float32)
 
 
+def _no_grad(fn: Any) -> Any:
+    """Run a method without recording autograd history (the projection's inputs may carry it)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._backend.no_grad():
+            return fn(self, *args, **kwargs)
+    return wrapper
+
+
 def _chunks(n: int, per_item: int) -> list[tuple[int, int]]:
     """[start, end) ranges over ``n`` items, each chunk about ``_CHUNK`` elements."""
     step = max(1, _CHUNK // max(per_item, 1))
@@ -131,6 +142,7 @@ class TableExampleGrads:
             + 2.0 * _cross_diag(self, self._lookup, self.inputs, self.logit_grads)
         return b.sqrt(b.maximum(sq, 0.0))
 
+    @_no_grad
     def norms(self) -> Any:
         """(B,) per-example L2 norms of the whole table's gradient (lookups, projection and
         their cross term), a framework tensor."""
@@ -162,6 +174,7 @@ class TableExampleGrads:
             h = h * b.reshape(factor[s:e], (-1, 1, 1))
         return b.matmul(b.reshape(a, (c * S, V)), b.reshape(h, (c * S, D)), transpose_a=True)
 
+    @_no_grad
     def sum(self) -> RowGrad:
         """Σ_b G_b (with the pending clip/scale factors): a :class:`RowGrad` holding all V rows."""
         b = self._backend
@@ -175,6 +188,7 @@ class TableExampleGrads:
             dense = dense + b.scatter_rows(look.rows, look.values, V)
         return RowGrad(b.arange(V, dense), dense, V, b)
 
+    @_no_grad
     def example(self, index: int) -> RowGrad:
         """Example ``index``'s gradient of the whole table, a :class:`RowGrad` of all V rows."""
         if not isinstance(index, (int, np.integer)) or not -self.batch_size <= index < self.batch_size:
@@ -189,6 +203,7 @@ class TableExampleGrads:
             dense = dense + b.scatter_rows(look.rows, look.values, self.num_rows)
         return RowGrad(b.arange(self.num_rows, dense), dense, self.num_rows, b)
 
+    @_no_grad
     def to_dense(self, max_bytes: int = 2 ** 30) -> Any:
         """(B, V, D) dense per-example gradients; EmbgradError if that exceeds ``max_bytes``."""
         b = self._backend
@@ -206,6 +221,7 @@ class TableExampleGrads:
         return proj + self.lookup.to_dense(max_bytes)
 
     # ------------------------------------------------------------------ inner products
+    @_no_grad
     def dot(self, other: TableExampleGrads | ExampleGrads | None = None) -> Any:
         """(B1, B2) matrix of inner products <G_i, H_j> of whole-table gradients (with itself
         when ``other`` is None): lookup·lookup (sparse join), lookup·projection both ways, and
