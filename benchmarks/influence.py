@@ -195,9 +195,9 @@ def flipped_section(seeds: tuple[int, ...]) -> dict:
 def main(quick: bool = False) -> dict:
     """Run every part; returns ``{"markdown": ..., "collect": ..., ...}`` for run.py."""
     if quick:
-        col = collect_section(n=128, batch=64, length=32, k=1024, repeats=1)
-        qry = query_section(rows=5000, queries=100, k=1024)
-        rec = recall_section(n=128, q=32, k=1024, length=32, variants=False)
+        col = collect_section(n=64, batch=32, length=16, k=1024, repeats=1)
+        qry = query_section(rows=2000, queries=50, k=1024)
+        rec = recall_section(n=64, q=32, k=1024, length=16, variants=False)
         flp = flipped_section((0,))
     else:
         col = collect_section(n=4096, batch=64, length=64, k=1024, repeats=3)
