@@ -546,6 +546,7 @@ class Capture:
         self._loose: int | None = None     # the forward index of calls made outside any forward
         self._boundaries = False
         self._loose_fwds: set[int] = set()
+        self._seq_first: list[str] | None = None
 
     def __enter__(self) -> "Capture":
         if self._tap is not None:
@@ -951,7 +952,9 @@ class Capture:
     def _sequence_first_problem(self) -> str | None:
         if self.batch_dim is not None:
             return None
-        seq = self._backend.sequence_first_layers(self.model)
+        if self._seq_first is None:   # once per capture (a scan of the model's modules)
+            self._seq_first = self._backend.sequence_first_layers(self.model)
+        seq = self._seq_first
         if not seq or not any(len(self._backend.shape(c.ids)) >= 2 and c.info.kind == "embedding"
                               for c in self.calls):
             return None
