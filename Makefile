@@ -8,7 +8,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: demo lint test test-main test-gluon bench clean
+.PHONY: demo lint test test-main test-slow test-gluon bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,14 @@ lint: $(VENV)/.stamp-lint
 demo: $(VENV)/.stamp-demo
 	$(VENV)/bin/embgrad demo
 
+# `make test`: everything but the tests marked slow, on two workers; under 20 minutes on 2 cores.
 test-main: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 -m "not slow" tests
+
+# `make test-slow`: the tests marked slow (the quick benchmark run end to end, subprocess tests), its
+# own CI step after `make test`.
+test-slow: $(VENV)/.stamp-test
+	$(PY) -m pytest -q -p no:cacheprovider -m slow tests
 
 # MXNet 1.9.1 needs numpy<1.24, so the Gluon suite runs in its own venv, .venv-gluon; there
 # EMBGRAD_REQUIRE_GLUON=1 turns "mxnet missing, skipped" into a failure.

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow   # about 10 minutes on a loaded 2-core machine: `make test-slow`
 
 pytest.importorskip("torch")
 pytest.importorskip("opacus")

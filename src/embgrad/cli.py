@@ -9,6 +9,8 @@ token attributions of a local Hugging Face classifier or sentence-embedding mode
 ``embgrad influence [TEXT...] [--model DIR --train FILE] [--exact | --k K] [--out FILE]``: training-data
 attribution (TracInCP over embedding gradients): proponents/opponents per test sentence and the
 self-influence ranking, on the demo or a local Hugging Face classifier, as HTML.
+
+``embgrad --version``: the version (``embgrad.__version__``, which pyproject.toml reads too).
 """
 from __future__ import annotations
 
@@ -287,7 +289,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``embgrad`` console script; returns the exit status."""
+    """Entry point of the ``embgrad`` console script; returns the exit status (0 on success,
+    2 on an :class:`~embgrad.EmbgradError`, whose message is printed to stderr).
+
+    Raises:
+        SystemExit: from argparse: status 0 after ``--help`` or ``--version``, 2 for bad arguments.
+    """
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":

@@ -69,7 +69,7 @@ def _like(x: Any, model_array: Any) -> Any:
 
 def _ctx(like: Any) -> mx.Context:
     if isinstance(like, nd.NDArray):
-        return like.context
+        return like.ctx
     if isinstance(like, gluon.Parameter):
         return like.list_ctx()[0]
     return mx.current_context()
@@ -83,7 +83,7 @@ def _np_shape() -> Any:
 def _zeros_like_var(out: Any) -> Any:
     """A zero array like ``out`` (same array type, dtype and context), marked as a variable."""
     mod = _mnp if isinstance(out, _mnp.ndarray) else nd
-    z = mod.zeros(out.shape, dtype=out.dtype, ctx=out.context)
+    z = mod.zeros(out.shape, dtype=out.dtype, ctx=out.ctx)
     z.attach_grad()
     return z
 
@@ -343,7 +343,7 @@ class _RowGuard:
         saved = []
         with autograd.pause():
             for d, g in zip(self.weight.list_data(), self.weight.list_grad(), strict=True):
-                idx = nd.array(self.rows, dtype="int64", ctx=d.context)
+                idx = nd.array(self.rows, dtype="int64", ctx=d.ctx)
                 if g.stype == "default":
                     g[idx] = 0
                 saved.append((d, idx, nd.take(d, idx)))
@@ -577,7 +577,7 @@ class GluonBackend(Backend):
     def argsort(self, x):
         # MXNet's sorts are not stable: break ties by position
         x = _as_np(x)
-        return _mnp.lexsort((_mnp.arange(x.shape[0], dtype="int64", ctx=x.context), x))
+        return _mnp.lexsort((_mnp.arange(x.shape[0], dtype="int64", ctx=x.ctx), x))
 
     def searchsorted(self, sorted_seq, values, right=False):
         return _mnp.searchsorted(_as_np(sorted_seq), _as_np(values),
@@ -589,7 +589,7 @@ class GluonBackend(Backend):
         if total == 0:
             return self.zeros((0,) + tuple(x.shape[1:]), self.dtype_name(x), x)
         ends = _mnp.cumsum(counts)
-        src = _mnp.searchsorted(ends, _mnp.arange(total, dtype="int64", ctx=x.context), side="right")
+        src = _mnp.searchsorted(ends, _mnp.arange(total, dtype="int64", ctx=x.ctx), side="right")
         return self.gather(x, src.astype("int64"))
 
     def cumsum(self, x):
@@ -630,8 +630,8 @@ class GluonBackend(Backend):
     def _no_rows(self, g: Any, D: int) -> tuple[Any, Any]:
         # an all-zero gradient: one explicit zero row (legacy MXNet operators cannot handle
         # zero-size arrays outside NumPy-shape mode)
-        rows = _mnp.zeros((1,), dtype="int64", ctx=g.context)
-        return rows, _mnp.zeros((1, D), dtype=np.dtype(g.dtype).name, ctx=g.context)
+        rows = _mnp.zeros((1,), dtype="int64", ctx=g.ctx)
+        return rows, _mnp.zeros((1, D), dtype=np.dtype(g.dtype).name, ctx=g.ctx)
 
     def no_grad(self):
         return autograd.pause()
@@ -662,7 +662,7 @@ class GluonBackend(Backend):
             except MXNetError as e:
                 if "unreachable" not in str(e):
                     raise
-                g = _mnp.zeros(x.shape, dtype=x.dtype, ctx=x.context)   # y does not depend on x
+                g = _mnp.zeros(x.shape, dtype=x.dtype, ctx=x.ctx)   # y does not depend on x
             grads.append(g)
         with autograd.pause():
             y = y.copy()
@@ -707,7 +707,7 @@ class GluonBackend(Backend):
         w = info.layer.weight
         with autograd.pause():
             for d in w.list_data():          # every context holds a copy of the table
-                d[nd.array(rows, dtype="int64", ctx=d.context)] = nd.array(values, dtype=d.dtype, ctx=d.context)
+                d[nd.array(rows, dtype="int64", ctx=d.ctx)] = nd.array(values, dtype=d.dtype, ctx=d.ctx)
 
     def table_freeze(self, info, rows, optimizer=None):
         if not isinstance(optimizer, gluon.Trainer):

@@ -17,7 +17,7 @@ import numpy as np
 from ..capture import capture
 from ..demo.data import LABELS, DemoData, SentimentData
 from ..demo.models import EMBEDDING_NAME, Trained
-from ..sparse import ExampleGrads, row_grad
+from ..sparse import ExampleGrads
 
 __all__ = ["LayerInfo", "ModelInfo", "WeightGradInfo", "PerExampleInfo", "Timing",
            "SimilarityInfo", "AttributionInfo", "HotFlipInfo", "FlipRow", "model_info",
@@ -200,6 +200,16 @@ def _token_norms(trained: Trained, pe: ExampleGrads, batch: SentimentData, k: in
     return tuple((int(ex[i]), batch.vocab.tokens[int(rows[i])], float(norms[i])) for i in best)
 
 
+def _framework_dense(trained: Trained, g: Any) -> np.ndarray:
+    """The framework's own dense form of a table gradient, as NumPy (V, D): TensorFlow's
+    ``tf.convert_to_tensor`` sums the repeated rows of an ``IndexedSlices`` itself, so the
+    reference shares nothing with embgrad's coalescing."""
+    if type(g).__name__ == "IndexedSlices":
+        import tensorflow as tf
+        g = tf.convert_to_tensor(g)
+    return trained.to_numpy(g)
+
+
 def gradient_info(trained: Trained, batch: SentimentData, clip_quantile: float = 0.5,
                   repeats: int = 25) -> tuple[WeightGradInfo, PerExampleInfo]:
     """Sections 2 and 3 for one training batch (summed loss): the weight gradient, the
@@ -208,7 +218,7 @@ def gradient_info(trained: Trained, batch: SentimentData, clip_quantile: float =
     g = capture_layer(trained, ids, batch.labels)
     wg = g.weight_grad
     rows, values = wg.numpy()
-    dense = trained.to_numpy(row_grad(trained.plain_backward(ids, batch.labels), g.num_rows).to_dense())
+    dense = _framework_dense(trained, trained.plain_backward(ids, batch.labels))
     ours = np.zeros_like(dense)
     ours[rows] = values
     counts = np.bincount(batch.ids[batch.mask], minlength=g.num_rows)

@@ -254,6 +254,11 @@ def explain(loaded: LoadedModel, texts: Sequence[str], *, target: str | int | No
     Classifier: the logit of ``target`` (a label name or index; default the predicted label).
     Sentence-embedding model: the cosine similarity to ``compare`` (required). ``truncate``:
     cut texts longer than the model's limit with a warning (else EmbgradError).
+
+    Raises:
+        EmbgradError: no text, an unknown method, ``compare`` given to a classifier or missing for
+            a sentence-embedding model, a ``target`` label the model does not have, or (with
+            ``truncate=False``) a text longer than the model's limit.
     """
     import torch
 
