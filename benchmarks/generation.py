@@ -37,7 +37,8 @@ from harness import Bench, Case, GiB, Unsupported  # noqa: E402
 
 def cases(quick: bool) -> list[Case]:
     n_tgt, steps = (4, 4) if quick else (25, 32)
-    gen = {"prompts": 8, "targets": n_tgt, "steps": steps, "vocab": 1000, "d": 64, "layers": 2, "seed": 0}
+    gen = {"prompts": 3 if quick else 8, "targets": n_tgt, "steps": steps, "vocab": 1000, "d": 64, "layers": 2,
+           "seed": 0}
     hf = {"vocab": 4096 if quick else 131072, "d": 32 if quick else 256, "layers": 1, "prompts": 8,
           "length": 16, "targets": 4, "k": 10, "seed": 0}
     sfx = "_quick" if quick else ""
@@ -47,7 +48,7 @@ def cases(quick: bool) -> list[Case]:
              f"{gen['prompts']} prompts of 6-20 tokens, {n_tgt} targets each, integrated gradients "
              f"{steps} steps",
              "generation", {**gen, "case": "ig"}, ("captum", "embgrad", "embgrad_vmap"), reference="captum",
-             budget_bytes=4 * GiB, time_limit_s=2400.0, tolerance=(1e-4, 1e-5), repeats=1 if not quick else 5,
+             budget_bytes=4 * GiB, time_limit_s=2400.0, tolerance=(1e-4, 1e-5), repeats=1,
              min_total_s=0.0,
              notes=("One timed call per method after the checked warm-up call (Captum takes minutes per call "
                     "on this shared machine, load average above 20 during the run). `embgrad_vmap` ran with the "
