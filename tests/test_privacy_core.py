@@ -188,6 +188,13 @@ def test_mechanisms_privatize():
     out2 = m.privatize(grad, counts, rng=4)
     np.testing.assert_array_equal(out.numpy()[1], out2.numpy()[1])
     assert out.num_rows == V and len(out) < V
+    # an int seed is ONE stream for the selection and then the gradient noise (as a Generator is),
+    # not the same stream restarted: the two noises of a step must be independent
+    g = np.random.default_rng(4)
+    sel = m.select(counts, g)
+    ref = privacy.noise_rows(grad, sel, m.gradient_noise_std, g)
+    for a, b in zip(out.numpy(), ref.numpy(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_no_v_by_d_tensor_is_created_at_a_million_rows():

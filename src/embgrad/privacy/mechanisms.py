@@ -18,6 +18,7 @@ from .noise import (
     _check_nonneg,
     _check_pos,
     dense_noise,
+    make_rng,
     noise_rows,
     select_rows,
     split_noise_multiplier,
@@ -154,4 +155,5 @@ class DPAdaFEST:
         if counts.num_rows != grad.num_rows:
             raise EmbgradError(f"counts are of a table of {counts.num_rows} rows, the gradient of "
                                f"{grad.num_rows}.")
-        return noise_rows(grad, self.select(counts, rng), self.gradient_noise_std, rng)
+        g = make_rng(rng)   # one stream: an int seed must not restart it for the gradient noise
+        return noise_rows(grad, self.select(counts, g), self.gradient_noise_std, g)
