@@ -35,7 +35,12 @@ TF_PRIVACY_REASON = (
 
 NOTES = ("`embgrad` and `plain` run eagerly, op by op, as a script does; `embgrad_compiled` and "
          "`plain_compiled` run the same step inside one `tf.function`, as a training step runs "
-         "(Keras compiles `train_step`). `vectorized_map` is compiled by TensorFlow itself.",)
+         "(Keras compiles `train_step`). `vectorized_map` is compiled by TensorFlow itself.",
+         "Timed on a 2-core VM shared with other engineers' jobs (load average ~20): wall times "
+         "here are 5-10× those of a quiet machine and swing between runs, so read the ratios of "
+         "methods in the same run. The profile behind the missed targets was taken in CPU time "
+         "(`time.process_time`, stable under load), methods interleaved A/B/A/B, medians of 12 "
+         "rounds; see the targets table.")
 
 
 def _params(vocab: int, dim: int = 128, batch: int = 64, length: int = 128) -> dict:

@@ -160,7 +160,7 @@ def _ratio_target(results: dict[str, CaseResult], key: str, method: str, peer: s
 
 
 def _tensorflow_targets(results: dict[str, CaseResult]) -> list[Target]:
-    """Issue 3's targets for the TensorFlow per-example path (demo Keras classifier).
+    """Issues 3 and 19's targets for the TensorFlow per-example path (demo Keras classifier).
 
     The issue compares the per-example step with "a plain GradientTape step" and measured its
     prototype with the sparse algebra under ``tf.function``; all three pairings are reported, so
@@ -171,9 +171,11 @@ def _tensorflow_targets(results: dict[str, CaseResult]) -> list[Target]:
                       "TensorFlow per-example norms + clipped sum, compiled with tf.function, ≤ 1.0× "
                       "a plain (eager) GradientTape step (V=50k)"),
         _ratio_target(results, key, "embgrad", "plain",
-                      "TensorFlow per-example, both eager: ≤ 1.0× the plain GradientTape step (V=50k)"),
+                      "TensorFlow per-example, both eager: ≤ 1.5× the plain GradientTape step (V=50k)",
+                      most=1.5),
         _ratio_target(results, key, "embgrad_compiled", "plain_compiled",
-                      "TensorFlow per-example, both compiled: ≤ 1.0× the plain step in tf.function (V=50k)"),
+                      "TensorFlow per-example, both compiled: ≤ 1.5× the plain step in tf.function (V=50k)",
+                      most=1.5),
     ]
     t.append(_faster(results, key, "vectorized_map", 100,
                      "TensorFlow per-example: ≥ 100× faster than tf.vectorized_map (V=50k; both compiled)",
@@ -220,24 +222,34 @@ _REASONS = (
      "run's worst gap are close to the points the slowest example needed; adaptive steps save only "
      "the difference on the examples that converged in earlier rounds."),
     (("TensorFlow per-example, both eager",),
-     "Eagerly every TensorFlow op is dispatched from Python one by one: the Keras forward and the "
-     "tape's backward alone take as long as the plain step, and the per-example algebra (two "
-     "uniques, two segment sums over lookups × D values, the norms) adds its ops on top; plain TF "
-     "returns the table's gradient as IndexedSlices, so it never pays for a dense (V, D) gradient "
-     "that embgrad could save. Compile the step (embgrad works inside tf.function)."),
+     "cProfile of 20 eager steps: every TensorFlow op is dispatched from Python one by one; the "
+     "Keras forward and the tape's backward take about the plain step, and embgrad's own work "
+     "adds the per-example coalesce (two uniques and a segment sum over lookups × D values, "
+     "~2 ms of CPU even compiled, see the next row), the clipped sum, the NaN check and the check "
+     "that no other read of the table is missed (a fingerprint of the tape's total gradient of the "
+     "table: one matrix-vector product since issue 19, it was an (N, D) float64 copy and product "
+     "taking ~30% of the eager step). Plain TF returns the table's gradient as IndexedSlices, so "
+     "there is no dense (V, D) cost for embgrad to save. Compile the step (embgrad works inside "
+     "tf.function)."),
     (("TensorFlow per-example, both compiled",),
-     "Compiled, the plain step of this small model is about a millisecond (a gather, a mean pool "
-     "and a dense layer, and IndexedSlices for the table), while the per-example path adds two "
-     "uniques and two segment sums over (lookups × D) values on TensorFlow's single-threaded CPU "
-     "kernels; no dense cost of the plain step is saved, as it would be in PyTorch."),
+     "Profiled in CPU time (process_time, stable on this loaded VM where wall time swings 5×): "
+     "the plain compiled step is 1.7 ms; capture + the tape's gradient add 0.14 ms; the "
+     "per-example coalesce + norms add 3.2 ms (of it TensorFlow's CPU segment sum of the 8,192 × "
+     "128 float32 lookup gradients into 4,961 (example, row) pairs is ~2 ms, the two uniques ~0.5 "
+     "ms each); the clip + clipped sum add 1.3 ms. Every formulation of that segment sum measured "
+     "costs 1.6-3.2 ms of CPU: UnsortedSegmentSum (int64 or int32 ids), sorted SegmentSum after a "
+     "gather, SparseSegmentSum, XLA's scatter (jit_compile, padded to a static size: no CPU-time "
+     "gain inside the step, interleaved A/B 1.00×), a sparse one-hot matmul. So one such pass "
+     "alone costs more than the whole plain step, and the per-example norms need one (example, "
+     "row) coalesce; no dense cost of the plain step is saved, as it is in PyTorch."),
     (("faster than tf.vectorized_map",),
      "tf.vectorized_map writes B·V·D = 1.6 GB of per-example gradients at V=50k, bounded by memory "
      "bandwidth; embgrad's compiled step is the model's forward and backward (about the plain "
-     "compiled step) plus ~2.8 ms of sparse algebra, mostly two unsorted segment sums over "
-     "(lookups × D) float32 values that TensorFlow's CPU kernel walks row by row. Measured "
-     "alternatives were slower: scatter_nd, sort + sparse_segment_sum, a dense (example, row) "
-     "presence map, a sort-based unique. The ratio grows with V: at V=1M vectorized_map runs out "
-     "of memory."),
+     "compiled step) plus the sparse algebra, mostly segment sums over (lookups × D) float32 "
+     "values (~2 ms of CPU each on TensorFlow's kernel). Measured alternatives were not faster: "
+     "scatter_nd, sort + sparse_segment_sum, sorted segment_sum, XLA scatter, a sparse one-hot "
+     "matmul, a dense (example, row) presence map, a sort-based unique. The ratio grows with V: at "
+     "V=1M vectorized_map runs out of memory."),
     (("Similarity",),
      "embgrad's time is two captures (2,048 + 128 examples of 128 tokens) and a join whose pairs on "
      "frequent tokens go through a dense product; see the similarity table."),
