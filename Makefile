@@ -15,7 +15,7 @@ $(VENV)/bin/python:
 
 # Each stamp records that one set of extras is installed into .venv at these pins.
 $(VENV)/.stamp-demo: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[torch,viz]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[torch,viz,privacy]"
 	touch $@
 
 $(VENV)/.stamp-test: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python

@@ -257,3 +257,31 @@ def test_figures_labels_do_not_overlap_and_clipped_examples_sit_on_the_line(demo
     assert segment[:, 1].max() == int((pe.norms > pe.max_norm).sum())
     edges = np.array([p.get_x() for p in ax.patches if hasattr(p, "get_width") and p.get_width() > 0])
     assert np.isclose(edges, pe.max_norm).any()                    # max_norm is a bin edge
+
+
+def test_privacy_section_clip_noise_epsilon(demo, page):
+    """Issue 15: the report's DP section. The clipped sum equals a per-example loop of torch
+    autograd (each example's dense table gradient clipped to C); ε from Opacus's own RDP
+    accountant for the chosen σ is within the target; the noise norm fits its std."""
+    import torch
+    results, trained, data = demo
+    p = results.privacy
+    batch = data.train.subset(np.arange(p.batch_size))
+    ids = trained.tensor(batch.ids)
+    total = torch.zeros_like(trained.model.embedding.weight)
+    for b in range(p.batch_size):
+        g = torch.autograd.grad(trained.loss(trained.logits(ids[b:b + 1]), batch.labels[b:b + 1]),
+                                trained.model.embedding.weight)[0]
+        total += g * min(1.0, p.max_norm / float(g.norm()))
+    assert p.signal_norm == pytest.approx(float(total.norm()), rel=1e-4)
+    if p.epsilon is not None:
+        accountants = pytest.importorskip("opacus.accountants")
+        rdp = accountants.RDPAccountant()
+        rdp.history = [(p.noise_multiplier, p.sample_rate, p.epochs * int(np.ceil(p.dataset_size / p.batch_size)))]
+        assert rdp.get_epsilon(p.delta) == pytest.approx(p.epsilon, rel=0.05)
+        assert p.epsilon <= p.target_epsilon * 1.001
+    expected = p.gradient_noise_std * np.sqrt(p.sparse_entries)
+    assert abs(p.noise_norm - expected) < 5 * p.gradient_noise_std      # chi with S·D degrees of freedom
+    assert 0 < p.selected <= p.num_rows and p.sparse_entries == p.selected * p.dim
+    text = page.read_text(encoding="utf-8")
+    assert 'data-section="privacy"' in text and "register_opacus" in text

@@ -43,6 +43,7 @@ class DemoResults:
     hotflip: HotFlipInfo
     seconds: dict[str, float] = field(default_factory=dict)
     generation: Any = None            # embgrad.demo.lm.GenerationInfo (PyTorch demo), else None
+    privacy: Any = None               # embgrad.report.privacy.PrivacyInfo
 
     def __repr__(self) -> str:
         return (f"DemoResults({self.model.framework}, test_accuracy={self.model.test_accuracy:.3f}, "
@@ -111,4 +112,9 @@ def _sections(trained: Trained, data: DemoData, batch_size: int, seed: int, step
         t = time.perf_counter()
         generation = generation_info(data, sentences, seed=seed)
         seconds["generation"] = time.perf_counter() - t
-    return DemoResults(model, weight, per_example, similarity, attribution, flips, seconds, generation)
+    step("privacy: clip, noise, ε")
+    t = time.perf_counter()
+    from .privacy import privacy_info
+    private = privacy_info(trained, batch, per_example, len(data.train), len(model.losses), seed=seed)
+    seconds["privacy"] = time.perf_counter() - t
+    return DemoResults(model, weight, per_example, similarity, attribution, flips, seconds, generation, private)

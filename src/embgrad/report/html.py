@@ -35,6 +35,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("hotflip", "HotFlip"),
     ("similarity", "Gradient similarity"),
     ("generation", "A language model that generates"),
+    ("privacy", "Training privately: clipping, noise, ε"),
 )
 _METHOD_NAMES = {"saliency": "Saliency ‖∂f/∂e‖", "grad_x_input": "Gradient × input",
                  "integrated_gradients": "Integrated gradients"}
@@ -238,6 +239,44 @@ def _generation_section(g: Any) -> str:
     return _section("generation", len(SECTIONS), intro, f'<div class="heatmaps"><div>{heat}</div></div>')
 
 
+def _privacy_section(p: Any) -> str:
+    if p is None:
+        return _section("privacy", len(SECTIONS), "Not computed for these results.", "")
+    eps = ("not computed — " + esc(p.missing)) if p.epsilon is None else (
+        f"<b>ε = {p.epsilon:.2f}</b> (RDP accountant; {p.epsilon_pld:.2f} with PLD) at δ = 1/N = {p.delta:.1e}")
+    target = "" if p.target_epsilon is None else f", the smallest that keeps ε ≤ {p.target_epsilon:g}"
+    intro = (
+        "Differentially private training of the embedding table with <code>embgrad.privacy</code>, on the batch "
+        "of section 3: each example's gradient is clipped to norm C, the clipped sum gets Gaussian noise, "
+        "and an accountant turns the noise into ε. DP-AdaFEST (Ghazi et al. 2023) keeps the update sparse: "
+        "it first counts, per row, how many examples looked it up (each example's contribution bounded), "
+        "adds noise to those counts and keeps only the rows whose noisy count passes a threshold; the "
+        "gradient noise goes on the kept rows only. Dense DP-SGD would draw a Gaussian for every entry of "
+        "the table every step. In PyTorch the same runs under Opacus with one line, "
+        "<code>embgrad.privacy.register_opacus()</code>; in Keras 3 with "
+        "<code>embgrad.privacy.make_private_keras</code>.")
+    rows = [
+        ("1. per-example norms", f"batch of {p.batch_size} from N = {p.dataset_size:,} training sentences"),
+        ("2. clipping", f"C = {p.max_norm:.3g} (the median norm): {p.clipped} of {p.batch_size} examples scaled down"),
+        ("3. noise multiplier", _Raw(f"σ = {p.noise_multiplier:.3g}{esc(target)} over {p.epochs} epochs of "
+                                    f"Poisson-sampled batches (q = {p.sample_rate:.3f})")),
+        ("4. row selection", f"counts noised with std {p.selection_noise_std:.3g}, threshold τ = {p.threshold:.3g}: "
+                             f"{p.selected} rows kept of the {p.touched} the batch looked up "
+                             f"({p.false_positives} false positives among the others)"),
+        ("5. gradient noise", f"std σ_grad·C = {p.gradient_noise_std:.3g} per entry on the kept rows: noise norm "
+                              f"{p.noise_norm:.3g} against the clipped sum's {p.signal_norm:.3g}"),
+        ("6. what it costs", f"{p.sparse_entries:,} Gaussians this step instead of dense DP-SGD's "
+                             f"{p.dense_entries:,} (V × D)"),
+        ("7. privacy", _Raw(eps)),
+    ]
+    code = ("<pre><code>from embgrad import privacy\n"
+            "pe = cap.gradients(loss)[\"embedding\"].per_example()\n"
+            "mech = privacy.DPAdaFEST(noise_multiplier=σ, max_grad_norm=C, threshold=τ)\n"
+            "update = mech.privatize(pe.clip(C).sum(), privacy.contribution_counts(pe))\n"
+            "privacy.epsilon(mech, sample_rate=q, steps=steps, delta=1 / N)</code></pre>")
+    return _section("privacy", len(SECTIONS), intro, _table(["step", "on the demo"], rows) + code)
+
+
 def render_page(r: DemoResults, figs: dict[str, str], command: str = "embgrad demo") -> str:
     """The HTML page for ``r``; ``figs`` maps figure keys to image sources (``data:`` URIs, or
     file names next to the page)."""
@@ -246,7 +285,7 @@ def render_page(r: DemoResults, figs: dict[str, str], command: str = "embgrad de
     body = "".join([
         _cards(r), _model_section(r, figs), _weight_section(r, figs), _per_example_section(r, figs),
         _attribution_section(r.attribution, figs), _hotflip_section(r.hotflip), _similarity_section(r.similarity),
-        _generation_section(r.generation)])
+        _generation_section(r.generation), _privacy_section(r.privacy)])
     total = sum(r.seconds.values())
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
