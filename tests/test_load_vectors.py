@@ -416,3 +416,13 @@ def test_memory_is_bounded_by_what_is_found_not_the_file(tmp_path):
         peaks.append(peak)
     assert os.path.getsize(p) > 15e6
     assert peaks[1] < 1.25 * peaks[0] and peaks[1] < 8e6, f"peaks {peaks} bytes"
+
+
+def test_binary_floats_that_happen_to_be_printable_text_are_read_as_binary(tmp_path):
+    """Found by hypothesis: 161.177... is the float32 bytes 'Z-!C', so a binary file can be valid
+    ASCII; its first record is still not 'word' + dim numbers, so 'auto' reads it as binary."""
+    vecs = np.array([[161.17715454101562, 161.17715454101562]], dtype=np.float32)
+    assert all(32 <= b < 127 for b in vecs.astype("<f4").tobytes())
+    path = write_binary(tmp_path / "printable.bin", ["0"], vecs)
+    v = embgrad.load_vectors(path, ["0"])
+    np.testing.assert_array_equal(np.asarray(v.vectors)[0], vecs[0])

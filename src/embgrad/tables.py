@@ -578,13 +578,24 @@ def _open(path: Any) -> Any:
         raise EmbgradError(f"{path}: cannot read it ({e}).") from None
 
 
-def _is_binary(sample: bytes) -> bool:
-    """True when bytes after a word2vec header are raw float32, not text."""
+def _is_binary(sample: bytes, dim: int) -> bool:
+    """True when bytes after a word2vec header are raw float32, not text: control bytes, invalid
+    UTF-8, or a first record that is not a word followed by ``dim`` numbers (raw floats can be
+    printable ASCII, e.g. 161.177 is the bytes 'Z-!C')."""
     if any(b < 32 and b not in (9, 10, 13) for b in sample):
         return True
     try:
         codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)
     except UnicodeDecodeError:
+        return True
+    if b"\n" not in sample:        # a first line longer than the sample: text by the checks above
+        return False
+    line = sample.split(b"\n", 1)[0].rstrip(b"\r").split()
+    if len(line) != dim + 1:
+        return True
+    try:
+        [float(x) for x in line[1:]]
+    except ValueError:
         return True
     return False
 
@@ -821,9 +832,9 @@ def _load(f: Any, path: Any, lookup: dict[str, int], lower: bool, transform: Any
         fmt = "glove"
         if header is not None:
             at = f.tell()
-            sample = f.read(4 * header[1] + 256)
+            sample = f.read(40 * header[1] + 256)     # a text line of dim numbers fits
             f.seek(at)
-            fmt = "word2vec_binary" if _is_binary(sample) else "word2vec_text"
+            fmt = "word2vec_binary" if _is_binary(sample, header[1]) else "word2vec_text"
     else:
         fmt = format
     shown = first.decode("utf-8", "replace").strip()[:60]
