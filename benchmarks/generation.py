@@ -48,9 +48,9 @@ def cases(quick: bool) -> list[Case]:
              f"{gen['prompts']} prompts of 6-20 tokens, {n_tgt} targets each, integrated gradients "
              f"{steps} steps",
              "generation", {**gen, "case": "ig"}, ("captum", "embgrad", "embgrad_vmap"), reference="captum",
-             budget_bytes=4 * GiB, time_limit_s=2400.0, tolerance=(1e-4, 1e-5), repeats=1,
+             budget_bytes=4 * GiB, time_limit_s=2400.0, tolerance=(1e-4, 1e-5), repeats=5 if quick else 1,
              min_total_s=0.0,
-             notes=("One timed call per method after the checked warm-up call (Captum takes minutes per call "
+             notes=("Full size: one timed call per method after the checked warm-up call (quick sizes: five; Captum takes minutes per call "
                     "on this shared machine, load average above 20 during the run). `embgrad_vmap` ran with the "
                     "default chunk of that commit (all 256 rows), whose vmap'd backward holds 25 copies of the "
                     "activations: over the 4 GiB budget. The default chunk is now divided by the number of "
