@@ -117,19 +117,22 @@ def test_mean_reduction_and_called_several_times():
     torch.testing.assert_close(g.weight_grad.to_dense(), ref.sum(0) / 3)
 
 
+class HandProjection(nn.Module):
+    """Issue 12 item 3's model: the table read outside its lookups, `h @ emb.weight.T`."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 2)
+
+    def forward(self, x):
+        return self.emb(x).mean(1) @ self.emb.weight.t()
+
+
 def test_hand_written_projection_is_flagged_tied_and_refused():
     """Issue 12 item 3: `self.emb(x).mean(1) @ self.emb.weight.t()` reads the table outside its
     lookups; weight_grad is the exact whole table, per_example() refuses with the fix."""
-    class F(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(10, 2)
-
-        def forward(self, x):
-            return self.emb(x).mean(1) @ self.emb.weight.t()
-
     torch.manual_seed(0)
-    f = F()
+    f = HandProjection()
     x = torch.tensor([[1, 2, 3], [4, 5, 6]])
     with embgrad.capture(f) as cap:
         out = f(x)
@@ -314,16 +317,8 @@ def test_users_own_backward_without_the_loss():
     """gradients() without the loss after loss.backward(): the table's accumulated gradient
     (what that backward added to weight.grad) shows a read outside the lookups; a tied nn.Linear
     head is recognised and exact."""
-    class F(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(10, 2)
-
-        def forward(self, x):
-            return self.emb(x).mean(1) @ self.emb.weight.t()
-
     torch.manual_seed(0)
-    f = F()
+    f = HandProjection()
     x = torch.tensor([[1, 2, 3], [4, 5, 6]])
     with embgrad.capture(f) as cap:
         (f(x) ** 2).sum().backward()

@@ -163,6 +163,15 @@ class RowGrad:
                 f"norm={self.norm():.6g}, dtype={dt}, backend={self._backend.name})")
 
 
+def check_same_table(a: Any, b: Any) -> None:
+    """EmbgradError unless per-example gradients ``a`` and ``b`` are of tables of one shape
+    (what ``dot()`` needs)."""
+    if b.num_rows != a.num_rows or b.dim != a.dim:
+        raise EmbgradError(
+            f"dot() needs gradients of the same table: ({a.num_rows}, {a.dim}) vs "
+            f"({b.num_rows}, {b.dim}).")
+
+
 def _check_positive(x: float, what: str) -> None:
     if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0):
         raise EmbgradError(f"{what} must be a positive finite number, got {x!r}.")
@@ -438,10 +447,7 @@ class ExampleGrads:
         other = self if other is None else other
         if not isinstance(other, ExampleGrads):
             raise EmbgradError(f"dot() takes another ExampleGrads, got {type(other).__name__}.")
-        if other.num_rows != self.num_rows or other.dim != self.dim:
-            raise EmbgradError(
-                f"dot() needs gradients of the same table: ({self.num_rows}, {self.dim}) vs "
-                f"({other.num_rows}, {other.dim}).")
+        check_same_table(self, other)
         b = self._backend
         acc = _accum_dtype(b, self.values)
         if b.traced(self.values) or b.traced(other.values):

@@ -27,7 +27,7 @@ import numpy as np
 
 from .backends import Backend
 from .errors import EmbgradError
-from .sparse import ExampleGrads, RowGrad, _accum_dtype, _check_positive
+from .sparse import ExampleGrads, RowGrad, _accum_dtype, _check_positive, check_same_table
 
 __all__ = [
     "TableExampleGrads",
@@ -229,10 +229,7 @@ class TableExampleGrads:
         other = self if other is None else other
         if not isinstance(other, (TableExampleGrads, ExampleGrads)):
             raise EmbgradError(f"dot() takes another per-example gradient, got {type(other).__name__}.")
-        if other.num_rows != self.num_rows or other.dim != self.dim:
-            raise EmbgradError(
-                f"dot() needs gradients of the same table: ({self.num_rows}, {self.dim}) vs "
-                f"({other.num_rows}, {other.dim}).")
+        check_same_table(self, other)
         b = self._backend
         la = self._lookup                    # unscaled; the factors are applied at the end
         if isinstance(other, TableExampleGrads):
