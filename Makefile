@@ -19,7 +19,7 @@ $(VENV)/.stamp-demo: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
 	touch $@
 
 $(VENV)/.stamp-test: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[torch,tensorflow,hf,viz,test,peers,privacy]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[torch,tensorflow,hf,viz,test,peers,privacy,jax]"
 	touch $@
 
 # ruff and mypy (pinned) beside the test extras: mypy reads the installed numpy/torch/rich types.
@@ -68,7 +68,7 @@ test: test-main test-gluon
 # torchvision, which it does not use for BatchGrad and whose PyPI wheel does not import beside
 # the CPU torch build ("operator torchvision::nms does not exist"); its pure deps are in [bench].
 $(VENV)/.stamp-bench: pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[torch,tensorflow,hf,viz,test,peers,privacy,bench]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[torch,tensorflow,hf,viz,test,peers,privacy,jax,bench]"
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps backpack-for-pytorch
 	touch $@
 
