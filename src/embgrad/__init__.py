@@ -9,6 +9,7 @@ from . import distributed as distributed  # all_reduce_rows & co.; torch is impo
 from .attribution import Attribution, attribute, hotflip, jacobian
 from .capture import Gradients, LayerGradients, capture
 from .errors import EmbgradError
+from .functional import value_and_gradients
 from .generation import GenerationAttribution, attribute_generation
 from .sparse import ExampleGrads, RowGrad, row_grad, rows_from_lookups
 from .tables import load_vectors, regularize, table
@@ -16,7 +17,7 @@ from .tables import load_vectors, regularize, table
 __version__ = "0.1.0"   # the package's one version: pyproject.toml reads it from here
 
 __all__ = [
-    "capture", "Gradients", "LayerGradients",
+    "capture", "Gradients", "LayerGradients", "value_and_gradients",
     "RowGrad", "ExampleGrads", "rows_from_lookups", "row_grad",
     "table", "load_vectors", "regularize",
     "attribute", "Attribution", "hotflip", "jacobian",

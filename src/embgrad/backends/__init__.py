@@ -24,6 +24,7 @@ _CANDIDATES = [
     ("tensorflow", "embgrad.backends.tensorflow", "TensorFlowBackend"),
     ("torch", "embgrad.backends.torch", "TorchBackend"),
     ("mxnet", "embgrad.backends.gluon", "GluonBackend"),
+    ("jax", "embgrad.backends.jax", "JaxBackend"),   # jax.Array, Flax NNX modules
 ]
 _instances: dict[str, Backend] = {}    # one backend object per module, made on first use
 _instances_lock = threading.RLock()      # threads asking first at once still share one
@@ -54,4 +55,5 @@ def get_backend(obj: Any) -> Backend:
     raise EmbgradError(
         f"embgrad does not know what framework {type(obj).__module__}.{type(obj).__qualname__} "
         f"belongs to (frameworks imported: {', '.join(loaded) or 'none'}). Pass a torch.nn.Module "
-        "or torch.Tensor, a Keras model/layer or tf.Tensor, or an MXNet Gluon Block or NDArray.")
+        "or torch.Tensor, a Keras model/layer or tf.Tensor, an MXNet Gluon Block or NDArray, "
+        "or a Flax NNX Module or jax.Array.")

@@ -1,0 +1,551 @@
+"""``embgrad.value_and_gradients`` for Flax NNX: sparse and per-example gradients of ``nnx.Embed``.
+
+JAX has no tape and no hooks, so the entry point is functional, like ``nnx.value_and_grad``::
+
+    loss, grads = embgrad.value_and_gradients(loss_fn, model, x, y)   # loss_fn(model, x, y)
+
+How it works (one backward pass, no ``vmap``, never a (V, D) table gradient):
+
+1. ``nnx.split(model)`` and ``nnx.merge`` give a private copy of the model; in the copy each
+   selected ``nnx.Embed`` is given a subclass whose ``__call__`` records the ids and adds a
+   zero *probe* to the looked-up vectors (and whose ``attend`` adds one to the logits of a
+   tied projection). The user's model is never touched (its non-parameter state, such as
+   ``nnx.Rngs`` counters or batch statistics, is updated afterwards exactly as the user's own
+   forward updates it, as ``nnx.value_and_grad`` does).
+2. ``jax.make_jaxpr`` traces the forward once to learn each lookup's output shape; in that
+   trace the tables are read from a separate input, so any read of a table outside its
+   lookups and ``attend`` (``h @ model.emb.embedding[...].T`` by hand) is seen and reported.
+3. ``jax.vjp`` with respect to the probes gives dLoss/d(looked-up vectors) for every lookup
+   (the probes are zero, so the loss is unchanged): the same quantity PyTorch's ``capture``
+   records, from which the sparse algebra of :mod:`embgrad.sparse` forms ``RowGrad`` and
+   ``ExampleGrads`` with static shapes (:func:`coalesce_static`), usable under ``jax.jit``.
+
+The (V, D) gradient of the table that ``jax.grad`` / ``nnx.value_and_grad`` would build by
+scatter-add is never formed; per-example gradients cost O(B·T·D), not the B·V·D of
+``jax.vmap(jax.grad(...))`` (jax_privacy / Opacus-style per-example clipping).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+
+from ..capture import Gradients, LayerGradients, select_layers
+from ..errors import EmbgradError
+from ..sparse import ExampleGrads, RowGrad
+from .base import EmbeddingInfo
+from .jax import JaxBackend, _index_dtype, _nnx, check_in_range, unique_static
+
+__all__ = ["value_and_gradients", "JaxLayerGradients", "coalesce_static"]
+
+_REDUCTIONS = ("sum", "mean")
+
+
+# ---------------------------------------------------------------------------- static coalescing
+def _sentinel_rows(num_rows: int, n: int) -> Any:
+    """(n,) ids num_rows, num_rows + 1, ...: the padded slots of a static-shape result."""
+    return num_rows + jnp.arange(n, dtype=_index_dtype())
+
+
+def coalesce_static(ids: Any, grads: Any, num_rows: int, per_example: bool) -> dict[str, Any]:
+    """Coalesce lookups with static shapes (usable under ``jax.jit``).
+
+    ``ids``: int (B, T), already in [0, num_rows). ``grads``: float32+ (B, T, D).
+
+    Returns a dict of arrays: ``rows`` (N,) and ``values`` (N, D) with N = B·T: the R unique
+    looked-up rows ascending, then N - R padded slots with ids ``num_rows + k`` (ascending,
+    distinct, outside the table) and zero values; ``count`` the scalar R. Per example also
+    ``pe_rows`` (B·T,), ``pe_values`` (B·T, D), ``pe_examples`` (B·T,): example b's slots are
+    b·T .. b·T + T - 1, its unique rows ascending first and then padded slots with ids
+    ``num_rows + t``; and ``pe_slot`` (B·T,): for each per-example slot, its row's slot in
+    ``rows`` (so the sum over examples is one segment sum). Two stable sorts (all lookups; each
+    example's lookups) and segment sums; no (V, D) or B·V array; keys never exceed B·T.
+    """
+    B, T = ids.shape
+    D = grads.shape[-1]
+    N = B * T
+    idx = _index_dtype()
+    flat = jnp.reshape(ids, (N,)).astype(idx)
+    g = jnp.reshape(grads, (N, D))
+    uniq, inv = unique_static(flat)
+    count = jnp.sum(uniq < num_rows) if N else jnp.zeros((), idx)
+    slots = jnp.arange(N, dtype=idx)
+    rows = jnp.where(slots < count, uniq, _sentinel_rows(num_rows, N))
+    out = {"rows": rows, "values": jax.ops.segment_sum(g, inv, num_segments=N), "count": count}
+    if not per_example:
+        return out
+    order = jnp.argsort(ids, axis=1, stable=True)                          # (B, T)
+    s = jnp.take_along_axis(ids, order, axis=1).astype(idx)
+    new = jnp.concatenate([jnp.ones((B, 1), bool), s[:, 1:] != s[:, :-1]], axis=1)
+    seg = (jnp.cumsum(new, axis=1) - 1).astype(idx)                        # local slot of sorted entry
+    n_b = seg[:, -1:] + 1                                                  # (B, 1) unique rows per example
+    b_idx = jnp.arange(B, dtype=idx)[:, None]
+    local = jnp.zeros((B, T), idx).at[b_idx, order].set(seg)               # local slot of each lookup
+    key = jnp.reshape(b_idx * T + local, (N,))
+    pe_values = jax.ops.segment_sum(g, key, num_segments=N)
+    t_idx = jnp.arange(T, dtype=idx)[None, :]
+    pe_rows = jnp.zeros((B, T), idx).at[b_idx, seg].set(s)
+    pe_rows = jnp.where(t_idx < n_b, pe_rows, num_rows + t_idx)
+    pe_slot = jnp.zeros((B, T), idx).at[b_idx, local].set(jnp.reshape(inv, (B, T)))
+    out.update(pe_rows=jnp.reshape(pe_rows, (N,)), pe_values=pe_values,
+               pe_examples=jnp.repeat(jnp.arange(B, dtype=idx), T), pe_slot=jnp.reshape(pe_slot, (N,)),
+               pe_real=jnp.reshape(t_idx < n_b, (N,)))
+    return out
+
+
+def _is_traced(*xs: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+# ---------------------------------------------------------------------------- results
+class JaxLayerGradients(LayerGradients):
+    """:class:`~embgrad.LayerGradients` of one ``nnx.Embed`` from :func:`value_and_gradients`.
+
+    ``ids`` / ``output_grad`` / ``calls`` are jax.Arrays as the layer saw them (ids wrapped into
+    [0, V) as ``nnx.Embed`` does for negative ids). Under ``jax.jit`` the ``RowGrad`` /
+    ``ExampleGrads`` it returns have static shapes: ``rows`` holds B·T slots, the real rows
+    first, then padded slots with ids >= ``num_rows`` and zero values (``to_dense``, norms,
+    clipping and sums ignore them; eagerly the padding is trimmed away).
+    """
+
+    __slots__ = ("batch_size",)
+
+    def __init__(self, info: EmbeddingInfo, calls: list[tuple[Any, Any]], backend: JaxBackend,
+                 loss_reduction: str, batch_size: int, projections: Sequence[tuple[Any, Any]] = (),
+                 unknown_use: str | None = None):
+        super().__init__(info, calls, [None] * len(calls), backend, loss_reduction,
+                         projections=[(h, a, 0) for h, a in projections], unknown_use=unknown_use)
+        self.batch_size = batch_size
+
+    # -- lookups, flattened
+    def _flat(self) -> tuple[Any, Any]:
+        """All calls as ids (1, N) and float32+ grads (1, N, D) (one pseudo-example)."""
+        ids = [jnp.reshape(i, (1, -1)) for i, _ in self.calls]
+        gs = [jnp.reshape(_acc(g), (1, -1, self.dim)) for _, g in self.calls]
+        return _cat(ids, 1), _cat(gs, 1)
+
+    def _by_example(self) -> tuple[Any, Any]:
+        """All calls as ids (B, T) and float32+ grads (B, T, D), calls side by side."""
+        B = self.batch_size
+        ids, gs = [], []
+        for i, g in self.calls:
+            lead = i.shape[0] if i.ndim else None
+            if i.ndim == 0 or lead != B:
+                raise EmbgradError(
+                    f"layer {self.name!r}: per-example gradients need every lookup's ids to have the "
+                    f"batch of {B} examples as their first dimension, but this layer looked up ids of "
+                    f"shape {tuple(i.shape)} (e.g. position ids broadcast over the batch). Fix: look up "
+                    f"ids broadcast to the batch (jnp.broadcast_to(pos, ({B}, T))), or pass "
+                    "batch_size= to value_and_gradients if the batch is not the first argument's "
+                    "first dimension.")
+            ids.append(jnp.reshape(i, (B, -1)))
+            gs.append(jnp.reshape(_acc(g), (B, -1, self.dim)))
+        return _cat(ids, 1), _cat(gs, 1)
+
+    @property
+    def lookup_grad(self) -> RowGrad:
+        """The gradient of the table from this layer's lookups alone (coalesced)."""
+        if self._lookup_grad is None:
+            if self._per_example is not None and self._loss_reduction == "sum":
+                self._lookup_grad = self._per_example.sum()
+            else:
+                ids, g = self._flat()
+                c = coalesce_static(ids, g, self.num_rows, per_example=False)
+                self._lookup_grad = _row_grad(c["rows"], c["values"], c["count"], self.num_rows,
+                                              self._backend)
+        return self._lookup_grad
+
+    @property
+    def weight_grad(self) -> RowGrad:
+        """The gradient of the whole table: lookups, plus the tied ``attend`` projection's part
+        (then dense: all V rows)."""
+        if self._weight_grad is None:
+            if self._unknown_use is not None:
+                raise EmbgradError(self._unknown_message("weight_grad", "lookup_grad"))
+            if not self.projections:
+                self._weight_grad = self.lookup_grad
+            else:
+                from ..tied import projection_grad
+                b = self._backend
+                look = self.lookup_grad
+                dense = projection_grad(b, self.projections, "float32")
+                dense = dense + b.scatter_rows(look.rows, look.values.astype(dense.dtype), self.num_rows)
+                self._weight_grad = RowGrad(b.arange(self.num_rows, dense), dense, self.num_rows, b)
+        return self._weight_grad
+
+    def _unknown_message(self, what: str, alternative: str) -> str:
+        return (f"layer {self.name!r}: its table is also read outside its lookups and its attend() "
+                f"({self._unknown_use}), so embgrad cannot form the whole table's {what} exactly. "
+                "Fix: compute tied logits with the layer's own method (logits = model.emb.attend(h)) "
+                "instead of reading model.emb.embedding directly, or ask for the lookup part "
+                f"explicitly: {alternative}.")
+
+    def per_example(self, part: str = "table") -> Any:
+        """Per-example gradients of the layer's table (see :meth:`LayerGradients.per_example`).
+
+        ``part="table"``: the whole table's (for a table also used by ``attend``: lookups +
+        projection + cross term, a :class:`~embgrad.tied.TableExampleGrads`, eager only);
+        ``part="lookup"``: the lookups' :class:`~embgrad.ExampleGrads` (works under ``jit``).
+
+        Raises:
+            EmbgradError: ``part`` not "table"/"lookup"; a lookup whose ids lack the batch
+                dimension; a table read outside lookups and ``attend`` (``part="table"``); the
+                tied table's per-example gradients asked for under ``jit``.
+        """
+        if part not in ("table", "lookup"):
+            raise EmbgradError(f"layer {self.name!r}: per_example(part=...) takes 'table' (the whole "
+                               f"table, the default) or 'lookup' (the lookup part alone), got {part!r}.")
+        if part == "table" and self._unknown_use is not None:
+            raise EmbgradError(self._unknown_message("per-example gradients", "per_example(part='lookup')"))
+        lk = self._lookup_examples()
+        if part == "lookup" or not self.projections:
+            return lk
+        if self._table_pe is None:
+            from ..tied import TableExampleGrads
+            if _is_traced(lk._base):
+                raise EmbgradError(
+                    f"layer {self.name!r}: per-example gradients of a tied table (looked up and used by "
+                    "attend()) are computed eagerly only: return grads (or the lookups' "
+                    "per_example(part='lookup') and the projections) from the jitted function, "
+                    "then call per_example() on the result.")
+            B = self.batch_size
+            hs = [jnp.reshape(h, (B, -1, self.dim)) for h, _ in self.projections]
+            as_ = [jnp.reshape(a, (B, -1, self.num_rows)) for _, a in self.projections]
+            H, A = _cat(hs, 1), _acc(_cat(as_, 1))
+            if self._loss_reduction == "mean":
+                A = A * float(B)
+            self._table_pe = TableExampleGrads(lk, H, A, self._backend)
+        return self._table_pe
+
+    def _lookup_examples(self) -> ExampleGrads:
+        if self._per_example is None:
+            ids, g = self._by_example()
+            B = self.batch_size
+            if self._loss_reduction == "mean":
+                g = g * float(B)
+            c = coalesce_static(ids, g, self.num_rows, per_example=True)
+            b = self._backend
+            rows, values, count = c["rows"], c["values"], c["count"]
+            ex, pr, pv, slot = c["pe_examples"], c["pe_rows"], c["pe_values"], c["pe_slot"]
+            if not _is_traced(count, pr):   # eagerly: trim the padded slots away
+                keep = np.asarray(c["pe_real"])
+                ex, pr, pv, slot = ex[keep], pr[keep], pv[keep], slot[keep]
+                rows = rows[: int(count)]
+            self._per_example = ExampleGrads(ex, pr, pv, B, self.num_rows, b, row_index=(rows, slot))
+        return self._per_example
+
+    def __repr__(self) -> str:
+        shape = tuple(self.ids.shape)
+        flags = "".join(f", {f}=True" for f in ("tied",) if getattr(self, f))
+        calls = f", calls={len(self.calls)}" if len(self.calls) > 1 else ""
+        return (f"LayerGradients({self.name!r}, num_rows={self.num_rows}, dim={self.dim}, "
+                f"ids={shape}{calls}{flags}, backend=jax)")
+
+
+def _acc(g: Any) -> Any:
+    return g if g.dtype in (jnp.float32, jnp.float64) else g.astype(jnp.float32)
+
+
+def _cat(xs: list[Any], axis: int) -> Any:
+    return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=axis)
+
+
+def _row_grad(rows: Any, values: Any, count: Any, num_rows: int, b: JaxBackend) -> RowGrad:
+    if not _is_traced(count, rows):
+        n = int(count)
+        rows, values = rows[:n], values[:n]
+    return RowGrad(rows, values, num_rows, b)
+
+
+# ---------------------------------------------------------------------------- pytrees
+def _register_pytrees() -> None:
+    """RowGrad, ExampleGrads, JaxLayerGradients and Gradients as JAX pytrees, so that a
+    ``jax.jit``-ed function can return them. Registered once, when this module loads."""
+    from jax import tree_util as tu
+
+    b = _backend()
+
+    def rg_flat(r: RowGrad) -> tuple[tuple[Any, ...], Any]:
+        return (r.rows, r.values), r.num_rows
+
+    def rg_unflat(aux: Any, ch: Any) -> RowGrad:
+        return RowGrad(ch[0], ch[1], aux, b)
+
+    def eg_flat(e: ExampleGrads) -> tuple[tuple[Any, ...], Any]:
+        return (e.example_ids, e.rows, e._base, e._factor, e._row_index), (e.batch_size, e.num_rows)
+
+    def eg_unflat(aux: Any, ch: Any) -> ExampleGrads:
+        return ExampleGrads(ch[0], ch[1], ch[2], aux[0], aux[1], b, row_index=ch[4], factor=ch[3])
+
+    def lg_flat(g: JaxLayerGradients) -> tuple[tuple[Any, ...], Any]:
+        return (g.calls, g.projections), (g.info, g._loss_reduction, g.batch_size, g._unknown_use)
+
+    def lg_unflat(aux: Any, ch: Any) -> JaxLayerGradients:
+        info, red, B, unknown = aux
+        calls = [tuple(c) for c in ch[0]]
+        return JaxLayerGradients(info, calls, b, red, B, [tuple(p) for p in ch[1]], unknown)
+
+    def gr_flat(g: Gradients) -> tuple[tuple[Any, ...], Any]:
+        keys = tuple(g)
+        return (tuple(g[k] for k in keys), g.sources), keys
+
+    def gr_unflat(keys: Any, ch: Any) -> Gradients:
+        return Gradients(dict(zip(keys, ch[0], strict=True)), ch[1])
+
+    for cls, fl, un in ((RowGrad, rg_flat, rg_unflat), (ExampleGrads, eg_flat, eg_unflat),
+                        (JaxLayerGradients, lg_flat, lg_unflat), (Gradients, gr_flat, gr_unflat)):
+        with contextlib.suppress(ValueError):   # already registered (module reloaded)
+            tu.register_pytree_node(cls, fl, un)
+
+
+def _backend() -> JaxBackend:
+    from . import _load
+    be = _load("embgrad.backends.jax", "JaxBackend")
+    assert isinstance(be, JaxBackend)
+    return be
+
+
+_register_pytrees()
+
+
+# ---------------------------------------------------------------------------- the probed copy
+class _Recorder:
+    """What one traced forward of the private model copy saw, per selected layer."""
+
+    def __init__(self, names: dict[int, str], infos: dict[str, EmbeddingInfo],
+                 probes: dict[str, list[Any]] | None, tables: dict[str, Any] | None):
+        self.names = names                      # id(layer in the copy) -> layer name
+        self.infos = infos
+        self.probes = probes                    # name -> [probe per lookup call] (None: discovery)
+        self.tables = tables                    # name -> table value the lookups read (discovery)
+        self.lookups: dict[str, list[tuple[Any, Any]]] = {n: [] for n in infos}   # (ids, output)
+        self.projections: dict[str, list[tuple[Any, Any]]] = {n: [] for n in infos}  # (query, logits)
+        self.proj_probes: dict[str, list[Any]] | None = None
+
+    def probe(self, name: str, kind: str, out: Any) -> Any:
+        store = self.lookups if kind == "lookup" else self.projections
+        k = len(store[name]) - 1
+        if self.probes is None:
+            return out
+        probes = self.probes[name] if kind == "lookup" else (self.proj_probes or {}).get(name, [])
+        if k >= len(probes) or probes[k].shape != out.shape:
+            raise EmbgradError(
+                f"layer {name!r}: the forward made a different number of {kind} calls, or of other "
+                "shapes, when traced a second time; embgrad needs a forward whose structure does not "
+                "change from one trace to the next (no Python state that changes between calls).")
+        return out + probes[k].astype(out.dtype)
+
+
+def _probed_class(cls: type, rec: _Recorder) -> type:
+    """A subclass of the ``nnx.Embed`` class ``cls`` that records its calls into ``rec``."""
+    orig_call, orig_attend = cls.__call__, cls.attend
+
+    @contextlib.contextmanager
+    def own_table(self: Any, name: str) -> Any:
+        """During discovery, the lookups read the table from their own input (so that any
+        other read of the Param is visible in the jaxpr as a use of the Param's value)."""
+        if rec.tables is None:
+            yield
+            return
+        param = self.embedding
+        other = param[...]
+        param[...] = rec.tables[name]
+        try:
+            yield
+        finally:
+            param[...] = other
+
+    def __call__(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        name = rec.names.get(id(self))
+        if name is None:
+            return orig_call(self, inputs, *args, **kwargs)
+        V = rec.infos[name].num_rows
+        ids = jnp.asarray(inputs)
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise EmbgradError(f"layer {name!r}: ids must be integers, got dtype {ids.dtype}; cast "
+                               "them with ids.astype(jnp.int32).")
+        check_in_range(ids, V, f"embgrad: layer {name!r}: id {{bad}} is out of range for its table of "
+                       f"{V} rows (nnx.Embed returns NaN for ids >= {V} and wraps negative ones). "
+                       f"Fix: map the ids into 0..{V - 1} (e.g. unknown tokens to an <unk> id) before "
+                       "the model.", low=-V)
+        with own_table(self, name):
+            out = orig_call(self, inputs, *args, **kwargs)
+        wrapped = jnp.where(ids < 0, ids + V, ids).astype(_index_dtype())
+        rec.lookups[name].append((wrapped, out))
+        return rec.probe(name, "lookup", out)
+
+    def attend(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        name = rec.names.get(id(self))
+        if name is None:
+            return orig_attend(self, query, *args, **kwargs)
+        with own_table(self, name):
+            out = orig_attend(self, query, *args, **kwargs)
+        rec.projections[name].append((query, out))
+        return rec.probe(name, "projection", out)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "attend": attend,
+                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def _first_batch(args: Sequence[Any]) -> int | None:
+    for leaf in jax.tree_util.tree_leaves(args):
+        shape = getattr(leaf, "shape", None)
+        if shape is not None and len(shape) >= 1:
+            return int(shape[0])
+    return None
+
+
+# ---------------------------------------------------------------------------- the entry point
+def value_and_gradients(loss_fn: Callable[..., Any], model: Any, *args: Any, layers: Any = None,
+                        loss_reduction: str = "sum", batch_size: int | None = None,
+                        sources: Any = None) -> tuple[Any, Gradients]:
+    """See :func:`embgrad.value_and_gradients`."""
+    nnx = _nnx()
+    if nnx is None or not isinstance(model, nnx.Module):
+        raise EmbgradError(
+            f"value_and_gradients() takes a Flax NNX module as `model`, got {type(model).__name__}. "
+            "(PyTorch, Keras and Gluon models use `with embgrad.capture(model) as cap: ...`.)")
+    if not callable(loss_fn):
+        raise EmbgradError(f"loss_fn must be a callable loss_fn(model, *args) -> scalar loss, got "
+                           f"{type(loss_fn).__name__}.")
+    if loss_reduction not in _REDUCTIONS:
+        raise EmbgradError(f"loss_reduction must be 'sum' or 'mean' (how the loss combines the batch's "
+                           f"examples), got {loss_reduction!r}.")
+    b = _backend()
+    infos = select_layers(b, model, layers)
+    by_path = {info.options["path"]: info for info in infos}
+    table_paths = {p + ("embedding",) for p in by_path}
+    if sources is not None:
+        pred = nnx.filterlib.to_predicate(sources)
+
+        def src_filter(path: Any, value: Any) -> bool:
+            return bool(pred(path, value)) and tuple(path) not in table_paths
+
+        graphdef, src_state, rest = nnx.split(model, src_filter, ...)
+    else:
+        graphdef, rest = nnx.split(model)
+        src_state = None
+    old_leaves = {k: v for k, v in nnx.to_flat_state(rest)} if hasattr(nnx, "to_flat_state") else None
+
+    def forward(state: Any, probes: Any, src: Any, tables: Any, proj_probes: Any) -> Any:
+        m = nnx.merge(graphdef, src, state) if src is not None else nnx.merge(graphdef, state)
+        names: dict[int, str] = {}
+        for path, node in nnx.iter_graph(m):
+            info = by_path.get(tuple(path))
+            if info is not None and isinstance(node, nnx.Embed):
+                names[id(node)] = info.name
+        rec = _Recorder(names, {i.name: i for i in infos}, probes, tables)
+        rec.proj_probes = proj_probes
+        classes: dict[type, type] = {}
+        for _, node in nnx.iter_graph(m):
+            if id(node) in names:
+                cls = type(node)
+                if cls not in classes:
+                    classes[cls] = _probed_class(cls, rec)
+                object.__setattr__(node, "__class__", classes[cls])
+        loss = loss_fn(m, *args)
+        return loss, rec, nnx.state(m, nnx.Not(nnx.Param))
+
+    # 1. discovery: shapes of every lookup / projection, and reads of a table outside them (the
+    # Params hold `params_in`, the lookups read `tables_in`: a use of params_in is unseen)
+    names = [i.name for i in infos]
+    tables = {i.name: i.layer.embedding[...] for i in infos}
+
+    def discover(tables_in: Any, params_in: Any) -> Any:
+        state = _replace_tables(nnx, rest, by_path, params_in)
+        loss, rec, _ = forward(state, None, src_state, tables_in, None)
+        return loss, {n: [o for _, o in rec.lookups[n]] for n in names}, \
+            {n: [o for _, o in rec.projections[n]] for n in names}
+
+    jaxpr, shapes = jax.make_jaxpr(discover, return_shape=True)(tables, tables)
+    n_tables = len(jax.tree_util.tree_leaves(tables))
+    param_vars = jaxpr.jaxpr.invars[n_tables:2 * n_tables]
+    used = _used_vars(jaxpr.jaxpr)
+    unseen = {name for name, v in zip(sorted(tables), param_vars, strict=True) if v in used}
+    loss_shape, out_shapes, proj_shapes = shapes
+    if tuple(loss_shape.shape) != () or not jnp.issubdtype(loss_shape.dtype, jnp.floating):
+        raise EmbgradError(
+            f"loss_fn must return a scalar float loss, got shape {tuple(loss_shape.shape)} dtype "
+            f"{loss_shape.dtype}; reduce it (e.g. .sum() over the batch, and pass "
+            "loss_reduction='sum', or .mean() with loss_reduction='mean').")
+    missing = [n for n in names if not out_shapes[n] and not proj_shapes[n]]
+
+    # 2. one backward pass with respect to zero probes (and the `sources` parameters)
+    probes = {n: [jnp.zeros(s.shape, s.dtype) for s in out_shapes[n]] for n in names}
+    pprobes = {n: [jnp.zeros(s.shape, s.dtype) for s in proj_shapes[n]] for n in names}
+
+    def objective(p: Any, pp: Any, src: Any) -> Any:
+        loss, rec, state = forward(rest, p, src, None, pp)
+        ids = {n: [i for i, _ in rec.lookups[n]] for n in names}
+        queries = {n: [q for q, _ in rec.projections[n]] for n in names}
+        return loss, (ids, queries, state)
+
+    loss, vjp_fn, (ids, queries, new_state) = jax.vjp(objective, probes, pprobes, src_state, has_aux=True)
+    g_probes, g_pprobes, g_src = vjp_fn(jnp.ones((), loss.dtype))
+
+    # 3. the user's own forward's state updates (rng counters, batch stats), as nnx.value_and_grad
+    _propagate_state(nnx, model, new_state, old_leaves)
+
+    B = batch_size if batch_size is not None else _first_batch(args)
+    if B is None:
+        first = ids[names[0]][0] if ids[names[0]] else None
+        B = int(first.shape[0]) if first is not None and first.ndim else 1
+    out: dict[str, LayerGradients] = {}
+    for info in infos:
+        n = info.name
+        if n in missing:
+            raise EmbgradError(
+                f"layer {n!r} was not called by loss_fn (no lookup and no attend), so it has no "
+                f"gradient; select the layers the forward uses with layers=[...] (found: "
+                f"{', '.join(names)}).")
+        calls = list(zip(ids[n], g_probes[n], strict=True))
+        projections = list(zip(queries[n], g_pprobes[n], strict=True))
+        unknown = ("the forward reads the table's nnx.Param directly" if n in unseen else None)
+        if not calls:
+            raise EmbgradError(f"layer {n!r} was only used by attend(), never looked up; embgrad's "
+                               "gradients describe lookups (select the layers that look up ids).")
+        out[n] = JaxLayerGradients(info, calls, b, loss_reduction, B, projections, unknown)
+    return loss, Gradients(out, g_src if sources is not None else None)
+
+
+def _replace_tables(nnx: Any, rest: Any, by_path: dict[tuple, EmbeddingInfo], tables: dict[str, Any]) -> Any:
+    """``rest`` (an nnx.State) with each selected table's value replaced by ``tables[name]``."""
+    flat = nnx.to_flat_state(rest)
+    repl = {info.options["path"] + ("embedding",): tables[info.name] for info in by_path.values()}
+    items = []
+    for path, var in flat:
+        if tuple(path) in repl:
+            var = var.replace(repl[tuple(path)])
+        items.append((path, var))
+    return nnx.from_flat_state(items)
+
+
+def _used_vars(jaxpr: Any) -> set[Any]:
+    """Variables of ``jaxpr`` that some equation reads or that it returns."""
+    used: set[Any] = set()
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not isinstance(v, jax.extend.core.Literal):
+                used.add(v)
+    for v in jaxpr.outvars:
+        if not isinstance(v, jax.extend.core.Literal):
+            used.add(v)
+    return used
+
+
+def _propagate_state(nnx: Any, model: Any, new_state: Any, old_leaves: Any) -> None:
+    """Write back the non-parameter variables the user's forward changed (as ``nnx.value_and_grad``
+    does); nothing at all when it changed none."""
+    if old_leaves is None:
+        return
+    changed = []
+    for path, var in nnx.to_flat_state(new_state):
+        old = old_leaves.get(path)
+        if old is None or var.get_value() is not old.get_value():
+            changed.append((path, var))
+    if changed:
+        nnx.update(model, nnx.from_flat_state(changed))
