@@ -37,7 +37,7 @@ import numpy as np
 from ..capture import Gradients, LayerGradients, select_layers
 from ..errors import EmbgradError
 from ..sparse import ExampleGrads, RowGrad
-from .base import EmbeddingInfo
+from .base import Backend, EmbeddingInfo
 from .jax import JaxBackend, _index_dtype, _nnx, check_in_range, unique_static
 
 __all__ = ["value_and_gradients", "JaxLayerGradients", "coalesce_static"]
@@ -97,6 +97,10 @@ def coalesce_static(ids: Any, grads: Any, num_rows: int, per_example: bool) -> d
     return out
 
 
+# one compiled program per shape instead of one per operation eagerly (inlined under an outer jit)
+_coalesce = jax.jit(coalesce_static, static_argnums=(2, 3))
+
+
 def _is_traced(*xs: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in xs)
 
@@ -154,7 +158,7 @@ class JaxLayerGradients(LayerGradients):
                 self._lookup_grad = self._per_example.sum()
             else:
                 ids, g = self._flat()
-                c = coalesce_static(ids, g, self.num_rows, per_example=False)
+                c = _coalesce(ids, g, self.num_rows, False)
                 self._lookup_grad = _row_grad(c["rows"], c["values"], c["count"], self.num_rows,
                                               self._backend)
         return self._lookup_grad
@@ -227,9 +231,9 @@ class JaxLayerGradients(LayerGradients):
             B = self.batch_size
             if self._loss_reduction == "mean":
                 g = g * float(B)
-            c = coalesce_static(ids, g, self.num_rows, per_example=True)
+            c = _coalesce(ids, g, self.num_rows, True)
             b = self._backend
-            rows, values, count = c["rows"], c["values"], c["count"]
+            rows, count = c["rows"], c["count"]
             ex, pr, pv, slot = c["pe_examples"], c["pe_rows"], c["pe_values"], c["pe_slot"]
             if not _is_traced(count, pr):   # eagerly: trim the padded slots away
                 keep = np.asarray(c["pe_real"])
@@ -254,7 +258,7 @@ def _cat(xs: list[Any], axis: int) -> Any:
     return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=axis)
 
 
-def _row_grad(rows: Any, values: Any, count: Any, num_rows: int, b: JaxBackend) -> RowGrad:
+def _row_grad(rows: Any, values: Any, count: Any, num_rows: int, b: Backend) -> RowGrad:
     if not _is_traced(count, rows):
         n = int(count)
         rows, values = rows[:n], values[:n]
@@ -296,8 +300,10 @@ def _register_pytrees() -> None:
     def gr_unflat(keys: Any, ch: Any) -> Gradients:
         return Gradients(dict(zip(keys, ch[0], strict=True)), ch[1])
 
-    for cls, fl, un in ((RowGrad, rg_flat, rg_unflat), (ExampleGrads, eg_flat, eg_unflat),
-                        (JaxLayerGradients, lg_flat, lg_unflat), (Gradients, gr_flat, gr_unflat)):
+    pairs: list[tuple[type, Any, Any]] = [
+        (RowGrad, rg_flat, rg_unflat), (ExampleGrads, eg_flat, eg_unflat),
+        (JaxLayerGradients, lg_flat, lg_unflat), (Gradients, gr_flat, gr_unflat)]
+    for cls, fl, un in pairs:
         with contextlib.suppress(ValueError):   # already registered (module reloaded)
             tu.register_pytree_node(cls, fl, un)
 
@@ -340,7 +346,7 @@ class _Recorder:
         return out + probes[k].astype(out.dtype)
 
 
-def _probed_class(cls: type, rec: _Recorder) -> type:
+def _probed_class(cls: Any, rec: _Recorder) -> type:
     """A subclass of the ``nnx.Embed`` class ``cls`` that records its calls into ``rec``."""
     orig_call, orig_attend = cls.__call__, cls.attend
 
@@ -432,7 +438,7 @@ def value_and_gradients(loss_fn: Callable[..., Any], model: Any, *args: Any, lay
     old_leaves = {k: v for k, v in nnx.to_flat_state(rest)} if hasattr(nnx, "to_flat_state") else None
 
     def forward(state: Any, probes: Any, src: Any, tables: Any, proj_probes: Any) -> Any:
-        m = nnx.merge(graphdef, src, state) if src is not None else nnx.merge(graphdef, state)
+        m = nnx.merge(graphdef, src, state, copy=True) if src is not None else nnx.merge(graphdef, state, copy=True)
         names: dict[int, str] = {}
         for path, node in nnx.iter_graph(m):
             info = by_path.get(tuple(path))
