@@ -384,3 +384,12 @@ def test_rows_from_lookups_on_jax_arrays():
     np.testing.assert_allclose(np.asarray(pe.sum().to_dense()), dense.sum(0), atol=1e-5)
     with pytest.raises(EmbgradError, match="out of range"):
         embgrad.rows_from_lookups(ids.at[0, 0].set(V), og, V)
+
+
+def test_rows_from_lookups_refuses_int32_key_overflow():
+    ids = jnp.zeros((3, 2), jnp.int32)
+    og = jnp.ones((3, 2, 4), jnp.float32)
+    with pytest.raises(EmbgradError, match=r"overflow int32.*jax_enable_x64"):
+        embgrad.rows_from_lookups(ids, og, 2 ** 30, per_example=True)
+    # value_and_gradients keys never exceed B*T: a huge table is fine
+    assert embgrad.rows_from_lookups(ids, og, 2 ** 30).norm() > 0

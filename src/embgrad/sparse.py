@@ -513,12 +513,14 @@ def coalesce_lookups(backend: Backend, example_ids: Any, ids: Any, grads: Any, n
         EmbgradError: per example, when the (example, row) keys ``example · num_rows + row``
             would not fit in int64 (``batch_size · num_rows >= 2**63``).
     """
+    bits = getattr(backend, "index_bits", 63)   # JAX without jax_enable_x64: int32 keys
     if per_example and isinstance(batch_size, (int, np.integer)) \
-            and int(batch_size) * int(num_rows) >= 2 ** 63:
+            and int(batch_size) * int(num_rows) >= 2 ** bits:
         raise EmbgradError(
             f"per-example gradients of a table of num_rows={num_rows} for {batch_size} examples: the "
-            f"(example, row) key example * num_rows + row would overflow int64 ({batch_size} x "
-            f"{num_rows} >= 2**63). Pass the table's real row count, or fewer examples at a time.")
+            f"(example, row) key example * num_rows + row would overflow int{bits + 1} ({batch_size} x "
+            f"{num_rows} >= 2**{bits}). Pass the table's real row count, or fewer examples at a time"
+            + (" (or enable 64-bit integers: jax.config.update('jax_enable_x64', True))." if bits < 63 else "."))
     if per_example and not isinstance(batch_size, (int, np.integer)) and int(num_rows) > 1:
         # traced with an unknown batch size: checked when the graph runs (B <= (2**63 - 1) // V)
         limit = (2 ** 63 - 1) // int(num_rows) + 1
