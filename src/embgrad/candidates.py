@@ -90,6 +90,6 @@ def whole_word_ids(tokenizer: Any, V: int) -> np.ndarray:
             ok = np.array([len(e) == 1 and int(e[0]) == int(i) for e, i in zip(enc, idx, strict=True)], dtype=bool)
             keep[idx[ok]] = True
         return keep
-    from .attribution import _vocab_strings
+    from .attribution.swaps import _vocab_strings
     strs = np.array(_vocab_strings(tokenizer, V), dtype=str)
     return np.char.isalpha(strs)

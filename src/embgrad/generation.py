@@ -38,18 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from .attribution import (
-    _acc_dtype,
-    _baseline,
-    _Engine,
-    _is_int,
-    _known_pad_id,
-    _logits,
-    _per_row,
-    _pick_layer,
-    _tokens,
-    quadrature,
-)
+from .attribution.engine import _acc_dtype, _Engine, _per_row, _pick_layer
+from .attribution.inputs import _baseline, _known_pad_id, _tokens
+from .attribution.rules import quadrature
+from .attribution.targets import _is_int, _logits
 from .backends import Backend, get_backend
 from .errors import EmbgradError, closest_names
 

@@ -1,0 +1,25 @@
+"""``jacobian``: gradients of several outputs with respect to an embedding layer's output."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .engine import _Engine
+
+__all__ = ["jacobian"]
+
+def jacobian(model: Any, inputs: Any, outputs: Any = None, *, layer: Any = None,
+             forward: Callable | None = None, batch_size: int | None = None,
+             call: int | None = None) -> Any:
+    """Gradients of several outputs with respect to the embedding layer's output.
+
+    ``outputs``: None (every column of the model's (B, C) output), or a list of targets as in
+    :func:`attribute` (class indices, (B,) index lists, callables ``outputs -> (B,)`` picking
+    other heads). Returns a framework tensor (K, B, T, D): one forward per chunk of
+    ``batch_size`` examples, K backward passes over it.
+    """
+    spec = "all" if outputs is None else (list(outputs) if isinstance(outputs, (list, tuple)) else [outputs])
+    eng = _Engine(model, inputs, layer, forward, spec, batch_size, None, "outputs", call=call)
+    b = eng.backend
+    obs = eng.observe(grad=True)
+    with b.no_grad():
+        return b.concat([b.reshape(g, (1,) + tuple(b.shape(g))) for g in obs["grads"]], axis=0)

@@ -1,0 +1,279 @@
+"""``attribute``: the attribution methods over an embedding layer's output (see
+:mod:`embgrad.attribution`)."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import EmbgradError, closest_names
+from .engine import _acc_dtype, _Engine, _per_row
+from .inputs import _baseline, _mask, _tokens, _typical_row_norm
+from .results import Attribution
+from .rules import _AUTO_START, _NESTED, quadrature, refine
+from .targets import _is_int
+
+__all__ = ["METHODS", "attribute"]
+
+METHODS = ("saliency", "grad_x_input", "integrated_gradients", "smoothgrad", "smoothgrad_sq", "vargrad",
+           "gradient_shap")
+#: the methods that sample noise (``steps`` = samples, ``noise``, ``seed``)
+_NOISY = ("smoothgrad", "smoothgrad_sq", "vargrad", "gradient_shap")
+
+def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gradients",
+              layer: Any = None, baseline: Any = None, steps: int | str = 50,
+              rule: str = "gauss_legendre", forward: Callable | None = None,
+              batch_size: int | None = None, *, tolerance: float = 0.01, max_steps: int = 256,
+              noise: float | None = None, seed: int = 0, mask: Any = None, pad_id: int | None = None,
+              tokens: Any = None, progress: bool | None = None, call: int | None = None,
+              multiply_by_inputs: bool = True) -> Attribution:
+    """Attribute a target output of ``model`` to the tokens of ``inputs``.
+
+    Args:
+        inputs: the model's inputs: an ids tensor (B, T), a tuple, or a dict of keyword
+            arguments (e.g. a Hugging Face ``input_ids``/``attention_mask`` encoding).
+        target: a class index; a (B,) list/tensor of indices, one per example (a list always
+            means this, so it must have B ints); a callable ``outputs -> (B,)`` (or
+            ``(outputs, example_index) -> (B,)``); None for a model with one output; or several
+            targets as a dict ``{label: target}`` (each value any of the above), which share
+            every forward pass and give scores (K, B, T).
+        method: one of :data:`METHODS`.
+        layer: the token embedding (name or object); default ``get_input_embeddings()``, else
+            the model's only embedding layer.
+        baseline: None/"zeros" (zero vectors), "pad" (``pad_id``, else ``config.pad_token_id``,
+            else the layer's padding index), an int id, ids shaped like the inputs (B, T) or one
+            row (1, T) for every example, float vectors (B, T, D) or (1, T, D), or a float
+            constant (every coordinate). Integrated gradients and gradient SHAP.
+        steps: quadrature points (noise samples for SmoothGrad), or "auto": a nested rule is
+            refined round by round (step halved; a third for "middle"), every evaluation
+            reused, only for the examples whose |delta| > ``tolerance`` ·
+            max(|f(input) − f(baseline)|, 1e-4), up to ``max_steps`` points. Gauss–Legendre
+            nodes are not nested, so the default rule runs as the trapezoid rule (9, 17, 33, 65,
+            ... points) under "auto"; ``.rule`` says which rule ran.
+        rule: see :func:`quadrature`.
+        forward: ``forward(model, **inputs) -> outputs``; default ``model(**inputs)``.
+        batch_size: rows (example × step) per forward pass; default from T · D.
+        noise, seed: the noise's norm per vector as a fraction of the table's median row norm
+            (SmoothGrad family: default 0.1; gradient SHAP: default 0, Captum's ``stdevs=0``).
+        multiply_by_inputs: integrated gradients and gradient SHAP only: False leaves out the
+            multiplication by (e − e₀) (Captum's "global" attribution); ``delta`` is then still
+            the completeness gap of the multiplied ("local") attributions, the quadrature's error.
+        mask: (B, T), 1 = token, 0 = padding; default ``inputs["attention_mask"]`` (or ids ≠ 0
+            for a Keras ``mask_zero`` layer). Padding scores are 0.
+        tokens: a tokenizer, a vocabulary (id -> str) or token lists, for ``.tokens`` and HTML.
+        progress: a rich progress bar on stderr (None: only when slow and on a terminal).
+        call: which lookup of the layer to attribute when one forward calls it several times
+            (e.g. a table shared by encoder and decoder); None requires a single lookup.
+
+    Returns an :class:`Attribution`; ``EmbgradError`` on bad input, before the model runs
+    where it can be checked.
+    """
+    if method not in METHODS:
+        raise EmbgradError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} "
+                           f"(closest: {closest_names(str(method), METHODS)}).")
+    auto = isinstance(steps, str)
+    if auto and steps != "auto":
+        raise EmbgradError(f"steps={steps!r}: pass an int or 'auto'.")
+    if auto and method != "integrated_gradients":
+        raise EmbgradError(f"steps='auto' refines integrated gradients by their completeness gap; "
+                           f"method={method!r} needs an int number of steps.")
+    if method == "integrated_gradients":
+        quadrature(rule, 2 if isinstance(steps, str) else steps)                     # validates rule and steps
+        start = _AUTO_START[_NESTED[rule]]
+        if auto and (not _is_int(max_steps) or max_steps < start or not tolerance > 0):
+            raise EmbgradError(f"steps='auto' needs tolerance > 0 and max_steps ≥ {start}, got "
+                               f"tolerance={tolerance!r}, max_steps={max_steps!r}.")
+    if noise is None:
+        noise = 0.0 if method == "gradient_shap" else 0.1
+    if method in _NOISY and (not _is_int(steps) or steps < 1 or not noise >= 0):
+        raise EmbgradError(f"{method} needs steps (noise samples) ≥ 1 and noise ≥ 0, got "
+                           f"steps={steps!r}, noise={noise!r}.")
+    if not multiply_by_inputs and method not in ("integrated_gradients", "gradient_shap"):
+        raise EmbgradError(f"multiply_by_inputs=False applies to integrated_gradients and gradient_shap "
+                           f"(Captum's global attribution); method={method!r} has no such choice.")
+    eng = _Engine(model, inputs, layer, forward, target, batch_size, progress, call=call)
+    b = eng.backend
+    obs = eng.observe(grad=method in ("saliency", "grad_x_input"))
+    ids_np = b.to_numpy(obs["ids"]).astype(np.int64)
+    m = _mask(eng, ids_np, mask)
+    e = obs["e"]
+    nd = len(b.shape(e))
+    with b.no_grad():
+        mt = b.reshape(b.cast(b.from_numpy(m, like=e), _acc_dtype(b, e)), b.shape(e)[:-1] + (1,))
+    fx = obs["values"]
+    extra: dict[str, Any] = {"baseline_outputs": None, "converged": None}
+    delta = base_desc = used_rule = steps_used = None
+    K = fx.shape[1]
+    B = eng.B
+
+    if method in ("saliency", "grad_x_input"):
+        with b.no_grad():
+            if method == "saliency":
+                attr = [g * mt for g in obs["grads"]]
+                sc = [b.to_numpy(b.sqrt(b.sum(a * a, axis=nd - 1))) for a in attr]
+            else:
+                attr = [g * b.cast(e, _acc_dtype(b, g)) * mt for g in obs["grads"]]
+                sc = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in attr]
+    elif method == "smoothgrad":
+        sigma = float(noise) * _typical_row_norm(eng, obs["ids"]) / math.sqrt(eng.info.dim)
+        rng = np.random.default_rng(seed)
+        S = int(steps)
+        eshape = tuple(b.shape(e))[1:]
+        idx = np.repeat(np.arange(B, dtype=np.int64), S)
+
+        def point(ix, sl, call):
+            eps = rng.standard_normal((len(ix),) + eshape, dtype=np.float32) * np.float32(sigma)
+            return b.gather(e, b.from_numpy(ix, like=e)) + b.cast(b.from_numpy(eps, like=e), b.dtype_name(e))
+
+        gbar = eng.accumulate(idx, np.full(len(idx), 1.0 / S), point, e, "smoothgrad")
+        with b.no_grad():
+            attr = [g * b.cast(e, _acc_dtype(b, g)) * mt for g in gbar]
+            sc = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in attr]
+        steps_used = np.full(B, S, np.int64)
+    elif method in ("smoothgrad_sq", "vargrad", "gradient_shap"):
+        S = int(steps)
+        sigma = float(noise) * _typical_row_norm(eng, obs["ids"]) / math.sqrt(eng.info.dim) if noise else 0.0
+        rng = np.random.default_rng(seed)
+        eshape = tuple(b.shape(e))[1:]
+        idx = np.repeat(np.arange(B, dtype=np.int64), S)
+        dt = _acc_dtype(b, e)
+        shap = method == "gradient_shap"
+        if shap:
+            e0, base_desc = _baseline(eng, baseline, obs, pad_id)
+            alpha = rng.uniform(0.0, 1.0, len(idx))
+        diffs: dict[int, Any] = {}
+
+        def point(ix, sl, call):
+            x = b.gather(e, b.from_numpy(ix, like=e))
+            if sigma:
+                eps = rng.standard_normal((len(ix),) + eshape, dtype=np.float32) * np.float32(sigma)
+                x = x + b.cast(b.from_numpy(eps, like=e), b.dtype_name(e))
+            if not shap:
+                return x
+            x0 = b.gather(e0, b.from_numpy(ix, like=e))
+            diffs[sl.start] = b.cast(x - x0, dt)           # the noisy input minus its baseline
+            return x0 + _per_row(b, alpha[sl], e, b.dtype_name(e)) * (x - x0)
+
+        first: list[Any] = []
+        second: list[Any] = []
+
+        def consume(sl, ix, state, values, grads):
+            it = b.from_numpy(ix, like=e)
+            times = diffs.pop(sl.start) if shap else b.cast(state["x"], dt)
+            for k, g in enumerate(grads):
+                a = b.cast(g, dt) * (times if (multiply_by_inputs or not shap) else 1.0)
+                s1 = b.segment_sum(a, it, B)
+                s2 = None if shap else b.segment_sum(a * a, it, B)
+                if k < len(first):
+                    first[k] = first[k] + s1
+                    if s2 is not None:
+                        second[k] = second[k] + s2
+                else:
+                    first.append(s1)
+                    if s2 is not None:
+                        second.append(s2)
+
+        eng.run(idx, point, True, consume, method)
+        with b.no_grad():
+            mean = [f / float(S) for f in first]
+            if method == "smoothgrad_sq":
+                attr = [q / float(S) * mt for q in second]
+            elif method == "vargrad":
+                attr = [(q / float(S) - m1 * m1) * mt for q, m1 in zip(second, mean, strict=True)]
+            else:
+                attr = [m1 * mt for m1 in mean]
+            sc = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in attr]
+        steps_used = np.full(B, S, np.int64)
+        if shap:
+            f0 = eng.values_at(e0)
+            extra["baseline_outputs"] = f0
+            if multiply_by_inputs:
+                delta = (np.stack([si.reshape(B, -1).sum(1) for si in sc], axis=1) - (fx - f0)).T
+    else:
+        e0, base_desc = _baseline(eng, baseline, obs, pad_id)
+        with b.no_grad():
+            diff = b.cast(e, _acc_dtype(b, e)) - b.cast(e0, _acc_dtype(b, e))
+        f0 = eng.values_at(e0)
+        extra["baseline_outputs"] = f0
+        used_rule = rule
+        scale = np.abs(fx - f0)
+
+        def integrate(examples: np.ndarray, nodes: np.ndarray, w: np.ndarray) -> list[Any]:
+            idx = np.repeat(examples, len(nodes))
+            alpha = np.tile(nodes, len(examples))
+
+            def point(ix, sl, call):
+                it = b.from_numpy(ix, like=e)
+                a = _per_row(b, alpha[sl], e, b.dtype_name(e))
+                return b.gather(e0, it) + a * b.cast(b.gather(diff, it), b.dtype_name(e))
+
+            return eng.accumulate(idx, np.tile(w, len(examples)), point, e,
+                                  f"integrated gradients ({len(nodes)} points)")
+
+        def finish(acc: list[Any]) -> tuple[list[Any], list[np.ndarray], np.ndarray]:
+            with b.no_grad():
+                at = [g * diff * mt for g in acc]
+                s = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in at]
+            d = np.stack([si.reshape(B, -1).sum(1) for si in s], axis=1) - (fx - f0)
+            if not multiply_by_inputs:     # the global attribution: the path-averaged gradient
+                with b.no_grad():
+                    at = [g * mt for g in acc]
+                    s = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in at]
+            return at, s, d
+
+        everyone = np.arange(B, dtype=np.int64)
+        if not auto:
+            attr, sc, dl = finish(integrate(everyone, *quadrature(rule, int(steps))))
+            steps_used = np.full(B, int(steps), np.int64)
+        else:
+            used_rule = _NESTED[rule]
+            n = _AUTO_START[used_rule]
+            acc = integrate(everyone, *quadrature(used_rule, n))
+            steps_used = np.full(B, n, np.int64)
+            tol = float(tolerance) * np.maximum(scale, 1e-4)
+            while True:
+                attr, sc, dl = finish(acc)
+                ok = (np.abs(dl) <= tol).all(axis=1)
+                active = everyone[~ok]
+                n_next, nodes, w_new, keep = refine(used_rule, n)
+                if not active.size or n_next > max_steps:
+                    break
+                new = integrate(active, nodes, np.full(len(nodes), w_new))
+                sel = np.ones(B, np.float64)
+                sel[active] = keep                    # the old sum of active examples is rescaled
+                with b.no_grad():
+                    st = _per_row(b, sel, e, _acc_dtype(b, e))
+                    acc = [a * st + nw for a, nw in zip(acc, new, strict=True)]
+                steps_used[active] = n = n_next
+            extra["converged"] = ok
+            if not ok.all():
+                bad = np.flatnonzero(~ok)
+                warnings.warn(
+                    f"steps='auto': {bad.size} of {B} examples (e.g. #{int(bad[0])}) still have a completeness "
+                    f"gap above tolerance={tolerance} with {int(steps_used.max())} points (max_steps="
+                    f"{max_steps}; worst |delta| {float(np.abs(dl).max()):.3g}); raise max_steps, or check "
+                    "the model for non-smooth parts (e.g. ReLU kinks, argmax).", stacklevel=2)
+        delta = dl.T                                     # (K, B)
+
+    scores = np.stack([np.asarray(s, dtype=np.float64).astype(np.float32) for s in sc])   # (K, B, T)
+    with b.no_grad():
+        if K == 1:
+            attributions = attr[0]
+        else:
+            attributions = b.concat([b.reshape(a, (1,) + tuple(b.shape(a))) for a in attr], axis=0)
+    single = not eng.targets.multi
+    out_vals = fx.T
+    base_vals = extra["baseline_outputs"].T if extra["baseline_outputs"] is not None else None
+    if single:
+        scores, out_vals = scores[0], out_vals[0]
+        delta = None if delta is None else delta[0]
+        base_vals = None if base_vals is None else base_vals[0]
+    return Attribution(
+        method=method, scores=scores, attributions=attributions, delta=delta,
+        tokens=_tokens(tokens, ids_np), ids=ids_np, mask=m, layer=eng.info.name,
+        targets=None if single else eng.targets.labels, baseline=base_desc, rule=used_rule,
+        steps=steps_used, evaluations=eng.evaluations, outputs=out_vals,
+        baseline_outputs=base_vals, converged=extra["converged"],
+        target=eng.targets.labels[0] if single else None)
