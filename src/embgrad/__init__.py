@@ -11,8 +11,10 @@ from .capture import Gradients, LayerGradients, capture
 from .errors import EmbgradError
 from .functional import value_and_gradients
 from .generation import GenerationAttribution, attribute_generation
+from .regularization import regularize
 from .sparse import ExampleGrads, RowGrad, row_grad, rows_from_lookups
-from .tables import load_vectors, regularize, table
+from .tables import table
+from .vectors import load_vectors
 
 __version__ = "0.1.0"   # the package's one version: pyproject.toml reads it from here
 
