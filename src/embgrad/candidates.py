@@ -76,7 +76,11 @@ def whole_word_ids(tokenizer: Any, V: int) -> np.ndarray:
     """NumPy bool (V,): ids that are a whole word on their own, read from the tokenizer's own
     behaviour, not from "##"/"Ġ"/"▁" markers: the token decodes to alphabetic text w, and the
     tokenizer encodes " w" (a word in running text) to exactly that one id. For a plain
-    vocabulary (no encoder): alphabetic strings."""
+    vocabulary (no encoder): alphabetic strings.
+
+    Raises:
+        TypeError: ``tokenizer`` is neither a tokenizer nor a sequence of token strings.
+    """
     ids = list(range(V))
     if hasattr(tokenizer, "batch_decode") and callable(tokenizer):
         texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True,

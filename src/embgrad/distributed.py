@@ -283,8 +283,11 @@ def sharded_example_grads(ids: Any, output_grad: Any, sharding: RowSharding, *,
         restricted to the rank's rows.
 
     Raises:
-        EmbgradError: on every rank, if any rank's ids are not integers, out of [0, V), shaped
-            unlike ``output_grad``, or its gradients hold NaN/Inf, or the ranks disagree on V/D.
+        EmbgradError: ``sharding`` is not a :class:`RowSharding` (on this rank only: without it
+            there is no group to tell); torch.distributed not initialized; on every rank, if any
+            rank's ids or gradients are not torch tensors, the ids are not integers, out of
+            [0, V), shaped unlike ``output_grad``, or its gradients hold NaN/Inf, or the ranks
+            disagree on V/D.
     """
     if not isinstance(sharding, RowSharding):   # (without it, no group to tell the others)
         raise EmbgradError(f"sharding must be an embgrad.distributed.RowSharding, got "
@@ -374,7 +377,12 @@ class ShardedExampleGrads:
     def norms(self) -> Any:
         """(B,) exact per-example L2 norms over the whole table: one all-reduce (sum) of the
         shards' partial squared norms, then a square root. B floats cross the wire, never rows.
-        A collective."""
+        A collective. A torch tensor of the gradients' dtype.
+
+        Raises:
+            EmbgradError: torch.distributed is no longer initialized, or this process is not in
+                the sharding's group.
+        """
         if self._norms is None:
             c = _td().comm(self.sharding.group)
             self._norms = _td().all_reduce_sum(c, self.partial_squared_norms()).sqrt()
@@ -382,7 +390,12 @@ class ShardedExampleGrads:
 
     def clip(self, max_norm: float) -> ShardedExampleGrads:
         """Example b scaled by ``min(1, max_norm / norm_b)`` with the exact global norms
-        (DP-SGD clipping); every shard scales its own entries. A collective (the norms)."""
+        (DP-SGD clipping); every shard scales its own entries. A collective (the norms).
+
+        Raises:
+            EmbgradError: ``max_norm`` is not a positive finite number (checked on this rank,
+                before the collective); torch.distributed not initialized.
+        """
         if not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm) and max_norm > 0):
             raise EmbgradError(f"max_norm must be a positive finite number, got {max_norm!r}.")
         norms = self.norms()
@@ -397,7 +410,13 @@ class ShardedExampleGrads:
 
     def dot(self, other: ShardedExampleGrads | None = None) -> Any:
         """(B1, B2) inner products <G_i, H_j> over the whole table: each shard's partial matrix
-        from its own rows, summed with one all-reduce. A collective."""
+        from its own rows, summed with one all-reduce. A collective. A float32 (float64)
+        torch tensor.
+
+        Raises:
+            EmbgradError: ``other`` is not a :class:`ShardedExampleGrads` of a table sharded the
+                same way (V, scheme, ranks) and of the same D; torch.distributed not initialized.
+        """
         other = self if other is None else other
         if not isinstance(other, ShardedExampleGrads):
             raise EmbgradError(f"dot() takes another ShardedExampleGrads, got {type(other).__name__}.")

@@ -150,7 +150,10 @@ class Projection:
 
     The theorem assumes O(log(1/δ))-wise independent hashing; SplitMix64 is a pseudo-random
     stand-in (the unbiasedness and variance are checked empirically in the tests).
-    Raises ``EmbgradError`` for k < 1, density < 1 or k not divisible by density.
+
+    Raises:
+        EmbgradError: ``k`` or ``density`` not a positive int; ``k`` not a multiple of
+            ``density``; ``seed`` not an int in [0, 2**63).
     """
 
     k: int = 1024
@@ -182,8 +185,11 @@ class Projection:
         return buckets, signs
 
     def matrix(self, layer: int, num_rows: int, dim: int, max_bytes: int = 2 ** 28) -> np.ndarray:
-        """The dense (k, num_rows · dim) matrix P (float32), for checks on small tables;
-        EmbgradError above ``max_bytes``."""
+        """The dense (k, num_rows · dim) matrix P (float32), for checks on small tables.
+
+        Raises:
+            EmbgradError: it would take more than ``max_bytes`` bytes (4 · k · num_rows · dim).
+        """
         need = 4 * self.k * num_rows * dim
         if need > max_bytes:
             raise EmbgradError(f"Projection.matrix would take {need / 2**20:.0f} MiB (> max_bytes="
@@ -197,7 +203,12 @@ class Projection:
     def project(self, layer: int, grads: ExampleGrads) -> Any:
         """P · vec(G_b) for each example b of the ``layer``-th captured layer (its position, which
         salts the hash): a float32 framework tensor (B, k) on the gradients' device, by one
-        scatter-add of B · T · D · density values through the backend's segment sum."""
+        scatter-add of B · T · D · density values through the backend's segment sum.
+
+        Raises:
+            EmbgradError: the batch size of ``grads`` is not known (a ``tf.function`` traced
+                without a fixed batch size).
+        """
         b = get_backend(grads.values)
         B, D, k = len(grads), grads.dim, self.k
         if grads.nnz == 0:
@@ -216,6 +227,7 @@ class Projection:
         return b.reshape(b.segment_sum(data, b.reshape(keys, (n * D * s,)), B * k), (B, k))
 
     def to_json(self) -> dict[str, Any]:
+        """The settings as the index manifest stores them: kind, k, seed, density."""
         return {"kind": "sparse-jl-block", "k": int(self.k), "seed": int(self.seed), "density": int(self.density)}
 
 
@@ -239,7 +251,11 @@ class Influences:
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean over queries of |found_q ∩ truth_q| / |truth_q| for int (Q, n) index arrays (e.g.
-    projected vs exact proponents: recall@n)."""
+    projected vs exact proponents: recall@n), a float in [0, 1].
+
+    Raises:
+        EmbgradError: ``found`` and ``truth`` have different Q, or ``truth`` is empty.
+    """
     found, truth = np.asarray(found), np.asarray(truth)
     if found.shape[0] != truth.shape[0] or truth.size == 0:
         raise EmbgradError(f"recall_at needs (Q, n) arrays of the same Q, got {found.shape} and {truth.shape}.")
@@ -297,7 +313,13 @@ class _Index:
     def scores(self, query: _Index, metric: str = "dot", max_bytes: int = 2 ** 30) -> np.ndarray:
         """float64 (Q, N): TracInCP scores of every query against every indexed example
         ("dot"), or their cosine (scores divided by both examples' exact gradient norms).
-        EmbgradError if Q · N · 8 > ``max_bytes`` (use :meth:`top`)."""
+
+        Raises:
+            EmbgradError: ``query`` is not an index of the same kind collected ``like`` this one
+                (other layers, checkpoints, projection or exact rows); ``metric`` is neither
+                "dot" nor "cosine"; Q · N · 8 > ``max_bytes`` (use :meth:`top`, which streams);
+                two :class:`ExactIndex` both loaded from disk (no framework to compute in).
+        """
         self._check_query(query)
         need = 8 * len(query) * self.num_examples
         if need > max_bytes:
@@ -324,7 +346,12 @@ class _Index:
         streamed over blocks (memory O(Q · (n + block))).
 
         ``query``: an index of the same kind collected with ``like=self``; ``metric``: "dot"
-        (the TracInCP score) or "cosine". Raises EmbgradError for n < 1 or a mismatched query.
+        (the TracInCP score) or "cosine". Returns :class:`Influences` with ``min(n, N)``
+        columns.
+
+        Raises:
+            EmbgradError: ``n`` not a positive int; a mismatched query or bad ``metric`` (as in
+                :meth:`scores`); two :class:`ExactIndex` both loaded from disk.
         """
         self._check_query(query)
         if not isinstance(n, (int, np.integer)) or n < 1:
@@ -388,7 +415,13 @@ class ExactIndex(_Index):
     def example_grads(self, checkpoint: int, layer: str, backend: Backend | None = None,
                       like: Any = None) -> ExampleGrads:
         """The stored per-example gradients of one checkpoint and layer as an
-        :class:`embgrad.ExampleGrads` over all N examples (framework tensors)."""
+        :class:`embgrad.ExampleGrads` over all N examples (framework tensors; values float32).
+
+        Raises:
+            EmbgradError: the index was loaded from disk and neither ``backend`` nor a
+                collected index says which framework to use.
+            KeyError: ``checkpoint`` or ``layer`` is not in the index.
+        """
         b = backend or self._backend
         if b is None:
             raise EmbgradError("this ExactIndex was loaded from disk and has no framework yet: query it "
@@ -415,7 +448,11 @@ class ExactIndex(_Index):
         yield 0, total
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write this index to a directory (``manifest.json`` + ``exact.npz``); :func:`load` reads it."""
+        """Write this index to a directory (``manifest.json`` + ``exact.npz``); :func:`load` reads it.
+
+        Raises:
+            OSError: the directory cannot be created or written.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, Any] = {"sqnorms": self._sq}
@@ -476,8 +513,12 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
 def load(path: str | os.PathLike) -> ExactIndex | ProjectedIndex:
     """Open an index written by :func:`collect` (projected shards are memory-mapped read-only).
 
-    Raises EmbgradError if ``path`` holds no manifest, or the collection was interrupted (resume
-    it by calling :func:`collect` again with the same arguments)."""
+    Raises:
+        EmbgradError: ``path`` holds no readable ``manifest.json``, or one of another format, or
+            the collection was interrupted (resume it by calling :func:`collect` again with the
+            same arguments).
+        OSError: the shards or ``exact.npz`` named by the manifest are missing or unreadable.
+    """
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -668,9 +709,17 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
     must yield the same batches in the same order; a ``DataLoader`` without shuffling does).
     ``progress``: a ``rich`` progress bar on stderr.
 
-    Returns an :class:`ExactIndex` or :class:`ProjectedIndex`. Raises EmbgradError for a bad
-    mode/dtype/k, a non-positive learning rate, a directory holding an index with other settings
-    (or any index with ``resume=False``), or batches whose gradients disagree in shape.
+    Returns an :class:`ExactIndex` or :class:`ProjectedIndex`.
+
+    Raises:
+        EmbgradError: no checkpoints, or a learning rate that is not a positive finite number;
+            ``like`` not an index, or collected with other learning rates or layers; a bad
+            ``mode``, ``dtype``, ``shard_size``, ``exact_rows`` (or ``exact_rows`` in exact
+            mode, or naming layers or rows that were not captured) or projection settings (as
+            :class:`Projection`); ``path`` a file, or a directory holding an index with other
+            settings, an exact index, or any index with ``resume=False``; checkpoints or batches
+            whose captured layers or batch sizes disagree; ``data`` yielding no batch; and what
+            :func:`embgrad.capture` and ``per_example()`` raise for the model and loss.
     """
     ckpts = _checkpoints(checkpoints)
     if like is not None:

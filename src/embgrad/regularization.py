@@ -25,8 +25,15 @@ def regularize(row_grad: RowGrad, table: Any, *, l1: float = 0.0, l2: float = 0.
     loss instead gives every one of the V rows a gradient (dense, and it shrinks rows the batch
     never saw); on the touched rows both agree. Same coefficients as
     ``keras.regularizers.L1L2``; PyTorch's ``weight_decay=wd`` corresponds to ``l2=wd/2``.
-    The L1 subgradient at 0 is 0. ``table``: a :class:`~embgrad.tables.Table`, or a model/layer (with
-    ``layer=``) whose table the gradient belongs to.
+    The L1 subgradient at 0 is 0. ``table``: a :class:`~embgrad.tables.Table`, or a model/layer
+    (with ``layer=``) whose table the gradient belongs to. Returns a new :class:`~embgrad.RowGrad`
+    on the same R rows, in ``row_grad``'s dtype (float32 or wider); ``row_grad`` is not changed.
+
+    Raises:
+        EmbgradError: ``row_grad`` is not a :class:`~embgrad.RowGrad`; ``l1`` or ``l2`` is not a
+            finite number >= 0; the gradient's (V, D) is not the table's; and what
+            :func:`embgrad.table` raises for a model/layer (no embedding layer, an unknown
+            ``layer``, several layers and no way to pick).
     """
     if not isinstance(row_grad, RowGrad):
         raise EmbgradError(f"regularize() takes a RowGrad (e.g. grads['emb'].weight_grad), got "

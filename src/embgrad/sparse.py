@@ -88,11 +88,12 @@ class RowGrad:
         return int(n)
 
     def to_dense(self) -> Any:
-        """The (V, D) dense gradient, a framework tensor."""
+        """The (V, D) dense gradient, a framework tensor of ``values``' dtype (zeros off the
+        stored rows). Memory O(V · D): prefer the sparse methods for large tables."""
         return self._backend.scatter_rows(self.rows, self.values, self.num_rows)
 
     def row_norms(self) -> Any:
-        """(R,) L2 norm of each stored row."""
+        """(R,) L2 norm of each stored row, a framework tensor of ``values``' dtype."""
         b = self._backend
         if self._size() == 0:
             return b.zeros((0,), b.dtype_name(self.values), self.values)
@@ -109,8 +110,12 @@ class RowGrad:
         return float(b.to_numpy(b.sqrt(b.sum(self.values * self.values))))
 
     def numpy(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(rows, values)`` as NumPy arrays (eagerly; ``EmbgradError`` inside a ``tf.function``,
-        where ``.rows`` and ``.values`` are the tensors to use)."""
+        """``(rows, values)`` as NumPy arrays: int64 (R,) and float (R, D), float32 or wider.
+
+        Raises:
+            EmbgradError: called while a ``tf.function`` is traced (there ``.rows`` and
+                ``.values`` are the tensors to use).
+        """
         if self._traced():
             raise EmbgradError("RowGrad.numpy() needs values, which a tf.function being traced does "
                                "not have: use g.rows and g.values (tensors) inside the function, or "
@@ -118,6 +123,11 @@ class RowGrad:
         return self._backend.to_numpy(self.rows), self._backend.to_numpy(self.values)
 
     def __add__(self, other: "RowGrad") -> "RowGrad":
+        """The coalesced sum of two gradients of one table (rows merged, values added).
+
+        Raises:
+            EmbgradError: the two are gradients of tables of different (V, D).
+        """
         if not isinstance(other, RowGrad):
             return NotImplemented
         if other.num_rows != self.num_rows or (self._size() != 0 and other._size() != 0
@@ -131,12 +141,16 @@ class RowGrad:
         return RowGrad(rows, values, self.num_rows, b)
 
     def scale(self, factor: float) -> "RowGrad":
-        """This gradient times a scalar."""
+        """This gradient times a scalar (a float, or a scalar framework tensor)."""
         return RowGrad(self.rows, self.values * factor, self.num_rows, self._backend)
 
     def clip_by_norm(self, max_norm: float) -> "RowGrad":
         """Scaled by ``min(1, max_norm / norm)``: the whole gradient's norm is at most
-        max_norm, up to float rounding (a relative 1e-7 in float32)."""
+        max_norm, up to float rounding (a relative 1e-7 in float32).
+
+        Raises:
+            EmbgradError: ``max_norm`` is not a positive finite number.
+        """
         _check_positive(max_norm, "max_norm")
         n = self.norm()
         if self._traced():   # tf.function: the same factor, as a tensor (1.0 when within the bound)
@@ -145,7 +159,11 @@ class RowGrad:
         return self if n <= max_norm else self.scale(max_norm / n)
 
     def clip_rows(self, max_row_norm: float) -> "RowGrad":
-        """Each row scaled by ``min(1, max_row_norm / row_norm)``."""
+        """Each row scaled by ``min(1, max_row_norm / row_norm)``.
+
+        Raises:
+            EmbgradError: ``max_row_norm`` is not a positive finite number.
+        """
         _check_positive(max_row_norm, "max_row_norm")
         b = self._backend
         if self._size() == 0:
@@ -164,8 +182,12 @@ class RowGrad:
 
 
 def check_same_table(a: Any, b: Any) -> None:
-    """EmbgradError unless per-example gradients ``a`` and ``b`` are of tables of one shape
-    (what ``dot()`` needs)."""
+    """Check that per-example gradients ``a`` and ``b`` are of tables of one (V, D) (what
+    ``dot()`` needs).
+
+    Raises:
+        EmbgradError: their ``num_rows`` or ``dim`` differ.
+    """
     if b.num_rows != a.num_rows or b.dim != a.dim:
         raise EmbgradError(
             f"dot() needs gradients of the same table: ({a.num_rows}, {a.dim}) vs "
@@ -367,7 +389,7 @@ class ExampleGrads:
         return self.batch_size
 
     def norms(self) -> Any:
-        """(B,) per-example L2 norms, a framework tensor."""
+        """(B,) per-example L2 norms, a framework tensor of ``values``' dtype (float32 or wider)."""
         if self._norms is None:  # immutable, so computed once
             b = self._backend
             norms = _compiled(b, _norms_impl)(self._base, self.example_ids, self.batch_size)
@@ -375,14 +397,23 @@ class ExampleGrads:
         return self._norms
 
     def clip(self, max_norm: float) -> "ExampleGrads":
-        """Example b scaled by ``min(1, max_norm / norm_b)`` (DP-SGD style clipping)."""
+        """Example b scaled by ``min(1, max_norm / norm_b)`` (DP-SGD style clipping, Abadi et
+        al. 2016; Opacus's per-sample clipping). Lazy: see the class docstring.
+
+        Raises:
+            EmbgradError: ``max_norm`` is not a positive finite number.
+        """
         _check_positive(max_norm, "max_norm")
         b = self._backend
         factor = b.minimum(max_norm / b.maximum(self.norms(), 1e-30), 1.0)   # (B,)
         return self._scaled(factor)
 
     def scale(self, factors: Any) -> "ExampleGrads":
-        """Example b scaled by ``factors[b]`` ((B,) tensor) or all by one float."""
+        """Example b scaled by ``factors[b]`` ((B,) tensor or array-like) or all by one float.
+
+        Raises:
+            EmbgradError: ``factors`` is not one number or of shape (B,).
+        """
         b = self._backend
         dt = b.dtype_name(self._base)
         if isinstance(factors, (int, float, np.integer, np.floating)):
@@ -416,7 +447,11 @@ class ExampleGrads:
         """The :class:`RowGrad` of example ``index`` (negative indices count from the end).
 
         Inside a ``tf.function`` whose batch size is not static the range is checked when the
-        graph runs (an ``InvalidArgumentError`` carrying this message)."""
+        graph runs (an ``InvalidArgumentError`` carrying this message).
+
+        Raises:
+            EmbgradError: ``index`` is not an int, or is out of range for the batch.
+        """
         b = self._backend
         if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
             raise EmbgradError(f"example index must be an int, got {index!r}.")
@@ -442,7 +477,11 @@ class ExampleGrads:
         densified over the vocabulary. Rows shared by a large share of all pairs (the frequent
         tokens of real text) go through one dense (B1, k·D) @ (k·D, B2) product over just
         those k rows; the other rows through a sparse join on rows. Both run in chunks of
-        bounded memory.
+        bounded memory. Returns a framework tensor, float32 (float64 for float64 gradients).
+
+        Raises:
+            EmbgradError: ``other`` is not an :class:`ExampleGrads`, or is of a table of another
+                (V, D); eagerly, a batch size not known while a ``tf.function`` is traced.
         """
         other = self if other is None else other
         if not isinstance(other, ExampleGrads):
@@ -474,7 +513,12 @@ class ExampleGrads:
         return b.reshape(_sparse_join(b, a, o, B1, B2, self.dim, acc, out), (B1, B2))
 
     def to_dense(self, max_bytes: int = 2 ** 30) -> Any:
-        """(B, V, D) dense per-example gradients; EmbgradError if that exceeds ``max_bytes``."""
+        """(B, V, D) dense per-example gradients, a framework tensor of ``values``' dtype.
+
+        Raises:
+            EmbgradError: it would take more than ``max_bytes`` bytes; the batch size is not
+                known (inside a ``tf.function`` traced without a fixed batch size).
+        """
         b = self._backend
         item = np.dtype(b.dtype_name(self.values) if b.dtype_name(self.values) != "bfloat16" else "float16").itemsize
         need = self._static_batch("to_dense()") * self.num_rows * self.dim * item
@@ -650,6 +694,13 @@ def row_grad(g: Any, num_rows: int | None = None) -> RowGrad:
 
     Accepts a ``tf.IndexedSlices`` (never densified), a torch sparse COO tensor, a dense
     (V, D) tensor (rows with any nonzero are kept), or an MXNet ``RowSparseNDArray``.
+    ``num_rows``: V, needed when ``g`` does not say it (an ``IndexedSlices`` without
+    ``dense_shape``). Values are cast to float32 when narrower.
+
+    Raises:
+        EmbgradError: ``g`` is of no framework embgrad supports, or of an unsupported kind
+            (layout, storage type) or shape (not (V, D)); ``num_rows`` is missing where ``g``
+            does not tell it, or disagrees with it; a row index out of range.
     """
     b = get_backend(g)
     converter = getattr(b, "row_grad_parts", None)

@@ -155,7 +155,14 @@ class Table:
     # ------------------------------------------------------------------ read
     def read(self, ids: Any, effective: bool = False) -> np.ndarray:
         """Rows ``ids`` as NumPy: an int gives (D,), ids of shape S give S + (D,); a slice or a
-        boolean (V,) mask also work. ``effective``: the rows the layer looks up (LoRA)."""
+        boolean (V,) mask also work. ``effective``: the rows the layer looks up (LoRA). NumPy of
+        the table's dtype (bfloat16 as float32).
+
+        Raises:
+            EmbgradError: ``ids`` are not integers (or a boolean (V,) mask), are out of range, or
+                are not array-like; called while a ``tf.function`` is traced; a Keras layer not
+                built yet (no table); a Gluon ``SparseEmbedding`` (row_sparse) table.
+        """
         rows, shape = self._rows(ids, "ids")
         out = self._backend.table_read(self.info, rows.reshape(-1), effective) if rows.size else \
             np.zeros((0, self.dim), np.float32)
@@ -165,7 +172,12 @@ class Table:
         return self.read(ids)
 
     def numpy(self, effective: bool = False) -> np.ndarray:
-        """The whole (V, D) table as NumPy (a copy)."""
+        """The whole (V, D) table as NumPy (a copy), as :meth:`read` gives it.
+
+        Raises:
+            EmbgradError: as :meth:`read` (inside a traced ``tf.function``, an unbuilt Keras layer,
+                a Gluon ``SparseEmbedding``).
+        """
         return self.read(slice(None), effective)
 
     # ------------------------------------------------------------------ write
@@ -176,7 +188,15 @@ class Table:
         slice or boolean mask. ``vectors``: floating NumPy / framework tensor / nested lists,
         finite and within the table dtype's range (cast to it). Refuses a quantized table, and
         unless ``force``, a frozen table (not trainable) or rows frozen with :meth:`freeze`.
-        ``table.assign(ids, previous)`` undoes it.
+        ``table.assign(ids, previous)`` undoes it. Returns the previous rows, (R, D) (or (D,)
+        for an int id), as :meth:`read` gives them.
+
+        Raises:
+            EmbgradError: ``ids`` as in :meth:`read`, or of more than one dimension, or holding an
+                id twice; ``vectors`` not floating point, of the wrong shape, holding NaN/Inf or
+                values beyond the table dtype's range; a quantized table (or a Gluon
+                ``SparseEmbedding``); without ``force``, a table that is not trainable or rows
+                frozen with :meth:`freeze`; called while a ``tf.function`` is traced.
         """
         rows, shape = self._rows(ids, "ids")
         if len(shape) > 1:
@@ -212,6 +232,13 @@ class Table:
         loaded vectors; seeded by ``seed``), or a callable ``(n, D) -> (n, D)`` array. The
         ``padding_idx`` row is never re-initialised. ``skip_frozen``: leave frozen rows alone
         instead of refusing. Returns :class:`Written`; ``table.assign(*written)`` undoes it.
+
+        Raises:
+            EmbgradError: ``vectors`` is not a :class:`Vectors`, or of another dimension than the
+                table, or maps a word to an id beyond the table (a vocabulary of another model);
+                ``missing`` is none of the choices, or its callable returns another shape than
+                (n, D); and what :meth:`assign` refuses (frozen rows unless ``skip_frozen`` or
+                ``force``, a table that is not trainable unless ``force``, a quantized table).
         """
         if not isinstance(vectors, Vectors):
             raise EmbgradError(
@@ -285,6 +312,16 @@ class Table:
         ``train_function`` that ``fit`` compiled, as ``model.compile()`` does, so the next ``fit``
         traces it again with the rows frozen; a ``@tf.function`` step of your own traced before
         ``freeze()`` must be traced again too (call ``freeze()`` before its first call).
+
+        Gluon: there are no gradient hooks; ``optimizer`` (the ``gluon.Trainer``) is required and
+        the rows are put back after each of its steps.
+
+        Raises:
+            EmbgradError: no ids; ids as in :meth:`read`; the whole table is not trainable;
+                ``optimizer`` is not a ``torch.optim.Optimizer`` (PyTorch) / ``gluon.Trainer``
+                (Gluon, where it is required) or does not update this table; a Keras layer with
+                LoRA enabled (every row changes through the shared low-rank factor); called while
+                a ``tf.function`` is traced.
         """
         rows, _ = self._rows(ids, "ids")
         rows = np.unique(rows)
@@ -304,7 +341,12 @@ class Table:
         return guard
 
     def unfreeze(self, ids: Any = None) -> None:
-        """Unfreeze rows ``ids`` (None: every frozen row, removing the hook/constraint)."""
+        """Unfreeze rows ``ids`` (None: every frozen row, removing the hook/constraint); rows
+        that are not frozen are ignored.
+
+        Raises:
+            EmbgradError: ``ids`` as in :meth:`read` (when some rows are frozen).
+        """
         var = self.variable
         old = _guard_of(var)
         if old is None:

@@ -73,6 +73,11 @@ class TableExampleGrads:
     ``sum()``, ``dot()``, ``example()``, ``to_dense()``; ``clip`` and ``scale`` are lazy
     ((B,) factors). ``sum()`` and ``example()`` return a :class:`~embgrad.RowGrad` holding every
     row (the projection makes them dense).
+
+    Raises:
+        EmbgradError: (constructing it) ``inputs`` and ``logit_grads`` are not of the lookups'
+            B examples, or the batch size is not known (a ``tf.function`` traced without a
+            fixed batch size).
     """
 
     __slots__ = (
@@ -145,7 +150,7 @@ class TableExampleGrads:
     @_no_grad
     def norms(self) -> Any:
         """(B,) per-example L2 norms of the whole table's gradient (lookups, projection and
-        their cross term), a framework tensor."""
+        their cross term), a framework tensor, float32 (float64 for float64 gradients)."""
         if self._norms is None:
             b = self._backend
             n = self._unscaled_norms()
@@ -153,13 +158,21 @@ class TableExampleGrads:
         return self._norms
 
     def clip(self, max_norm: float) -> TableExampleGrads:
-        """Example b scaled by ``min(1, max_norm / norm_b)`` (DP-SGD clipping of the whole table)."""
+        """Example b scaled by ``min(1, max_norm / norm_b)`` (DP-SGD clipping of the whole table).
+
+        Raises:
+            EmbgradError: ``max_norm`` is not a positive finite number.
+        """
         _check_positive(max_norm, "max_norm")
         b = self._backend
         return self._scaled(b.minimum(max_norm / b.maximum(self.norms(), 1e-30), 1.0))
 
     def scale(self, factors: Any) -> TableExampleGrads:
-        """Example b scaled by ``factors[b]`` ((B,) tensor) or all by one float."""
+        """Example b scaled by ``factors[b]`` ((B,) tensor or array-like) or all by one float.
+
+        Raises:
+            EmbgradError: ``factors`` is not one number or of shape (B,).
+        """
         f = self._lookup.scale(factors)._factor
         return self._scaled(f)
 
@@ -190,7 +203,12 @@ class TableExampleGrads:
 
     @_no_grad
     def example(self, index: int) -> RowGrad:
-        """Example ``index``'s gradient of the whole table, a :class:`RowGrad` of all V rows."""
+        """Example ``index``'s gradient of the whole table, a :class:`RowGrad` of all V rows
+        (negative indices count from the end).
+
+        Raises:
+            EmbgradError: ``index`` is not an int in [-B, B).
+        """
         if not isinstance(index, (int, np.integer)) or not -self.batch_size <= index < self.batch_size:
             raise EmbgradError(f"example index {index!r} is out of range for a batch of {self.batch_size}.")
         i = int(index) % self.batch_size
@@ -205,7 +223,12 @@ class TableExampleGrads:
 
     @_no_grad
     def to_dense(self, max_bytes: int = 2 ** 30) -> Any:
-        """(B, V, D) dense per-example gradients; EmbgradError if that exceeds ``max_bytes``."""
+        """(B, V, D) dense per-example gradients, a framework tensor, float32 (float64 for
+        float64 gradients).
+
+        Raises:
+            EmbgradError: it would take more than ``max_bytes`` bytes.
+        """
         b = self._backend
         need = self.batch_size * self.num_rows * self.dim * (8 if self._acc() == "float64" else 4)
         if need > max_bytes:
@@ -225,7 +248,13 @@ class TableExampleGrads:
     def dot(self, other: TableExampleGrads | ExampleGrads | None = None) -> Any:
         """(B1, B2) matrix of inner products <G_i, H_j> of whole-table gradients (with itself
         when ``other`` is None): lookup·lookup (sparse join), lookup·projection both ways, and
-        projection·projection through Gram matrices, in chunks; never B × V × D."""
+        projection·projection through Gram matrices, in chunks; never B × V × D. A framework
+        tensor, float32 (float64 for float64 gradients).
+
+        Raises:
+            EmbgradError: ``other`` is not a :class:`TableExampleGrads` or
+                :class:`~embgrad.ExampleGrads`, or is of a table of another (V, D).
+        """
         other = self if other is None else other
         if not isinstance(other, (TableExampleGrads, ExampleGrads)):
             raise EmbgradError(f"dot() takes another per-example gradient, got {type(other).__name__}.")

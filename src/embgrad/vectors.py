@@ -350,8 +350,19 @@ def load_vectors(path: str | Path, vocab: Any, *, format: str = "auto", encoding
 
     The file is read in chunks; only the vectors of vocabulary words are kept, so memory is
     O(found · D), never the file. The first vector of an id wins; later ones count as
-    duplicates. Malformed files raise :class:`EmbgradError` naming the file, the line (or
-    binary record and byte) and the problem.
+    duplicates. Returns :class:`Vectors`: ids int64 (F,), vectors float32 (F, D), in file order.
+
+    Raises:
+        EmbgradError: an unknown ``format``; ``max_vectors`` not a positive int; ``vocab`` empty,
+            of another type, mapping a word to a negative or non-int id, or a list holding a word
+            twice; the file missing, a directory, unreadable, or damaged (gzip); a malformed file,
+            naming the file, the line (or binary record and byte) and the problem: a header
+            announcing no vectors or an impossible dimension, a header where ``format`` says
+            GloVe (or none where it says word2vec), a line with too few or too many numbers or
+            a non-number, NaN/Inf values, more or fewer vectors than the header announced, bytes
+            not valid in ``encoding`` (or an unknown ``encoding``/``unicode_errors``), a file
+            that is empty, starts with a blank line or holds no vectors. Whatever ``transform``
+            raises propagates unchanged.
     """
     if format not in _FORMATS:
         raise EmbgradError(f"format={format!r}: choose one of {', '.join(map(repr, _FORMATS))}.")

@@ -78,7 +78,13 @@ def word_groups(text: str, spans: np.ndarray, tokens: Sequence[str] | None = Non
                 ) -> tuple[np.ndarray, list[str]]:
     """``(token_word, words)``: the word index of each token (NumPy int (n,)) and the words'
     strings. A token is in the word holding its first non-space character; a token with an
-    empty (or all-space) span is a unit of its own, labelled ``tokens[k]``."""
+    empty (or all-space) span is a unit of its own, labelled ``tokens[k]``. ``spans``: int
+    (n, 2) character spans (from :func:`token_spans`); ``split``: the regular expression of a
+    word.
+
+    Raises:
+        re.error: ``split`` is not a valid regular expression.
+    """
     matches = [(m.start(), m.end()) for m in re.finditer(split, text)]
     starts = np.array([a for a, _ in matches], dtype=np.int64)
     token_word = np.empty(len(spans), dtype=np.int64)
@@ -104,7 +110,13 @@ def word_groups(text: str, spans: np.ndarray, tokens: Sequence[str] | None = Non
 def aggregate(scores: np.ndarray, token_word: np.ndarray, n_words: int, reduce: str = "sum",
               axis: int = -1) -> np.ndarray:
     """Scores (..., n_tokens, ...) aggregated along ``axis`` to (..., n_words, ...): the sum,
-    the max or the mean of each word's tokens (a segment reduction; NumPy)."""
+    the max or the mean of each word's tokens (a segment reduction; NumPy float64).
+    ``token_word``: int (n_tokens,) word index of each token (from :func:`word_groups`).
+
+    Raises:
+        EmbgradError: ``reduce`` is not one of :data:`REDUCTIONS`; ``scores`` has another
+            number of tokens along ``axis`` than ``token_word``.
+    """
     if reduce not in REDUCTIONS:
         raise EmbgradError(f"reduce={reduce!r}: choose one of {', '.join(REDUCTIONS)}.")
     s = np.moveaxis(np.asarray(scores, dtype=np.float64), axis, 0)

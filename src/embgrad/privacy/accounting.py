@@ -32,7 +32,8 @@ def _dp() -> Any:
 
 
 def equivalent_noise_multiplier(mechanism: Any) -> float:
-    """σ of the one Gaussian a step of ``mechanism`` is: (Σ_i σ_i⁻²)^(−1/2)."""
+    """σ of the one Gaussian a step of ``mechanism`` is: (Σ_i σ_i⁻²)^(−1/2); 0.0 when a step
+    adds no noise."""
     sig = mechanism.step_noise_multipliers()
     if any(s <= 0 for s in sig):
         return 0.0
@@ -51,8 +52,10 @@ def dp_event(mechanism: Any, *, sample_rate: float, steps: int, fold: bool = Fal
     """The ``dp_accounting.DpEvent`` of ``steps`` Poisson-sampled steps of ``mechanism``.
 
     ``fold=True`` gives each step as its one equivalent Gaussian (what PLD accepts).
+
     Raises:
-        EmbgradError: a mechanism without noise (σ = 0 is not private), bad rate or steps.
+        EmbgradError: a mechanism without noise (σ = 0 is not private); ``sample_rate`` outside
+            (0, 1] or ``steps`` not an int >= 0; dp-accounting not installed (the ``privacy`` extra).
     """
     _check(sample_rate, steps)
     dp = _dp()

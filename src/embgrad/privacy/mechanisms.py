@@ -53,6 +53,9 @@ class DPSGD(_FullGradientNoise):
 
     ``noise_multiplier`` σ (Opacus's ``noise_multiplier``), ``max_grad_norm`` C (the per-example
     clipping norm of the whole model's gradient, Opacus's ``max_grad_norm``).
+
+    Raises:
+        EmbgradError: ``noise_multiplier`` negative or not finite; ``max_grad_norm`` not > 0.
     """
 
     noise_multiplier: float
@@ -63,7 +66,11 @@ class DPSGD(_FullGradientNoise):
         _check_pos(self.max_grad_norm, "max_grad_norm")
 
     def privatize(self, grad: RowGrad, rng: Any = None) -> Any:
-        """The dense (V, D) noised gradient: ``grad`` + N(0, (σC)²) everywhere."""
+        """The dense (V, D) noised gradient (a framework tensor): ``grad`` + N(0, (σC)²) everywhere.
+
+        Raises:
+            EmbgradError: ``rng`` is not None, an int or a ``numpy.random.Generator``.
+        """
         return dense_noise(grad, self.gradient_noise_std, rng)
 
 
@@ -75,6 +82,10 @@ class DPFEST(_FullGradientNoise):
     cost); else σ_topk of the one-off Gaussian on the training data's counts
     (:func:`~embgrad.privacy.top_k_rows` with ``noise_std = σ_topk · contribution_bound``),
     charged once by the accountant.
+
+    Raises:
+        EmbgradError: ``noise_multiplier`` negative or not finite; ``max_grad_norm`` or a given
+            ``selection_noise_multiplier`` not > 0.
     """
 
     noise_multiplier: float
@@ -88,7 +99,14 @@ class DPFEST(_FullGradientNoise):
             _check_pos(self.selection_noise_multiplier, "selection_noise_multiplier")
 
     def privatize(self, grad: RowGrad, selection: RowSelection | Any, rng: Any = None) -> RowGrad:
-        """``grad`` on the fixed rows only, plus N(0, (σC)²) on each of their entries."""
+        """``grad`` on the fixed rows only, plus N(0, (σC)²) on each of their entries.
+
+        ``selection``: the :class:`~embgrad.privacy.RowSelection` of :func:`~embgrad.privacy.top_k_rows`
+        or a sorted unique int64 (S,) tensor. Returns a :class:`~embgrad.RowGrad` (S, D).
+
+        Raises:
+            EmbgradError: a selection of another table; ``rng`` of another type.
+        """
         return noise_rows(grad, selection, self.gradient_noise_std, rng)
 
 
@@ -106,6 +124,10 @@ class DPAdaFEST:
         contribution_bound: C1, the L2 bound of one example's 0/1 row-contribution vector.
         num_tables: tables with their own selection in the model (the selection budget is
             shared between them).
+
+    Raises:
+        EmbgradError: ``noise_multiplier``, ``max_grad_norm`` or ``contribution_bound`` not > 0;
+            ``threshold`` negative; ``selection_fraction`` outside (0, 1); ``num_tables`` < 1.
     """
 
     noise_multiplier: float
@@ -144,12 +166,22 @@ class DPAdaFEST:
         return [self.selection_noise_multiplier] * int(self.num_tables) + [self.gradient_noise_multiplier]
 
     def select(self, counts: RowGrad, rng: Any = None) -> RowSelection:
-        """:func:`~embgrad.privacy.select_rows` with this mechanism's threshold and noise."""
+        """:func:`~embgrad.privacy.select_rows` with this mechanism's threshold and noise.
+
+        Raises:
+            EmbgradError: ``counts`` is not an (R, 1) :class:`~embgrad.RowGrad`; ``rng`` of another type.
+        """
         return select_rows(counts, self.threshold, self.selection_noise_std, rng)
 
     def privatize(self, grad: RowGrad, counts: RowGrad, rng: Any = None) -> RowGrad:
         """Select rows from ``counts`` (:func:`~embgrad.privacy.contribution_counts`, summed over
-        the batch and ranks), then ``grad`` on those rows plus N(0, (σ_grad·C)²) on each entry."""
+        the batch and ranks), then ``grad`` on those rows plus N(0, (σ_grad·C)²) on each entry.
+        Returns a :class:`~embgrad.RowGrad` on the selected rows, (S, D).
+
+        Raises:
+            EmbgradError: ``counts`` is not an (R, 1) :class:`~embgrad.RowGrad` of a table of
+                ``grad``'s size; ``rng`` of another type.
+        """
         if not isinstance(counts, RowGrad):
             raise EmbgradError("DPAdaFEST.privatize needs counts= from contribution_counts().")
         if counts.num_rows != grad.num_rows:

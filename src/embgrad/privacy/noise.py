@@ -57,7 +57,12 @@ __all__ = [
 
 
 def make_rng(rng: Any = None) -> np.random.Generator:
-    """A NumPy Generator from ``None`` (fresh OS entropy), an int seed or a Generator."""
+    """A NumPy Generator from ``None`` (fresh OS entropy), an int seed or a Generator (returned
+    as it is, so draws continue its stream).
+
+    Raises:
+        EmbgradError: ``rng`` is of another type.
+    """
     if rng is None or isinstance(rng, (int, np.integer)):
         return np.random.default_rng(rng)
     if isinstance(rng, np.random.Generator):
@@ -125,6 +130,7 @@ class RowSelection:
         return int(np.asarray(self.rows.shape)[0]) if hasattr(self.rows, "shape") else len(self.rows)
 
     def numpy(self) -> np.ndarray:
+        """``rows`` as NumPy int64 (S,)."""
         b = self._backend or get_backend(self.rows)
         return b.to_numpy(self.rows)
 
@@ -201,7 +207,13 @@ def contribution_counts(lookups: Any, num_rows: int | None = None, *,
 
 
 def false_positive_probability(threshold: float, noise_std: float) -> float:
-    """Φ̄(τ/σ): the chance that an untouched row's noisy count N(0, σ²) reaches ``threshold``."""
+    """Φ̄(τ/σ): the chance that an untouched row's noisy count N(0, σ²) reaches ``threshold``.
+
+    ``threshold`` τ and ``noise_std`` σ in count units; 0.0 when σ = 0.
+
+    Raises:
+        EmbgradError: ``threshold`` or ``noise_std`` is not a finite number >= 0.
+    """
     t = _check_nonneg(threshold, "threshold")
     s = _check_nonneg(noise_std, "noise_std")
     if s == 0:
@@ -227,7 +239,8 @@ def select_rows(counts: RowGrad, threshold: float, noise_std: float, rng: Any = 
         :class:`RowSelection` (rows int64 framework tensor, sorted; its counts of true and
         false positives).
     Raises:
-        EmbgradError: counts not a (R, 1) RowGrad, negative threshold or std.
+        EmbgradError: counts not a (R, 1) RowGrad, negative threshold or std; ``rng`` is not None,
+            an int or a ``numpy.random.Generator``.
     """
     if not isinstance(counts, RowGrad) or counts.dim != 1:
         raise EmbgradError(f"select_rows() takes the (R, 1) counts RowGrad of contribution_counts(), "
@@ -277,8 +290,9 @@ def top_k_rows(counts: Any, k: int, *, noise_std: float = 0.0, rng: Any = None,
     Returns:
         :class:`RowSelection` of k sorted rows.
     Raises:
-        EmbgradError: bad k, counts not (V,), a RowGrad of counts with noise_std = 0 given
-            together with ``like=None`` and NumPy counts.
+        EmbgradError: ``k`` not an int in 1..V; NumPy counts not of shape (V,); ``noise_std``
+            negative or not finite; ``like`` not a framework tensor; ``rng`` is not None, an int or
+            a ``numpy.random.Generator``.
     """
     std = _check_nonneg(noise_std, "noise_std")
     g = make_rng(rng)
@@ -305,7 +319,12 @@ def top_k_rows(counts: Any, k: int, *, noise_std: float = 0.0, rng: Any = None,
 
 
 def gaussian_noise(shape: tuple[int, ...], std: float, like: Any, rng: Any = None) -> Any:
-    """A framework float32 tensor of N(0, std²) draws, on ``like``'s device."""
+    """A framework float32 tensor of ``shape`` holding N(0, std²) draws, on ``like``'s device.
+
+    Raises:
+        EmbgradError: ``like`` is not a tensor of a supported framework; ``rng`` is not None, an int
+            or a ``numpy.random.Generator``.
+    """
     b = get_backend(like)
     g = make_rng(rng)
     return b.from_numpy(g.standard_normal(shape, dtype=np.float32) * np.float32(std), like=like)
@@ -324,7 +343,8 @@ def noise_rows(grad: RowGrad, selection: Any, std: float, rng: Any = None) -> Ro
     Returns:
         :class:`~embgrad.RowGrad` with rows = the selection, values (S, D) float32 or wider.
     Raises:
-        EmbgradError: a selection of another table, std < 0.
+        EmbgradError: a selection of another table, std < 0 or not finite; ``rng`` is not None, an
+            int or a ``numpy.random.Generator``.
     """
     s = _check_nonneg(std, "std")
     rows = selection.rows if isinstance(selection, RowSelection) else selection
@@ -352,7 +372,13 @@ def noise_rows(grad: RowGrad, selection: Any, std: float, rng: Any = None) -> Ro
 
 
 def dense_noise(grad: RowGrad, std: float, rng: Any = None) -> Any:
-    """Dense DP-SGD: the (V, D) gradient plus N(0, std²) on every entry (a (V, D) tensor)."""
+    """Dense DP-SGD: the (V, D) gradient plus N(0, std²) on every entry (a (V, D) framework
+    tensor of the gradient's dtype; memory O(V · D) by definition).
+
+    Raises:
+        EmbgradError: ``std`` negative or not finite; ``rng`` is not None, an int or a
+            ``numpy.random.Generator``.
+    """
     s = _check_nonneg(std, "std")
     dense = grad.to_dense()
     if s == 0:

@@ -70,7 +70,14 @@ def _run(chromium: str, args: Sequence[str], timeout: float) -> subprocess.Compl
 def render(page: Path | str, screenshot: Path | str, *, width: int = 1500, height: int = 2400,
            chromium: str | None = None, timeout: float = 90.0) -> Rendered:
     """Open ``page`` in headless Chromium twice (one screenshot, one DOM dump), logging
-    every network request; EmbgradError if there is no Chromium or it fails."""
+    every network request. ``width`` × ``height``: the window in CSS pixels; ``timeout``: seconds
+    per Chromium run.
+
+    Raises:
+        EmbgradError: no Chromium on PATH (and none given); Chromium exits with an error, or
+            writes no screenshot or net log.
+        subprocess.TimeoutExpired: a Chromium run takes longer than ``timeout``.
+    """
     chromium = chromium or find_chromium()
     if chromium is None:
         raise EmbgradError("no Chromium found on PATH (looked for " + ", ".join(_NAMES) + "); install it, "

@@ -67,6 +67,12 @@ def run_demo(framework: str = "torch", *, seed: int = 0, batch_size: int = 256,
 
     ``batch_size``: the training batch whose gradients sections 2, 3 and 6 show.
     ``progress``: the trainer's per-epoch callback; ``step(name)``: called before each section.
+    Returns ``(results, trained model, data)``.
+
+    Raises:
+        EmbgradError: an unknown ``framework`` ("torch" or "tensorflow"), ``epochs`` < 1.
+        ImportError: the framework is not installed (without dp-accounting the privacy section
+            says so instead of giving ε).
     """
     step = step or (lambda name: None)
     seconds: dict[str, float] = {}

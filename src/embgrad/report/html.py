@@ -299,7 +299,12 @@ def render_page(r: DemoResults, figs: dict[str, str], command: str = "embgrad de
 
 def check_out_dir(out_dir: Path | str) -> Path:
     """``out_dir`` as a Path, checked before any work: a directory that exists or can be made and
-    written to. Raises EmbgradError (a file is in the way, or no permission) naming the fix."""
+    written to (it is created).
+
+    Raises:
+        EmbgradError: a file is in the way, or the directory cannot be made or written to (the
+            message names the fix).
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise EmbgradError(f"--out {str(out)!r} is a file; the report needs a directory (index.html goes "

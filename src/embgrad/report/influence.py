@@ -104,7 +104,12 @@ def demo_influence(seed: int = 0, mode: str = "projected", k: int = 1024, tests:
     (2 % flipped labels), and ``tests`` (test sentences, or how many of the test split).
 
     With ``mode="projected"`` the exact top proponents are computed too (the demo is small) and
-    their recall@5 is on the page. Raises EmbgradError for an unknown mode or an empty test list.
+    their recall@5 is on the page.
+
+    Raises:
+        EmbgradError: an unknown ``mode`` or ``metric``, a bad ``k`` or ``exact_rows`` (as
+            :func:`embgrad.influence.collect`); ``tests`` an int below 1 or an empty list.
+        ImportError: torch is not installed (the demo model is a torch model).
     """
 
     from ..demo.models import _one_thread
@@ -164,7 +169,10 @@ def read_training_file(path: str | Path, labels: Sequence[str]) -> tuple[list[st
     """Sentences and label indices (None where a line has no label) of a text file: one sentence
     per line, optionally ``LABEL<TAB>sentence`` with LABEL a label name or index; blank lines skipped.
 
-    Raises EmbgradError if the file cannot be read, has no sentence, or names an unknown label."""
+    Raises:
+        EmbgradError: the file cannot be read (or is not UTF-8), holds no sentence, or a line
+            names a label that is neither one of ``labels`` nor an index of one.
+    """
     p = Path(path)
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
@@ -205,7 +213,12 @@ def model_influence(model_dir: str | Path, train_file: str | Path, tests: Sequen
     exactly outside the projection (the [CLS] row carries most of a BERT gradient; see
     :func:`embgrad.influence.collect`).
 
-    Raises EmbgradError if the directory holds no sequence classifier, or for a bad training file."""
+    Raises:
+        EmbgradError: what :func:`~embgrad.report.explain.load_model` refuses (no model or
+            tokenizer files, a tokenizer of another model); a model that is not a sequence
+            classifier; no ``tests``; a bad training file (:func:`read_training_file`); a bad
+            ``mode``, ``k``, ``exact_rows`` or ``metric`` (as :func:`embgrad.influence.collect`).
+    """
     import torch
 
     from .explain import load_model
@@ -328,7 +341,9 @@ def render_influence(page: InfluencePage) -> str:
 def write_influence(page: InfluencePage, path: str | Path) -> Path:
     """Write the page to ``path`` (``path/influence.html`` for a directory); return where.
 
-    Raises EmbgradError if it cannot be written."""
+    Raises:
+        EmbgradError: ``path`` (or its folder) cannot be created or written.
+    """
     out = Path(path)
     if out.is_dir():
         out = out / "influence.html"
