@@ -103,7 +103,14 @@ def cases(quick: bool) -> list[Case]:
 
 # ----------------------------------------------------------------------------- setup
 class _Setup:
-    """Model, inputs, loss and the clipping bound C of one case (identical in every process)."""
+    """Model, inputs, loss and the clipping bound C of one case (identical in every process).
+
+    The runners below read only ``p``, ``model``, ``emb``, ``x``, ``mask``, ``y``, ``max_norm``,
+    ``norm_dtype``, ``loss()`` and ``only_embedding_trainable()``: a setup of another model that
+    has them (benchmarks/tied.py) reuses them.
+    """
+
+    norm_dtype: Any = None   # dtype of the dense references' norms (None: the gradient's own)
 
     def __init__(self, p: dict):
         import torch
@@ -152,7 +159,7 @@ def _dense_per_example_result(s: _Setup, per: Any) -> tuple[Any, Any]:
     """Norms and clipped sum from dense (B, V, D) per-example gradients."""
     import torch
 
-    norms = torch.linalg.vector_norm(per.flatten(1), dim=1)
+    norms = torch.linalg.vector_norm(per.flatten(1), dim=1, dtype=s.norm_dtype).to(per.dtype)
     factor = (s.max_norm / norms.clamp(min=1e-30)).clamp(max=1.0)
     return norms, torch.tensordot(factor, per, dims=1)
 
@@ -209,7 +216,7 @@ def _loop(s: _Setup) -> Bench:
             sl = slice(b, b + 1)
             s.loss(s.model, s.x[sl], s.mask[sl], s.y[sl]).backward()
             g = w.grad
-            n = torch.linalg.vector_norm(g)
+            n = torch.linalg.vector_norm(g, dtype=s.norm_dtype).to(g.dtype)
             norms[b] = n
             acc.add_(g, alpha=min(1.0, s.max_norm / max(float(n), 1e-30)) if clip else 1.0)
         w.grad = None
@@ -266,7 +273,10 @@ def _opacus_hooks(s: _Setup) -> Bench:
 
     def run() -> Any:
         gsm.zero_grad(set_to_none=True)
-        s.loss(gsm, s.x, s.mask, s.y).backward()
+        try:
+            s.loss(gsm, s.x, s.mask, s.y).backward()
+        except ValueError as e:    # Opacus refusing the model (e.g. a parameter it cannot sample)
+            raise Unsupported(f"Opacus hooks: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         per = w.grad_sample                                        # (B, V, D)
         out = _dense_per_example_result(s, per)
         gsm.zero_grad(set_to_none=True)
@@ -337,14 +347,16 @@ _BUILDERS: dict[str, Callable[[_Setup], Bench]] = {
 }
 
 
-def build(method: str, params: dict) -> Bench:
-    """Build ``method`` on the case ``params`` (called in the child process)."""
-    if method not in _BUILDERS:
+def build(method: str, params: dict, setup: Callable[[dict], Any] = _Setup,
+          builders: dict[str, Callable[[Any], Bench]] = _BUILDERS) -> Bench:
+    """Build ``method`` on the case ``params`` (called in the child process); ``setup`` and
+    ``builders``: another model's (benchmarks/tied.py)."""
+    if method not in builders:
         raise Unsupported(f"unknown method {method!r}")
     import torch
 
-    s = _Setup(params)
-    bench = _BUILDERS[method](s)
+    s = setup(params)
+    bench = builders[method](s)
     meta = {"max_norm": s.max_norm, "threads": torch.get_num_threads(),
             "lookups": int(s.mask.sum())}
     return Bench(bench.run, bench.result, bench.evals, {**bench.meta, **meta})

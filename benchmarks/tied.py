@@ -26,11 +26,18 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import GiB, Bench, Case, Unsupported, sparse_rows, where_raised  # noqa: E402
+from harness import GiB, Bench, Case, Unsupported, where_raised  # noqa: E402
 from models import PAD, zipf_ids  # noqa: E402
+
+import per_example  # noqa: E402
+from per_example import (  # noqa: E402  (the runners shared with the untied case)
+    _dense_per_example_result,
+    _loop,
+    _opacus_hooks,
+    _plain,
+    _result_dense,
+)
 
 METHODS = ("embgrad", "plain", "loop", "vmap", "opacus_hooks", "opacus_ghost")
 REFERENCE = "loop"
@@ -67,6 +74,9 @@ def cases(quick: bool) -> list[Case]:
 
 
 class _Setup:
+    """GPT-2 with its tied wte/lm_head, next-token labels ``y``: the interface of
+    ``per_example._Setup``, whose plain, loop and Opacus-hooks runners run on it unchanged."""
+
     def __init__(self, p: dict):
         import torch
         import transformers
@@ -83,9 +93,12 @@ class _Setup:
         self.mask = (self.x != PAD).long()
         labels = self.x.clone()
         labels[self.mask == 0] = -100
-        self.labels = labels
+        self.y = labels
         self.emb = self.model.get_submodule(LAYER)
         self.weight_name = f"{LAYER}.weight"
+        # float64 norms in the dense references: a float32 vector_norm over the V·D = 38.6M
+        # entries is off by ~1e-5 relative
+        self.norm_dtype = torch.float64
         self.max_norm = self._median_norm()
 
     def loss(self, model: Any, x: Any, mask: Any, labels: Any) -> Any:
@@ -95,7 +108,7 @@ class _Setup:
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                reduction="sum", ignore_index=-100)
 
-    def only_table_trainable(self) -> None:
+    def only_embedding_trainable(self) -> None:
         for name, prm in self.model.named_parameters():
             prm.requires_grad_(name == self.weight_name)
 
@@ -103,23 +116,8 @@ class _Setup:
         import embgrad
 
         with embgrad.capture(self.model, layers=LAYER) as cap:
-            loss = self.loss(self.model, self.x, self.mask, self.labels)
+            loss = self.loss(self.model, self.x, self.mask, self.y)
         return float(cap.gradients(loss).only().per_example().norms().median())
-
-
-def _dense_result(s: _Setup, per: Any) -> tuple[Any, Any]:
-    import torch
-
-    # float64 norms: a float32 vector_norm over the V·D = 38.6M entries is off by ~1e-5 relative
-    norms = torch.linalg.vector_norm(per.flatten(1), dim=1, dtype=torch.float64).float()
-    factor = (s.max_norm / norms.clamp(min=1e-30)).clamp(max=1.0)
-    return norms, torch.tensordot(factor, per, dims=1)
-
-
-def _result(out: tuple[Any, Any]) -> dict[str, np.ndarray]:
-    norms, clipped = out
-    rows, values = sparse_rows(clipped.detach().numpy())
-    return {"norms": norms.detach().numpy(), "clipped_rows": rows, "clipped_values": values}
 
 
 def _embgrad(s: _Setup) -> Bench:
@@ -127,60 +125,17 @@ def _embgrad(s: _Setup) -> Bench:
 
     def run() -> Any:
         with embgrad.capture(s.model, layers=LAYER) as cap:
-            loss = s.loss(s.model, s.x, s.mask, s.labels)
+            loss = s.loss(s.model, s.x, s.mask, s.y)
         pe = cap.gradients(loss).only().per_example()
         return pe.norms(), pe.clip(s.max_norm).sum().to_dense()
 
-    return Bench(run, _result)
-
-
-def _plain(s: _Setup) -> Bench:
-    def run() -> Any:
-        s.loss(s.model, s.x, s.mask, s.labels).backward()
-        g = s.emb.weight.grad
-        s.model.zero_grad(set_to_none=True)
-        return g
-
-    def result(g: Any) -> dict[str, np.ndarray]:
-        rows, values = sparse_rows(g.numpy())
-        return {"grad_rows": rows, "grad_values": values}
-
-    return Bench(run, result)
-
-
-def _loop(s: _Setup) -> Bench:
-    import torch
-
-    s.only_table_trainable()
-    w = s.emb.weight
-
-    def per_example(clip: bool) -> tuple[Any, Any]:
-        norms = torch.empty(s.p["batch"])
-        acc = torch.zeros_like(w)
-        for b in range(s.p["batch"]):
-            w.grad = None
-            sl = slice(b, b + 1)
-            s.loss(s.model, s.x[sl], s.mask[sl], s.labels[sl]).backward()
-            g = w.grad
-            n = torch.linalg.vector_norm(g, dtype=torch.float64).float()   # float32 loses ~1e-5 here
-            norms[b] = n
-            acc.add_(g, alpha=min(1.0, s.max_norm / max(float(n), 1e-30)) if clip else 1.0)
-        w.grad = None
-        return norms, acc
-
-    def result(out: Any) -> dict[str, np.ndarray]:
-        res = _result(out)
-        _, total = per_example(clip=False)
-        res["grad_rows"], res["grad_values"] = sparse_rows(total.numpy())
-        return res
-
-    return Bench(lambda: per_example(clip=True), result)
+    return Bench(run, _result_dense)
 
 
 def _vmap(s: _Setup) -> Bench:
     from torch.func import functional_call, grad, vmap
 
-    s.only_table_trainable()
+    s.only_embedding_trainable()
     params = {k: v.detach() for k, v in s.model.named_parameters()}
     buffers = dict(s.model.named_buffers())
 
@@ -195,47 +150,25 @@ def _vmap(s: _Setup) -> Bench:
 
     def run() -> Any:
         try:
-            per = per_grad(params[s.weight_name], s.x, s.mask, s.labels)
+            per = per_grad(params[s.weight_name], s.x, s.mask, s.y)
         except RuntimeError as e:
             raise Unsupported(f"torch.func.vmap cannot trace GPT-2 here at {where_raised(e)}: "
                               f"{str(e).splitlines()[0][:200]}") from None
-        return _dense_result(s, per)
+        return _dense_per_example_result(s, per)
 
-    return Bench(run, _result)
-
-
-def _opacus_hooks(s: _Setup) -> Bench:
-    from opacus import GradSampleModule
-
-    s.only_table_trainable()
-    gsm = GradSampleModule(s.model, batch_first=True, loss_reduction="sum", strict=False)
-    w = s.emb.weight
-
-    def run() -> Any:
-        gsm.zero_grad(set_to_none=True)
-        try:
-            s.loss(gsm, s.x, s.mask, s.labels).backward()
-        except ValueError as e:
-            raise Unsupported(f"Opacus hooks on the tied wte/lm_head: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}") from None
-        per = w.grad_sample
-        out = _dense_result(s, per)
-        gsm.zero_grad(set_to_none=True)
-        return out
-
-    return Bench(run, _result)
+    return Bench(run, _result_dense)
 
 
 def _opacus_ghost(s: _Setup) -> Bench:
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-    s.only_table_trainable()
+    s.only_embedding_trainable()
     try:
         gsm = GradSampleModuleFastGradientClipping(s.model, batch_first=True, loss_reduction="sum",
                                                    strict=False, max_grad_norm=s.max_norm,
                                                    use_ghost_clipping=True)
         gsm.zero_grad(set_to_none=True)
-        per_loss = s.loss(gsm, s.x, s.mask, s.labels)
+        per_loss = s.loss(gsm, s.x, s.mask, s.y)
         per_loss.backward()
         gsm.get_norm_sample()
     except Exception as e:   # noqa: BLE001 — Opacus's own refusal, reported as the reason
@@ -251,11 +184,4 @@ _BUILDERS: dict[str, Callable[[_Setup], Bench]] = {
 
 def build(method: str, params: dict) -> Bench:
     """Build ``method`` on the case ``params`` (called in the child process)."""
-    if method not in _BUILDERS:
-        raise Unsupported(f"unknown method {method!r}")
-    import torch
-
-    s = _Setup(params)
-    bench = _BUILDERS[method](s)
-    meta = {"max_norm": s.max_norm, "threads": torch.get_num_threads(), "lookups": int(s.mask.sum())}
-    return Bench(bench.run, bench.result, bench.evals, {**bench.meta, **meta})
+    return per_example.build(method, params, _Setup, _BUILDERS)
