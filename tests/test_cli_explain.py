@@ -26,20 +26,10 @@ def st_model():
 
 
 @pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory):
-    """A small BERT sequence classifier with named labels and MiniLM's tokenizer, saved locally."""
-    path = tmp_path_factory.mktemp("clf")
-    tok = transformers.AutoTokenizer.from_pretrained(MINILM, local_files_only=True)
-    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                  num_labels=3, id2label={0: "negative", 1: "neutral", 2: "positive"},
-                                  label2id={"negative": 0, "neutral": 1, "positive": 2},
-                                  architectures=["BertForSequenceClassification"])
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        transformers.BertForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def classifier_dir(bert_classifier):
+    """A small BERT sequence classifier (two layers) with named labels and MiniLM's tokenizer,
+    saved locally (conftest.py's bert_classifier)."""
+    return bert_classifier(("negative", "neutral", "positive"), layers=2)
 
 
 def _cosine(model, tok, a: str, b: str) -> float:

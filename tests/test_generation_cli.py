@@ -21,18 +21,13 @@ from embgrad.report.generation import explain_generation  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lm")
+def lm_dir(tmp_path_factory, save_hf_model):
     vf, mf = write_bpe_files(tmp_path_factory.mktemp("bpe_cli"))
     tok = transformers.GPT2Tokenizer(vocab=vf, merges=mf)
     cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=4,
                                   eos_token_id=len(tok) - 1, bos_token_id=len(tok) - 1,
                                   architectures=["GPT2LMHeadModel"])
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_hf_model("lm", transformers.GPT2LMHeadModel, cfg, tok)
 
 
 def test_explain_continuation_page(lm_dir, tmp_path, capsys):

