@@ -138,7 +138,7 @@ def test_torch_backend_unique_matches_torch_unique() -> None:
              torch.randint(0, 9, (40, 30), generator=g).t()[3],            # non-contiguous view
              torch.tensor([7]), torch.tensor([], dtype=torch.int64)]
     for x in cases:
-        u, inv = b.unique(x)
+        u, inv = b.ops.unique(x)
         ru, rinv = torch.unique(x, sorted=True, return_inverse=True)
         assert torch.equal(u, ru) and torch.equal(inv, rinv) and inv.dtype == torch.int64
         assert torch.equal(u[inv], x)
@@ -153,12 +153,12 @@ def test_torch_backend_boolean_mask_matches_indexing() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(50, 7, generator=g, requires_grad=True)
     mask = torch.rand(50, generator=g) > 0.4
-    out = b.boolean_mask(x, mask)
+    out = b.ops.boolean_mask(x, mask)
     assert torch.equal(out, x[mask])
     out.sum().backward()
     assert torch.equal(x.grad, mask[:, None].expand(50, 7).float())
     ids = torch.arange(50)
-    assert torch.equal(b.boolean_mask(ids, mask), ids[mask])
-    assert torch.equal(b.boolean_mask(ids, torch.zeros(50, dtype=torch.bool)), ids[:0])
+    assert torch.equal(b.ops.boolean_mask(ids, mask), ids[mask])
+    assert torch.equal(b.ops.boolean_mask(ids, torch.zeros(50, dtype=torch.bool)), ids[:0])
     full = torch.rand(50, 7, generator=g) > 0.5
-    assert torch.equal(b.boolean_mask(x.detach(), full), x.detach()[full])
+    assert torch.equal(b.ops.boolean_mask(x.detach(), full), x.detach()[full])

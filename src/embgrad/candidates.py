@@ -48,20 +48,20 @@ def top_candidates(b: Backend, info: EmbeddingInfo, grads: Any, current: np.ndar
         return np.full((P, kk), -np.inf), np.full((P, kk), -1, np.int64)
     D = int(info.dim)
     chunk = max(1, min(C, int(budget) // max(P, D, 1)))
-    dt = b.dtype_name(grads)
-    cur = b.reshape(b.from_numpy(current.astype(np.int64), like=grads), (-1, 1))
-    with b.no_grad():
+    dt = b.ops.dtype_name(grads)
+    cur = b.ops.reshape(b.ops.from_numpy(current.astype(np.int64), like=grads), (-1, 1))
+    with b.ops.no_grad():
         for c0 in range(0, C, chunk):
             cid = cand[c0:c0 + chunk]
-            cid_t = b.from_numpy(cid, like=grads)
-            E = b.cast(b.embed(info, cid_t), dt)                       # (c, D)
-            sc = b.matmul_t(grads, E)                                  # (P, c)
+            cid_t = b.ops.from_numpy(cid, like=grads)
+            E = b.ops.cast(b.embed(info, cid_t), dt)                       # (c, D)
+            sc = b.ops.matmul_t(grads, E)                                  # (P, c)
             if sign < 0:
                 sc = -sc
-            same = b.cast(cur == b.reshape(cid_t, (1, -1)), dt)
-            v, i = b.topk(sc - same * 1e30, int(min(kk, cid.size)))
-            v_np = np.asarray(b.to_numpy(v), dtype=np.float64)
-            i_np = cid[np.asarray(b.to_numpy(i), dtype=np.int64)]
+            same = b.ops.cast(cur == b.ops.reshape(cid_t, (1, -1)), dt)
+            v, i = b.ops.topk(sc - same * 1e30, int(min(kk, cid.size)))
+            v_np = np.asarray(b.ops.to_numpy(v), dtype=np.float64)
+            i_np = cid[np.asarray(b.ops.to_numpy(i), dtype=np.int64)]
             v_np[v_np < -1e29] = -np.inf
             allv = np.concatenate([best_v, v_np], axis=1)
             alli = np.concatenate([best_i, i_np], axis=1)

@@ -38,7 +38,7 @@ def select_layers(backend: Backend, model: Any, layers: Any,
     if not found:
         raise EmbgradError(
             f"{type(model).__name__} has no embedding layer: embgrad searched it for "
-            f"{getattr(backend, 'searched_types', 'embedding layers')}. Pass the model that owns the "
+            f"{backend.searched_types}. Pass the model that owns the "
             "embedding (or the embedding layer itself).")
     if layers is None:
         return list(found.values())
@@ -50,7 +50,7 @@ def select_layers(backend: Backend, model: Any, layers: Any,
         info = None
         if isinstance(key, str):
             info = found.get(key)
-            if info is None and hasattr(backend, "match_name"):
+            if info is None:
                 info = backend.match_name(key, found)
                 if info is not None and given is not None:
                     given.setdefault(info.name, key)
@@ -176,31 +176,31 @@ class LayerGradients:
         b, info = self._backend, self.info
         rows, grads = [], []
         for (ids, og), valid in zip(self.calls, self._valid, strict=True):
-            flat_ids = b.cast(b.reshape(ids, (-1,)), "int64")
-            g = b.reshape(og, (-1, self.dim))
+            flat_ids = b.ops.cast(b.ops.reshape(ids, (-1,)), "int64")
+            g = b.ops.reshape(og, (-1, self.dim))
             flat_ids, g, _ = self._clean(flat_ids, g, None, valid)
             if info.options.get("scale_grad_by_freq"):
                 # PyTorch divides each row's gradient by how often the row occurs in the call
-                g = g / b.reshape(_counts(b, flat_ids, g), (-1, 1))
+                g = g / b.ops.reshape(_counts(b, flat_ids, g), (-1, 1))
             rows.append(flat_ids)
             grads.append(g)
-        cat = (lambda xs: xs[0]) if len(rows) == 1 else b.concat
+        cat = (lambda xs: xs[0]) if len(rows) == 1 else b.ops.concat
         return cat(rows), cat(grads)
 
     def _clean(self, flat_ids: Any, g: Any, ex: Any, valid: Any) -> tuple[Any, Any, Any]:
         """Drop ignored entries (invalid bag slots, the padding row); float32 or wider grads."""
         b, info = self._backend, self.info
-        if b.dtype_name(g) not in ("float32", "float64"):
-            g = b.cast(g, "float32")
+        if b.ops.dtype_name(g) not in ("float32", "float64"):
+            g = b.ops.cast(g, "float32")
         keep = None
         if valid is not None:
-            keep = b.reshape(valid, (-1,))
+            keep = b.ops.reshape(valid, (-1,))
         if info.padding_idx is not None:
             not_pad = flat_ids != info.padding_idx
             keep = not_pad if keep is None else (keep & not_pad)
         if keep is not None:
-            flat_ids, g = b.boolean_mask(flat_ids, keep), b.boolean_mask(g, keep)
-            ex = b.boolean_mask(ex, keep) if ex is not None else None
+            flat_ids, g = b.ops.boolean_mask(flat_ids, keep), b.ops.boolean_mask(g, keep)
+            ex = b.ops.boolean_mask(ex, keep) if ex is not None else None
         return flat_ids, g, ex
 
     def _flat_examples(self) -> tuple[Any, Any, Any, Any]:
@@ -214,22 +214,23 @@ class LayerGradients:
             if problem is not None:
                 raise EmbgradError(f"layer {self.name!r}: {problem}")
             ids, og, valid, offset = exm.layouts[k]
-            shape = b.shape(ids)
+            shape = b.ops.shape(ids)
             B = shape[0]
             T = math.prod(shape[1:])  # lookups per example (ids may have more than 2 dims)
-            flat_ids = b.cast(b.reshape(ids, (-1,)), "int64")
-            g = b.reshape(og, (-1, self.dim))
-            ex = b.arange(0, flat_ids) if isinstance(T, int) and T == 0 else b.floordiv(b.arange(B * T, flat_ids), T)
+            flat_ids = b.ops.cast(b.ops.reshape(ids, (-1,)), "int64")
+            g = b.ops.reshape(og, (-1, self.dim))
+            ex = (b.ops.arange(0, flat_ids) if isinstance(T, int) and T == 0
+                  else b.ops.floordiv(b.ops.arange(B * T, flat_ids), T))
             if not (isinstance(offset, int) and offset == 0):
                 ex = ex + offset
             flat_ids, g, ex = self._clean(flat_ids, g, ex, valid)
             if info.options.get("scale_grad_by_freq"):
                 # per example: each example's own counts (its gradient depends on it alone)
-                g = g / b.reshape(_counts(b, ex * self.num_rows + flat_ids, g), (-1, 1))
+                g = g / b.ops.reshape(_counts(b, ex * self.num_rows + flat_ids, g), (-1, 1))
             exs.append(ex)
             rows.append(flat_ids)
             grads.append(g)
-        cat = (lambda xs: xs[0]) if len(exs) == 1 else b.concat
+        cat = (lambda xs: xs[0]) if len(exs) == 1 else b.ops.concat
         return cat(exs), cat(rows), cat(grads), exm.batch_size
 
     @property
@@ -241,7 +242,7 @@ class LayerGradients:
                     and not self.info.options.get("scale_grad_by_freq"):
                 self._lookup_grad = self._per_example.sum()
             else:
-                with self._backend.no_grad():
+                with self._backend.ops.no_grad():
                     rows, grads = self._flat_weight()
                     rg = coalesce_lookups(self._backend, rows, rows, grads, self.num_rows, 1, per_example=False)
                     assert isinstance(rg, RowGrad)
@@ -266,16 +267,16 @@ class LayerGradients:
             else:
                 from .tied import projection_grad
                 b = self._backend
-                with b.no_grad():
+                with b.ops.no_grad():
                     total = self.lookup_grad
                     for other in self._shared:
                         total = total + other.lookup_grad
                     if self.projections:
-                        acc = "float64" if b.dtype_name(total.values) == "float64" else "float32"
+                        acc = "float64" if b.ops.dtype_name(total.values) == "float64" else "float32"
                         dense = projection_grad(b, self.projections, acc)
                         if len(total):
-                            dense = dense + b.scatter_rows(total.rows, b.cast(total.values, acc), self.num_rows)
-                        total = RowGrad(b.arange(self.num_rows, dense), dense, self.num_rows, b)
+                            dense = dense + b.ops.scatter_rows(total.rows, b.ops.cast(total.values, acc), self.num_rows)
+                        total = RowGrad(b.ops.arange(self.num_rows, dense), dense, self.num_rows, b)
                 self._weight_grad = total
         return self._weight_grad
 
@@ -299,9 +300,9 @@ class LayerGradients:
             lk = self._lookup_examples()
         else:
             parts = [lg._lookup_flat() for lg in lookups]   # examples numbered capture-wide
-            ex = b.concat([p[0] for p in parts])
-            rows = b.concat([p[1] for p in parts])
-            grads = b.concat([p[2] for p in parts])
+            ex = b.ops.concat([p[0] for p in parts])
+            rows = b.ops.concat([p[1] for p in parts])
+            grads = b.ops.concat([p[2] for p in parts])
             sizes = {p[3] for p in parts}
             if len(sizes) != 1 or -1 in sizes:
                 raise EmbgradError(
@@ -323,18 +324,18 @@ class LayerGradients:
             hs, as_ = groups.setdefault(f, ([], []))
             hs.append(_as_positions(b, h, self.name, "input"))
             as_.append(_as_positions(b, a, self.name, "logit gradient"))
-        per_fwd = [(hs[0] if len(hs) == 1 else b.concat(hs, axis=1),
-                    as_[0] if len(as_) == 1 else b.concat(as_, axis=1)) for _, (hs, as_) in sorted(groups.items())]
-        rows_per_fwd = [b.shape(h)[0] for h, _ in per_fwd]
+        per_fwd = [(hs[0] if len(hs) == 1 else b.ops.concat(hs, axis=1),
+                    as_[0] if len(as_) == 1 else b.ops.concat(as_, axis=1)) for _, (hs, as_) in sorted(groups.items())]
+        rows_per_fwd = [b.ops.shape(h)[0] for h, _ in per_fwd]
         H: Any = None
         A: Any = None
         if len(per_fwd) == 1 or all(n == B for n in rows_per_fwd):
-            H = b.concat([h for h, _ in per_fwd], axis=1) if len(per_fwd) > 1 else per_fwd[0][0]
-            A = b.concat([a for _, a in per_fwd], axis=1) if len(per_fwd) > 1 else per_fwd[0][1]
-        elif sum(rows_per_fwd) == B and len({b.shape(h)[1] for h, _ in per_fwd}) == 1:
-            H = b.concat([h for h, _ in per_fwd], axis=0)
-            A = b.concat([a for _, a in per_fwd], axis=0)
-        if H is None or b.shape(H)[0] != B:
+            H = b.ops.concat([h for h, _ in per_fwd], axis=1) if len(per_fwd) > 1 else per_fwd[0][0]
+            A = b.ops.concat([a for _, a in per_fwd], axis=1) if len(per_fwd) > 1 else per_fwd[0][1]
+        elif sum(rows_per_fwd) == B and len({b.ops.shape(h)[1] for h, _ in per_fwd}) == 1:
+            H = b.ops.concat([h for h, _ in per_fwd], axis=0)
+            A = b.ops.concat([a for _, a in per_fwd], axis=0)
+        if H is None or b.ops.shape(H)[0] != B:
             raise EmbgradError(
                 f"layer {self.name!r}: the tied projection ran on batches of {rows_per_fwd} rows, but the "
                 f"lookups have {B} examples; per-example gradients of the whole table need the "
@@ -395,13 +396,13 @@ class LayerGradients:
                 raise EmbgradError(self._unknown_message("per-example gradients",
                                                          "per_example(part='lookup')"))
             if self._table_pe is None:
-                with self._backend.no_grad():
+                with self._backend.ops.no_grad():
                     self._table_pe = self._table_part()
             return self._table_pe
         return self._lookup_examples()
 
     def _lookup_flat(self) -> tuple[Any, Any, Any, Any]:
-        with self._backend.no_grad():
+        with self._backend.ops.no_grad():
             return self._flat_examples()
 
     def _lookup_examples(self) -> ExampleGrads:
@@ -418,15 +419,15 @@ class LayerGradients:
             if exm is not None and exm.warning:
                 warnings.warn(exm.warning.format(layer=self.name), stacklevel=2)
             b = self._backend
-            with b.no_grad():
+            with b.ops.no_grad():
                 ex, rows, grads, B = self._flat_examples()
                 if self._loss_reduction == "mean":
-                    grads = grads * (float(B) if isinstance(B, int) else b.cast(B, b.dtype_name(grads)))
+                    grads = grads * (float(B) if isinstance(B, int) else b.ops.cast(B, b.ops.dtype_name(grads)))
                 self._per_example = coalesce_lookups(b, ex, rows, grads, self.num_rows, B, per_example=True)
         return self._per_example
 
     def __repr__(self) -> str:
-        shape = self._backend.shape(self.ids)
+        shape = self._backend.ops.shape(self.ids)
         flags = "".join(f", {f}=True" for f in ("tied", "frozen") if getattr(self, f))
         calls = f", calls={len(self.calls)}" if len(self.calls) > 1 else ""
         return (f"LayerGradients({self.name!r}, num_rows={self.num_rows}, dim={self.dim}, "
@@ -435,16 +436,16 @@ class LayerGradients:
 
 def _counts(b: Backend, keys: Any, like: Any) -> Any:
     """For each entry, how many entries share its key (float, like ``like``)."""
-    uniq, inv = b.unique(keys)
-    ones = b.zeros((b.shape(keys)[0],), b.dtype_name(like), like) + 1.0
-    return b.gather(b.segment_sum(ones, inv, b.shape(uniq)[0]), inv)
+    uniq, inv = b.ops.unique(keys)
+    ones = b.ops.zeros((b.ops.shape(keys)[0],), b.ops.dtype_name(like), like) + 1.0
+    return b.ops.gather(b.ops.segment_sum(ones, inv, b.ops.shape(uniq)[0]), inv)
 
 
 def _grad_fingerprint(b: Backend, g: Any) -> Any:
     """The :func:`embgrad.tied.fingerprint_rows` of a framework gradient of a table (dense,
     sparse, IndexedSlices), without coalescing it."""
     from .tied import fingerprint_rows
-    rows, values, _ = b.row_grad_parts(g)
+    rows, values, _ = b.ops.row_grad_parts(g)
     return fingerprint_rows(b, rows, values)
 
 
@@ -453,7 +454,7 @@ def _fingerprint_differs(b: Backend, total: Any, lg: LayerGradients) -> bool:
     lookups of every captured layer sharing it, and its projections)."""
     from .tied import fingerprint_projection, fingerprint_rows, fingerprints_differ
     parts = []
-    with b.no_grad():
+    with b.ops.no_grad():
         for g in (lg, *lg._shared):
             rows, grads = g._flat_weight()
             parts.append(fingerprint_rows(b, rows, grads))
@@ -463,11 +464,11 @@ def _fingerprint_differs(b: Backend, total: Any, lg: LayerGradients) -> bool:
 
 def _as_positions(b: Backend, x: Any, name: str, what: str) -> Any:
     """A projection's (N, ..., K) tensor as (N, S, K) (S = 1 for (N, K))."""
-    shape = b.shape(x)
+    shape = b.ops.shape(x)
     if len(shape) < 2:
         raise EmbgradError(f"layer {name!r}: the tied projection's {what} has shape {shape}; "
                            "expected (B, ..., D).")
-    return b.reshape(x, (shape[0], -1, shape[-1]))
+    return b.ops.reshape(x, (shape[0], -1, shape[-1]))
 
 
 class Gradients(Mapping):
@@ -631,7 +632,7 @@ class Capture:
             return None
         call.batch_dim = self.batch_dim or 0
         if call.grad_enabled and call.info.kind == "embedding":
-            shape = self._backend.shape(call.ids)
+            shape = self._backend.ops.shape(call.ids)
             if len(shape) == 0:
                 raise EmbgradError(
                     f"layer {call.info.name!r}: 0-d ids (a single id, not a batch): per-example "
@@ -689,7 +690,7 @@ class Capture:
                 "the `with embgrad.capture(...)` block (calls after the block are not recorded), and "
                 "check that the model actually uses these layers for its inputs." + self._compiled_hint())
         if not all(c.grad_enabled for c in self.calls):
-            hint = getattr(self._backend, "no_grad_hint", "torch.no_grad() / inference mode")
+            hint = self._backend.no_grad_hint
             raise EmbgradError(
                 f"the forward pass ran with gradients disabled ({hint}), so "
                 f"layers {names} produced no graph to differentiate. Run the forward inside capture "
@@ -722,7 +723,7 @@ class Capture:
                 unknown = b.table_uses(loss, self.layers, self.calls + projections)
                 checked = {i.name for i in self.layers}
                 extra_for = [i.name for i in trainable if i.name in unknown]
-            elif b.table_check == "total" and not b.traced(loss):   # values needed: eager only
+            elif b.table_check == "total" and not b.ops.traced(loss):   # values needed: eager only
                 extra_for = [i.name for i in trainable]
             extra = [weights[n] for n in extra_for]
             if isinstance(sources, (str, bytes)):
@@ -744,7 +745,7 @@ class Capture:
                     f"{names}): it was computed from a forward run outside the `with` block (e.g. "
                     "before it), or from outputs that do not use these layers. Compute the loss from "
                     "the forward run inside the block.")
-            grads = [b.zeros(b.shape(c.output), _float_name(b, c.output), c.output) if g is None else g
+            grads = [b.ops.zeros(b.ops.shape(c.output), _float_name(b, c.output), c.output) if g is None else g
                      for c, g in zip(self.calls, raw, strict=True)]
             if not retain_graph:
                 self._graph_freed = True
@@ -775,14 +776,14 @@ class Capture:
         for call, g in zip(projections, proj_grads, strict=True):
             if g is None:               # a projection the backward did not reach
                 continue
-            bad = b.count_nonfinite(g)
+            bad = b.ops.count_nonfinite(g)
             if bad:
                 raise EmbgradError(
                     f"layer {call.info.name!r}: the gradient of its tied projection's output holds "
                     f"{bad} NaN/Inf values. " + ("The scaled loss overflowed: skip this step." if inv_scale
                                                   is not None else "The loss or the model diverged."))
             if inv_scale is not None:
-                g = b.cast(g, "float64" if b.dtype_name(g) == "float64" else "float32") * inv_scale
+                g = b.ops.cast(g, "float64" if b.ops.dtype_name(g) == "float64" else "float32") * inv_scale
             if "version" in call.meta and getattr(call.output, "_version", None) != call.meta["version"]:
                 raise EmbgradError(
                     f"layer {call.info.name!r}: the output of its tied projection was modified in "
@@ -793,18 +794,18 @@ class Capture:
         by_layer: dict[str, tuple[list, list, list]] = {i.name: ([], [], []) for i in self.layers}
         token_grads = []
         for n, (call, g) in enumerate(zip(self.calls, grads, strict=True)):
-            bad = b.count_nonfinite(g)
+            bad = b.ops.count_nonfinite(g)
             if bad:
                 raise EmbgradError(
                     f"layer {call.info.name!r}: the gradient of its output holds {bad} NaN/Inf values "
-                    f"(of {int(math.prod(b.shape(g)))}). " + (
+                    f"(of {int(math.prod(b.ops.shape(g)))}). " + (
                         "The scaled loss overflowed: skip this step, as the loss-scale optimizer "
                         "does (it lowers its scale for the next one)." if inv_scale is not None else
                         "The loss or the model diverged (check the learning rate, or an unscaled "
                         "float16 loss)."))
             if inv_scale is not None:
-                g = b.cast(g, "float64" if b.dtype_name(g) == "float64" else "float32") * inv_scale
-                call.view_grads = [b.cast(v, "float64" if b.dtype_name(v) == "float64" else "float32")
+                g = b.ops.cast(g, "float64" if b.ops.dtype_name(g) == "float64" else "float32") * inv_scale
+                call.view_grads = [b.ops.cast(v, "float64" if b.ops.dtype_name(v) == "float64" else "float32")
                                    * inv_scale for v in call.view_grads if v is not None]
             call.grad = g
             tg = call.token_grad(g) if call.token_grad is not None else g
@@ -841,8 +842,7 @@ class Capture:
         return Gradients(result, src, aliases=self._given)
 
     def _compiled_hint(self) -> str:
-        hint = getattr(self._backend, "compiled_hint", None)
-        return hint(self.model) if hint is not None else ""
+        return self._backend.compiled_hint(self.model)
 
     # ------------------------------------------------------------------ examples
     def _examples(self, token_grads: list[Any]) -> _Examples:
@@ -897,7 +897,7 @@ class Capture:
                     problems[k] = problem
                 elif problems[k] is None and not strong[k] and size is not None and sizes[k] != size:
                     call = self.calls[k]
-                    shape = b.shape(call.ids)
+                    shape = b.ops.shape(call.ids)
                     problems[k] = (
                         f"its ids of shape {shape} carry no batch dimension (batch size "
                         f"{'1' if call.batch_free == 'one' else 'absent'}) while the forward's batch has "
@@ -955,7 +955,7 @@ class Capture:
         if self._seq_first is None:   # once per capture (a scan of the model's modules)
             self._seq_first = self._backend.sequence_first_layers(self.model)
         seq = self._seq_first
-        if not seq or not any(len(self._backend.shape(c.ids)) >= 2 and c.info.kind == "embedding"
+        if not seq or not any(len(self._backend.ops.shape(c.ids)) >= 2 and c.info.kind == "embedding"
                               for c in self.calls):
             return None
         return (f"the model has layers that read their input sequence-first by default ({', '.join(seq)}: "
@@ -968,7 +968,7 @@ class Capture:
         whether that size is certain, and the problem if it has no per-example meaning."""
         b = self._backend
         ids, valid = call.ids, call.valid
-        shape = b.shape(ids)
+        shape = b.ops.shape(ids)
         bd = call.batch_dim if call.info.kind == "embedding" else 0
         if call.batch_free is not None and call.views:
             return self._broadcast_layout(call, tg)
@@ -977,43 +977,43 @@ class Capture:
         if len(shape) <= bd:
             bd = 0
         if bd:
-            ids, tg = b.moveaxis(ids, bd, 0), b.moveaxis(tg, bd, 0)
-            valid = b.moveaxis(valid, bd, 0) if valid is not None else None
+            ids, tg = b.ops.moveaxis(ids, bd, 0), b.ops.moveaxis(tg, bd, 0)
+            valid = b.ops.moveaxis(valid, bd, 0) if valid is not None else None
         sure = call.batch_free is None
         return (ids, tg, valid), shape[bd], sure, None
 
     def _broadcast_layout(self, call: Call, tg: Any) -> tuple[Any, Any, bool, str | None]:
         """The layout of a lookup whose output the tap gave per-example views of."""
         b = self._backend
-        vshapes = {tuple(b.shape(v)) for v in call.views}
+        vshapes = {tuple(b.ops.shape(v)) for v in call.views}
         if len(vshapes) != 1:
-            return None, -1, True, (f"its output (ids of shape {b.shape(call.ids)}, no batch "
+            return None, -1, True, (f"its output (ids of shape {b.ops.shape(call.ids)}, no batch "
                                     f"dimension) was broadcast against batches of different shapes "
                                     f"{sorted(vshapes)} in one forward.")
         vshape = vshapes.pop()
         vg = [g for g in call.view_grads if g is not None]
         G = vg[0] if len(vg) == 1 else functools.reduce(lambda x, y: x + y, vg) if vg else \
-            b.zeros(vshape, _float_name(b, tg), tg)
+            b.ops.zeros(vshape, _float_name(b, tg), tg)
         bd = 0 if call.batch_free == "absent" else call.batch_dim
         B = vshape[bd]
         if call.other_use:
             # the output was also used where no per-example view could be made: only safe if
             # that use got no gradient (the views' gradients add up to the output's)
-            summed = b.reshape(b.sum(G, bd), b.shape(tg))
-            gap = b.max_abs(summed - tg)
-            scale = max(b.max_abs(tg), b.max_abs(summed), 1e-30)
+            summed = b.ops.reshape(b.ops.sum(G, bd), b.ops.shape(tg))
+            gap = b.ops.max_abs(summed - tg)
+            scale = max(b.ops.max_abs(tg), b.ops.max_abs(summed), 1e-30)
             if gap > 1e-4 * scale:
                 return None, B, True, (
-                    f"its output (ids of shape {b.shape(call.ids)}, no batch dimension) was broadcast "
+                    f"its output (ids of shape {b.ops.shape(call.ids)}, no batch dimension) was broadcast "
                     "over the batch and ALSO used in another way whose gradient embgrad cannot split "
                     f"by example (part of the gradient, relative size {gap / scale:.3g}). Pass ids "
                     f"with the batch dimension, e.g. ids.expand({B}, -1) for position ids.")
         ids = call.ids
         if call.batch_free == "absent":
-            ids = b.broadcast_to(b.reshape(ids, (1, *b.shape(ids))), vshape[:-1])
+            ids = b.ops.broadcast_to(b.ops.reshape(ids, (1, *b.ops.shape(ids))), vshape[:-1])
         else:
-            ids = b.moveaxis(b.broadcast_to(ids, vshape[:-1]), bd, 0)
-            G = b.moveaxis(G, bd, 0)
+            ids = b.ops.moveaxis(b.ops.broadcast_to(ids, vshape[:-1]), bd, 0)
+            G = b.ops.moveaxis(G, bd, 0)
         return (ids, G, None), B, True, None
 
     def _traced_examples(self, layouts: list[Any], problems: list[str | None], sizes: list[Any]) -> _Examples:
@@ -1024,7 +1024,7 @@ class Capture:
         for k, s in enumerate(sizes[1:], 1):
             if isinstance(s, int) and isinstance(B, int):
                 continue
-            b.assert_in_range(b.reshape(s - B, (1,)), 1,
+            b.ops.assert_in_range(b.ops.reshape(s - B, (1,)), 1,
                               f"embgrad: layer {self.calls[k].info.name!r} was called "
                               f"{len(self.calls)} times with different batch sizes; per-example "
                               "gradients need every call to look up the same examples (one row of "
@@ -1039,13 +1039,13 @@ class Capture:
 
 
 def _float_name(b: Backend, x: Any) -> str:
-    name = b.dtype_name(x)
+    name = b.ops.dtype_name(x)
     return name if name in ("float16", "bfloat16", "float32", "float64") else "float32"
 
 
 def _positive_scale(b: Backend, scale: Any) -> float:
     """``loss_scale`` (a number, scalar tensor or variable) as a positive finite float."""
-    s = float(scale) if isinstance(scale, (int, float)) else float(b.to_numpy(scale))
+    s = float(scale) if isinstance(scale, (int, float)) else float(b.ops.to_numpy(scale))
     if not (s > 0 and s != float("inf")):
         raise EmbgradError(f"loss_scale must be a positive finite number (the factor the loss was "
                            f"multiplied by), got {s!r}.")

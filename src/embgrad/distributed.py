@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends import Backend
 from .errors import EmbgradError
 from .sparse import ExampleGrads, RowGrad, coalesce_lookups
 
@@ -61,7 +62,7 @@ def _td() -> Any:
     return torch_distributed
 
 
-def _torch_backend() -> Any:
+def _torch_backend() -> Backend:
     from .backends.torch import TorchBackend
     return TorchBackend()
 
@@ -372,7 +373,7 @@ class ShardedExampleGrads:
         """(B,) float: each example's squared norm over THIS shard's rows only (no collective)."""
         b = self.local._backend
         v = self.local.values
-        return b.segment_sum(b.sum(v * v, 1), self.local.example_ids, self.batch_size)
+        return b.ops.segment_sum(b.ops.sum(v * v, 1), self.local.example_ids, self.batch_size)
 
     def norms(self) -> Any:
         """(B,) exact per-example L2 norms over the whole table: one all-reduce (sum) of the

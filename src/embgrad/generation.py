@@ -235,7 +235,7 @@ def _prompts(b: Backend, inputs: Any, mask: Any, tokenizer: Any) -> tuple[list[n
         kind = "dict"
     else:
         ids, kind = inputs, "tensor"
-    a = ids if isinstance(ids, np.ndarray) else np.asarray(b.to_numpy(ids))
+    a = ids if isinstance(ids, np.ndarray) else np.asarray(b.ops.to_numpy(ids))
     if a.ndim == 1:
         a = a[None]
     if a.ndim != 2 or not np.issubdtype(a.dtype, np.integer):
@@ -243,7 +243,7 @@ def _prompts(b: Backend, inputs: Any, mask: Any, tokenizer: Any) -> tuple[list[n
     if mask is None:
         m = np.ones(a.shape, dtype=bool)
     else:
-        m = np.asarray(mask if isinstance(mask, np.ndarray) else b.to_numpy(mask))
+        m = np.asarray(mask if isinstance(mask, np.ndarray) else b.ops.to_numpy(mask))
         if m.ndim == 1:
             m = m[None]
         if m.shape != a.shape:
@@ -269,7 +269,7 @@ def _targets(targets: Any, B: int, b: Backend, tokenizer: Any) -> list[np.ndarra
             rows = maybe
         else:
             try:
-                a = np.asarray(targets if isinstance(targets, np.ndarray) else b.to_numpy(targets))
+                a = np.asarray(targets if isinstance(targets, np.ndarray) else b.ops.to_numpy(targets))
             except (TypeError, ValueError, AttributeError):
                 a = None
             if a is None or a.ndim != 2 or not np.issubdtype(a.dtype, np.integer):
@@ -310,10 +310,10 @@ class _Packer:
 
     def inputs(self, ids: np.ndarray, m: np.ndarray) -> Any:
         b = self.b
-        t = b.from_numpy(ids, like=self.like)
+        t = b.ops.from_numpy(ids, like=self.like)
         if self.kind == "tensor":
             return t
-        return {"input_ids": t, "attention_mask": b.from_numpy(m, like=self.like), **self.extra}
+        return {"input_ids": t, "attention_mask": b.ops.from_numpy(m, like=self.like), **self.extra}
 
 
 class _GenTargets:
@@ -329,7 +329,7 @@ class _GenTargets:
     def __call__(self, outputs: Any, idx: np.ndarray, like: Any) -> Any:
         b, n = self.b, int(idx.shape[0])
         lg = _logits(outputs)
-        shape = b.shape(lg) if hasattr(lg, "shape") else None
+        shape = b.ops.shape(lg) if hasattr(lg, "shape") else None
         if shape is None or len(shape) != 3 or shape[0] != n or shape[1] != self.T:
             raise EmbgradError(
                 f"the model returned {type(outputs).__name__} of shape {shape} for {n} sequences of {self.T} "
@@ -341,17 +341,17 @@ class _GenTargets:
             if hi >= V:
                 raise EmbgradError(f"target id {hi} is out of range for a model with {V} output logits "
                                    f"(valid 0..{V - 1}).")
-            first = np.asarray(b.to_numpy(lg[:1, :1]), dtype=np.float64).reshape(-1)
+            first = np.asarray(b.ops.to_numpy(lg[:1, :1]), dtype=np.float64).reshape(-1)
             if first.min() >= 0 and abs(first.sum() - 1.0) < 1e-3:
                 raise EmbgradError(
                     "the model's outputs look like probabilities (non-negative, summing to 1), not logits: "
                     "their log-softmax would be wrong. Pass forward= returning logits, or log-probabilities "
                     "(e.g. forward=lambda m, x: keras.ops.log(m(x))).")
             self.checked = True
-        pos = b.from_numpy(self.pos[idx], like=lg)
-        tok = b.from_numpy(self.tok[idx], like=lg)
-        v = b.log_probs_at(lg, pos, tok)
-        w = b.cast(b.from_numpy(self.valid[idx].astype(np.float32), like=lg), b.dtype_name(v))
+        pos = b.ops.from_numpy(self.pos[idx], like=lg)
+        tok = b.ops.from_numpy(self.tok[idx], like=lg)
+        v = b.ops.log_probs_at(lg, pos, tok)
+        w = b.ops.cast(b.ops.from_numpy(self.valid[idx].astype(np.float32), like=lg), b.ops.dtype_name(v))
         return v * w
 
 
@@ -366,16 +366,16 @@ def _greedy(packer: _Packer, call: Callable[[Any], Any], prompts: list[np.ndarra
     for _ in range(max_new):
         seqs = [np.concatenate([p, np.asarray(o, np.int64)]) for p, o in zip(prompts, out, strict=True)]
         ids, m = packer.pack(seqs)
-        with b.no_grad():
+        with b.ops.no_grad():
             lg = _logits(call(packer.inputs(ids, m)))
-            shape = b.shape(lg)
+            shape = b.ops.shape(lg)
             if len(shape) != 3:
                 raise EmbgradError(f"greedy generation: the model returned logits of shape {shape}, not "
                                    "(batch, tokens, vocabulary).")
             B, T, V = shape
             last = np.array([len(s) - 1 for s in seqs], dtype=np.int64) + np.arange(B, dtype=np.int64) * T
-            rows = b.gather(b.reshape(lg, (B * T, V)), b.from_numpy(last, like=lg))
-            nxt = np.asarray(b.to_numpy(rows)).argmax(axis=1)
+            rows = b.ops.gather(b.ops.reshape(lg, (B * T, V)), b.ops.from_numpy(last, like=lg))
+            nxt = np.asarray(b.ops.to_numpy(rows)).argmax(axis=1)
         for i in np.flatnonzero(live):
             out[i].append(int(nxt[i]))
             if int(nxt[i]) in eos:
@@ -576,38 +576,38 @@ def _run(eng: _Engine, method: str, baseline: Any, steps: int, rule: str, interp
     eng._gen_fx = fx                                                   # type: ignore[attr-defined]
     B, T = m.shape
     dt = _acc_dtype(b, e)
-    with b.no_grad():
-        mt = b.reshape(b.cast(b.from_numpy(m.astype(np.float32), like=e), dt), (B, T, 1))
+    with b.ops.no_grad():
+        mt = b.ops.reshape(b.ops.cast(b.ops.from_numpy(m.astype(np.float32), like=e), dt), (B, T, 1))
     if method == "saliency":
-        with b.no_grad():
-            sc = [b.to_numpy(b.sqrt(b.sum((b.cast(g, dt) * mt) ** 2, axis=2))) for g in obs["grads"]]
+        with b.ops.no_grad():
+            sc = [b.ops.to_numpy(b.ops.sqrt(b.ops.sum((b.ops.cast(g, dt) * mt) ** 2, axis=2))) for g in obs["grads"]]
         return np.stack(sc).astype(np.float64), None, None, None
     if method == "grad_x_input":
-        with b.no_grad():
-            ec = b.cast(e, dt) * mt
-            sc = [b.to_numpy(b.sum(b.cast(g, dt) * ec, axis=2)) for g in obs["grads"]]
+        with b.ops.no_grad():
+            ec = b.ops.cast(e, dt) * mt
+            sc = [b.ops.to_numpy(b.ops.sum(b.ops.cast(g, dt) * ec, axis=2)) for g in obs["grads"]]
         return np.stack(sc).astype(np.float64), None, None, None
     e0, desc = _baseline(eng, baseline, obs, pad_id)
     if interpolate == "prompt":
         pm = (np.arange(T)[None, :] < nP[:, None]).astype(np.float32)
-        with b.no_grad():
-            pt = b.cast(b.reshape(b.from_numpy(pm, like=e), (B, T, 1)), b.dtype_name(e))
+        with b.ops.no_grad():
+            pt = b.ops.cast(b.ops.reshape(b.ops.from_numpy(pm, like=e), (B, T, 1)), b.ops.dtype_name(e))
             e0 = e0 * pt + e * (1 - pt)
-    with b.no_grad():
-        diff = b.cast(e, dt) - b.cast(e0, dt)
+    with b.ops.no_grad():
+        diff = b.ops.cast(e, dt) - b.ops.cast(e0, dt)
     f0 = eng.values_at(e0)
     nodes, w = quadrature(rule, int(steps))
     idx = np.repeat(np.arange(B, dtype=np.int64), len(nodes))
     alpha = np.tile(nodes, B)
 
     def point(ix: np.ndarray, sl: slice, call: Any) -> Any:
-        it = b.from_numpy(ix, like=e)
-        a = _per_row(b, alpha[sl], e, b.dtype_name(e))
-        return b.gather(e0, it) + a * b.cast(b.gather(diff, it), b.dtype_name(e))
+        it = b.ops.from_numpy(ix, like=e)
+        a = _per_row(b, alpha[sl], e, b.ops.dtype_name(e))
+        return b.ops.gather(e0, it) + a * b.ops.cast(b.ops.gather(diff, it), b.ops.dtype_name(e))
 
     acc = eng.accumulate(idx, np.tile(w, B), point, e, f"integrated gradients ({len(nodes)} points)")
-    with b.no_grad():
-        sc = [b.to_numpy(b.sum(g * diff * mt, axis=2)) for g in acc]
+    with b.ops.no_grad():
+        sc = [b.ops.to_numpy(b.ops.sum(g * diff * mt, axis=2)) for g in acc]
     S = np.stack(sc).astype(np.float64)                               # (K, B, T)
     delta = S.sum(axis=2).T - (fx - f0)
     return S, delta, f0, desc
@@ -656,8 +656,8 @@ def hotflip_generation(model: Any, inputs: Any, targets: Any, k: int = 10, *, di
     gen = _GenTargets(b, pos, tok, valid, T)
 
     def continuation_log_prob(outputs: Any, idx: Any) -> Any:
-        lp = gen(outputs, np.asarray(b.to_numpy(idx), dtype=np.int64), None)
-        return b.sum(lp, axis=1)
+        lp = gen(outputs, np.asarray(b.ops.to_numpy(idx), dtype=np.int64), None)
+        return b.ops.sum(lp, axis=1)
 
     in_prompt = np.arange(T)[None, :] < np.array([len(p) for p in prompts])[:, None]
     return hotflip(model, packer.inputs(ids, m), continuation_log_prob, k=k,

@@ -212,19 +212,19 @@ class Projection:
         b = get_backend(grads.values)
         B, D, k = len(grads), grads.dim, self.k
         if grads.nnz == 0:
-            return b.zeros((B, k), "float32", grads.values)
-        rows = b.to_numpy(grads.rows)
+            return b.ops.zeros((B, k), "float32", grads.values)
+        rows = b.ops.to_numpy(grads.rows)
         uniq, inv = np.unique(rows, return_inverse=True)
         buckets, signs = self.tables(layer, uniq, D)
         like = grads.values
-        inv_t = b.from_numpy(inv.reshape(-1).astype(np.int64), like=like)
-        bk = b.gather(b.from_numpy(buckets, like=like), inv_t)                 # (N, D·s)
-        sg = b.gather(b.from_numpy(signs, like=like), inv_t)                   # (N, D·s)
+        inv_t = b.ops.from_numpy(inv.reshape(-1).astype(np.int64), like=like)
+        bk = b.ops.gather(b.ops.from_numpy(buckets, like=like), inv_t)                 # (N, D·s)
+        sg = b.ops.gather(b.ops.from_numpy(signs, like=like), inv_t)                   # (N, D·s)
         n, s = grads.nnz, self.density
-        keys = b.reshape(grads.example_ids, (n, 1)) * k + bk
-        values = b.cast(grads.values, "float32")
-        data = b.reshape(b.reshape(values, (n, D, 1)) * b.reshape(sg, (n, D, s)), (n * D * s,))
-        return b.reshape(b.segment_sum(data, b.reshape(keys, (n * D * s,)), B * k), (B, k))
+        keys = b.ops.reshape(grads.example_ids, (n, 1)) * k + bk
+        values = b.ops.cast(grads.values, "float32")
+        data = b.ops.reshape(b.ops.reshape(values, (n, D, 1)) * b.ops.reshape(sg, (n, D, s)), (n * D * s,))
+        return b.ops.reshape(b.ops.segment_sum(data, b.ops.reshape(keys, (n * D * s,)), B * k), (B, k))
 
     def to_json(self) -> dict[str, Any]:
         """The settings as the index manifest stores them: kind, k, seed, density."""
@@ -429,8 +429,8 @@ class ExactIndex(_Index):
         like = like if like is not None else self._like
         ex, rows, values = self._entries[(checkpoint, layer)]
         info = next(x for x in self.manifest["layers"] if x["name"] == layer)
-        return ExampleGrads(b.from_numpy(ex, like=like), b.from_numpy(rows, like=like),
-                            b.from_numpy(values, like=like), self.num_examples, info["num_rows"], b)
+        return ExampleGrads(b.ops.from_numpy(ex, like=like), b.ops.from_numpy(rows, like=like),
+                            b.ops.from_numpy(values, like=like), self.num_examples, info["num_rows"], b)
 
     def _blocks(self, query: _Index) -> Iterator[tuple[int, np.ndarray]]:
         assert isinstance(query, ExactIndex)
@@ -444,7 +444,7 @@ class ExactIndex(_Index):
             for x_q, x_mine in zip(query.manifest["layers"], self.manifest["layers"], strict=True):
                 q = query.example_grads(c, x_q["name"], b, like)
                 mine = self.example_grads(c, x_mine["name"], b, like)
-                total += lr * b.to_numpy(q.dot(mine)).astype(np.float64)
+                total += lr * b.ops.to_numpy(q.dot(mine)).astype(np.float64)
         yield 0, total
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -818,7 +818,7 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
                 sq = np.zeros((B, C))
                 for c, per in enumerate(grads):
                     for eg in per.values():
-                        sq[:, c] += backend.to_numpy(eg.norms()).astype(np.float64) ** 2
+                        sq[:, c] += backend.ops.to_numpy(eg.norms()).astype(np.float64) ** 2
                 if proj is not None:
                     if manifest["exact_rows"] is None:
                         manifest["exact_rows"] = _resolve_exact_rows(backend, grads, heavy_spec)
@@ -839,9 +839,9 @@ def collect(checkpoints: Any, data: Iterable[Any], loss_fn: LossFn, path: str | 
                     for c, per in enumerate(grads):
                         for name, eg in per.items():
                             parts = exact.setdefault((c, name), [[], [], []])
-                            parts[0].append(backend.to_numpy(eg.example_ids).astype(np.int64) + offset)
-                            parts[1].append(backend.to_numpy(eg.rows).astype(np.int64))
-                            parts[2].append(backend.to_numpy(eg.values).astype(np.float32))
+                            parts[0].append(backend.ops.to_numpy(eg.example_ids).astype(np.int64) + offset)
+                            parts[1].append(backend.ops.to_numpy(eg.rows).astype(np.int64))
+                            parts[2].append(backend.ops.to_numpy(eg.values).astype(np.float32))
                     mem_sq.append(sq)
                     manifest["num_examples"] += B
                     manifest["batches_done"] += 1
@@ -924,8 +924,8 @@ def _resolve_exact_rows(b: Backend, grads: list[dict[str, ExampleGrads]], spec: 
         for per in grads:
             eg = per[name]
             if H and eg.nnz:
-                sq = b.to_numpy(b.sum(eg.values * eg.values, 1)).astype(np.float64)
-                mass += np.bincount(b.to_numpy(eg.rows), weights=sq, minlength=first.num_rows)
+                sq = b.ops.to_numpy(b.ops.sum(eg.values * eg.values, 1)).astype(np.float64)
+                mass += np.bincount(b.ops.to_numpy(eg.rows), weights=sq, minlength=first.num_rows)
         top = np.argsort(-mass, kind="stable")[:H] if H else np.empty(0, np.int64)
         out.append(sorted(int(r) for r in top if mass[r] > 0))
     return out
@@ -940,20 +940,21 @@ def _project_batch(b: Backend, proj: Projection, per: dict[str, ExampleGrads],
         rows_h = heavy[pos]
         H = len(rows_h)
         if H and eg.nnz:
-            rows = b.to_numpy(eg.rows)
+            rows = b.ops.to_numpy(eg.rows)
             at = np.searchsorted(rows_h, rows)
             hit = (at < H) & (rows_h[np.minimum(at, H - 1)] == rows)
-            keep, take = b.from_numpy(~hit, like=eg.rows), b.from_numpy(hit, like=eg.rows)
+            keep, take = b.ops.from_numpy(~hit, like=eg.rows), b.ops.from_numpy(hit, like=eg.rows)
             values = eg.values
-            tail = ExampleGrads(b.boolean_mask(eg.example_ids, keep), b.boolean_mask(eg.rows, keep),
-                                b.boolean_mask(values, keep), len(eg), eg.num_rows, b)
-            keys = b.boolean_mask(eg.example_ids, take) * H + b.from_numpy(at[hit].astype(np.int64), like=eg.rows)
-            block = b.segment_sum(b.cast(b.boolean_mask(values, take), "float32"), keys, len(eg) * H)
-            dense.append(b.to_numpy(b.reshape(block, (len(eg), H * eg.dim))))
+            tail = ExampleGrads(b.ops.boolean_mask(eg.example_ids, keep), b.ops.boolean_mask(eg.rows, keep),
+                                b.ops.boolean_mask(values, keep), len(eg), eg.num_rows, b)
+            keys = (b.ops.boolean_mask(eg.example_ids, take) * H
+                    + b.ops.from_numpy(at[hit].astype(np.int64), like=eg.rows))
+            block = b.ops.segment_sum(b.ops.cast(b.ops.boolean_mask(values, take), "float32"), keys, len(eg) * H)
+            dense.append(b.ops.to_numpy(b.ops.reshape(block, (len(eg), H * eg.dim))))
             part = proj.project(pos, tail)
         else:
             if H:
                 dense.append(np.zeros((len(eg), H * eg.dim), np.float32))
             part = proj.project(pos, eg)
         sketch = part if sketch is None else sketch + part
-    return np.concatenate([b.to_numpy(sketch), *dense], axis=1)
+    return np.concatenate([b.ops.to_numpy(sketch), *dense], axis=1)

@@ -50,11 +50,11 @@ def regularize(row_grad: RowGrad, table: Any, *, l1: float = 0.0, l2: float = 0.
     if row_grad._size() == 0 or (l1 == 0 and l2 == 0):
         return row_grad
     b = row_grad._backend
-    dt = b.dtype_name(row_grad.values)
-    E = b.cast(t._backend.table_gather(t.info, row_grad.rows), dt)
+    dt = b.ops.dtype_name(row_grad.values)
+    E = b.ops.cast(t._backend.table_gather(t.info, row_grad.rows), dt)
     values = row_grad.values
     if l1:
-        values = values + float(l1) * (b.cast(E > 0, dt) - b.cast(E < 0, dt))
+        values = values + float(l1) * (b.ops.cast(E > 0, dt) - b.ops.cast(E < 0, dt))
     if l2:
         values = values + (2.0 * float(l2)) * E
     return RowGrad(row_grad.rows, values, row_grad.num_rows, b)

@@ -27,21 +27,21 @@ _DENSE_CHUNK = 1 << 24  # elements (examples × rows × D) of one dense block in
 
 
 def _accum_dtype(backend: Backend, x: Any) -> str:
-    name = backend.dtype_name(x)
+    name = backend.ops.dtype_name(x)
     return "float64" if name == "float64" else "float32"
 
 
 def _coalesce_impl(backend: Backend, keys: Any, values: Any) -> tuple[Any, Any]:
     """Unique sorted keys (int64) and the segment sums of their values."""
-    uniq, inv = backend.unique(keys)
-    n = backend.shape(uniq)[0]
-    return uniq, backend.segment_sum(values, inv, n)
+    uniq, inv = backend.ops.unique(keys)
+    n = backend.ops.shape(uniq)[0]
+    return uniq, backend.ops.segment_sum(values, inv, n)
 
 
 def _compiled(backend: Backend, fn: Any) -> Any:
     """``fn(backend, ...)`` compiled by the backend (a cached tf.function under TensorFlow;
     unchanged elsewhere). ``fn`` must be a pure function of tensors and Python constants."""
-    return backend.compile(functools.partial(fn, backend))
+    return backend.ops.compile(functools.partial(fn, backend))
 
 
 def _coalesce(backend: Backend, keys: Any, values: Any) -> tuple[Any, Any]:
@@ -66,15 +66,15 @@ class RowGrad:
     # RowGrad is immutable by convention: every operation returns a new one.
     @property
     def dim(self) -> int:
-        return self._backend.shape(self.values)[1]
+        return self._backend.ops.shape(self.values)[1]
 
     def _size(self) -> int | None:
         """R as an int; None while a ``tf.function`` is traced (R is known only when it runs)."""
-        n = self._backend.shape(self.rows)[0]
+        n = self._backend.ops.shape(self.rows)[0]
         return n if isinstance(n, (int, np.integer)) else None
 
     def _traced(self) -> bool:
-        return self._backend.traced(self.values)
+        return self._backend.ops.traced(self.values)
 
     def __len__(self) -> int:
         """R, the number of stored rows. Inside a ``tf.function`` R is not known while tracing:
@@ -90,24 +90,24 @@ class RowGrad:
     def to_dense(self) -> Any:
         """The (V, D) dense gradient, a framework tensor of ``values``' dtype (zeros off the
         stored rows). Memory O(V · D): prefer the sparse methods for large tables."""
-        return self._backend.scatter_rows(self.rows, self.values, self.num_rows)
+        return self._backend.ops.scatter_rows(self.rows, self.values, self.num_rows)
 
     def row_norms(self) -> Any:
         """(R,) L2 norm of each stored row, a framework tensor of ``values``' dtype."""
         b = self._backend
         if self._size() == 0:
-            return b.zeros((0,), b.dtype_name(self.values), self.values)
-        return b.sqrt(b.sum(self.values * self.values, 1))
+            return b.ops.zeros((0,), b.ops.dtype_name(self.values), self.values)
+        return b.ops.sqrt(b.ops.sum(self.values * self.values, 1))
 
     def norm(self) -> Any:
         """L2 (Frobenius) norm of the whole gradient, as a Python float; inside a
         ``tf.function`` (no values while tracing) a float32 (float64) scalar tensor."""
         b = self._backend
         if self._traced():
-            return b.sqrt(b.sum(self.values * self.values))
+            return b.ops.sqrt(b.ops.sum(self.values * self.values))
         if self._size() == 0:   # no row was looked up (or every lookup was ignored)
             return 0.0
-        return float(b.to_numpy(b.sqrt(b.sum(self.values * self.values))))
+        return float(b.ops.to_numpy(b.ops.sqrt(b.ops.sum(self.values * self.values))))
 
     def numpy(self) -> tuple[np.ndarray, np.ndarray]:
         """``(rows, values)`` as NumPy arrays: int64 (R,) and float (R, D), float32 or wider.
@@ -120,7 +120,7 @@ class RowGrad:
             raise EmbgradError("RowGrad.numpy() needs values, which a tf.function being traced does "
                                "not have: use g.rows and g.values (tensors) inside the function, or "
                                "call numpy() on its eager result.")
-        return self._backend.to_numpy(self.rows), self._backend.to_numpy(self.values)
+        return self._backend.ops.to_numpy(self.rows), self._backend.ops.to_numpy(self.values)
 
     def __add__(self, other: "RowGrad") -> "RowGrad":
         """The coalesced sum of two gradients of one table (rows merged, values added).
@@ -136,8 +136,8 @@ class RowGrad:
                 f"cannot add RowGrads of different tables: ({self.num_rows}, {self.dim}) and "
                 f"({other.num_rows}, {other.dim}).")
         b = self._backend
-        rows, values = _coalesce(b, b.concat([self.rows, other.rows]),
-                                 b.concat([self.values, other.values]))
+        rows, values = _coalesce(b, b.ops.concat([self.rows, other.rows]),
+                                 b.ops.concat([self.values, other.values]))
         return RowGrad(rows, values, self.num_rows, b)
 
     def scale(self, factor: float) -> "RowGrad":
@@ -155,7 +155,7 @@ class RowGrad:
         n = self.norm()
         if self._traced():   # tf.function: the same factor, as a tensor (1.0 when within the bound)
             b = self._backend
-            return self.scale(b.minimum(max_norm / b.maximum(n, 1e-30), 1.0))
+            return self.scale(b.ops.minimum(max_norm / b.ops.maximum(n, 1e-30), 1.0))
         return self if n <= max_norm else self.scale(max_norm / n)
 
     def clip_rows(self, max_row_norm: float) -> "RowGrad":
@@ -169,11 +169,11 @@ class RowGrad:
         if self._size() == 0:
             return self
         norms = self.row_norms()
-        factor = b.minimum(max_row_norm / b.maximum(norms, 1e-30), 1.0)
-        return RowGrad(self.rows, self.values * b.reshape(factor, (-1, 1)), self.num_rows, b)
+        factor = b.ops.minimum(max_row_norm / b.ops.maximum(norms, 1e-30), 1.0)
+        return RowGrad(self.rows, self.values * b.ops.reshape(factor, (-1, 1)), self.num_rows, b)
 
     def __repr__(self) -> str:
-        dt = self._backend.dtype_name(self.values)
+        dt = self._backend.ops.dtype_name(self.values)
         if self._traced():
             return (f"RowGrad(rows=? of {self.num_rows}, dim={self.dim}, traced, dtype={dt}, "
                     f"backend={self._backend.name})")
@@ -211,8 +211,8 @@ def _heavy_rows(rows_a: np.ndarray, rows_b: np.ndarray, all_pairs: int) -> np.nd
 
 def _without_rows(b: Backend, entries: tuple, rows_np: np.ndarray, drop: np.ndarray) -> tuple:
     """The (example_ids, rows, values) entries whose row is not in ``drop`` (sorted)."""
-    keep = b.from_numpy(~np.isin(rows_np, drop, assume_unique=False), like=entries[1])
-    return tuple(b.boolean_mask(x, keep) for x in entries)
+    keep = b.ops.from_numpy(~np.isin(rows_np, drop, assume_unique=False), like=entries[1])
+    return tuple(b.ops.boolean_mask(x, keep) for x in entries)
 
 
 def _dense_dot(b: Backend, a: tuple, rows_a: np.ndarray, o: tuple, rows_b: np.ndarray,
@@ -225,7 +225,7 @@ def _dense_dot(b: Backend, a: tuple, rows_a: np.ndarray, o: tuple, rows_b: np.nd
         rows = heavy[s:s + per_chunk]
         blocks = [_dense_block(b, ent, rows_np, rows, B, D, acc)
                   for ent, rows_np, B in ((a, rows_a, B1), (o, rows_b, B2))]
-        part = b.reshape(b.matmul_t(*blocks), (B1 * B2,))
+        part = b.ops.reshape(b.ops.matmul_t(*blocks), (B1 * B2,))
         out = part if out is None else out + part
     return out
 
@@ -237,10 +237,10 @@ def _dense_block(b: Backend, entries: tuple, rows_np: np.ndarray, rows: np.ndarr
     k = len(rows)
     pos = np.searchsorted(rows, rows_np)
     hit = (pos < k) & (rows[np.minimum(pos, k - 1)] == rows_np)
-    sel = b.from_numpy(hit, like=entries[1])
-    keys = b.boolean_mask(ex, sel) * k + b.from_numpy(pos[hit].astype(np.int64), like=entries[1])
-    vals = b.cast(b.boolean_mask(values, sel), acc)
-    return b.reshape(b.scatter_rows(keys, vals, B * k), (B, k * D))
+    sel = b.ops.from_numpy(hit, like=entries[1])
+    keys = b.ops.boolean_mask(ex, sel) * k + b.ops.from_numpy(pos[hit].astype(np.int64), like=entries[1])
+    vals = b.ops.cast(b.ops.boolean_mask(values, sel), acc)
+    return b.ops.reshape(b.ops.scatter_rows(keys, vals, B * k), (B, k * D))
 
 
 def _sparse_join(b: Backend, a: tuple, o: tuple, B1: int, B2: int, D: int, acc: str, out: Any) -> Any:
@@ -248,14 +248,14 @@ def _sparse_join(b: Backend, a: tuple, o: tuple, B1: int, B2: int, D: int, acc: 
     (each (example_ids, rows, values)), one gathered pair at a time, in bounded chunks."""
     a_ex, a_rows, a_vals = a
     o_ex, o_rows, o_vals = o
-    n_a = b.shape(a_rows)[0]
-    if n_a == 0 or b.shape(o_rows)[0] == 0:
+    n_a = b.ops.shape(a_rows)[0]
+    if n_a == 0 or b.ops.shape(o_rows)[0] == 0:
         return out
-    order = b.argsort(o_rows)
-    rb = b.gather(o_rows, order)
-    left = b.searchsorted(rb, a_rows)
-    cnt = b.searchsorted(rb, a_rows, right=True) - left              # (Na,) matches per entry
-    csum = np.cumsum(b.to_numpy(cnt))
+    order = b.ops.argsort(o_rows)
+    rb = b.ops.gather(o_rows, order)
+    left = b.ops.searchsorted(rb, a_rows)
+    cnt = b.ops.searchsorted(rb, a_rows, right=True) - left              # (Na,) matches per entry
+    csum = np.cumsum(b.ops.to_numpy(cnt))
     total = int(csum[-1])
     if total == 0:
         return out
@@ -267,11 +267,11 @@ def _sparse_join(b: Backend, a: tuple, o: tuple, B1: int, B2: int, D: int, acc: 
     for s, e in zip(starts, ends, strict=True):
         if s >= e:
             continue
-        idx = b.from_numpy(np.arange(s, e, dtype=np.int64), like=a_rows)
+        idx = b.ops.from_numpy(np.arange(s, e, dtype=np.int64), like=a_rows)
         key, prod = _join_pairs(b, a, o, (idx, order, left, cnt), B2, acc)
-        if b.shape(key)[0] == 0:
+        if b.ops.shape(key)[0] == 0:
             continue
-        out = out + b.segment_sum(prod, key, B1 * B2)
+        out = out + b.ops.segment_sum(prod, key, B1 * B2)
     return out
 
 
@@ -283,38 +283,38 @@ def _join_pairs(b: Backend, a: tuple, o: tuple, plan: tuple | None, B2: Any, acc
     a_ex, a_rows, a_vals = a
     o_ex, o_rows, o_vals = o
     if plan is None:
-        order = b.argsort(o_rows)
-        rb = b.gather(o_rows, order)
-        left = b.searchsorted(rb, a_rows)
-        cnt = b.searchsorted(rb, a_rows, right=True) - left
-        idx = b.arange(b.shape(a_rows)[0], a_rows)
+        order = b.ops.argsort(o_rows)
+        rb = b.ops.gather(o_rows, order)
+        left = b.ops.searchsorted(rb, a_rows)
+        cnt = b.ops.searchsorted(rb, a_rows, right=True) - left
+        idx = b.ops.arange(b.ops.shape(a_rows)[0], a_rows)
     else:
         idx, order, left, cnt = plan
-    c = b.gather(cnt, idx)
-    a_idx = b.repeat(idx, c)                                           # (P,) entry of a
-    first = b.cumsum(c) - c                                            # start of each entry's pairs
-    local = b.arange(b.shape(a_idx)[0], a_rows) - b.repeat(first, c)
-    b_pos = b.repeat(b.gather(left, idx), c) + local
-    b_idx = b.gather(order, b_pos)
-    prod = b.sum(b.cast(b.gather(a_vals, a_idx), acc) * b.cast(b.gather(o_vals, b_idx), acc), 1)
-    key = b.gather(a_ex, a_idx) * B2 + b.gather(o_ex, b_idx)
+    c = b.ops.gather(cnt, idx)
+    a_idx = b.ops.repeat(idx, c)                                           # (P,) entry of a
+    first = b.ops.cumsum(c) - c                                            # start of each entry's pairs
+    local = b.ops.arange(b.ops.shape(a_idx)[0], a_rows) - b.ops.repeat(first, c)
+    b_pos = b.ops.repeat(b.ops.gather(left, idx), c) + local
+    b_idx = b.ops.gather(order, b_pos)
+    prod = b.ops.sum(b.ops.cast(b.ops.gather(a_vals, a_idx), acc) * b.ops.cast(b.ops.gather(o_vals, b_idx), acc), 1)
+    key = b.ops.gather(a_ex, a_idx) * B2 + b.ops.gather(o_ex, b_idx)
     return key, prod
 
 
 def _norms_impl(b: Backend, values: Any, example_ids: Any, batch_size: Any) -> Any:
     """(B,) L2 norm of each example's entries (compiled under TensorFlow)."""
-    return b.sqrt(b.segment_sum(b.sum(values * values, 1), example_ids, batch_size))
+    return b.ops.sqrt(b.ops.segment_sum(b.ops.sum(values * values, 1), example_ids, batch_size))
 
 
 def _scaled_impl(b: Backend, values: Any, example_ids: Any, factor: Any) -> Any:
     """(N, D) values of entry n times ``factor[example_ids[n]]``."""
-    return values * b.reshape(b.gather(factor, example_ids), (-1, 1))
+    return values * b.ops.reshape(b.ops.gather(factor, example_ids), (-1, 1))
 
 
 def _scaled_sum_impl(b: Backend, values: Any, example_ids: Any, factor: Any, slot: Any,
                      num_unique: Any) -> Any:
     """(R, D): ``sum_n factor[example_ids[n]] · values[n]`` over the entries of each slot."""
-    return b.segment_sum(_scaled_impl(b, values, example_ids, factor), slot, num_unique)
+    return b.ops.segment_sum(_scaled_impl(b, values, example_ids, factor), slot, num_unique)
 
 
 class ExampleGrads:
@@ -363,17 +363,17 @@ class ExampleGrads:
         out = ExampleGrads(self.example_ids, self.rows, self._base, self.batch_size, self.num_rows,
                            b, self._row_index, combined)
         if self._norms is not None:
-            out._norms = self._norms * b.sqrt(factor * factor)
+            out._norms = self._norms * b.ops.sqrt(factor * factor)
         return out
 
     @property
     def dim(self) -> int:
-        return self._backend.shape(self._base)[1]
+        return self._backend.ops.shape(self._base)[1]
 
     @property
     def nnz(self) -> int:
         """Number of stored (example, row) pairs."""
-        return self._backend.shape(self.rows)[0]
+        return self._backend.ops.shape(self.rows)[0]
 
     def __len__(self) -> int:
         return self._static_batch("len()")
@@ -393,7 +393,7 @@ class ExampleGrads:
         if self._norms is None:  # immutable, so computed once
             b = self._backend
             norms = _compiled(b, _norms_impl)(self._base, self.example_ids, self.batch_size)
-            self._norms = norms if self._factor is None else norms * b.sqrt(self._factor * self._factor)
+            self._norms = norms if self._factor is None else norms * b.ops.sqrt(self._factor * self._factor)
         return self._norms
 
     def clip(self, max_norm: float) -> "ExampleGrads":
@@ -405,7 +405,7 @@ class ExampleGrads:
         """
         _check_positive(max_norm, "max_norm")
         b = self._backend
-        factor = b.minimum(max_norm / b.maximum(self.norms(), 1e-30), 1.0)   # (B,)
+        factor = b.ops.minimum(max_norm / b.ops.maximum(self.norms(), 1e-30), 1.0)   # (B,)
         return self._scaled(factor)
 
     def scale(self, factors: Any) -> "ExampleGrads":
@@ -415,18 +415,18 @@ class ExampleGrads:
             EmbgradError: ``factors`` is not one number or of shape (B,).
         """
         b = self._backend
-        dt = b.dtype_name(self._base)
+        dt = b.ops.dtype_name(self._base)
         if isinstance(factors, (int, float, np.integer, np.floating)):
-            factors = b.zeros((self.batch_size,), dt, self._base) + float(factors)
+            factors = b.ops.zeros((self.batch_size,), dt, self._base) + float(factors)
         else:
             if not b.is_appropriate(factors):
-                factors = b.from_numpy(np.asarray(factors), like=self._base)
-            shape = b.shape(factors)
+                factors = b.ops.from_numpy(np.asarray(factors), like=self._base)
+            shape = b.ops.shape(factors)
             if len(shape) != 1 or (isinstance(shape[0], int) and isinstance(self.batch_size, int)
                                    and shape[0] != self.batch_size):
                 raise EmbgradError(f"scale() takes one float or a ({self.batch_size},) tensor of "
                                    f"per-example factors, got shape {shape}.")
-            factors = b.cast(factors, dt)
+            factors = b.ops.cast(factors, dt)
         return self._scaled(factors)
 
     def sum(self) -> RowGrad:
@@ -434,11 +434,11 @@ class ExampleGrads:
         b = self._backend
         if self._row_index is not None:
             unique_rows, slot = self._row_index
-            n = b.shape(unique_rows)[0]
+            n = b.ops.shape(unique_rows)[0]
             if self._factor is not None:
                 values = _compiled(b, _scaled_sum_impl)(self._base, self.example_ids, self._factor, slot, n)
             else:
-                values = b.segment_sum(self._base, slot, n)
+                values = b.ops.segment_sum(self._base, slot, n)
             return RowGrad(unique_rows, values, self.num_rows, b)
         rows, values = _coalesce(b, self.rows, self.values)
         return RowGrad(rows, values, self.num_rows, b)
@@ -460,14 +460,14 @@ class ExampleGrads:
                 raise EmbgradError(f"example index {index!r} is out of range for a batch of {self.batch_size}.")
             index = int(index) % self.batch_size
         else:   # traced, batch size known only when the graph runs: checked then
-            pos = b.from_numpy(np.array([int(index)], np.int64), like=self.example_ids)
+            pos = b.ops.from_numpy(np.array([int(index)], np.int64), like=self.example_ids)
             if index < 0:
                 pos = pos + self.batch_size
-            index = b.gate(pos, b.assert_in_range(pos, self.batch_size, f"embgrad: example index "
+            index = b.ops.gate(pos, b.ops.assert_in_range(pos, self.batch_size, f"embgrad: example index "
                                                   f"{int(index)} is out of range for the batch this "
                                                   "tf.function was called with."))
         mask = self.example_ids == index
-        return RowGrad(b.boolean_mask(self.rows, mask), b.boolean_mask(self.values, mask),
+        return RowGrad(b.ops.boolean_mask(self.rows, mask), b.ops.boolean_mask(self.values, mask),
                        self.num_rows, b)
 
     def dot(self, other: "ExampleGrads | None" = None) -> Any:
@@ -489,20 +489,20 @@ class ExampleGrads:
         check_same_table(self, other)
         b = self._backend
         acc = _accum_dtype(b, self.values)
-        if b.traced(self.values) or b.traced(other.values):
+        if b.ops.traced(self.values) or b.ops.traced(other.values):
             # tf.function: no values to plan chunks with; one sparse join over every pair of
             # entries that share a row (memory O(pairs · D), unbounded: chunking is eager-only)
             B1, B2 = self.batch_size, other.batch_size
-            out = b.zeros((B1 * B2,), acc, self.values)
+            out = b.ops.zeros((B1 * B2,), acc, self.values)
             a = (self.example_ids, self.rows, self.values)
             o = (other.example_ids, other.rows, other.values)
             key, prod = _join_pairs(b, a, o, None, B2, acc)
-            return b.reshape(out + b.segment_sum(prod, key, B1 * B2), (B1, B2))
+            return b.ops.reshape(out + b.ops.segment_sum(prod, key, B1 * B2), (B1, B2))
         B1, B2 = self._static_batch("dot()"), other._static_batch("dot()")
-        out = b.zeros((B1 * B2,), acc, self.values)
+        out = b.ops.zeros((B1 * B2,), acc, self.values)
         if self.nnz == 0 or other.nnz == 0:
-            return b.reshape(out, (B1, B2))
-        rows_a, rows_b = b.to_numpy(self.rows), b.to_numpy(other.rows)
+            return b.ops.reshape(out, (B1, B2))
+        rows_a, rows_b = b.ops.to_numpy(self.rows), b.ops.to_numpy(other.rows)
         heavy = _heavy_rows(rows_a, rows_b, B1 * B2)
         a = (self.example_ids, self.rows, self.values)
         o = (other.example_ids, other.rows, other.values)
@@ -510,7 +510,7 @@ class ExampleGrads:
             out = out + _dense_dot(b, a, rows_a, o, rows_b, heavy, B1, B2, self.dim, acc)
             a = _without_rows(b, a, rows_a, heavy)
             o = _without_rows(b, o, rows_b, heavy)
-        return b.reshape(_sparse_join(b, a, o, B1, B2, self.dim, acc, out), (B1, B2))
+        return b.ops.reshape(_sparse_join(b, a, o, B1, B2, self.dim, acc, out), (B1, B2))
 
     def to_dense(self, max_bytes: int = 2 ** 30) -> Any:
         """(B, V, D) dense per-example gradients, a framework tensor of ``values``' dtype.
@@ -520,7 +520,8 @@ class ExampleGrads:
                 known (inside a ``tf.function`` traced without a fixed batch size).
         """
         b = self._backend
-        item = np.dtype(b.dtype_name(self.values) if b.dtype_name(self.values) != "bfloat16" else "float16").itemsize
+        dt = b.ops.dtype_name(self.values)
+        item = np.dtype(dt if dt != "bfloat16" else "float16").itemsize
         need = self._static_batch("to_dense()") * self.num_rows * self.dim * item
         if need > max_bytes:
             raise EmbgradError(
@@ -528,13 +529,13 @@ class ExampleGrads:
                 f"{self.num_rows}, {self.dim}) but max_bytes={max_bytes} ({max_bytes / 2**20:.1f} MiB). "
                 "Use norms(), clip(), dot() or example(b), which stay sparse, or raise max_bytes.")
         keys = self.example_ids * self.num_rows + self.rows
-        flat = b.scatter_rows(keys, self.values, self.batch_size * self.num_rows)
-        return b.reshape(flat, (self.batch_size, self.num_rows, self.dim))
+        flat = b.ops.scatter_rows(keys, self.values, self.batch_size * self.num_rows)
+        return b.ops.reshape(flat, (self.batch_size, self.num_rows, self.dim))
 
     def __repr__(self) -> str:
         return (f"ExampleGrads(batch_size={self.batch_size}, pairs={self.nnz}, "
                 f"num_rows={self.num_rows}, dim={self.dim}, "
-                f"dtype={self._backend.dtype_name(self.values)}, backend={self._backend.name})")
+                f"dtype={self._backend.ops.dtype_name(self.values)}, backend={self._backend.name})")
 
 
 # ---------------------------------------------------------------------------- construction
@@ -569,8 +570,8 @@ def coalesce_lookups(backend: Backend, example_ids: Any, ids: Any, grads: Any, n
         # traced with an unknown batch size: checked when the graph runs (B <= (2**63 - 1) // V)
         limit = (2 ** 63 - 1) // int(num_rows) + 1
         if limit < 2 ** 62:     # a batch that large cannot exist otherwise: no op needed
-            example_ids = backend.gate(example_ids, backend.assert_in_range(
-                backend.reshape(backend.cast(batch_size, "int64"), (1,)), limit,
+            example_ids = backend.ops.gate(example_ids, backend.ops.assert_in_range(
+                backend.ops.reshape(backend.ops.cast(batch_size, "int64"), (1,)), limit,
                 f"embgrad: per-example gradients of a table of num_rows={num_rows}: the (example, "
                 "row) key example * num_rows + row would overflow int64 for this batch size. Pass "
                 "the table's real row count, or fewer examples at a time."))
@@ -589,16 +590,16 @@ def _coalesce_lookups_impl(b: Backend, example_ids: Any, ids: Any, grads: Any, n
     TensorFlow. Per example, the ids are first ranked among the unique rows (one sort), so that
     the (example, row) keys are compact and the sum over examples needs no second sort."""
     acc = _accum_dtype(b, grads)
-    if b.dtype_name(grads) != acc:
-        grads = b.cast(grads, acc)
+    if b.ops.dtype_name(grads) != acc:
+        grads = b.ops.cast(grads, acc)
     if not per_example:
         return _coalesce_impl(b, ids, grads)
-    unique_rows, rank = b.unique(ids)                 # rank < R <= num_rows
+    unique_rows, rank = b.ops.unique(ids)                 # rank < R <= num_rows
     keys = example_ids * num_rows + rank
     uniq, values = _coalesce_impl(b, keys, grads)
-    ex = b.floordiv(uniq, num_rows)
+    ex = b.ops.floordiv(uniq, num_rows)
     slot = uniq - ex * num_rows
-    return ex, b.gather(unique_rows, slot), values, unique_rows, slot
+    return ex, b.ops.gather(unique_rows, slot), values, unique_rows, slot
 
 
 def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example: bool = False,
@@ -629,42 +630,44 @@ def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example:
             raise EmbgradError("ids must be a rectangular array of integers (B, T) or (N,); got ragged "
                                "or mixed nested sequences. Pad each example to the same length and pass "
                                "ignore_index= for the padding id.")
-        ids = b.from_numpy(arr, like=output_grad)
-    if not b.is_integer(ids):
-        raise EmbgradError(f"ids must be integers, got dtype {b.dtype_name(ids)}; cast them to int64.")
-    ishape, gshape = b.shape(ids), b.shape(output_grad)
-    output_grad = b.gate(output_grad, *_check_grad_shape(b, ishape, gshape))
+        ids = b.ops.from_numpy(arr, like=output_grad)
+    if not b.ops.is_integer(ids):
+        raise EmbgradError(f"ids must be integers, got dtype {b.ops.dtype_name(ids)}; cast them to int64.")
+    ishape, gshape = b.ops.shape(ids), b.ops.shape(output_grad)
+    output_grad = b.ops.gate(output_grad, *_check_grad_shape(b, ishape, gshape))
     if len(ishape) == 0:
         raise EmbgradError("ids must be (B, T, ...) or (N,), got a 0-d tensor; reshape it to (1,).")
     empty = any(isinstance(s, (int, np.integer)) and s == 0 for s in ishape)   # empty results
-    bad = b.count_nonfinite(output_grad)
+    bad = b.ops.count_nonfinite(output_grad)
     if bad:
         raise EmbgradError(f"output_grad holds {bad} NaN/Inf values; the loss or model diverged.")
     B = ishape[0]
     T = math.prod(ishape[1:])          # lookups per example (the non-batch dims flattened, as capture)
     D = gshape[-1]
-    ids = b.cast(b.reshape(ids, (-1,)), "int64")
+    ids = b.ops.cast(b.ops.reshape(ids, (-1,)), "int64")
     if empty:
         lo, hi = 0, 0
-    elif b.traced(ids):  # inside tf.function: checked when the graph runs
-        checked = ids if ignore_index is None else b.where(ids == ignore_index, b.zeros((1,), "int64", ids), ids)
-        ids = b.gate(ids, b.assert_in_range(checked, num_rows, f"embgrad: an id is out of range for a "
+    elif b.ops.traced(ids):  # inside tf.function: checked when the graph runs
+        checked = (ids if ignore_index is None
+                   else b.ops.where(ids == ignore_index, b.ops.zeros((1,), "int64", ids), ids))
+        ids = b.ops.gate(ids, b.ops.assert_in_range(checked, num_rows, f"embgrad: an id is out of range for a "
                                             f"table of {num_rows} rows (valid ids are 0..{num_rows - 1})."))
         lo, hi = 0, 0
     else:
-        lo, hi = b.minmax(ids)
+        lo, hi = b.ops.minmax(ids)
     if lo < 0 or hi >= num_rows:
-        valid_ids = b.where(ids == ignore_index, b.zeros((1,), "int64", ids), ids) if ignore_index is not None else ids
-        lo, hi = b.minmax(valid_ids)
+        valid_ids = (b.ops.where(ids == ignore_index, b.ops.zeros((1,), "int64", ids), ids)
+                     if ignore_index is not None else ids)
+        lo, hi = b.ops.minmax(valid_ids)
         if lo < 0 or hi >= num_rows:
             bad_id = lo if lo < 0 else hi
             raise EmbgradError(f"id {bad_id} is out of range for a table of {num_rows} rows "
                                f"(valid ids are 0..{num_rows - 1}).")
-    grads = b.reshape(output_grad, (-1, D))
-    ex = b.floordiv(b.arange(B * T, ids), T) if not (isinstance(T, int) and T == 0) else b.arange(0, ids)
+    grads = b.ops.reshape(output_grad, (-1, D))
+    ex = b.ops.floordiv(b.ops.arange(B * T, ids), T) if not (isinstance(T, int) and T == 0) else b.ops.arange(0, ids)
     if ignore_index is not None:
         keep = ids != ignore_index
-        ids, grads, ex = b.boolean_mask(ids, keep), b.boolean_mask(grads, keep), b.boolean_mask(ex, keep)
+        ids, grads, ex = b.ops.boolean_mask(ids, keep), b.ops.boolean_mask(grads, keep), b.ops.boolean_mask(ex, keep)
     return coalesce_lookups(b, ex, ids, grads, num_rows, B, per_example)
 
 
@@ -685,7 +688,7 @@ def _check_grad_shape(b: Backend, ishape: tuple, gshape: tuple) -> list[Any]:
             if i != g:
                 raise EmbgradError(msg)
         else:   # 0 <= g - i < 1: equal (checked when the graph runs)
-            tokens.append(b.assert_in_range(b.reshape(b.cast(g - i, "int64"), (1,)), 1, "embgrad: " + msg))
+            tokens.append(b.ops.assert_in_range(b.ops.reshape(b.ops.cast(g - i, "int64"), (1,)), 1, "embgrad: " + msg))
     return tokens
 
 
@@ -703,10 +706,7 @@ def row_grad(g: Any, num_rows: int | None = None) -> RowGrad:
             does not tell it, or disagrees with it; a row index out of range.
     """
     b = get_backend(g)
-    converter = getattr(b, "row_grad_parts", None)
-    if converter is None:
-        raise EmbgradError(f"row_grad() does not support {type(g).__name__} on backend {b.name}.")
-    ids, values, V = converter(g)
+    ids, values, V = b.ops.row_grad_parts(g)
     if num_rows is None:
         num_rows = V
     if num_rows is None:
@@ -714,17 +714,17 @@ def row_grad(g: Any, num_rows: int | None = None) -> RowGrad:
     if V is not None and num_rows != V:
         raise EmbgradError(f"row_grad(): num_rows={num_rows} but the gradient is of a table of {V} rows.")
     acc = _accum_dtype(b, values)
-    if b.dtype_name(values) != acc:
-        values = b.cast(values, acc)
-    if b.traced(ids):  # inside tf.function: checked when the graph runs
-        ids = b.gate(ids, b.assert_in_range(ids, num_rows, f"embgrad row_grad(): a row index is out of "
+    if b.ops.dtype_name(values) != acc:
+        values = b.ops.cast(values, acc)
+    if b.ops.traced(ids):  # inside tf.function: checked when the graph runs
+        ids = b.ops.gate(ids, b.ops.assert_in_range(ids, num_rows, f"embgrad row_grad(): a row index is out of "
                                             f"range for {num_rows} rows."))
         lo, hi = 0, 0
-    elif b.shape(ids)[0] == 0:
+    elif b.ops.shape(ids)[0] == 0:
         return RowGrad(ids, values, num_rows, b)
     else:
-        lo, hi = b.minmax(ids)
+        lo, hi = b.ops.minmax(ids)
     if lo < 0 or hi >= num_rows:
         raise EmbgradError(f"row_grad(): row index {lo if lo < 0 else hi} is out of range for {num_rows} rows.")
-    rows, values = _coalesce(b, b.cast(ids, "int64"), values)
+    rows, values = _coalesce(b, b.ops.cast(ids, "int64"), values)
     return RowGrad(rows, values, num_rows, b)

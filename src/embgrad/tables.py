@@ -395,7 +395,7 @@ class Table:
 
     def _rows(self, ids: Any, what: str) -> tuple[np.ndarray, tuple[int, ...]]:
         """int64 NumPy of ``ids`` (range-checked) and the shape they came in (() for an int)."""
-        self._backend.eager_only(
+        self._backend.ops.eager_only(
             f"table {self.name!r}: read(), numpy(), assign() and freeze()",
             "Call them outside the tf.function (before or between steps); inside it, read rows "
             "with tf.gather(table.variable, ids).")
@@ -463,7 +463,7 @@ class Table:
         except EmbgradError:
             raise EmbgradError(f"table {self.name!r}: expected a NumPy array, a list or a framework "
                                f"tensor, got {type(x).__name__}.") from None
-        return b.to_numpy(x)
+        return b.ops.to_numpy(x)
 
     def __repr__(self) -> str:
         n_frozen = len(self.frozen_rows)

@@ -49,7 +49,7 @@ def _no_grad(fn: Any) -> Any:
 
     @functools.wraps(fn)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with self._backend.no_grad():
+        with self._backend.ops.no_grad():
             return fn(self, *args, **kwargs)
     return wrapper
 
@@ -95,10 +95,10 @@ class TableExampleGrads:
                  factor: Any = None):
         b = backend
         B = lookup._static_batch("a tied table's per-example gradients")
-        if b.shape(inputs)[0] != B or b.shape(logit_grads)[:2] != b.shape(inputs)[:2]:
+        if b.ops.shape(inputs)[0] != B or b.ops.shape(logit_grads)[:2] != b.ops.shape(inputs)[:2]:
             raise EmbgradError(
-                f"the tied projection's input {b.shape(inputs)} and logit gradient "
-                f"{b.shape(logit_grads)} do not match the lookups' batch of {B} examples: the "
+                f"the tied projection's input {b.ops.shape(inputs)} and logit gradient "
+                f"{b.ops.shape(logit_grads)} do not match the lookups' batch of {B} examples: the "
                 "projection must run on (B, ..., D) inputs of the same examples as the lookups.")
         self._lookup = lookup
         self.inputs = inputs
@@ -129,14 +129,14 @@ class TableExampleGrads:
         b = self._backend
         acc = self._acc()
         x = x[s:e]
-        return x if b.dtype_name(x) == acc else b.cast(x, acc)
+        return x if b.ops.dtype_name(x) == acc else b.ops.cast(x, acc)
 
     def _scaled(self, factor: Any) -> TableExampleGrads:
         b = self._backend
         combined = factor if self._factor is None else self._factor * factor
         out = TableExampleGrads(self._lookup, self.inputs, self.logit_grads, b, combined)
         if self._norms is not None:
-            out._norms = self._norms * b.sqrt(factor * factor)
+            out._norms = self._norms * b.ops.sqrt(factor * factor)
         return out
 
     # ------------------------------------------------------------------ norms
@@ -145,7 +145,7 @@ class TableExampleGrads:
         sq = self._lookup.norms()
         sq = sq * sq + _proj_sq_norms(self, self.inputs, self.logit_grads) \
             + 2.0 * _cross_diag(self, self._lookup, self.inputs, self.logit_grads)
-        return b.sqrt(b.maximum(sq, 0.0))
+        return b.ops.sqrt(b.ops.maximum(sq, 0.0))
 
     @_no_grad
     def norms(self) -> Any:
@@ -154,7 +154,7 @@ class TableExampleGrads:
         if self._norms is None:
             b = self._backend
             n = self._unscaled_norms()
-            self._norms = n if self._factor is None else n * b.sqrt(self._factor * self._factor)
+            self._norms = n if self._factor is None else n * b.ops.sqrt(self._factor * self._factor)
         return self._norms
 
     def clip(self, max_norm: float) -> TableExampleGrads:
@@ -165,7 +165,7 @@ class TableExampleGrads:
         """
         _check_positive(max_norm, "max_norm")
         b = self._backend
-        return self._scaled(b.minimum(max_norm / b.maximum(self.norms(), 1e-30), 1.0))
+        return self._scaled(b.ops.minimum(max_norm / b.ops.maximum(self.norms(), 1e-30), 1.0))
 
     def scale(self, factors: Any) -> TableExampleGrads:
         """Example b scaled by ``factors[b]`` ((B,) tensor or array-like) or all by one float.
@@ -181,25 +181,25 @@ class TableExampleGrads:
         """(V, D): Σ_{b in [s, e)} factor[b] · A_bᵀ H_b."""
         b = self._backend
         a, h = self._slice(self.logit_grads, s, e), self._slice(self.inputs, s, e)
-        c, S, V = b.shape(a)
-        D = b.shape(h)[2]
+        c, S, V = b.ops.shape(a)
+        D = b.ops.shape(h)[2]
         if factor is not None:
-            h = h * b.reshape(factor[s:e], (-1, 1, 1))
-        return b.matmul(b.reshape(a, (c * S, V)), b.reshape(h, (c * S, D)), transpose_a=True)
+            h = h * b.ops.reshape(factor[s:e], (-1, 1, 1))
+        return b.ops.matmul(b.ops.reshape(a, (c * S, V)), b.ops.reshape(h, (c * S, D)), transpose_a=True)
 
     @_no_grad
     def sum(self) -> RowGrad:
         """Σ_b G_b (with the pending clip/scale factors): a :class:`RowGrad` holding all V rows."""
         b = self._backend
-        B, S, V = b.shape(self.logit_grads)
+        B, S, V = b.ops.shape(self.logit_grads)
         dense = None
         for s, e in _chunks(B, S * (V + self.dim)):
             part = self._proj_dense(s, e, self._factor)
             dense = part if dense is None else dense + part
         look = self.lookup.sum()
         if len(look):
-            dense = dense + b.scatter_rows(look.rows, look.values, V)
-        return RowGrad(b.arange(V, dense), dense, V, b)
+            dense = dense + b.ops.scatter_rows(look.rows, look.values, V)
+        return RowGrad(b.ops.arange(V, dense), dense, V, b)
 
     @_no_grad
     def example(self, index: int) -> RowGrad:
@@ -218,8 +218,8 @@ class TableExampleGrads:
             dense = dense * self._factor[i]
         look = self.lookup.example(i)
         if len(look):
-            dense = dense + b.scatter_rows(look.rows, look.values, self.num_rows)
-        return RowGrad(b.arange(self.num_rows, dense), dense, self.num_rows, b)
+            dense = dense + b.ops.scatter_rows(look.rows, look.values, self.num_rows)
+        return RowGrad(b.ops.arange(self.num_rows, dense), dense, self.num_rows, b)
 
     @_no_grad
     def to_dense(self, max_bytes: int = 2 ** 30) -> Any:
@@ -238,9 +238,9 @@ class TableExampleGrads:
                 "Use norms(), clip(), sum(), dot() or example(b), or raise max_bytes.")
         a = self._slice(self.logit_grads, 0, self.batch_size)
         h = self._slice(self.inputs, 0, self.batch_size)
-        proj = b.matmul(a, h, transpose_a=True)                         # (B, V, D)
+        proj = b.ops.matmul(a, h, transpose_a=True)                         # (B, V, D)
         if self._factor is not None:
-            proj = proj * b.reshape(self._factor, (-1, 1, 1))
+            proj = proj * b.ops.reshape(self._factor, (-1, 1, 1))
         return proj + self.lookup.to_dense(max_bytes)
 
     # ------------------------------------------------------------------ inner products
@@ -268,17 +268,17 @@ class TableExampleGrads:
             out = out + _cross_all(self, lb, self.inputs, self.logit_grads, transpose=True)
             out = out + _proj_dot(self, self.inputs, self.logit_grads, other.inputs, other.logit_grads)
             if other._factor is not None:
-                out = out * b.reshape(other._factor, (1, -1))
+                out = out * b.ops.reshape(other._factor, (1, -1))
         else:                                # a table without projection: its values carry its factors
             out = la.dot(other) + _cross_all(self, other, self.inputs, self.logit_grads, transpose=True)
         if self._factor is not None:
-            out = out * b.reshape(self._factor, (-1, 1))
+            out = out * b.ops.reshape(self._factor, (-1, 1))
         return out
 
     def __repr__(self) -> str:
         b = self._backend
         return (f"TableExampleGrads(batch_size={self.batch_size}, lookup_pairs={self._lookup.nnz}, "
-                f"projection_positions={b.shape(self.inputs)[1]}, num_rows={self.num_rows}, "
+                f"projection_positions={b.ops.shape(self.inputs)[1]}, num_rows={self.num_rows}, "
                 f"dim={self.dim}, dtype={self._acc()}, backend={b.name})")
 
 
@@ -287,14 +287,14 @@ def projection_grad(b: Backend, projections: list[tuple[Any, Any]], acc: str) ->
     A (..., V) of any leading shape (no per-example structure needed), in chunks of rows."""
     dense = None
     for h, a in projections:
-        V, D = b.shape(a)[-1], b.shape(h)[-1]
-        a2, h2 = b.reshape(a, (-1, V)), b.reshape(h, (-1, D))
-        n = b.shape(a2)[0]
+        V, D = b.ops.shape(a)[-1], b.ops.shape(h)[-1]
+        a2, h2 = b.ops.reshape(a, (-1, V)), b.ops.reshape(h, (-1, D))
+        n = b.ops.shape(a2)[0]
         for s, e in _chunks(n, V + D):
             aa, hh = a2[s:e], h2[s:e]
-            aa = aa if b.dtype_name(aa) == acc else b.cast(aa, acc)
-            hh = hh if b.dtype_name(hh) == acc else b.cast(hh, acc)
-            part = b.matmul(aa, hh, transpose_a=True)
+            aa = aa if b.ops.dtype_name(aa) == acc else b.ops.cast(aa, acc)
+            hh = hh if b.ops.dtype_name(hh) == acc else b.ops.cast(hh, acc)
+            part = b.ops.matmul(aa, hh, transpose_a=True)
             dense = part if dense is None else dense + part
     return dense
 
@@ -302,42 +302,42 @@ def projection_grad(b: Backend, projections: list[tuple[Any, Any]], acc: str) ->
 def row_weights(b: Backend, rows: Any) -> Any:
     """float64 (N,) fixed pseudo-random weights of table rows, ``frac(row · φ) - 1/2`` (a
     low-discrepancy sequence), the same for the same row wherever it is computed."""
-    x = b.cast(rows, "float64") * _PHI
-    return x - b.cast(b.cast(x, "int64"), "float64") - 0.5
+    x = b.ops.cast(rows, "float64") * _PHI
+    return x - b.ops.cast(b.ops.cast(x, "int64"), "float64") - 0.5
 
 
 def fingerprint_rows(b: Backend, rows: Any, values: Any) -> Any:
     """float64 (D,) ``Σ_n w[rows[n]] · values[n]``: a random projection of the gradient whose
     entries are ``values`` at ``rows`` (duplicates add up), to compare two gradients of one
     table without densifying either."""
-    if b.shape(rows)[0] == 0:
-        return b.zeros((b.shape(values)[-1],), "float64", values)
+    if b.ops.shape(rows)[0] == 0:
+        return b.ops.zeros((b.ops.shape(values)[-1],), "float64", values)
     # one matrix-vector product in the values' precision (float32 or wider): (N, D) values are
     # not copied to float64 (that copy and the elementwise product cost more than the lookups'
     # whole coalesce); float32 sums err by ~1e-7·√N relative, far below _FP_RTOL
-    acc = "float64" if b.dtype_name(values) == "float64" else "float32"
-    values = values if b.dtype_name(values) == acc else b.cast(values, acc)
-    w = b.reshape(b.cast(row_weights(b, rows), acc), (-1, 1))
-    return b.cast(b.reshape(b.matmul(values, w, transpose_a=True), (-1,)), "float64")
+    acc = "float64" if b.ops.dtype_name(values) == "float64" else "float32"
+    values = values if b.ops.dtype_name(values) == acc else b.ops.cast(values, acc)
+    w = b.ops.reshape(b.ops.cast(row_weights(b, rows), acc), (-1, 1))
+    return b.ops.cast(b.ops.reshape(b.ops.matmul(values, w, transpose_a=True), (-1,)), "float64")
 
 
 def fingerprint_projection(b: Backend, h: Any, a: Any) -> Any:
     """float64 (D,) fingerprint of ``A.T @ H`` (logit gradients A (..., V), inputs H (..., D))
     with the weights of :func:`row_weights`, without forming the (V, D) product."""
-    V, D = b.shape(a)[-1], b.shape(h)[-1]
-    a2, h2 = b.reshape(a, (-1, V)), b.reshape(h, (-1, D))
-    w = b.reshape(row_weights(b, b.arange(V, a2)), (V, 1))
-    out = b.zeros((D,), "float64", h)
-    for s, e in _chunks(b.shape(a2)[0], V + D):
-        aw = b.matmul(b.cast(a2[s:e], "float64"), w)                     # (n, 1)
-        out = out + b.sum(b.cast(h2[s:e], "float64") * aw, 0)
+    V, D = b.ops.shape(a)[-1], b.ops.shape(h)[-1]
+    a2, h2 = b.ops.reshape(a, (-1, V)), b.ops.reshape(h, (-1, D))
+    w = b.ops.reshape(row_weights(b, b.ops.arange(V, a2)), (V, 1))
+    out = b.ops.zeros((D,), "float64", h)
+    for s, e in _chunks(b.ops.shape(a2)[0], V + D):
+        aw = b.ops.matmul(b.ops.cast(a2[s:e], "float64"), w)                     # (n, 1)
+        out = out + b.ops.sum(b.ops.cast(h2[s:e], "float64") * aw, 0)
     return out
 
 
 def fingerprints_differ(b: Backend, total: Any, parts: list[Any]) -> bool:
     """True when the fingerprint ``total`` is not the sum of ``parts`` (relative ``_FP_RTOL``)."""
-    t = b.to_numpy(total)
-    ps = [b.to_numpy(p) for p in parts]
+    t = b.ops.to_numpy(total)
+    ps = [b.ops.to_numpy(p) for p in parts]
     known = sum(ps) if ps else np.zeros_like(t)
     scale = np.abs(t).sum() + sum(np.abs(p).sum() for p in ps) + 1e-30
     return bool(np.abs(t - known).sum() > _FP_RTOL * scale)
@@ -347,53 +347,53 @@ def fingerprints_differ(b: Backend, total: Any, parts: list[Any]) -> bool:
 def _proj_sq_norms(t: TableExampleGrads, H: Any, A: Any) -> Any:
     """(B,) ‖A_bᵀ H_b‖²: by S×S Gram matrices when S·(V+D) ≤ V·D, else directly per example."""
     b = t._backend
-    B, S, V = b.shape(A)
-    D = b.shape(H)[2]
+    B, S, V = b.ops.shape(A)
+    D = b.ops.shape(H)[2]
     gram = S * (V + D) <= V * D
     parts = []
     for s, e in _chunks(B, S * max(S, D) + (S * V if gram else V * D)):
         a, h = t._slice(A, s, e), t._slice(H, s, e)
         c = e - s
         if gram:
-            prod = b.matmul(a, a, transpose_b=True) * b.matmul(h, h, transpose_b=True)   # (c, S, S)
+            prod = b.ops.matmul(a, a, transpose_b=True) * b.ops.matmul(h, h, transpose_b=True)   # (c, S, S)
         else:
-            p = b.matmul(a, h, transpose_a=True)                                          # (c, V, D)
+            p = b.ops.matmul(a, h, transpose_a=True)                                          # (c, V, D)
             prod = p * p
-        parts.append(b.sum(b.reshape(prod, (c, -1)), 1))
-    return parts[0] if len(parts) == 1 else b.concat(parts)
+        parts.append(b.ops.sum(b.ops.reshape(prod, (c, -1)), 1))
+    return parts[0] if len(parts) == 1 else b.ops.concat(parts)
 
 
 def _padded_pairs(b: Backend, lk: ExampleGrads, acc: str) -> tuple[Any, Any, int]:
     """The lookup part's (example, row, value) pairs laid out per example: rows (B, n) int64 and
     values (B, n, D) (n the most rows of any example; padding rows 0 with zero values)."""
     B = lk._static_batch("a tied table's per-example gradients")
-    ex_np = b.to_numpy(lk.example_ids).astype(np.int64)
+    ex_np = b.ops.to_numpy(lk.example_ids).astype(np.int64)
     counts = np.bincount(ex_np, minlength=B)
     n = max(int(counts.max()) if len(counts) else 0, 1)
     first = np.cumsum(counts) - counts
     pos = np.arange(len(ex_np), dtype=np.int64) - first[ex_np]
-    key = b.from_numpy(ex_np * n + pos, like=lk.rows)
+    key = b.ops.from_numpy(ex_np * n + pos, like=lk.rows)
     vals = lk._base if lk._factor is None else lk.values
-    vals = vals if b.dtype_name(vals) == acc else b.cast(vals, acc)
-    rows = b.reshape(b.scatter_rows(key, b.reshape(lk.rows, (-1, 1)), B * n), (B, n))
-    values = b.reshape(b.scatter_rows(key, vals, B * n), (B, n, lk.dim))
+    vals = vals if b.ops.dtype_name(vals) == acc else b.ops.cast(vals, acc)
+    rows = b.ops.reshape(b.ops.scatter_rows(key, b.ops.reshape(lk.rows, (-1, 1)), B * n), (B, n))
+    values = b.ops.reshape(b.ops.scatter_rows(key, vals, B * n), (B, n, lk.dim))
     return rows, values, n
 
 
 def _cross_diag(t: TableExampleGrads, lk: ExampleGrads, H: Any, A: Any) -> Any:
     """(B,) ⟨L_b, A_bᵀ H_b⟩ = Σ_{s,n} A_b[s, row_n] (h_s · v_n) over example b's lookup pairs."""
     b = t._backend
-    B, S, V = b.shape(A)
+    B, S, V = b.ops.shape(A)
     if lk.nnz == 0:
-        return b.zeros((B,), t._acc(), A)
+        return b.ops.zeros((B,), t._acc(), A)
     rows, values, n = _padded_pairs(b, lk, t._acc())
     parts = []
     for s, e in _chunks(B, S * (V + 2 * n)):
         a, h = t._slice(A, s, e), t._slice(H, s, e)
-        picked = b.take_along_last(a, rows[s:e])                      # (c, S, n)
-        hv = b.matmul(h, values[s:e], transpose_b=True)               # (c, S, n)
-        parts.append(b.sum(b.reshape(picked * hv, (e - s, -1)), 1))
-    return parts[0] if len(parts) == 1 else b.concat(parts)
+        picked = b.ops.take_along_last(a, rows[s:e])                      # (c, S, n)
+        hv = b.ops.matmul(h, values[s:e], transpose_b=True)               # (c, S, n)
+        parts.append(b.ops.sum(b.ops.reshape(picked * hv, (e - s, -1)), 1))
+    return parts[0] if len(parts) == 1 else b.ops.concat(parts)
 
 
 def _cross_all(t: TableExampleGrads, lk: ExampleGrads, H: Any, A: Any, transpose: bool) -> Any:
@@ -402,44 +402,44 @@ def _cross_all(t: TableExampleGrads, lk: ExampleGrads, H: Any, A: Any, transpose
     b = t._backend
     acc = t._acc()
     B1 = lk._static_batch("dot()")
-    B2, S, V = b.shape(A)
+    B2, S, V = b.ops.shape(A)
     if lk.nnz == 0:
-        return b.zeros((B2, B1) if transpose else (B1, B2), acc, A)
+        return b.ops.zeros((B2, B1) if transpose else (B1, B2), acc, A)
     N = lk.nnz
     vals = lk._base if lk._factor is None else lk.values
-    vals = vals if b.dtype_name(vals) == acc else b.cast(vals, acc)
-    one = b.zeros((N, 1), acc, vals) + 1.0
-    onehot = b.reshape(b.scatter_rows(b.arange(N, lk.rows) * B1 + lk.example_ids, one, N * B1), (N, B1))
+    vals = vals if b.ops.dtype_name(vals) == acc else b.ops.cast(vals, acc)
+    one = b.ops.zeros((N, 1), acc, vals) + 1.0
+    onehot = b.ops.reshape(b.ops.scatter_rows(b.ops.arange(N, lk.rows) * B1 + lk.example_ids, one, N * B1), (N, B1))
     parts = []
     for s, e in _chunks(B2, S * (V + 2 * N)):
         c = e - s
-        a = b.reshape(t._slice(A, s, e), (c * S, V))
-        h = b.reshape(t._slice(H, s, e), (c * S, b.shape(H)[2]))
-        prod = b.gather_last(a, lk.rows) * b.matmul(h, vals, transpose_b=True)   # (c·S, N)
-        per_j = b.sum(b.reshape(prod, (c, S, N)), 1)                           # (c, N)
-        parts.append(b.matmul(per_j, onehot) if transpose else
-                     b.matmul(onehot, per_j, transpose_a=True, transpose_b=True))
-    return parts[0] if len(parts) == 1 else b.concat(parts, axis=0 if transpose else 1)
+        a = b.ops.reshape(t._slice(A, s, e), (c * S, V))
+        h = b.ops.reshape(t._slice(H, s, e), (c * S, b.ops.shape(H)[2]))
+        prod = b.ops.gather_last(a, lk.rows) * b.ops.matmul(h, vals, transpose_b=True)   # (c·S, N)
+        per_j = b.ops.sum(b.ops.reshape(prod, (c, S, N)), 1)                           # (c, N)
+        parts.append(b.ops.matmul(per_j, onehot) if transpose else
+                     b.ops.matmul(onehot, per_j, transpose_a=True, transpose_b=True))
+    return parts[0] if len(parts) == 1 else b.ops.concat(parts, axis=0 if transpose else 1)
 
 
 def _proj_dot(t: TableExampleGrads, H1: Any, A1: Any, H2: Any, A2: Any) -> Any:
     """(B1, B2) ⟨A1_iᵀ H1_i, A2_jᵀ H2_j⟩ = Σ_{s,s'} (A1_i A2_jᵀ)[s,s'] (H1_i H2_jᵀ)[s,s']."""
     b = t._backend
-    B1, S1, V = b.shape(A1)
-    B2, S2, _ = b.shape(A2)
-    D = b.shape(H1)[2]
+    B1, S1, V = b.ops.shape(A1)
+    B2, S2, _ = b.ops.shape(A2)
+    D = b.ops.shape(H1)[2]
     rows = []
     for s1, e1 in _chunks(B1, S1 * (V + D) * 2):
         c1 = e1 - s1
-        a1 = b.reshape(t._slice(A1, s1, e1), (c1 * S1, V))
-        h1 = b.reshape(t._slice(H1, s1, e1), (c1 * S1, D))
+        a1 = b.ops.reshape(t._slice(A1, s1, e1), (c1 * S1, V))
+        h1 = b.ops.reshape(t._slice(H1, s1, e1), (c1 * S1, D))
         cols = []
         for s2, e2 in _chunks(B2, S2 * (V + D + 2 * c1 * S1)):
             c2 = e2 - s2
-            a2 = b.reshape(t._slice(A2, s2, e2), (c2 * S2, V))
-            h2 = b.reshape(t._slice(H2, s2, e2), (c2 * S2, D))
-            g = b.matmul(a1, a2, transpose_b=True) * b.matmul(h1, h2, transpose_b=True)  # (c1·S1, c2·S2)
-            g = b.sum(b.reshape(g, (c1, S1, c2 * S2)), 1)                              # (c1, c2·S2)
-            cols.append(b.sum(b.reshape(g, (c1, c2, S2)), 2))                          # (c1, c2)
-        rows.append(cols[0] if len(cols) == 1 else b.concat(cols, axis=1))
-    return rows[0] if len(rows) == 1 else b.concat(rows, axis=0)
+            a2 = b.ops.reshape(t._slice(A2, s2, e2), (c2 * S2, V))
+            h2 = b.ops.reshape(t._slice(H2, s2, e2), (c2 * S2, D))
+            g = b.ops.matmul(a1, a2, transpose_b=True) * b.ops.matmul(h1, h2, transpose_b=True)  # (c1·S1, c2·S2)
+            g = b.ops.sum(b.ops.reshape(g, (c1, S1, c2 * S2)), 1)                              # (c1, c2·S2)
+            cols.append(b.ops.sum(b.ops.reshape(g, (c1, c2, S2)), 2))                          # (c1, c2)
+        rows.append(cols[0] if len(cols) == 1 else b.ops.concat(cols, axis=1))
+    return rows[0] if len(rows) == 1 else b.ops.concat(rows, axis=0)

@@ -59,7 +59,7 @@ class _Engine:
                  target: Any, batch_size: int | None, progress: bool | None, what: str = "target",
                  call: int | None = None):
         self.backend = b = get_backend(model)
-        b.eager_only("embgrad.attribute, hotflip and jacobian",
+        b.ops.eager_only("embgrad.attribute, hotflip and jacobian",
                      "Call them eagerly, outside the tf.function (they return NumPy scores).")
         self.model, self.forward, self.progress = model, forward, progress
         if call is not None and (not _is_int(call) or call < 0):
@@ -126,15 +126,15 @@ class _Engine:
             if k != (self.call_index or 0):
                 return None
             state["call"] = call
-            shape = b.shape(call.output)
+            shape = b.ops.shape(call.output)
             if not shape or shape[0] != n:
                 raise EmbgradError(
                     f"layer {info.name!r} returned shape {shape} for a chunk of {n} examples: its lookup "
                     "does not follow the batch (e.g. position embeddings looked up once per batch). "
                     "Attribute the token embedding layer instead.")
             x = point(ix, sl, call) if point is not None else None
-            if x is not None and b.shape(x) != shape:
-                raise EmbgradError(f"layer {info.name!r}: the replacement of shape {b.shape(x)} does not "
+            if x is not None and b.ops.shape(x) != shape:
+                raise EmbgradError(f"layer {info.name!r}: the replacement of shape {b.ops.shape(x)} does not "
                                    f"match its output of shape {shape}.")
             if state["watch"] is not None:
                 x = state["watch"](call.output if x is None else x)
@@ -157,10 +157,10 @@ class _Engine:
         if grad:
             values, grads = b.value_and_grads_batched(fn) if self.batched_vjp else b.value_and_grads(fn)
         else:
-            with b.no_grad():
+            with b.ops.no_grad():
                 values, grads = fn(None), None
         self.evaluations += n
-        with b.no_grad():
+        with b.ops.no_grad():
             consume(sl, ix, state, values, grads)
 
     # -------------------------------------------------------------- common passes
@@ -179,15 +179,15 @@ class _Engine:
                 parts["grads"].append([_acc(b, g) for g in grads])
 
         self.run(np.arange(self.B, dtype=np.int64), None, grad, consume, "forward")
-        cat = (lambda xs: xs[0]) if len(parts["ids"]) == 1 else (lambda xs: b.concat(xs, axis=0))
+        cat = (lambda xs: xs[0]) if len(parts["ids"]) == 1 else (lambda xs: b.ops.concat(xs, axis=0))
         obs = {"ids": cat(parts["ids"]), "e": cat(parts["e"]), "values": np.concatenate(parts["values"])}
         if grad:
             K = len(parts["grads"][0])
             obs["grads"] = [cat([g[k] for g in parts["grads"]]) for k in range(K)]
-        ids_shape = b.shape(obs["ids"])
-        if b.shape(obs["e"])[:-1] != ids_shape:
+        ids_shape = b.ops.shape(obs["ids"])
+        if b.ops.shape(obs["e"])[:-1] != ids_shape:
             raise EmbgradError(
-                f"layer {self.info.name!r} maps ids of shape {ids_shape} to {b.shape(obs['e'])}, not one "
+                f"layer {self.info.name!r} maps ids of shape {ids_shape} to {b.ops.shape(obs['e'])}, not one "
                 "vector per id; attribution needs a plain token embedding (not a bag / pooled lookup).")
         return obs
 
@@ -196,7 +196,7 @@ class _Engine:
         b, out = self.backend, []
 
         def point(ix, sl, call):
-            return b.gather(emb, b.from_numpy(ix, like=emb))
+            return b.ops.gather(emb, b.ops.from_numpy(ix, like=emb))
 
         self.run(np.arange(self.B, dtype=np.int64), point, False,
                  lambda sl, ix, st, v, g: out.append(_values_np(b, v)), "baseline")
@@ -210,10 +210,10 @@ class _Engine:
         dt = _acc_dtype(b, like)
 
         def consume(sl, ix, state, values, grads):
-            it = b.from_numpy(ix, like=like)
+            it = b.ops.from_numpy(ix, like=like)
             w = _per_row(b, weights[sl], like, dt)
             for k, g in enumerate(grads):
-                s = b.segment_sum(b.cast(g, dt) * w, it, self.B)
+                s = b.ops.segment_sum(b.ops.cast(g, dt) * w, it, self.B)
                 if k < len(acc):
                     acc[k] = acc[k] + s
                 else:
@@ -226,25 +226,25 @@ class _Engine:
 def _per_row(b: Backend, v: np.ndarray, like: Any, dtype: str) -> Any:
     """NumPy (n,) as a framework tensor (n, 1, ..., 1) of ``dtype`` that scales the rows of
     tensors shaped like ``like``."""
-    t = b.cast(b.from_numpy(np.asarray(v, dtype=np.float64), like=like), dtype)
-    return b.reshape(t, (-1,) + (1,) * (len(b.shape(like)) - 1))
+    t = b.ops.cast(b.ops.from_numpy(np.asarray(v, dtype=np.float64), like=like), dtype)
+    return b.ops.reshape(t, (-1,) + (1,) * (len(b.ops.shape(like)) - 1))
 
 
 def _values_np(b: Backend, v: Any) -> np.ndarray:
-    return np.asarray(b.to_numpy(v), dtype=np.float64)
+    return np.asarray(b.ops.to_numpy(v), dtype=np.float64)
 
 
 def _acc_dtype(b: Backend, x: Any) -> str:
-    return "float64" if b.dtype_name(x) == "float64" else "float32"
+    return "float64" if b.ops.dtype_name(x) == "float64" else "float32"
 
 
 def _acc(b: Backend, g: Any) -> Any:
-    return g if b.dtype_name(g) in ("float32", "float64") else b.cast(g, "float32")
+    return g if b.ops.dtype_name(g) in ("float32", "float64") else b.ops.cast(g, "float32")
 
 
 def _detached(b: Backend, x: Any) -> Any:
     """A copy of ``x`` that records no gradient history (x may be a watched leaf)."""
-    with b.no_grad():
+    with b.ops.no_grad():
         return x * 1
 
 

@@ -57,7 +57,7 @@ class _Inputs:
         out = []
         for (k, v), batched in zip(self.items, self.batched, strict=True):
             if batched:
-                v = v[idx] if isinstance(v, np.ndarray) else b.gather(v, b.from_numpy(idx, like=v))
+                v = v[idx] if isinstance(v, np.ndarray) else b.ops.gather(v, b.ops.from_numpy(idx, like=v))
             out.append((k, v))
         if self.kind == "dict":
             return dict(out)
@@ -84,7 +84,7 @@ def _mask(eng: _Engine, ids: np.ndarray, mask: Any) -> np.ndarray:
         return ids != 0
     if mask is None:
         return np.ones(ids.shape, dtype=bool)
-    m = mask if isinstance(mask, np.ndarray) else eng.backend.to_numpy(mask)
+    m = mask if isinstance(mask, np.ndarray) else eng.backend.ops.to_numpy(mask)
     if m.shape != ids.shape:
         raise EmbgradError(f"layer {eng.info.name!r}: the mask has shape {m.shape} but the looked-up ids "
                            f"have shape {ids.shape}; pass a (B, T) attention mask (1 = token, 0 = padding).")
@@ -140,34 +140,34 @@ def _baseline(eng: _Engine, baseline: Any, obs: dict, pad_id: int | None) -> tup
     """The baseline's layer output e₀ (B, T, D) and a description."""
     b, info, e, ids = eng.backend, eng.info, obs["e"], obs["ids"]
     if baseline is None or (isinstance(baseline, str) and baseline == "zeros"):
-        return b.zeros(b.shape(e), b.dtype_name(e), e), "zeros"
+        return b.ops.zeros(b.ops.shape(e), b.ops.dtype_name(e), e), "zeros"
     if isinstance(baseline, (float, np.floating)) and not isinstance(baseline, bool):
         # a constant vector: every coordinate of every position equals ``baseline``
         if not np.isfinite(baseline):
             raise EmbgradError(f"baseline={baseline!r} must be finite (a constant vector).")
-        return b.zeros(b.shape(e), b.dtype_name(e), e) + float(baseline), f"constant {float(baseline):g}"
+        return b.ops.zeros(b.ops.shape(e), b.ops.dtype_name(e), e) + float(baseline), f"constant {float(baseline):g}"
     if isinstance(baseline, str):
         if baseline != "pad":
             raise EmbgradError(f"baseline={baseline!r} is not known; pass None/'zeros', 'pad', an int id, "
                                "or an id tensor shaped like the ids.")
         bid, desc = _pad_id(eng.model, info, pad_id), "pad"
-        base_ids = np.full(b.shape(ids), bid, np.int64)
+        base_ids = np.full(b.ops.shape(ids), bid, np.int64)
     elif _is_int(baseline):
         bid, desc = int(baseline), f"id {int(baseline)}"
-        base_ids = np.full(b.shape(ids), bid, np.int64)
+        base_ids = np.full(b.ops.shape(ids), bid, np.int64)
     else:
         if not (b.is_appropriate(baseline) or isinstance(baseline, np.ndarray)):
             raise EmbgradError(
                 f"baseline of type {type(baseline).__name__} is not known; pass None/'zeros', 'pad', an int "
                 "id, a float (a constant vector), or an id tensor shaped like the ids.")
-        arr = baseline if isinstance(baseline, np.ndarray) else b.to_numpy(baseline)
-        e_shape, ids_shape = tuple(b.shape(e)), tuple(b.shape(ids))
+        arr = baseline if isinstance(baseline, np.ndarray) else b.ops.to_numpy(baseline)
+        e_shape, ids_shape = tuple(b.ops.shape(e)), tuple(b.ops.shape(ids))
         B = e_shape[0]
         if np.issubdtype(arr.dtype, np.floating) and arr.shape in (e_shape, (1,) + e_shape[1:]):
-            t = baseline if not isinstance(baseline, np.ndarray) else b.from_numpy(arr, like=e)
+            t = baseline if not isinstance(baseline, np.ndarray) else b.ops.from_numpy(arr, like=e)
             if arr.shape[0] != B:          # one (1, T, D) baseline broadcast over the batch
-                t = b.gather(t, b.from_numpy(np.zeros(B, np.int64), like=e))
-            return b.cast(t, b.dtype_name(e)), "embedding"
+                t = b.ops.gather(t, b.ops.from_numpy(np.zeros(B, np.int64), like=e))
+            return b.ops.cast(t, b.ops.dtype_name(e)), "embedding"
         if not np.issubdtype(arr.dtype, np.integer) or arr.shape not in (ids_shape, (1,) + ids_shape[1:]):
             raise EmbgradError(
                 f"layer {info.name!r}: baseline of shape {arr.shape} and dtype {arr.dtype} must be integer "
@@ -179,13 +179,13 @@ def _baseline(eng: _Engine, baseline: Any, obs: dict, pad_id: int | None) -> tup
     if lo < 0 or hi >= info.num_rows:
         raise EmbgradError(f"layer {info.name!r}: baseline id {lo if lo < 0 else hi} is out of range for a "
                            f"table of {info.num_rows} rows (valid 0..{info.num_rows - 1}).")
-    base = b.embed(info, b.cast(b.from_numpy(base_ids, like=ids), b.dtype_name(ids)))
-    return b.cast(base, b.dtype_name(e)), desc
+    base = b.embed(info, b.ops.cast(b.ops.from_numpy(base_ids, like=ids), b.ops.dtype_name(ids)))
+    return b.ops.cast(base, b.ops.dtype_name(e)), desc
 
 
 def _typical_row_norm(eng: _Engine, like: Any) -> float:
     """Median L2 norm of the layer's output over up to 4096 evenly spaced table rows."""
     b, V = eng.backend, eng.info.num_rows
     ids = np.unique(np.linspace(0, V - 1, min(V, 4096)).astype(np.int64))
-    vec = b.to_numpy(b.embed(eng.info, b.cast(b.from_numpy(ids, like=like), b.dtype_name(like))))
+    vec = b.ops.to_numpy(b.embed(eng.info, b.ops.cast(b.ops.from_numpy(ids, like=like), b.ops.dtype_name(like))))
     return float(np.median(np.linalg.norm(vec.astype(np.float64).reshape(len(ids), -1), axis=1)))

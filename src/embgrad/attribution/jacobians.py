@@ -21,5 +21,5 @@ def jacobian(model: Any, inputs: Any, outputs: Any = None, *, layer: Any = None,
     eng = _Engine(model, inputs, layer, forward, spec, batch_size, None, "outputs", call=call)
     b = eng.backend
     obs = eng.observe(grad=True)
-    with b.no_grad():
-        return b.concat([b.reshape(g, (1,) + tuple(b.shape(g))) for g in obs["grads"]], axis=0)
+    with b.ops.no_grad():
+        return b.ops.concat([b.ops.reshape(g, (1,) + tuple(b.ops.shape(g))) for g in obs["grads"]], axis=0)

@@ -96,12 +96,12 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
     eng = _Engine(model, inputs, layer, forward, target, batch_size, progress, call=call)
     b = eng.backend
     obs = eng.observe(grad=method in ("saliency", "grad_x_input"))
-    ids_np = b.to_numpy(obs["ids"]).astype(np.int64)
+    ids_np = b.ops.to_numpy(obs["ids"]).astype(np.int64)
     m = _mask(eng, ids_np, mask)
     e = obs["e"]
-    nd = len(b.shape(e))
-    with b.no_grad():
-        mt = b.reshape(b.cast(b.from_numpy(m, like=e), _acc_dtype(b, e)), b.shape(e)[:-1] + (1,))
+    nd = len(b.ops.shape(e))
+    with b.ops.no_grad():
+        mt = b.ops.reshape(b.ops.cast(b.ops.from_numpy(m, like=e), _acc_dtype(b, e)), b.ops.shape(e)[:-1] + (1,))
     fx = obs["values"]
     extra: dict[str, Any] = {"baseline_outputs": None, "converged": None}
     delta = base_desc = used_rule = steps_used = None
@@ -109,34 +109,34 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
     B = eng.B
 
     if method in ("saliency", "grad_x_input"):
-        with b.no_grad():
+        with b.ops.no_grad():
             if method == "saliency":
                 attr = [g * mt for g in obs["grads"]]
-                sc = [b.to_numpy(b.sqrt(b.sum(a * a, axis=nd - 1))) for a in attr]
+                sc = [b.ops.to_numpy(b.ops.sqrt(b.ops.sum(a * a, axis=nd - 1))) for a in attr]
             else:
-                attr = [g * b.cast(e, _acc_dtype(b, g)) * mt for g in obs["grads"]]
-                sc = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in attr]
+                attr = [g * b.ops.cast(e, _acc_dtype(b, g)) * mt for g in obs["grads"]]
+                sc = [b.ops.to_numpy(b.ops.sum(a, axis=nd - 1)) for a in attr]
     elif method == "smoothgrad":
         sigma = float(noise) * _typical_row_norm(eng, obs["ids"]) / math.sqrt(eng.info.dim)
         rng = np.random.default_rng(seed)
         S = int(steps)
-        eshape = tuple(b.shape(e))[1:]
+        eshape = tuple(b.ops.shape(e))[1:]
         idx = np.repeat(np.arange(B, dtype=np.int64), S)
 
         def point(ix, sl, call):
             eps = rng.standard_normal((len(ix),) + eshape, dtype=np.float32) * np.float32(sigma)
-            return b.gather(e, b.from_numpy(ix, like=e)) + b.cast(b.from_numpy(eps, like=e), b.dtype_name(e))
+            return b.ops.gather(e, b.ops.from_numpy(ix, like=e)) + b.ops.cast(b.ops.from_numpy(eps, like=e), b.ops.dtype_name(e))
 
         gbar = eng.accumulate(idx, np.full(len(idx), 1.0 / S), point, e, "smoothgrad")
-        with b.no_grad():
-            attr = [g * b.cast(e, _acc_dtype(b, g)) * mt for g in gbar]
-            sc = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in attr]
+        with b.ops.no_grad():
+            attr = [g * b.ops.cast(e, _acc_dtype(b, g)) * mt for g in gbar]
+            sc = [b.ops.to_numpy(b.ops.sum(a, axis=nd - 1)) for a in attr]
         steps_used = np.full(B, S, np.int64)
     elif method in ("smoothgrad_sq", "vargrad", "gradient_shap"):
         S = int(steps)
         sigma = float(noise) * _typical_row_norm(eng, obs["ids"]) / math.sqrt(eng.info.dim) if noise else 0.0
         rng = np.random.default_rng(seed)
-        eshape = tuple(b.shape(e))[1:]
+        eshape = tuple(b.ops.shape(e))[1:]
         idx = np.repeat(np.arange(B, dtype=np.int64), S)
         dt = _acc_dtype(b, e)
         shap = method == "gradient_shap"
@@ -146,26 +146,26 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
         diffs: dict[int, Any] = {}
 
         def point(ix, sl, call):
-            x = b.gather(e, b.from_numpy(ix, like=e))
+            x = b.ops.gather(e, b.ops.from_numpy(ix, like=e))
             if sigma:
                 eps = rng.standard_normal((len(ix),) + eshape, dtype=np.float32) * np.float32(sigma)
-                x = x + b.cast(b.from_numpy(eps, like=e), b.dtype_name(e))
+                x = x + b.ops.cast(b.ops.from_numpy(eps, like=e), b.ops.dtype_name(e))
             if not shap:
                 return x
-            x0 = b.gather(e0, b.from_numpy(ix, like=e))
-            diffs[sl.start] = b.cast(x - x0, dt)           # the noisy input minus its baseline
-            return x0 + _per_row(b, alpha[sl], e, b.dtype_name(e)) * (x - x0)
+            x0 = b.ops.gather(e0, b.ops.from_numpy(ix, like=e))
+            diffs[sl.start] = b.ops.cast(x - x0, dt)           # the noisy input minus its baseline
+            return x0 + _per_row(b, alpha[sl], e, b.ops.dtype_name(e)) * (x - x0)
 
         first: list[Any] = []
         second: list[Any] = []
 
         def consume(sl, ix, state, values, grads):
-            it = b.from_numpy(ix, like=e)
-            times = diffs.pop(sl.start) if shap else b.cast(state["x"], dt)
+            it = b.ops.from_numpy(ix, like=e)
+            times = diffs.pop(sl.start) if shap else b.ops.cast(state["x"], dt)
             for k, g in enumerate(grads):
-                a = b.cast(g, dt) * (times if (multiply_by_inputs or not shap) else 1.0)
-                s1 = b.segment_sum(a, it, B)
-                s2 = None if shap else b.segment_sum(a * a, it, B)
+                a = b.ops.cast(g, dt) * (times if (multiply_by_inputs or not shap) else 1.0)
+                s1 = b.ops.segment_sum(a, it, B)
+                s2 = None if shap else b.ops.segment_sum(a * a, it, B)
                 if k < len(first):
                     first[k] = first[k] + s1
                     if s2 is not None:
@@ -176,7 +176,7 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
                         second.append(s2)
 
         eng.run(idx, point, True, consume, method)
-        with b.no_grad():
+        with b.ops.no_grad():
             mean = [f / float(S) for f in first]
             if method == "smoothgrad_sq":
                 attr = [q / float(S) * mt for q in second]
@@ -184,7 +184,7 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
                 attr = [(q / float(S) - m1 * m1) * mt for q, m1 in zip(second, mean, strict=True)]
             else:
                 attr = [m1 * mt for m1 in mean]
-            sc = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in attr]
+            sc = [b.ops.to_numpy(b.ops.sum(a, axis=nd - 1)) for a in attr]
         steps_used = np.full(B, S, np.int64)
         if shap:
             f0 = eng.values_at(e0)
@@ -193,8 +193,8 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
                 delta = (np.stack([si.reshape(B, -1).sum(1) for si in sc], axis=1) - (fx - f0)).T
     else:
         e0, base_desc = _baseline(eng, baseline, obs, pad_id)
-        with b.no_grad():
-            diff = b.cast(e, _acc_dtype(b, e)) - b.cast(e0, _acc_dtype(b, e))
+        with b.ops.no_grad():
+            diff = b.ops.cast(e, _acc_dtype(b, e)) - b.ops.cast(e0, _acc_dtype(b, e))
         f0 = eng.values_at(e0)
         extra["baseline_outputs"] = f0
         used_rule = rule
@@ -205,22 +205,22 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
             alpha = np.tile(nodes, len(examples))
 
             def point(ix, sl, call):
-                it = b.from_numpy(ix, like=e)
-                a = _per_row(b, alpha[sl], e, b.dtype_name(e))
-                return b.gather(e0, it) + a * b.cast(b.gather(diff, it), b.dtype_name(e))
+                it = b.ops.from_numpy(ix, like=e)
+                a = _per_row(b, alpha[sl], e, b.ops.dtype_name(e))
+                return b.ops.gather(e0, it) + a * b.ops.cast(b.ops.gather(diff, it), b.ops.dtype_name(e))
 
             return eng.accumulate(idx, np.tile(w, len(examples)), point, e,
                                   f"integrated gradients ({len(nodes)} points)")
 
         def finish(acc: list[Any]) -> tuple[list[Any], list[np.ndarray], np.ndarray]:
-            with b.no_grad():
+            with b.ops.no_grad():
                 at = [g * diff * mt for g in acc]
-                s = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in at]
+                s = [b.ops.to_numpy(b.ops.sum(a, axis=nd - 1)) for a in at]
             d = np.stack([si.reshape(B, -1).sum(1) for si in s], axis=1) - (fx - f0)
             if not multiply_by_inputs:     # the global attribution: the path-averaged gradient
-                with b.no_grad():
+                with b.ops.no_grad():
                     at = [g * mt for g in acc]
-                    s = [b.to_numpy(b.sum(a, axis=nd - 1)) for a in at]
+                    s = [b.ops.to_numpy(b.ops.sum(a, axis=nd - 1)) for a in at]
             return at, s, d
 
         everyone = np.arange(B, dtype=np.int64)
@@ -243,7 +243,7 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
                 new = integrate(active, nodes, np.full(len(nodes), w_new))
                 sel = np.ones(B, np.float64)
                 sel[active] = keep                    # the old sum of active examples is rescaled
-                with b.no_grad():
+                with b.ops.no_grad():
                     st = _per_row(b, sel, e, _acc_dtype(b, e))
                     acc = [a * st + nw for a, nw in zip(acc, new, strict=True)]
                 steps_used[active] = n = n_next
@@ -258,11 +258,11 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
         delta = dl.T                                     # (K, B)
 
     scores = np.stack([np.asarray(s, dtype=np.float64).astype(np.float32) for s in sc])   # (K, B, T)
-    with b.no_grad():
+    with b.ops.no_grad():
         if K == 1:
             attributions = attr[0]
         else:
-            attributions = b.concat([b.reshape(a, (1,) + tuple(b.shape(a))) for a in attr], axis=0)
+            attributions = b.ops.concat([b.ops.reshape(a, (1,) + tuple(b.ops.shape(a))) for a in attr], axis=0)
     single = not eng.targets.multi
     out_vals = fx.T
     base_vals = extra["baseline_outputs"].T if extra["baseline_outputs"] is not None else None

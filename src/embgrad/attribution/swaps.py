@@ -90,7 +90,7 @@ def hotflip(model: Any, inputs: Any, target: Any, k: int = 10, layer: Any = None
     b, info = eng.backend, eng.info
     obs = eng.observe(grad=True)
     e, g, ids = obs["e"], obs["grads"][0], obs["ids"]
-    ids_np = b.to_numpy(ids).astype(np.int64)
+    ids_np = b.ops.to_numpy(ids).astype(np.int64)
     if ids_np.ndim != 2:
         raise EmbgradError(f"hotflip needs (B, T) ids, layer {info.name!r} looked up {ids_np.shape}.")
     B, T = ids_np.shape
@@ -101,20 +101,20 @@ def hotflip(model: Any, inputs: Any, target: Any, k: int = 10, layer: Any = None
     if positions is None:
         allowed = _mask(eng, ids_np, mask) & ~np.isin(ids_np, np.array(sorted(exclude), dtype=np.int64))
     else:
-        allowed = np.asarray(positions if isinstance(positions, np.ndarray) else b.to_numpy(positions), dtype=bool)
+        allowed = np.asarray(positions if isinstance(positions, np.ndarray) else b.ops.to_numpy(positions), dtype=bool)
         if allowed.shape != (B, T):
             raise EmbgradError(f"positions must be bool (B, T) = {(B, T)}, got {allowed.shape}.")
     sign = -1.0 if direction == "decrease" else 1.0
     kk = int(min(k, cand.size))                                  # best candidates kept per position
-    with b.no_grad():
+    with b.ops.no_grad():
         D = info.dim
-        gf = b.reshape(g, (B * T, D))
-        base = b.to_numpy(b.sum(b.reshape(b.cast(e, _acc_dtype(b, g)), (B * T, D)) * gf, axis=1))
+        gf = b.ops.reshape(g, (B * T, D))
+        base = b.ops.to_numpy(b.ops.sum(b.ops.reshape(b.ops.cast(e, _acc_dtype(b, g)), (B * T, D)) * gf, axis=1))
         at = np.flatnonzero(allowed.reshape(-1))                 # only admissible positions are scored
         best_v = np.full((B * T, kk), -np.inf)
         best_i = np.zeros((B * T, kk), np.int64)
         if at.size:
-            gsel = b.cast(b.gather(gf, b.from_numpy(at, like=gf)), _acc_dtype(b, g))
+            gsel = b.ops.cast(b.ops.gather(gf, b.ops.from_numpy(at, like=gf)), _acc_dtype(b, g))
             v, i = top_candidates(b, info, gsel, ids_np.reshape(-1)[at], cand, kk, sign)
             best_v[at], best_i[at] = v, np.maximum(i, 0)
         best_i = np.searchsorted(cand, best_i)                   # candidate ids -> their index in cand
@@ -152,16 +152,16 @@ def _verify(eng: _Engine, e: Any, ex: np.ndarray, pos: np.ndarray, new: np.ndarr
     """Target values (R,) with example ex[r]'s token at pos[r] swapped to new[r] (a real forward
     through the model with the layer's output swapped at that one position)."""
     b, out = eng.backend, []
-    T = b.shape(e)[1]
+    T = b.ops.shape(e)[1]
     uniq, inv = np.unique(new, return_inverse=True)
-    table = b.cast(b.embed(eng.info, b.from_numpy(uniq.astype(np.int64), like=e)), b.dtype_name(e))
+    table = b.ops.cast(b.embed(eng.info, b.ops.from_numpy(uniq.astype(np.int64), like=e)), b.ops.dtype_name(e))
 
     def point(ix, sl, call):
-        x = b.gather(e, b.from_numpy(ix, like=e))
+        x = b.ops.gather(e, b.ops.from_numpy(ix, like=e))
         onehot = np.zeros((len(ix), T, 1), np.float32)
         onehot[np.arange(len(ix)), pos[sl], 0] = 1.0
-        oh = b.cast(b.from_numpy(onehot, like=e), b.dtype_name(e))
-        vec = b.reshape(b.gather(table, b.from_numpy(inv[sl].astype(np.int64), like=e)), (len(ix), 1, -1))
+        oh = b.ops.cast(b.ops.from_numpy(onehot, like=e), b.ops.dtype_name(e))
+        vec = b.ops.reshape(b.ops.gather(table, b.ops.from_numpy(inv[sl].astype(np.int64), like=e)), (len(ix), 1, -1))
         return x * (1 - oh) + vec * oh
 
     eng.run(ex.astype(np.int64), point, False, lambda sl, ix, st, v, g: out.append(_values_np(b, v)[:, 0]),

@@ -91,7 +91,7 @@ class _Targets:
             raise EmbgradError(f"{self.what}={t!r} is not a class index; pass an int, a (B,) list of "
                                "ints, or a callable outputs -> (B,) scalars.")
         a = t if isinstance(t, np.ndarray) else (np.asarray(t) if isinstance(t, (list, tuple))
-                                                 else self.backend.to_numpy(t))
+                                                 else self.backend.ops.to_numpy(t))
         if a.ndim == 0 and np.issubdtype(a.dtype, np.integer):
             return ("index", int(a), f"class {int(a)}")
         if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or a.shape[0] != self.batch:
@@ -106,43 +106,43 @@ class _Targets:
         b, n = self.backend, int(idx.shape[0])
         if self.all_columns:
             lg = self._logit_matrix(outputs, n, None)
-            return b.reshape(lg, (n, -1))
+            return b.ops.reshape(lg, (n, -1))
         cols = []
         for kind, val, lab in self.items:
             if kind == "callable":
                 fn, nargs = val
-                v = fn(outputs, b.from_numpy(idx, like=like)) if nargs == 2 else fn(outputs)
-                shape = b.shape(v) if hasattr(v, "shape") else None
+                v = fn(outputs, b.ops.from_numpy(idx, like=like)) if nargs == 2 else fn(outputs)
+                shape = b.ops.shape(v) if hasattr(v, "shape") else None
                 if shape not in ((n,), (n, 1)):
                     raise EmbgradError(
                         f"the {self.what} callable {lab!r} returned {shape if shape is not None else type(v).__name__} "
                         f"for a chunk of {n} examples; it must return one scalar per example, shape ({n},).")
             elif kind == "output":
                 lg = self._logit_matrix(outputs, n, None)
-                if b.shape(lg)[1] != 1:
+                if b.ops.shape(lg)[1] != 1:
                     raise EmbgradError(
-                        f"the model returns {b.shape(lg)[1]} outputs per example, so {self.what}=None is "
+                        f"the model returns {b.ops.shape(lg)[1]} outputs per example, so {self.what}=None is "
                         "ambiguous: pass a class index, (B,) indices, or a callable outputs -> (B,).")
                 v = lg[:, 0]
             else:
                 lg = self._logit_matrix(outputs, n, val)
                 col = np.full(n, val, np.int64) if kind == "index" else val[idx]
-                v = b.pick(lg, b.from_numpy(col, like=lg))
-            cols.append(b.reshape(v, (n, 1)))
-        return cols[0] if len(cols) == 1 else b.concat(cols, axis=1)
+                v = b.ops.pick(lg, b.ops.from_numpy(col, like=lg))
+            cols.append(b.ops.reshape(v, (n, 1)))
+        return cols[0] if len(cols) == 1 else b.ops.concat(cols, axis=1)
 
     def _logit_matrix(self, outputs: Any, n: int, index: Any) -> Any:
         b = self.backend
         lg = _logits(outputs)
-        shape = b.shape(lg) if hasattr(lg, "shape") else None
+        shape = b.ops.shape(lg) if hasattr(lg, "shape") else None
         if shape is None or not shape or shape[0] != n or len(shape) > 2:
             raise EmbgradError(
                 f"the model's output {type(outputs).__name__} of shape {shape} is not (batch, classes) "
                 f"for a chunk of {n} examples; pass {self.what} as a callable outputs -> (B,) scalars "
                 "(e.g. lambda out: out[:, 0, 3]), or forward= returning the logits.")
         if len(shape) == 1:
-            lg = b.reshape(lg, (n, 1))
-        C = b.shape(lg)[1]
+            lg = b.ops.reshape(lg, (n, 1))
+        C = b.ops.shape(lg)[1]
         if index is not None:
             lo, hi = (index, index) if np.ndim(index) == 0 else (int(index.min()), int(index.max()))
             if lo < 0 or hi >= C:

@@ -1,13 +1,20 @@
-"""The backend interface: the few primitives the framework-neutral core needs.
+"""The backend interface: two small interfaces, the only things the framework-neutral core needs.
 
-A backend answers two kinds of requests and nothing else:
+1. :class:`TensorOps`, **tensor primitives** over the framework's own tensors (unique, segment
+   sum, gather, scatter, casts, reductions, ...), in terms of which :mod:`embgrad.sparse`,
+   :mod:`embgrad.tied`, :mod:`embgrad.privacy` and :mod:`embgrad.distributed` write the sparse
+   algebra once (the discipline of einops' ``_backends.py``: one small documented method per
+   primitive; what a framework lacks raises :class:`NotImplementedError` naming it).
+2. :class:`ModelAdapter`, **model surgery, reversible**: find the embedding layers of a model
+   (:meth:`ModelAdapter.find_embeddings`), install a tap that records every lookup and can
+   replace its output (:meth:`ModelAdapter.install_tap`), remove every trace again
+   (:meth:`Tap.remove`), differentiate a scalar with respect to the recorded outputs
+   (:meth:`Tap.grad`, :meth:`ModelAdapter.value_and_grads`), and read, write and freeze table
+   rows.
 
-1. **Model surgery, reversible**: find the embedding layers of a model
-   (:meth:`Backend.find_embeddings`), install a tap that records every lookup and can replace
-   its output (:meth:`Backend.install_tap`), remove every trace again (:meth:`Tap.remove`) and
-   differentiate a scalar with respect to the recorded outputs (:meth:`Tap.grad`).
-2. **Tensor primitives** over the framework's own tensors (unique, segment sum, gather, ...),
-   in terms of which :mod:`embgrad.sparse` writes the sparse algebra once.
+:func:`embgrad.backends.get_backend` returns the framework's :class:`ModelAdapter`; its
+:class:`TensorOps` is ``adapter.ops``. The core calls ``backend.ops.segment_sum(...)`` for a
+tensor primitive and ``backend.find_embeddings(...)`` for surgery.
 
 Tensors are always the framework's own; shapes in docstrings use B (batch), T (tokens per
 example), D (embedding dim), V (table rows), N (entries), R (stored rows).
@@ -19,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Backend", "EmbeddingInfo", "Call", "Tap"]
+__all__ = ["TensorOps", "ModelAdapter", "Backend", "EmbeddingInfo", "Call", "Tap"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,64 +130,286 @@ class Tap:
         raise NotImplementedError
 
 
-class Backend:
-    """Base class: one subclass per framework in ``embgrad/backends/<framework>.py``."""
+
+class TensorOps:
+    """Tensor primitives over one framework's tensors: one subclass per framework
+    (``embgrad/backends/<framework>_ops.py``), reached as ``backend.ops``.
+
+    Tensors in and out are the framework's own. Shapes: N (entries), D (embedding dim), V
+    (table rows), B (batch), S/T (positions), K (outputs); ids and indices are int64 unless
+    said otherwise; floats keep their dtype unless said otherwise. The methods without a
+    default below are required: the base class raises :class:`NotImplementedError` naming the
+    framework and the method.
+    """
+
+    #: the framework's name, as in :attr:`ModelAdapter.name` (error messages)
+    name: str = "base"
+
+    def _missing(self, method: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"the {self.name} backend does not implement TensorOps.{method}(): write it in its "
+            f"TensorOps subclass ({type(self).__module__}.{type(self).__qualname__}).")
+
+    # ------------------------------------------------------------------ conversion, metadata
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """A NumPy copy (or view) of ``x``, detached; bfloat16 comes back as float32. A NumPy
+        array passes through."""
+        raise self._missing("to_numpy")
+
+    def from_numpy(self, a: np.ndarray, like: Any = None) -> Any:
+        """A framework tensor holding ``a`` (same shape and dtype) on the device of ``like``."""
+        raise self._missing("from_numpy")
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        """The shape as Python ints (TensorFlow inside ``tf.function``: a dim unknown while
+        tracing comes back as a scalar int64 tensor)."""
+        return tuple(int(s) for s in x.shape)
+
+    def dtype_name(self, x: Any) -> str:
+        """'float16', 'bfloat16', 'float32', 'float64', 'int32', 'int64', 'bool', ..."""
+        raise self._missing("dtype_name")
+
+    def cast(self, x: Any, dtype: str) -> Any:
+        """``x`` in dtype ``dtype`` (a name as :meth:`dtype_name` gives); same shape."""
+        raise self._missing("cast")
+
+    def is_integer(self, x: Any) -> bool:
+        """True for an integer dtype."""
+        return self.dtype_name(x).startswith(("int", "uint"))
+
+    def is_floating(self, x: Any) -> bool:
+        """True for a floating dtype (bfloat16 included)."""
+        return self.dtype_name(x).startswith(("float", "bfloat"))
+
+    # ------------------------------------------------------------------ construction, shape
+    def reshape(self, x: Any, shape: Sequence[int]) -> Any:
+        """``x`` with shape ``shape`` (one dim may be -1); same dtype."""
+        raise self._missing("reshape")
+
+    def moveaxis(self, x: Any, source: int, destination: int) -> Any:
+        """``x`` with axis ``source`` moved to ``destination`` (NumPy's moveaxis)."""
+        raise self._missing("moveaxis")
+
+    def broadcast_to(self, x: Any, shape: Sequence[int]) -> Any:
+        """``x`` broadcast to ``shape`` (NumPy rules; a view where the framework has one)."""
+        raise self._missing("broadcast_to")
+
+    def arange(self, n: int, like: Any) -> Any:
+        """int64 (n,) ``0..n-1`` on the device of ``like``."""
+        raise self._missing("arange")
+
+    def zeros(self, shape: Sequence[int], dtype: str, like: Any) -> Any:
+        """Zeros of ``shape`` and dtype ``dtype`` on the device of ``like``."""
+        raise self._missing("zeros")
+
+    def concat(self, xs: Sequence[Any], axis: int = 0) -> Any:
+        """The tensors ``xs`` (same dtype, equal but for ``axis``) joined along ``axis``."""
+        raise self._missing("concat")
+
+    # ------------------------------------------------------------------ sparse algebra
+    def unique(self, x: Any) -> tuple[Any, Any]:
+        """Sorted unique values (U,) of int64 (N,) ``x`` and the inverse index (N,) int64:
+        ``x == unique[inverse]``."""
+        raise self._missing("unique")
+
+    def segment_sum(self, data: Any, segment_ids: Any, num_segments: int) -> Any:
+        """out[s] = sum of data[i] with segment_ids[i] == s: data (N, ...), int64 segment_ids
+        (N,) in [0, num_segments) -> (num_segments, ...) in data's dtype; empty segments 0."""
+        raise self._missing("segment_sum")
+
+    def gather(self, x: Any, idx: Any) -> Any:
+        """``x[idx]`` along axis 0: x (N, ...), int64 idx (M,) -> (M, ...)."""
+        raise self._missing("gather")
+
+    def boolean_mask(self, x: Any, mask: Any) -> Any:
+        """``x[mask]`` along axis 0: x (N, ...), bool mask (N,) -> (count(mask), ...)."""
+        raise self._missing("boolean_mask")
+
+    def scatter_rows(self, rows: Any, values: Any, num_rows: int) -> Any:
+        """Dense (num_rows, D) tensor with ``values`` (R, D) at unique int64 ``rows`` (R,),
+        zeros elsewhere; values' dtype."""
+        raise self._missing("scatter_rows")
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        """Elementwise ``a`` where bool ``cond`` else ``b`` (broadcasting)."""
+        raise self._missing("where")
+
+    def argsort(self, x: Any) -> Any:
+        """int64 (N,) indices that sort (N,) ``x`` ascending, stable (ties by position)."""
+        raise self._missing("argsort")
+
+    def searchsorted(self, sorted_seq: Any, values: Any, right: bool = False) -> Any:
+        """int64 insertion points of ``values`` (M,) in ascending ``sorted_seq`` (N,): (M,)
+        (NumPy's searchsorted, side 'right' when ``right``)."""
+        raise self._missing("searchsorted")
+
+    def repeat(self, x: Any, counts: Any) -> Any:
+        """``np.repeat(x, counts)`` along axis 0: x (N, ...), int64 counts (N,) -> (sum(counts), ...)."""
+        raise self._missing("repeat")
+
+    def cumsum(self, x: Any) -> Any:
+        """Inclusive cumulative sum along axis 0; x's shape and dtype."""
+        raise self._missing("cumsum")
+
+    def floordiv(self, x: Any, n: int) -> Any:
+        """``x // n`` for a non-negative int64 tensor and a positive Python int, exactly
+        (MXNet's arrays have no ``//``)."""
+        return x // n
+
+    # ------------------------------------------------------------------ reductions, math
+    def sqrt(self, x: Any) -> Any:
+        """Elementwise square root; x's shape and dtype."""
+        raise self._missing("sqrt")
+
+    def sum(self, x: Any, axis: int | None = None) -> Any:
+        """Sum over ``axis`` (all axes when None: a scalar, shape (1,) in MXNet); x's dtype."""
+        raise self._missing("sum")
+
+    def minimum(self, x: Any, y: Any) -> Any:
+        """Elementwise minimum of a tensor and a tensor or Python number (broadcasting)."""
+        raise self._missing("minimum")
+
+    def maximum(self, x: Any, y: Any) -> Any:
+        """Elementwise maximum of a tensor and a tensor or Python number (broadcasting)."""
+        raise self._missing("maximum")
+
+    def max_abs(self, x: Any) -> float:
+        """max |x| as a Python float (0.0 for an empty tensor)."""
+        a = self.to_numpy(x)
+        return float(np.abs(a).max()) if a.size else 0.0
+
+    def minmax(self, x: Any) -> tuple[int, int]:
+        """(min, max) of a non-empty int tensor, as Python ints."""
+        raise self._missing("minmax")
+
+    def count_nonfinite(self, x: Any) -> int:
+        """How many entries of ``x`` are NaN or ±Inf (0 for an integer tensor); inside a traced
+        ``tf.function``: 0 and a run-time assertion that there are none."""
+        raise self._missing("count_nonfinite")
+
+    def matmul(self, a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False) -> Any:
+        """Batched matrix product over the last two axes (leading axes broadcast), with either
+        factor transposed in its last two axes: (..., M, K) @ (..., K, N) -> (..., M, N)."""
+        raise self._missing("matmul")
+
+    def matmul_t(self, a: Any, b: Any) -> Any:
+        """a @ b.T for a (N, D) and b (C, D): (N, C)."""
+        raise self._missing("matmul_t")
+
+    def take_along_last(self, x: Any, idx: Any) -> Any:
+        """``out[b, s, n] = x[b, s, idx[b, n]]`` for x (B, S, V) and int64 idx (B, N): (B, S, N)."""
+        raise self._missing("take_along_last")
+
+    def gather_last(self, x: Any, idx: Any) -> Any:
+        """``x[..., idx]``: the entries of the last axis at int64 (N,) ``idx``: (..., N)."""
+        raise self._missing("gather_last")
+
+    def pick(self, x: Any, idx: Any) -> Any:
+        """``x[n, idx[n]]`` for x (N, C) and int64 idx (N,): (N,), differentiable in x."""
+        raise self._missing("pick")
+
+    def topk(self, x: Any, k: int) -> tuple[Any, Any]:
+        """The k largest values along the last axis of x (..., C) and their int64 indices,
+        both (..., k), largest first."""
+        raise self._missing("topk")
+
+    def log_probs_at(self, logits: Any, positions: Any, tokens: Any) -> Any:
+        """``log_softmax(logits[n, positions[n, k]])[tokens[n, k]]`` for logits (N, T, V) and
+        int64 positions, tokens (N, K): (N, K), float32 or wider, differentiable in logits
+        (a causal language model's log-probability of token k of example n). Optional."""
+        from ..errors import EmbgradError
+        raise EmbgradError(f"the {self.name} backend has no log_probs_at: attribution of generated "
+                           "tokens supports PyTorch and Keras/TensorFlow models.")
+
+    def row_grad_parts(self, g: Any) -> tuple[Any, Any, int | None]:
+        """``(ids (N,), values (N, D), num_rows or None)`` from a framework table gradient
+        (sparse or dense; duplicates allowed), for :func:`embgrad.row_grad`."""
+        raise self._missing("row_grad_parts")
+
+    # ------------------------------------------------------------------ execution
+    def no_grad(self) -> Any:
+        """A context in which no autograd graph is recorded (the sparse algebra runs in it)."""
+        import contextlib
+        return contextlib.nullcontext()
+
+    def compile(self, fn: Callable) -> Callable:
+        """A compiled version of a pure function of tensors (tf.function in TensorFlow)."""
+        return fn
+
+    def traced(self, x: Any) -> bool:
+        """True when ``x`` has no value yet (a tensor traced inside ``tf.function``): checks
+        that need values then become run-time assertions (:meth:`assert_in_range`)."""
+        return False
+
+    def eager_only(self, what: str, instead: str) -> None:
+        """EmbgradError when called where tensors have no values (while a ``tf.function`` is
+        traced): ``what`` needs values; ``instead`` names the eager (or in-graph) alternative."""
+
+    def assert_in_range(self, ids: Any, num_rows: int, message: str) -> Any:
+        """For traced int ``ids``: a run-time assertion that 0 <= ids < num_rows, failing
+        with ``message`` when the graph runs. Returns a token for :meth:`gate`. Required where
+        :meth:`traced` can be True."""
+        raise self._missing("assert_in_range")
+
+    def gate(self, x: Any, *tokens: Any) -> Any:
+        """``x``, computed only after the run-time assertions ``tokens`` (from
+        :meth:`assert_in_range`) passed, so that their message, not a kernel's, is the error."""
+        return x
+
+
+class ModelAdapter:
+    """Model surgery for one framework: one subclass per framework in
+    ``embgrad/backends/<framework>.py``; :func:`~embgrad.backends.get_backend` returns it.
+
+    ``ops`` is the framework's :class:`TensorOps`. The methods without a default below are
+    required: the base class raises :class:`NotImplementedError` naming the framework and the
+    method.
+    """
 
     name: str = "base"
     framework_module: str = ""
+    #: the framework's tensor primitives
+    ops: TensorOps = TensorOps()
     #: what find_embeddings looks for, for error messages ("torch.nn.Embedding and ...")
     searched_types: str = "embedding layers"
     #: the calling convention of models: True where a list, tuple or dict of inputs is ONE
     #: structured input, ``model(inputs)`` (Keras); False where a tuple is positional arguments
     #: and a dict keyword arguments (PyTorch, Gluon)
     structured_inputs: bool = False
+    #: how a user switched gradient recording off, in this framework's words (messages)
+    no_grad_hint: str = "gradient recording switched off"
+    #: which broadcasts of a batch-free lookup's output the tap can split by example (messages)
+    broadcast_seen: str = "it sees none: this framework's tap cannot split a broadcast output"
+    #: how :meth:`embgrad.Capture.gradients` sees every use of a table when given the loss:
+    #: "graph" (:meth:`table_uses` walks the autograd graph), "total" (the tape's total gradient
+    #: of the table is compared with that of the recorded uses), or None (it cannot)
+    table_check: str | None = None
+
+    def _missing(self, method: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"the {self.name} backend does not implement ModelAdapter.{method}(): write it in its "
+            f"ModelAdapter subclass ({type(self).__module__}.{type(self).__qualname__}).")
 
     # ------------------------------------------------------------------ detection
     def is_appropriate(self, obj: Any) -> bool:
         """True if ``obj`` (tensor, model, layer, variable) belongs to this framework."""
-        raise NotImplementedError
+        raise self._missing("is_appropriate")
 
-    # ------------------------------------------------------------------ surgery
+    # ------------------------------------------------------------------ finding layers
     def find_embeddings(self, model: Any) -> dict[str, EmbeddingInfo]:
         """Every embedding layer of ``model`` (or ``model`` itself if it is one), by name."""
-        raise NotImplementedError
+        raise self._missing("find_embeddings")
 
-    def install_tap(self, model: Any, infos: Sequence[EmbeddingInfo],
-                    on_call: Callable[[Call], Any], active: Callable[[], bool] | None = None) -> Tap:
-        """Record every call of the given layers. ``on_call(call)`` may return a tensor that
-        replaces the layer's output (same shape), or None to keep it. ``active()``, asked at
-        each call, says whether the call belongs to this tap's capture (False for a forward run in
-        another thread or ``contextvars`` context): such calls pass through untouched, neither
-        checked nor recorded. Taps of one layer are independent: removing them in any order
-        leaves the layer exactly as it was."""
-        raise NotImplementedError
-
-    def install_forward_tap(self, model: Any, on_start: Callable[[Any], None],
-                            on_end: Callable[[], None]) -> Tap | None:
-        """Tell the core where each forward of ``model`` starts and ends: ``on_start(shape)``
-        when the model's outermost call begins (``shape``: the shape of its first input tensor,
-        or None), ``on_end()`` when it returns or raises.
-        None when the backend cannot see forwards (the core then treats every call as one
-        forward and warns where that assumption matters)."""
+    def match_name(self, key: str, found: dict[str, EmbeddingInfo]) -> EmbeddingInfo | None:
+        """The layer of ``found`` that a name which is not one of its keys means (a Keras
+        path, a Gluon child path), or None."""
         return None
-
-    #: which broadcasts of a batch-free lookup's output the tap can split by example (messages)
-    broadcast_seen: str = "it sees none: this framework's tap cannot split a broadcast output"
-
-    def expand_hint(self, batch_size: Any) -> str:
-        """How to give (1, T) position ids the batch dimension, in this framework's words."""
-        return f"ids broadcast to ({batch_size}, T)"
 
     def sequence_first_layers(self, model: Any) -> list[str]:
         """Names of layers that read their input sequence-first (time, batch, ...) by default
         (nn.LSTM/GRU/RNN/Transformer with batch_first=False): ids fed to such a model may be
         (T, B), so the core asks for ``batch_dim=`` instead of assuming dimension 0."""
         return []
-
-    def in_backward(self) -> bool:
-        """True while the framework runs a backward pass (a gradient-checkpointing
-        recomputation calls the layers again there: not new lookups)."""
-        return False
 
     def coupling_layers(self, model: Any) -> list[str]:
         """Names of layers that couple examples of a batch (e.g. BatchNorm in training)."""
@@ -191,14 +420,44 @@ class Backend:
         training mode): attribution warns, as its results would not be repeatable."""
         return []
 
+    # ------------------------------------------------------------------ taps
+    def install_tap(self, model: Any, infos: Sequence[EmbeddingInfo],
+                    on_call: Callable[[Call], Any], active: Callable[[], bool] | None = None) -> Tap:
+        """Record every call of the given layers. ``on_call(call)`` may return a tensor that
+        replaces the layer's output (same shape), or None to keep it. ``active()``, asked at
+        each call, says whether the call belongs to this tap's capture (False for a forward run in
+        another thread or ``contextvars`` context): such calls pass through untouched, neither
+        checked nor recorded. Taps of one layer are independent: removing them in any order
+        leaves the layer exactly as it was."""
+        raise self._missing("install_tap")
+
+    def install_forward_tap(self, model: Any, on_start: Callable[[Any], None],
+                            on_end: Callable[[], None]) -> Tap | None:
+        """Tell the core where each forward of ``model`` starts and ends: ``on_start(shape)``
+        when the model's outermost call begins (``shape``: the shape of its first input tensor,
+        or None), ``on_end()`` when it returns or raises.
+        None when the backend cannot see forwards (the core then treats every call as one
+        forward and warns where that assumption matters)."""
+        return None
+
+    def expand_hint(self, batch_size: Any) -> str:
+        """How to give (1, T) position ids the batch dimension, in this framework's words."""
+        return f"ids broadcast to ({batch_size}, T)"
+
+    def compiled_hint(self, model: Any) -> str:
+        """Why no lookup of ``model`` may have been seen (a compiled module that runs no hooks),
+        with what to do instead, led by a space; "" when there is nothing to say."""
+        return ""
+
+    def in_backward(self) -> bool:
+        """True while the framework runs a backward pass (a gradient-checkpointing
+        recomputation calls the layers again there: not new lookups)."""
+        return False
+
+    # ------------------------------------------------------------------ differentiation
     def scalar_loss(self, loss: Any) -> Any:
         """Validate that ``loss`` is a scalar tensor of this framework (else EmbgradError)."""
         return loss
-
-    #: how :meth:`embgrad.Capture.gradients` sees every use of a table when given the loss:
-    #: "graph" (:meth:`table_uses` walks the autograd graph), "total" (the tape's total gradient
-    #: of the table is compared with that of the recorded uses), or None (it cannot)
-    table_check: str | None = None
 
     def table_weight(self, info: EmbeddingInfo) -> Any:
         """The layer's table variable now (it may have been built after the layer was found),
@@ -218,161 +477,16 @@ class Backend:
         can see their autograd graph override it)."""
         return {}
 
-    # ------------------------------------------------------------------ tensor primitives
-    def to_numpy(self, x: Any) -> np.ndarray:
-        raise NotImplementedError
-
-    def from_numpy(self, a: np.ndarray, like: Any = None) -> Any:
-        """A framework tensor holding ``a`` on the device of ``like``."""
-        raise NotImplementedError
-
-    def shape(self, x: Any) -> tuple[int, ...]:
-        return tuple(int(s) for s in x.shape)
-
-    def dtype_name(self, x: Any) -> str:
-        """'float16', 'bfloat16', 'float32', 'float64', 'int32', 'int64', 'bool', ..."""
-        raise NotImplementedError
-
-    def cast(self, x: Any, dtype: str) -> Any:
-        raise NotImplementedError
-
-    def reshape(self, x: Any, shape: Sequence[int]) -> Any:
-        raise NotImplementedError
-
-    def moveaxis(self, x: Any, source: int, destination: int) -> Any:
-        """``x`` with axis ``source`` moved to ``destination`` (NumPy's moveaxis)."""
-        raise NotImplementedError
-
-    def broadcast_to(self, x: Any, shape: Sequence[int]) -> Any:
-        """``x`` broadcast to ``shape`` (NumPy rules; a view where the framework has one)."""
-        raise NotImplementedError
-
-    def max_abs(self, x: Any) -> float:
-        """max |x| as a Python float (0.0 for an empty tensor)."""
-        a = self.to_numpy(x)
-        return float(np.abs(a).max()) if a.size else 0.0
-
-    def arange(self, n: int, like: Any) -> Any:
-        """int64 (n,) on the device of ``like``."""
-        raise NotImplementedError
-
-    def zeros(self, shape: Sequence[int], dtype: str, like: Any) -> Any:
-        raise NotImplementedError
-
-    def concat(self, xs: Sequence[Any], axis: int = 0) -> Any:
-        raise NotImplementedError
-
-    def unique(self, x: Any) -> tuple[Any, Any]:
-        """Sorted unique values of int64 (N,) ``x`` and the inverse index (N,) int64."""
-        raise NotImplementedError
-
-    def segment_sum(self, data: Any, segment_ids: Any, num_segments: int) -> Any:
-        """out[s] = sum of data[i] with segment_ids[i] == s; (num_segments, *data.shape[1:])."""
-        raise NotImplementedError
-
-    def gather(self, x: Any, idx: Any) -> Any:
-        """x[idx] along axis 0."""
-        raise NotImplementedError
-
-    def boolean_mask(self, x: Any, mask: Any) -> Any:
-        """x[mask] along axis 0 (mask: bool (N,))."""
-        raise NotImplementedError
-
-    def where(self, cond: Any, a: Any, b: Any) -> Any:
-        raise NotImplementedError
-
-    def sqrt(self, x: Any) -> Any:
-        raise NotImplementedError
-
-    def sum(self, x: Any, axis: int | None = None) -> Any:
-        raise NotImplementedError
-
-    def minimum(self, x: Any, y: Any) -> Any:
-        raise NotImplementedError
-
-    def maximum(self, x: Any, y: Any) -> Any:
-        raise NotImplementedError
-
-    def argsort(self, x: Any) -> Any:
-        """int64 indices that sort (N,) ``x`` ascending (stable)."""
-        raise NotImplementedError
-
-    def searchsorted(self, sorted_seq: Any, values: Any, right: bool = False) -> Any:
-        raise NotImplementedError
-
-    def repeat(self, x: Any, counts: Any) -> Any:
-        """np.repeat(x, counts) along axis 0."""
-        raise NotImplementedError
-
-    def cumsum(self, x: Any) -> Any:
-        raise NotImplementedError
-
-    def floordiv(self, x: Any, n: int) -> Any:
-        """``x // n`` for a non-negative int64 tensor and a positive Python int, exactly
-        (MXNet's arrays have no ``//``)."""
-        return x // n
-
-    def scatter_rows(self, rows: Any, values: Any, num_rows: int) -> Any:
-        """Dense (num_rows, D) tensor with ``values`` at ``rows`` (rows unique), zeros elsewhere."""
-        raise NotImplementedError
-
-    def count_nonfinite(self, x: Any) -> int:
-        raise NotImplementedError
-
-    def minmax(self, x: Any) -> tuple[int, int]:
-        """(min, max) of an int tensor, as Python ints (x non-empty)."""
-        raise NotImplementedError
-
-    def traced(self, x: Any) -> bool:
-        """True when ``x`` has no value yet (a tensor traced inside ``tf.function``): checks
-        that need values then become run-time assertions (:meth:`assert_in_range`)."""
-        return False
-
-    def eager_only(self, what: str, instead: str) -> None:
-        """EmbgradError when called where tensors have no values (while a ``tf.function`` is
-        traced): ``what`` needs values; ``instead`` names the eager (or in-graph) alternative."""
-
-    def assert_in_range(self, ids: Any, num_rows: int, message: str) -> Any:
-        """For traced int ``ids``: a run-time assertion that 0 <= ids < num_rows, failing
-        with ``message`` when the graph runs. Returns a token for :meth:`gate`."""
-        raise NotImplementedError
-
-    def gate(self, x: Any, *tokens: Any) -> Any:
-        """``x``, computed only after the run-time assertions ``tokens`` (from
-        :meth:`assert_in_range`) passed, so that their message, not a kernel's, is the error."""
-        return x
-
-    def is_integer(self, x: Any) -> bool:
-        return self.dtype_name(x).startswith(("int", "uint"))
-
-    def is_floating(self, x: Any) -> bool:
-        return self.dtype_name(x).startswith(("float", "bfloat"))
-
-    def row_grad_parts(self, g: Any) -> tuple[Any, Any, int | None]:
-        """``(ids (N,), values (N, D), num_rows or None)`` from a framework table gradient
-        (sparse or dense; duplicates allowed), for :func:`embgrad.row_grad`."""
-        raise NotImplementedError
-
-    def compile(self, fn: Callable) -> Callable:
-        """A compiled version of a pure function of tensors (tf.function in TensorFlow)."""
-        return fn
-
-    def no_grad(self):
-        """A context in which no autograd graph is recorded (sparse algebra runs in it)."""
-        import contextlib
-        return contextlib.nullcontext()
-
-    # ------------------------------------------------------------------ attribution
-    # Used by :mod:`embgrad.attribution` (integrated gradients, SmoothGrad, HotFlip, Jacobians).
     def value_and_grads(self, fn: Callable[[Callable[[Any], Any]], Any]) -> tuple[Any, list[Any]]:
         """Run ``fn(watch)`` recording gradients; ``fn`` passes exactly one tensor x through
         ``watch`` (which returns the tensor to use in its place) and returns y (N, K).
 
         Returns ``(y, grads)``: y detached, and for each k the gradient of ``sum(y[:, k])``
         with respect to x (zeros where y does not depend on x), K backward passes over one
-        forward. Never writes any parameter's accumulated gradient.
+        forward. Never writes any parameter's accumulated gradient. Used by
+        :mod:`embgrad.attribution` (integrated gradients, SmoothGrad, HotFlip, Jacobians).
         """
-        raise NotImplementedError
+        raise self._missing("value_and_grads")
 
     def value_and_grads_batched(self, fn: Callable[[Callable[[Any], Any]], Any]) -> tuple[Any, list[Any]]:
         """As :meth:`value_and_grads`, the K vector-Jacobian products computed together as one
@@ -380,72 +494,39 @@ class Backend:
         over the K output directions) where the framework has one; else K backward passes."""
         return self.value_and_grads(fn)
 
-    def log_probs_at(self, logits: Any, positions: Any, tokens: Any) -> Any:
-        """``log_softmax(logits[n, positions[n, k]])[tokens[n, k]]`` for logits (N, T, V) and
-        int64 positions, tokens (N, K): (N, K), float32 or wider, differentiable in logits
-        (a causal language model's log-probability of token k of example n)."""
-        from ..errors import EmbgradError
-        raise EmbgradError(f"the {self.name} backend has no log_probs_at: attribution of generated "
-                           "tokens supports PyTorch and Keras/TensorFlow models.")
-
     def embed(self, info: EmbeddingInfo, ids: Any) -> Any:
-        """The layer's own output for int ids (..., ) -> (..., D), without recording gradients
-        (includes any scaling the layer applies, e.g. Hugging Face ``embed_scale``)."""
-        raise NotImplementedError
-
-    def pick(self, x: Any, idx: Any) -> Any:
-        """x[n, idx[n]] for x (N, C) and int64 idx (N,): (N,), differentiable in x."""
-        raise NotImplementedError
-
-    def matmul_t(self, a: Any, b: Any) -> Any:
-        """a @ b.T for a (N, D) and b (C, D): (N, C)."""
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------ tied tables (embgrad.tied)
-    def matmul(self, a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False) -> Any:
-        """Batched matrix product over the last two axes (leading axes broadcast), with either
-        factor transposed in its last two axes: (..., M, K) @ (..., K, N) -> (..., M, N)."""
-        raise NotImplementedError
-
-    def take_along_last(self, x: Any, idx: Any) -> Any:
-        """``out[b, s, n] = x[b, s, idx[b, n]]`` for x (B, S, V) and int64 idx (B, N)."""
-        raise NotImplementedError
-
-    def gather_last(self, x: Any, idx: Any) -> Any:
-        """``x[..., idx]``: the entries of the last axis at int64 (N,) ``idx``."""
-        raise NotImplementedError
-
-    def topk(self, x: Any, k: int) -> tuple[Any, Any]:
-        """The k largest values along the last axis of x and their int64 indices."""
-        raise NotImplementedError
+        """The layer's own output for int ids (...) -> (..., D), without recording gradients
+        and without being recorded by a tap (includes any scaling the layer applies, e.g.
+        Hugging Face ``embed_scale``)."""
+        raise self._missing("embed")
 
     # ------------------------------------------------------------------ tables (embgrad.table)
     # Reading, writing and freezing rows of one embedding table; used by :mod:`embgrad.tables`.
     def table_variable(self, info: EmbeddingInfo) -> Any:
         """The framework's own parameter/variable holding the (V, D) table of ``info.layer``
         (for a Keras layer with LoRA: the base ``embeddings`` variable)."""
-        raise NotImplementedError
+        raise self._missing("table_variable")
 
     def table_dtype(self, info: EmbeddingInfo) -> str:
         """The dtype name of the table variable ('float32', 'bfloat16', 'int8', ...)."""
-        return self.dtype_name(self.table_variable(info))
+        return self.ops.dtype_name(self.table_variable(info))
 
     def table_gather(self, info: EmbeddingInfo, rows: Any, effective: bool = False) -> Any:
         """Framework tensor (R, D): rows ``rows`` (int64 framework tensor (R,)) of the table,
         detached from autograd. ``effective``: the table the layer really looks up in (base +
         LoRA part in Keras); identical to the variable elsewhere."""
-        raise NotImplementedError
+        raise self._missing("table_gather")
 
     def table_read(self, info: EmbeddingInfo, rows: np.ndarray, effective: bool = False) -> np.ndarray:
         """NumPy (R, D): rows ``rows`` (int64 NumPy (R,)) of the table."""
         var = self.table_variable(info)
-        return self.to_numpy(self.table_gather(info, self.from_numpy(rows, like=var), effective))
+        return self.ops.to_numpy(self.table_gather(info, self.ops.from_numpy(rows, like=var), effective))
 
     def table_write(self, info: EmbeddingInfo, rows: np.ndarray, values: np.ndarray) -> None:
         """Write ``values`` (NumPy (R, D), already in the table's dtype or float32 for
         bfloat16) into rows ``rows`` (unique int64 NumPy (R,)) in place, through the framework's
         own assignment, without recording autograd history."""
-        raise NotImplementedError
+        raise self._missing("table_write")
 
     def table_quantized(self, info: EmbeddingInfo) -> str | None:
         """Why float rows cannot be written into the table (it is quantized, or stored in a
@@ -461,4 +542,9 @@ class Backend:
         (hook / constraint). ``optimizer``: where the framework needs it, the optimizer whose
         steps must also leave the rows alone (decoupled weight decay). Returns a handle whose
         ``remove()`` takes every trace away again."""
-        raise NotImplementedError
+        raise self._missing("table_freeze")
+
+
+#: what :func:`~embgrad.backends.get_backend` returns (a framework's :class:`ModelAdapter`,
+#: whose ``ops`` are its :class:`TensorOps`); the name the core's type hints use
+Backend = ModelAdapter

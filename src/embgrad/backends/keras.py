@@ -353,8 +353,8 @@ class KerasBackend(Backend):
             capped = out
 
             def logit_grad(g: Any, capped: Any = capped, cap: float = float(cap)) -> Any:
-                t = self.cast(capped, "float32") / cap
-                return self.cast(g, "float32") * (1.0 - t * t)
+                t = self.ops.cast(capped, "float32") / cap
+                return self.ops.cast(g, "float32") * (1.0 - t * t)
             meta["logit_grad"] = logit_grad
         call = Call(info=info, ids=None, output=out, grad_enabled=grad_enabled, role="projection", meta=meta)
         self._on_grad(call)
@@ -396,16 +396,16 @@ class KerasBackend(Backend):
         return dt if isinstance(dt, str) else dt.name
 
     def table_gather(self, info, rows, effective=False):
-        with self.no_grad():
+        with self.ops.no_grad():
             if effective:   # what the layer looks up: base + LoRA part, dequantized; bypasses taps
                 quantized = getattr(info.layer, "quantization_mode", None)
                 call = type(info.layer).quantized_call if quantized else type(info.layer).call
                 return call(info.layer, rows)
-            return self.gather(self._var_tensor(self.table_variable(info)), rows)
+            return self.ops.gather(self._var_tensor(self.table_variable(info)), rows)
 
     def table_read(self, info, rows, effective=False):
         like = self._var_tensor(self.table_variable(info))
-        return self.to_numpy(self.table_gather(info, self.from_numpy(rows, like=like), effective))
+        return self.ops.to_numpy(self.table_gather(info, self.ops.from_numpy(rows, like=like), effective))
 
     def table_quantized(self, info):
         mode = getattr(info.layer, "quantization_mode", None)
@@ -422,7 +422,7 @@ class KerasBackend(Backend):
                 "changes through the shared low-rank factor, so single rows cannot be frozen. Freeze "
                 "rows before layer.enable_lora(), or merge the LoRA weights first.")
         var = self.table_variable(info)
-        idx = self.from_numpy(rows, like=self._var_tensor(var))
+        idx = self.ops.from_numpy(rows, like=self._var_tensor(var))
         saved = self.table_gather(info, idx)
         prev = var.constraint
         prev = getattr(prev, "_embgrad_own", prev)   # replacing an earlier guard: wrap the layer's own
@@ -727,8 +727,8 @@ def lora_gradients(layer_grads: Any) -> tuple[Any, Any]:
     layer, s = info.layer, info.options["lora_scale"]
     g = layer_grads.weight_grad
     b = g._backend
-    a_var = b.cast(ops.convert_to_tensor(layer.lora_embeddings_a), b.dtype_name(g.values))
-    b_var = b.cast(ops.convert_to_tensor(layer.lora_embeddings_b), b.dtype_name(g.values))
+    a_var = b.ops.cast(ops.convert_to_tensor(layer.lora_embeddings_a), b.ops.dtype_name(g.values))
+    b_var = b.ops.cast(ops.convert_to_tensor(layer.lora_embeddings_b), b.ops.dtype_name(g.values))
     d_a = ops.matmul(g.values, ops.transpose(b_var)) * s
-    d_b = ops.matmul(ops.transpose(b.gather(a_var, g.rows)), g.values) * s
+    d_b = ops.matmul(ops.transpose(b.ops.gather(a_var, g.rows)), g.values) * s
     return RowGrad(g.rows, d_a, info.num_rows, b), d_b

@@ -133,8 +133,8 @@ def coalesce(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, to
     (entry n added before entry n+1: the same order on every rank)."""
     if rows.shape[0] == 0:
         return rows, values
-    uniq, inv = _TB.unique(rows)
-    return uniq, _TB.segment_sum(values, inv, uniq.shape[0])
+    uniq, inv = _TB.ops.unique(rows)
+    return uniq, _TB.ops.segment_sum(values, inv, uniq.shape[0])
 
 
 # ---------------------------------------------------------------------- all_reduce_rows

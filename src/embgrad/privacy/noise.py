@@ -132,7 +132,7 @@ class RowSelection:
     def numpy(self) -> np.ndarray:
         """``rows`` as NumPy int64 (S,)."""
         b = self._backend or get_backend(self.rows)
-        return b.to_numpy(self.rows)
+        return b.ops.to_numpy(self.rows)
 
     def __repr__(self) -> str:
         return (f"RowSelection(rows={len(self)} of {self.num_rows}, true_positives="
@@ -175,7 +175,7 @@ def contribution_counts(lookups: Any, num_rows: int | None = None, *,
                                "tf.Tensor, ...) or an ExampleGrads, not NumPy: the counts are a "
                                "RowGrad on the ids' framework and device.")
         b = get_backend(ids)
-        ids_np = b.to_numpy(ids)
+        ids_np = b.ops.to_numpy(ids)
         if ids_np.ndim != 2 or not np.issubdtype(ids_np.dtype, np.integer):
             raise EmbgradError(f"contribution_counts: ids must be (B, T) integers, got shape "
                                f"{ids_np.shape} dtype {ids_np.dtype}.")
@@ -191,19 +191,19 @@ def contribution_counts(lookups: Any, num_rows: int | None = None, *,
             raise EmbgradError(f"contribution_counts: id {bad} is out of range for a table of {V} "
                                f"rows (valid ids are 0..{V - 1}).")
         keys = np.unique(exn * V + flat)
-        ex = b.from_numpy(keys // V, like=ids)
-        rows = b.from_numpy(keys % V, like=ids)
+        ex = b.ops.from_numpy(keys // V, like=ids)
+        rows = b.ops.from_numpy(keys % V, like=ids)
         batch = B
-        like = b.cast(ids, "float32")
-    n_pairs = b.shape(rows)[0]
+        like = b.ops.cast(ids, "float32")
+    n_pairs = b.ops.shape(rows)[0]
     if isinstance(n_pairs, int) and n_pairs == 0:
-        return RowGrad(b.cast(rows, "int64"), b.zeros((0, 1), "float32", like), V, b)
-    ones = b.cast(ex, "float32") * 0.0 + 1.0
-    k = b.segment_sum(ones, ex, batch)                                   # (B,) distinct rows
-    weight = b.minimum(bound / b.sqrt(b.maximum(k, 1.0)), 1.0)           # (B,)
-    uniq, inv = b.unique(rows)
-    counts = b.segment_sum(b.gather(weight, ex), inv, b.shape(uniq)[0])
-    return RowGrad(uniq, b.reshape(counts, (-1, 1)), V, b)
+        return RowGrad(b.ops.cast(rows, "int64"), b.ops.zeros((0, 1), "float32", like), V, b)
+    ones = b.ops.cast(ex, "float32") * 0.0 + 1.0
+    k = b.ops.segment_sum(ones, ex, batch)                                   # (B,) distinct rows
+    weight = b.ops.minimum(bound / b.ops.sqrt(b.ops.maximum(k, 1.0)), 1.0)           # (B,)
+    uniq, inv = b.ops.unique(rows)
+    counts = b.ops.segment_sum(b.ops.gather(weight, ex), inv, b.ops.shape(uniq)[0])
+    return RowGrad(uniq, b.ops.reshape(counts, (-1, 1)), V, b)
 
 
 def false_positive_probability(threshold: float, noise_std: float) -> float:
@@ -249,14 +249,14 @@ def select_rows(counts: RowGrad, threshold: float, noise_std: float, rng: Any = 
     std = _check_nonneg(noise_std, "noise_std")
     g = make_rng(rng)
     b = counts._backend
-    touched = np.asarray(b.to_numpy(counts.rows), dtype=np.int64)
-    c = np.asarray(b.to_numpy(counts.values), dtype=np.float64).reshape(-1)
+    touched = np.asarray(b.ops.to_numpy(counts.rows), dtype=np.int64)
+    c = np.asarray(b.ops.to_numpy(counts.values), dtype=np.float64).reshape(-1)
     noisy = c + g.standard_normal(c.shape[0]) * std if std > 0 else c
     tp = touched[noisy >= tau]
     V = counts.num_rows
     fp = _sample_untouched(touched, V, false_positive_probability(tau, std), g)
     rows = np.union1d(tp, fp)            # disjoint, sorted
-    return RowSelection(b.from_numpy(rows.astype(np.int64), like=counts.rows), V,
+    return RowSelection(b.ops.from_numpy(rows.astype(np.int64), like=counts.rows), V,
                         int(tp.shape[0]), int(fp.shape[0]), b)
 
 
@@ -301,7 +301,7 @@ def top_k_rows(counts: Any, k: int, *, noise_std: float = 0.0, rng: Any = None,
         b: Backend | None = cb
         V = counts.num_rows
         dense = np.zeros(V, np.float64)
-        dense[cb.to_numpy(counts.rows)] = cb.to_numpy(counts.values).reshape(-1)
+        dense[cb.ops.to_numpy(counts.rows)] = cb.ops.to_numpy(counts.values).reshape(-1)
         like = counts.rows
     else:
         dense = np.asarray(counts, dtype=np.float64)
@@ -314,7 +314,7 @@ def top_k_rows(counts: Any, k: int, *, noise_std: float = 0.0, rng: Any = None,
     if std > 0:
         dense = dense + g.standard_normal(V) * std
     rows = np.sort(np.argpartition(-dense, k - 1)[:k]).astype(np.int64)
-    out = rows if b is None else b.from_numpy(rows, like=like)
+    out = rows if b is None else b.ops.from_numpy(rows, like=like)
     return RowSelection(out, V, 0, 0, b)
 
 
@@ -327,7 +327,7 @@ def gaussian_noise(shape: tuple[int, ...], std: float, like: Any, rng: Any = Non
     """
     b = get_backend(like)
     g = make_rng(rng)
-    return b.from_numpy(g.standard_normal(shape, dtype=np.float32) * np.float32(std), like=like)
+    return b.ops.from_numpy(g.standard_normal(shape, dtype=np.float32) * np.float32(std), like=like)
 
 
 def noise_rows(grad: RowGrad, selection: Any, std: float, rng: Any = None) -> RowGrad:
@@ -353,21 +353,21 @@ def noise_rows(grad: RowGrad, selection: Any, std: float, rng: Any = None) -> Ro
                            f"the gradient of {grad.num_rows}.")
     b = grad._backend
     if isinstance(rows, (np.ndarray, list, tuple)):
-        rows = b.from_numpy(np.asarray(rows, dtype=np.int64), like=grad.values)
-    rows = b.cast(rows, "int64")
-    S = b.shape(rows)[0]          # an int; a scalar tensor while tracing a tf.function
+        rows = b.ops.from_numpy(np.asarray(rows, dtype=np.int64), like=grad.values)
+    rows = b.ops.cast(rows, "int64")
+    S = b.ops.shape(rows)[0]          # an int; a scalar tensor while tracing a tf.function
     D = grad.dim
-    dt = b.dtype_name(grad.values)
+    dt = b.ops.dtype_name(grad.values)
     if isinstance(S, int) and S == 0:
-        return RowGrad(rows, b.zeros((0, D), dt, grad.values), grad.num_rows, b)
+        return RowGrad(rows, b.ops.zeros((0, D), dt, grad.values), grad.num_rows, b)
     # each gradient row's place among the selected rows; a sentinel row V past the end keeps
     # the gather in range for rows beyond the last selected one
-    sentinel = b.from_numpy(np.array([grad.num_rows], np.int64), like=grad.rows)
-    pos = b.searchsorted(rows, grad.rows)
-    hit = b.gather(b.concat([rows, sentinel]), pos) == grad.rows
-    values = b.scatter_rows(b.boolean_mask(pos, hit), b.boolean_mask(grad.values, hit), S)
+    sentinel = b.ops.from_numpy(np.array([grad.num_rows], np.int64), like=grad.rows)
+    pos = b.ops.searchsorted(rows, grad.rows)
+    hit = b.ops.gather(b.ops.concat([rows, sentinel]), pos) == grad.rows
+    values = b.ops.scatter_rows(b.ops.boolean_mask(pos, hit), b.ops.boolean_mask(grad.values, hit), S)
     if s > 0:
-        values = values + b.cast(gaussian_noise((S, D), s, grad.values, rng), dt)
+        values = values + b.ops.cast(gaussian_noise((S, D), s, grad.values, rng), dt)
     return RowGrad(rows, values, grad.num_rows, b)
 
 
@@ -384,4 +384,4 @@ def dense_noise(grad: RowGrad, std: float, rng: Any = None) -> Any:
     if s == 0:
         return dense
     b = grad._backend
-    return dense + b.cast(gaussian_noise(tuple(b.shape(dense)), s, grad.values, rng), b.dtype_name(dense))
+    return dense + b.ops.cast(gaussian_noise(tuple(b.ops.shape(dense)), s, grad.values, rng), b.ops.dtype_name(dense))
