@@ -12,9 +12,9 @@ import threading
 from typing import Any
 
 from ..errors import EmbgradError
-from .base import Backend, Call, EmbeddingInfo, Tap
+from .base import Backend, Call, EmbeddingInfo, ModelAdapter, Tap, TensorOps
 
-__all__ = ["get_backend", "Backend", "Call", "EmbeddingInfo", "Tap"]
+__all__ = ["get_backend", "Backend", "ModelAdapter", "TensorOps", "Call", "EmbeddingInfo", "Tap"]
 
 # (module that must already be imported, embgrad backend module, class name); order matters:
 # Keras layers on the torch backend are also torch Modules, so Keras is asked first.
@@ -44,7 +44,8 @@ def _load(modname: str, clsname: str) -> Backend | None:
 
 
 def get_backend(obj: Any) -> Backend:
-    """The backend for ``obj`` (a tensor, model, layer or variable of some framework)."""
+    """The backend for ``obj`` (a tensor, model, layer or variable of some framework): its
+    :class:`ModelAdapter`, whose ``ops`` are its :class:`TensorOps`."""
     for framework, modname, clsname in _CANDIDATES:
         if framework not in sys.modules:
             continue

@@ -1,5 +1,5 @@
 """MXNet Gluon backend: finds ``gluon.nn.Embedding`` blocks, taps them by wrapping their
-``forward`` (restored afterwards), and implements the tensor primitives with ``mxnet.numpy``.
+``forward`` (restored afterwards); its tensor primitives are :mod:`embgrad.backends.gluon_ops`.
 
 MXNet cannot differentiate with respect to an intermediate array, so during capture the tap
 adds to each recorded lookup's output a zero array marked as a variable (``attach_grad``):

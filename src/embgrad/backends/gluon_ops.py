@@ -1,26 +1,18 @@
-"""MXNet tensor primitives (:class:`~embgrad.backends.base.TensorOps` with ``mxnet.numpy``).
+"""MXNet tensor primitives (:class:`~embgrad.backends.base.TensorOps` over ``mxnet.numpy``).
 
-The core's results are ``mxnet.numpy.ndarray`` (a subclass of ``NDArray``;
-``.as_nd_ndarray()`` is a zero-copy legacy view); ``ids`` and ``output_grad`` keep the type the
-model used. Legacy ``NDArray`` lacks ``//`` and ``&``, hence ``mxnet.numpy`` inside.
+Imported through :mod:`embgrad.backends.gluon`, which first refuses a NumPy too new for
+MXNet 1.9. Results are ``mxnet.numpy.ndarray``; arrays taken from the user keep their type.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import mxnet as mx
 import numpy as np
+from mxnet import autograd, nd
 
-if tuple(int(p) for p in np.__version__.split(".")[:2]) >= (1, 24):  # pragma: no cover
-    # numpy 1.24 removed the aliases (np.bool, np.int, ...) that mxnet 1.9 uses
-    raise ImportError(
-        f"mxnet 1.9 needs numpy<1.24 (it uses np.bool), but numpy {np.__version__} is installed: "
-        "use the .venv-gluon environment (`make test-gluon`), pinned by constraints-gluon.txt.")
-
-import mxnet as mx  # noqa: E402
-from mxnet import autograd, nd  # noqa: E402
-
-from ..errors import EmbgradError  # noqa: E402
-from .base import TensorOps  # noqa: E402
+from ..errors import EmbgradError
+from .base import TensorOps
 
 __all__ = ["GluonOps"]
 

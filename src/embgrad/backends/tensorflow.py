@@ -1,15 +1,12 @@
-"""TensorFlow backend: the tensor primitives over ``tf.Tensor`` / ``tf.Variable`` /
-``tf.IndexedSlices``, a ``tf.function`` compiler for the sparse hot path, and a persistent
+"""TensorFlow backend: the adapter for raw TensorFlow tensors (its tensor primitives and
+``tf.function`` compiler are :mod:`embgrad.backends.tensorflow_ops`), and a persistent
 ``tf.GradientTape`` tap that the Keras backend (``embgrad.backends.keras``) builds on.
 
 Raw TensorFlow has no embedding *layers* to tap: code that calls ``tf.nn.embedding_lookup`` on
 its own ``tf.Variable`` uses ``embgrad.rows_from_lookups(ids, tape.gradient(loss, looked_up), V)``
 or ``embgrad.row_grad(tape.gradient(loss, table))`` (an ``IndexedSlices``, never densified).
 
-Inside ``tf.function`` (graph mode) values are not known while tracing: shapes that are not
-static come back as scalar tensors, and the checks that need values (ids in range, gradients
-finite) become run-time assertions (``tf.errors.InvalidArgumentError`` carrying embgrad's
-message) instead of an immediate :class:`~embgrad.EmbgradError`.
+Inside ``tf.function`` the id checks are run-time assertions (see ``tensorflow_ops``).
 """
 from __future__ import annotations
 

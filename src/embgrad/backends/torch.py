@@ -1,5 +1,5 @@
 """PyTorch backend: finds nn.Embedding / nn.EmbeddingBag layers, taps them with forward hooks
-(removed afterwards), and implements the tensor primitives with torch ops.
+(removed afterwards); its tensor primitives are :mod:`embgrad.backends.torch_ops`.
 """
 from __future__ import annotations
 
