@@ -558,7 +558,7 @@ def coalesce_lookups(backend: Backend, example_ids: Any, ids: Any, grads: Any, n
         EmbgradError: per example, when the (example, row) keys ``example · num_rows + row``
             would not fit in int64 (``batch_size · num_rows >= 2**63``).
     """
-    bits = getattr(backend, "index_bits", 63)   # JAX without jax_enable_x64: int32 keys
+    bits = backend.ops.index_bits   # JAX without jax_enable_x64: int32 keys
     if per_example and isinstance(batch_size, (int, np.integer)) \
             and int(batch_size) * int(num_rows) >= 2 ** bits:
         raise EmbgradError(

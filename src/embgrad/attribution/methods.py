@@ -125,7 +125,8 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
 
         def point(ix, sl, call):
             eps = rng.standard_normal((len(ix),) + eshape, dtype=np.float32) * np.float32(sigma)
-            return b.ops.gather(e, b.ops.from_numpy(ix, like=e)) + b.ops.cast(b.ops.from_numpy(eps, like=e), b.ops.dtype_name(e))
+            return b.ops.gather(e, b.ops.from_numpy(ix, like=e)) + b.ops.cast(b.ops.from_numpy(eps, like=e),
+                                                                               b.ops.dtype_name(e))
 
         gbar = eng.accumulate(idx, np.full(len(idx), 1.0 / S), point, e, "smoothgrad")
         with b.ops.no_grad():

@@ -145,6 +145,12 @@ class TensorOps:
     #: the framework's name, as in :attr:`ModelAdapter.name` (error messages)
     name: str = "base"
 
+    @property
+    def index_bits(self) -> int:
+        """Bits of the widest non-negative integer index the framework has now (63 for int64;
+        JAX without ``jax_enable_x64``: 31): how large a combined (example, row) key may get."""
+        return 63
+
     def _missing(self, method: str) -> NotImplementedError:
         return NotImplementedError(
             f"the {self.name} backend does not implement TensorOps.{method}(): write it in its "

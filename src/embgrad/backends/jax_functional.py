@@ -38,7 +38,8 @@ from ..capture import Gradients, LayerGradients, select_layers
 from ..errors import EmbgradError
 from ..sparse import ExampleGrads, RowGrad
 from .base import Backend, EmbeddingInfo
-from .jax import JaxBackend, _index_dtype, _nnx, check_in_range, unique_static
+from .jax import JaxBackend, _nnx
+from .jax_ops import _index_dtype, check_in_range, unique_static
 
 __all__ = ["value_and_gradients", "JaxLayerGradients", "coalesce_static"]
 
@@ -177,8 +178,8 @@ class JaxLayerGradients(LayerGradients):
                 b = self._backend
                 look = self.lookup_grad
                 dense = projection_grad(b, self.projections, "float32")
-                dense = dense + b.scatter_rows(look.rows, look.values.astype(dense.dtype), self.num_rows)
-                self._weight_grad = RowGrad(b.arange(self.num_rows, dense), dense, self.num_rows, b)
+                dense = dense + b.ops.scatter_rows(look.rows, look.values.astype(dense.dtype), self.num_rows)
+                self._weight_grad = RowGrad(b.ops.arange(self.num_rows, dense), dense, self.num_rows, b)
         return self._weight_grad
 
     def _unknown_message(self, what: str, alternative: str) -> str:
