@@ -11,7 +11,8 @@ Sections (each a module of benchmarks/, each method of each case in its own proc
 7. embgrad.distributed over gloo: bytes and time of the sparse exchange vs a dense all-reduce,
    row-sharded norms (``dist_exchange``);
 8. differentially private training of a recommender, and Opacus with embgrad's samplers (``privacy``);
-10. tied tables: whole-table per-example norms + clipped sum of GPT-2's wte = lm_head (``tied``).
+10. tied tables: whole-table per-example norms + clipped sum of GPT-2's wte = lm_head (``tied``);
+11. JAX (Flax NNX): per-example norms + clipped sum vs the plain jitted step and vmap (``jax``).
 
 ``--quick`` runs the same code on small sizes (a test runs it so the harness cannot rot);
 its outputs go to ``build/bench-quick/`` unless ``--out`` says otherwise, so the committed
@@ -50,6 +51,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "similarity": ("4. Gradient similarity", "similarity"),
     "generation": ("9. Attribution for language models that generate (causal LMs)", "generation"),
     "tied": ("10. Tied tables: GPT-2's input embedding shared with its output head (PyTorch)", "tied"),
+    "jax": ("11. Per-example embedding gradients (JAX, Flax NNX)", "jax_per_example"),
 }
 #: sections run by a module's own ``main(quick) -> dict`` (``{"markdown": ..., ...}``), in a subprocess
 EXTERNAL: dict[str, tuple[str, str]] = {

@@ -393,3 +393,18 @@ def test_rows_from_lookups_refuses_int32_key_overflow():
         embgrad.rows_from_lookups(ids, og, 2 ** 30, per_example=True)
     # value_and_gradients keys never exceed B*T: a huge table is fine
     assert embgrad.rows_from_lookups(ids, og, 2 ** 30).norm() > 0
+
+
+def test_unique_static_matches_numpy_eagerly_and_under_jit():
+    from embgrad.backends.jax import unique_static
+
+    r = np.random.default_rng(3)
+    for n, hi in ((1, 5), (17, 4), (40, 1000)):
+        x = jnp.asarray(r.integers(0, hi, n), jnp.int32)
+        u_ref, inv_ref = np.unique(np.asarray(x), return_inverse=True)
+        u, inv = jax.jit(unique_static)(x)
+        u, inv = np.asarray(u), np.asarray(inv)
+        k = len(u_ref)
+        np.testing.assert_array_equal(u[:k], u_ref)
+        np.testing.assert_array_equal(inv, inv_ref.reshape(-1))
+        assert np.all(np.diff(u) > 0) and np.all(u[k:] > u_ref.max())   # sentinels: above, distinct

@@ -39,7 +39,7 @@ from ..errors import EmbgradError
 from ..sparse import ExampleGrads, RowGrad
 from .base import Backend, EmbeddingInfo
 from .jax import JaxBackend, _nnx
-from .jax_ops import _index_dtype, check_in_range, unique_static
+from .jax_ops import _index_dtype, _sorted_segments, check_in_range, unique_static
 
 __all__ = ["value_and_gradients", "JaxLayerGradients", "coalesce_static"]
 
@@ -63,8 +63,9 @@ def coalesce_static(ids: Any, grads: Any, num_rows: int, per_example: bool) -> d
     ``pe_rows`` (B·T,), ``pe_values`` (B·T, D), ``pe_examples`` (B·T,): example b's slots are
     b·T .. b·T + T - 1, its unique rows ascending first and then padded slots with ids
     ``num_rows + t``; and ``pe_slot`` (B·T,): for each per-example slot, its row's slot in
-    ``rows`` (so the sum over examples is one segment sum). Two stable sorts (all lookups; each
-    example's lookups) and segment sums; no (V, D) or B·V array; keys never exceed B·T.
+    ``rows`` (so the sum over examples is one segment sum). Two sorts of the ids (all lookups;
+    each example's lookups) with binary searches for the inverse, and segment sums; no (V, D)
+    or B·V array; keys never exceed B·T.
     """
     B, T = ids.shape
     D = grads.shape[-1]
@@ -72,21 +73,22 @@ def coalesce_static(ids: Any, grads: Any, num_rows: int, per_example: bool) -> d
     idx = _index_dtype()
     flat = jnp.reshape(ids, (N,)).astype(idx)
     g = jnp.reshape(grads, (N, D))
+    if N == 0:   # an empty batch: empty results
+        e, ev = jnp.zeros((0,), idx), jnp.zeros((0, D), g.dtype)
+        return {"rows": e, "values": ev, "count": jnp.zeros((), idx), "pe_rows": e, "pe_values": ev,
+                "pe_examples": e, "pe_slot": e, "pe_real": jnp.zeros((0,), bool)}
     uniq, inv = unique_static(flat)
-    count = jnp.sum(uniq < num_rows) if N else jnp.zeros((), idx)
+    count = jnp.sum(uniq < num_rows)
     slots = jnp.arange(N, dtype=idx)
     rows = jnp.where(slots < count, uniq, _sentinel_rows(num_rows, N))
     out = {"rows": rows, "values": jax.ops.segment_sum(g, inv, num_segments=N), "count": count}
     if not per_example:
         return out
-    order = jnp.argsort(ids, axis=1, stable=True)                          # (B, T)
-    s = jnp.take_along_axis(ids, order, axis=1).astype(idx)
-    new = jnp.concatenate([jnp.ones((B, 1), bool), s[:, 1:] != s[:, :-1]], axis=1)
-    seg = (jnp.cumsum(new, axis=1) - 1).astype(idx)                        # local slot of sorted entry
+    s, seg = jax.vmap(_sorted_segments)(ids.astype(idx))                   # each example's ids sorted
+    local = jax.vmap(lambda s_b, seg_b, i_b: seg_b[jnp.searchsorted(s_b, i_b)])(s, seg, ids.astype(idx))
     n_b = seg[:, -1:] + 1                                                  # (B, 1) unique rows per example
     b_idx = jnp.arange(B, dtype=idx)[:, None]
-    local = jnp.zeros((B, T), idx).at[b_idx, order].set(seg)               # local slot of each lookup
-    key = jnp.reshape(b_idx * T + local, (N,))
+    key = jnp.reshape(b_idx * T + local, (N,))                             # example b's slots: b*T ...
     pe_values = jax.ops.segment_sum(g, key, num_segments=N)
     t_idx = jnp.arange(T, dtype=idx)[None, :]
     pe_rows = jnp.zeros((B, T), idx).at[b_idx, seg].set(s)

@@ -218,21 +218,27 @@ def unique_static(x: Any) -> tuple[Any, Any]:
 
     Returns ``(uniq (N,), inverse (N,))``: ``uniq[:R]`` the R unique values ascending, the
     N - R slots after them sentinels (ascending, distinct, above every value ``x`` can hold:
-    the top of its dtype's range). ``uniq[inverse] == x``. One stable sort; jit-compatible.
+    the top of its dtype's range). ``uniq[inverse] == x``. jit-compatible: one sort of the
+    values and a binary search (on XLA's CPU a sort of values alone is ~5x faster than an
+    argsort, which sorts (value, index) pairs).
     """
     n = x.shape[0]
     idx = _index_dtype()
     if n == 0:
         return x, jnp.zeros((0,), idx)
-    order = jnp.argsort(x, stable=True)
-    s = x[order]
-    new = jnp.concatenate([jnp.ones((1,), bool), s[1:] != s[:-1]])
-    seg = (jnp.cumsum(new) - 1).astype(idx)                     # slot of each sorted entry
+    s, seg = _sorted_segments(x)
     count = seg[-1] + 1
     uniq = jnp.zeros((n,), x.dtype).at[seg].set(s)
     uniq = jnp.where(jnp.arange(n) < count, uniq, _sentinels(n, x.dtype))
-    inverse = jnp.zeros((n,), idx).at[order].set(seg)
-    return uniq, inverse
+    return uniq, seg[jnp.searchsorted(s, x)].astype(idx)
+
+
+def _sorted_segments(x: Any) -> tuple[Any, Any]:
+    """``(sorted x, slot)``: for each sorted entry, the rank of its value among the distinct
+    values (0, 0, 1, 2, 2, ...)."""
+    s = jnp.sort(x)
+    new = jnp.concatenate([jnp.ones((1,), bool), s[1:] != s[:-1]])
+    return s, (jnp.cumsum(new) - 1).astype(_index_dtype())
 
 
 def check_in_range(ids: Any, num_rows: int, message: str, low: int = 0) -> None:
@@ -252,4 +258,6 @@ def check_in_range(ids: Any, num_rows: int, message: str, low: int = 0) -> None:
         if int(lo) < low or int(hi) >= num_rows:
             raise EmbgradError(message.replace("{bad}", str(int(lo) if int(lo) < low else int(hi))))
 
-    jax.debug.callback(check, lo, hi)
+    # the host callback runs only when an id is bad: a good batch costs two reductions and a branch
+    jax.lax.cond((lo < low) | (hi >= num_rows), lambda lo, hi: jax.debug.callback(check, lo, hi),
+                 lambda lo, hi: None, lo, hi)
