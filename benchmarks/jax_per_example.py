@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import GiB, Bench, Case, Unsupported, sparse_rows  # noqa: E402
+from harness import Bench, Case, GiB, Unsupported, sparse_rows  # noqa: E402
 from models import PAD, labels, zipf_ids  # noqa: E402
 
 METHODS = ("embgrad", "plain", "vmap", "loop")
