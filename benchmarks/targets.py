@@ -60,6 +60,7 @@ def evaluate(results: dict[str, CaseResult], quick: bool) -> list[Target]:
         "Per-example at V=1M: embgrad finishes while vmap and Opacus hooks exceed memory"))
 
     t.extend(_tensorflow_targets(results))
+    t.extend(_jax_targets(results))
 
     # 2. weight gradient at V=1M: ≥ 10x less peak memory than densifying
     for key, dense, fw in (("wg_tf_1m", "tf_densify", "TensorFlow, densifying IndexedSlices"),
@@ -184,6 +185,23 @@ def _tensorflow_targets(results: dict[str, CaseResult]) -> list[Target]:
         results, "tf_pe_classifier_1m", "embgrad_compiled", ("vectorized_map",),
         "TensorFlow per-example at V=1M: embgrad finishes while tf.vectorized_map exceeds memory"))
     return t
+
+
+def _jax_targets(results: dict[str, CaseResult]) -> list[Target]:
+    """Issue 21's targets for JAX (Flax NNX demo classifier; every method jitted)."""
+    key = "jax_pe_classifier_50k"
+    return [
+        _ratio_target(results, key, "embgrad", "plain",
+                      "JAX per-example norms + clipped sum ≤ 1.2× the plain jitted nnx.value_and_grad step "
+                      "(V=50k)", most=1.2),
+        _ratio_target(results, "jax_pe_classifier_1m", "embgrad", "plain",
+                      "JAX per-example norms + clipped sum ≤ 1.2× the plain jitted nnx.value_and_grad step "
+                      "(V=1M)", most=1.2),
+        _faster(results, key, "vmap", 100, "JAX per-example: ≥ 100× faster than jax.vmap(jax.grad) (V=50k)"),
+        _finishes_where_peers_cannot(
+            results, "jax_pe_classifier_1m", "embgrad", ("vmap",),
+            "JAX per-example at V=1M: embgrad finishes while jax.vmap(jax.grad) exceeds memory"),
+    ]
 
 
 #: (words of a target, the cause found by profiling) for the targets whose reason is static
