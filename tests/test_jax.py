@@ -408,3 +408,14 @@ def test_unique_static_matches_numpy_eagerly_and_under_jit():
         np.testing.assert_array_equal(u[:k], u_ref)
         np.testing.assert_array_equal(inv, inv_ref.reshape(-1))
         assert np.all(np.diff(u) > 0) and np.all(u[k:] > u_ref.max())   # sentinels: above, distinct
+
+
+def test_table_reads_and_assigns_the_nnx_param_and_freeze_says_what_to_do():
+    m = Classifier()
+    t = embgrad.table(m, "emb")
+    assert (t.num_rows, t.dim) == (V, D) and "backend=jax" in repr(t)
+    np.testing.assert_array_equal(t[[1, 4]], np.asarray(m.emb.embedding[...])[[1, 4]])
+    t.assign([3], np.full((1, D), 2.0, np.float32))
+    np.testing.assert_array_equal(np.asarray(m.emb.embedding[...])[3], 2.0)
+    with pytest.raises(EmbgradError, match=r"'emb'.*JAX has none.*optax.masked"):
+        t.freeze([1])

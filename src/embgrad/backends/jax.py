@@ -97,6 +97,13 @@ class JaxBackend(ModelAdapter):
     def table_gather(self, info, rows, effective=False):
         return jax.lax.stop_gradient(jnp.take(info.layer.embedding[...], rows, axis=0))
 
+    def table_freeze(self, info, rows, optimizer=None):
+        raise EmbgradError(
+            f"table {info.name!r}: freeze() masks a table's gradient with a hook, and JAX has none. "
+            "In JAX, leave the rows out of the update instead: with embgrad.value_and_gradients drop "
+            "them from weight_grad (keep = ~jnp.isin(g.rows, frozen)), or with optax use "
+            "optax.masked / a gradient zeroed on those rows.")
+
     def table_write(self, info, rows, values):
         param = info.layer.embedding
         table = param[...]

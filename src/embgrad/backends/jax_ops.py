@@ -172,8 +172,10 @@ class JaxOps(TensorOps):
         return int(jnp.min(x)), int(jnp.max(x))
 
     def eager_only(self, what, instead):
-        raise EmbgradError(f"{what} needs concrete values, which a function traced by jax.jit does "
-                           f"not have: {instead}")
+        if isinstance(jnp.zeros(()), jax.core.Tracer):   # inside a trace every new array is a tracer
+            raise EmbgradError(f"{what} needs concrete values, which a function traced by jax.jit "
+                               "does not have: call it outside the jitted function (before or between "
+                               "steps); inside it, read rows with jnp.take(model.emb.embedding[...], ids, axis=0).")
 
     def assert_in_range(self, ids, num_rows, message):
         check_in_range(ids, num_rows, message)
