@@ -419,3 +419,27 @@ def test_table_reads_and_assigns_the_nnx_param_and_freeze_says_what_to_do():
     np.testing.assert_array_equal(np.asarray(m.emb.embedding[...])[3], 2.0)
     with pytest.raises(EmbgradError, match=r"'emb'.*JAX has none.*optax.masked"):
         t.freeze([1])
+
+
+def test_a_layer_called_through_an_nnx_transform_copy_is_refused_not_missed():
+    m = Classifier()
+    x, y = data()
+
+    def loss(mm, x, y):
+        h = nnx.remat(lambda e, ids: e(ids))(mm.emb, x)     # nnx.remat re-merges a copy of emb
+        lp = jax.nn.log_softmax(mm.out(jnp.tanh(h).mean(1)))
+        return -jnp.take_along_axis(lp, y[:, None], 1).sum()
+
+    with pytest.raises(EmbgradError, match="copy of itself.*nnx.remat"):
+        embgrad.value_and_gradients(loss, m, x, y)
+
+
+def test_the_model_may_be_the_embed_itself():
+    emb = nnx.Embed(V, D, rngs=nnx.Rngs(0))
+    x, _ = data()
+    w = jnp.linspace(-1, 1, D)
+    loss = lambda e, x: jnp.sum(jnp.tanh(e(x)) @ w)   # noqa: E731
+    _, grads = embgrad.value_and_gradients(loss, emb, x)
+    g = grads.only()
+    dense = np.asarray(nnx.grad(loss)(emb, x)["embedding"][...])
+    np.testing.assert_allclose(np.asarray(g.weight_grad.to_dense()), dense, atol=1e-6)

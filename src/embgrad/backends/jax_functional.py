@@ -368,10 +368,18 @@ def _probed_class(cls: Any, rec: _Recorder) -> type:
         finally:
             param[...] = other
 
+    def clone_error(self: Any) -> EmbgradError:
+        return EmbgradError(
+            f"an embedding layer embgrad probes ({type(self).__name__}) was called through a copy of "
+            "itself: an NNX transform inside loss_fn (nnx.remat, nnx.scan, nnx.vmap, nnx.jit ...) "
+            "splits and re-merges modules, and embgrad cannot see the copy's lookups. Fix: call the "
+            "embedding outside the transform (look up the ids first, pass the vectors in), or jit the "
+            "whole step around value_and_gradients instead.")
+
     def __call__(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         name = rec.names.get(id(self))
         if name is None:
-            return orig_call(self, inputs, *args, **kwargs)
+            raise clone_error(self)
         V = rec.infos[name].num_rows
         ids = jnp.asarray(inputs)
         if not jnp.issubdtype(ids.dtype, jnp.integer):
@@ -390,7 +398,7 @@ def _probed_class(cls: Any, rec: _Recorder) -> type:
     def attend(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
         name = rec.names.get(id(self))
         if name is None:
-            return orig_attend(self, query, *args, **kwargs)
+            raise clone_error(self)
         with own_table(self, name):
             out = orig_attend(self, query, *args, **kwargs)
         rec.projections[name].append((query, out))
