@@ -223,10 +223,11 @@ def _allocator_pool() -> _TensorFlowPool | None:
 def _oom_reason(exc: BaseException) -> str | None:
     text = f"{type(exc).__name__}: {exc}"
     keys = ("can't allocate memory", "out of memory", "OOM", "Cannot allocate memory",
-            "ResourceExhausted", "DefaultCPUAllocator", "MemoryError", "bad_alloc")
+            "ResourceExhausted", "DefaultCPUAllocator", "MemoryError", "bad_alloc",
+            "RESOURCE_EXHAUSTED: Out of memory")     # the last: XLA (JAX)
     if not (isinstance(exc, MemoryError) or any(k in text for k in keys)):
         return None
-    m = re.search(r"tried to allocate (\d+) bytes", text)
+    m = re.search(r"(?:tried to allocate|Out of memory allocating) (\d+) bytes", text)
     if m:
         return (f"the allocator refused {int(m.group(1)) / GiB:.1f} GiB in one piece "
                 f"({text.splitlines()[0][:160]})")

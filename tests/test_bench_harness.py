@@ -139,3 +139,10 @@ def test_child_usage_message() -> None:
     out = subprocess.run([sys.executable, str(BENCH / "harness.py")], capture_output=True, text=True)
     assert out.returncode != 0 and "usage: harness.py SPEC.json" in out.stderr
     assert harness.HERE == BENCH
+
+
+def test_xla_out_of_memory_counts_as_oom():
+    exc = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 33280000000 bytes.")
+    reason = harness._oom_reason(exc)
+    assert reason is not None and "31.0 GiB" in reason
+    assert harness._oom_reason(RuntimeError("INVALID_ARGUMENT: shapes differ")) is None
