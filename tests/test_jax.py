@@ -443,3 +443,10 @@ def test_the_model_may_be_the_embed_itself():
     g = grads.only()
     dense = np.asarray(nnx.grad(loss)(emb, x)["embedding"][...])
     np.testing.assert_allclose(np.asarray(g.weight_grad.to_dense()), dense, atol=1e-6)
+
+
+def test_a_keras_model_is_told_where_to_go():
+    keras = pytest.importorskip("keras")
+    m = keras.Sequential([keras.layers.Embedding(10, 4)])
+    with pytest.raises(EmbgradError, match=r"Keras model.*embgrad.capture.*not\s+supported yet"):
+        embgrad.value_and_gradients(lambda mm, x: mm(x).sum(), m, np.zeros((2, 3), np.int32))

@@ -70,6 +70,15 @@ def value_and_gradients(loss_fn: Callable[..., Any], model: Any, *args: Any, lay
             ``loss_reduction``, float ids, ids out of range, a selected layer the forward does
             not call, a table read outside its lookups and ``attend`` (whole-table results only).
     """
+    keras = sys.modules.get("keras")
+    layer_type = getattr(keras, "Layer", None) if keras is not None else None
+    if isinstance(layer_type, type) and isinstance(model, layer_type):
+        backend = keras.backend.backend() if hasattr(keras, "backend") else "?"
+        raise EmbgradError(
+            f"value_and_gradients() takes Flax NNX modules; {type(model).__name__} is a Keras model "
+            f"(backend {backend!r}). On the TensorFlow or torch backend use `with embgrad.capture(model) "
+            "as cap: loss = ...; grads = cap.gradients(loss)`. Keras 3 on the JAX backend is not "
+            "supported yet: set KERAS_BACKEND=tensorflow or torch, or write the model in Flax NNX.")
     if "jax" not in sys.modules or "flax" not in sys.modules:
         raise EmbgradError(
             f"value_and_gradients() is the entry point for JAX (Flax NNX) models, got "
