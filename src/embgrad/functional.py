@@ -72,7 +72,7 @@ def value_and_gradients(loss_fn: Callable[..., Any], model: Any, *args: Any, lay
     """
     keras = sys.modules.get("keras")
     layer_type = getattr(keras, "Layer", None) if keras is not None else None
-    if isinstance(layer_type, type) and isinstance(model, layer_type):
+    if keras is not None and isinstance(layer_type, type) and isinstance(model, layer_type):
         backend = keras.backend.backend() if hasattr(keras, "backend") else "?"
         raise EmbgradError(
             f"value_and_gradients() takes Flax NNX modules; {type(model).__name__} is a Keras model "
