@@ -396,7 +396,7 @@ def test_rows_from_lookups_refuses_int32_key_overflow():
 
 
 def test_unique_static_matches_numpy_eagerly_and_under_jit():
-    from embgrad.backends.jax import unique_static
+    from embgrad.backends.jax_ops import unique_static
 
     r = np.random.default_rng(3)
     for n, hi in ((1, 5), (17, 4), (40, 1000)):
