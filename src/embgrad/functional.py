@@ -42,13 +42,15 @@ def value_and_gradients(loss_fn: Callable[..., Any], model: Any, *args: Any, lay
     Mapping onto the JAX APIs: ``nnx.value_and_grad(loss_fn)(model, x)`` ≈
     ``value_and_gradients(loss_fn, model, x, sources=nnx.Param)`` with the embedding tables'
     gradients sparse (``grads["emb"].weight_grad``) and every other parameter's dense in
-    ``grads.sources`` (an ``nnx.State``). Keras 3 on the JAX backend is not supported yet (its
-    ``stateless_call(trainable, non_trainable, x)`` would be differentiated the same way, with the
-    probe added to the ``Embedding`` layer's output).
+    ``grads.sources`` (an ``nnx.State``). Keras 3 on the JAX backend (``KERAS_BACKEND=jax``): the
+    same call with a Keras model, layers keyed by name; ``loss_fn`` may call ``model(x)`` or
+    ``model.stateless_call(trainable, non_trainable, x)`` (inside the user's ``jax.jit``): embgrad's
+    Keras tap adds the probe to each ``Embedding`` call's output (and is removed before returning).
 
     Args:
         loss_fn: ``loss_fn(model, *args) -> scalar`` float loss.
-        model: a Flax NNX ``Module`` holding ``nnx.Embed`` layers (or one ``nnx.Embed``).
+        model: a Flax NNX ``Module`` holding ``nnx.Embed`` layers (or one ``nnx.Embed``), or a Keras 3
+            model on the JAX backend.
         *args: passed to ``loss_fn`` after the model.
         layers: None (every ``nnx.Embed``), an attribute path or a list of them, or the layer objects.
         loss_reduction: "sum" or "mean": how the loss combines the batch's examples (only
@@ -74,11 +76,15 @@ def value_and_gradients(loss_fn: Callable[..., Any], model: Any, *args: Any, lay
     layer_type = getattr(keras, "Layer", None) if keras is not None else None
     if keras is not None and isinstance(layer_type, type) and isinstance(model, layer_type):
         backend = keras.backend.backend() if hasattr(keras, "backend") else "?"
+        if backend == "jax":
+            from .backends.jax_functional import value_and_gradients as impl
+            return impl(loss_fn, model, *args, layers=layers, loss_reduction=loss_reduction,
+                        batch_size=batch_size, sources=sources)
         raise EmbgradError(
             f"value_and_gradients() takes Flax NNX modules; {type(model).__name__} is a Keras model "
             f"(backend {backend!r}). On the TensorFlow or torch backend use `with embgrad.capture(model) "
-            "as cap: loss = ...; grads = cap.gradients(loss)`. Keras 3 on the JAX backend is not "
-            "supported yet: set KERAS_BACKEND=tensorflow or torch, or write the model in Flax NNX.")
+            "as cap: loss = ...; grads = cap.gradients(loss)`; value_and_gradients is for JAX (Flax "
+            "NNX, or Keras with KERAS_BACKEND=jax).")
     if "jax" not in sys.modules or "flax" not in sys.modules:
         raise EmbgradError(
             f"value_and_gradients() is the entry point for JAX (Flax NNX) models, got "

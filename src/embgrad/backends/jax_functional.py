@@ -27,6 +27,8 @@ scatter-add is never formed; per-example gradients cost O(B·T·D), not the B·V
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -416,11 +418,149 @@ def _first_batch(args: Sequence[Any]) -> int | None:
     return None
 
 
+# ---------------------------------------------------------------------------- Keras 3 on JAX
+_FUNCTIONAL: contextvars.ContextVar[bool] = contextvars.ContextVar("embgrad_functional", default=False)
+
+
+def _keras_jax_tap_guard() -> None:
+    """Keras on JAX has no tape: its tap is installed by value_and_gradients only."""
+    if not _FUNCTIONAL.get():
+        raise EmbgradError(
+            "embgrad.capture() needs a framework with a tape; Keras on the JAX backend has none. Use "
+            "the functional entry point: loss, grads = embgrad.value_and_gradients(loss_fn, model, x, y) "
+            "with loss_fn(model, x, y) -> scalar (works under jax.jit).")
+
+
+def is_keras_on_jax(model: Any) -> bool:
+    keras = sys.modules.get("keras")
+    layer = getattr(keras, "Layer", None) if keras is not None else None
+    if keras is None or not isinstance(layer, type) or not isinstance(model, layer):
+        return False
+    try:
+        return bool(keras.backend.backend() == "jax")
+    except AttributeError:
+        return False
+
+
+def _keras_value_and_gradients(loss_fn: Callable[..., Any], model: Any, args: Sequence[Any], layers: Any,
+                               loss_reduction: str, batch_size: int | None) -> tuple[Any, Gradients]:
+    """value_and_gradients for a Keras 3 model on the JAX backend: embgrad's Keras tap (the one
+    ``capture`` uses on TensorFlow/torch, removed again before returning) adds a zero probe to
+    each lookup's output while ``loss_fn(model, *args)`` runs; one ``jax.vjp`` with respect to the
+    probes. Layers are keyed by name (a nested path also accepted), as in ``capture``."""
+    from .keras import KerasBackend
+
+    kb = KerasBackend()
+    given: dict[str, str] = {}
+    infos = select_layers(kb, model, layers, given)
+    names = [i.name for i in infos]
+
+    def forward(probes: Any) -> Any:
+        lookups: dict[str, list[tuple[Any, Any]]] = {n: [] for n in names}
+        tied: set[str] = set()
+
+        def on_call(call: Any) -> Any:
+            n = call.info.name
+            if call.role != "lookup":
+                tied.add(n)      # a ReversibleEmbedding's tied projection: not differentiated here
+                return None
+            k = len(lookups[n])
+            ids = jnp.asarray(call.ids).astype(_index_dtype())
+            lookups[n].append((ids, call.output))
+            if probes is None:
+                replace = found.get("replace")
+                if replace is None:
+                    return None
+                new = jnp.take(replace[n], ids, axis=0).astype(call.output.dtype)
+                lookups[n][-1] = (ids, new)     # the shapes to return: not the original output
+                return new
+            ps = probes[n]
+            if k >= len(ps) or ps[k].shape != call.output.shape:
+                raise EmbgradError(f"layer {n!r}: the forward made a different number of lookups, or of "
+                                   "other shapes, when traced a second time; embgrad needs a forward "
+                                   "whose structure does not change from one trace to the next.")
+            return call.output + ps[k].astype(call.output.dtype)
+
+        token = _FUNCTIONAL.set(True)
+        try:
+            tap = kb.install_tap(model, infos, on_call)
+        finally:
+            _FUNCTIONAL.reset(token)
+        try:
+            loss = loss_fn(model, *args)
+        finally:
+            tap.remove()
+        return loss, lookups, tied
+
+    found: dict[str, Any] = {}
+    import keras
+    variables = {i.name: kb.table_variable(i) for i in infos}
+    tables = {n: jnp.asarray(v.value) for n, v in variables.items()}
+
+    def discover(tables_in: Any, params_in: Any) -> Any:
+        # the variables read as params_in everywhere; the lookups' outputs are replaced by lookups
+        # in tables_in: any read of params_in the loss still depends on is a use embgrad cannot see
+        found["replace"] = tables_in
+        with keras.StatelessScope(state_mapping=[(variables[n], params_in[n]) for n in names]):
+            loss, lookups, tied = forward(None)
+        found["tied"] = tied
+        return loss, {n: [o for _, o in lookups[n]] for n in names}
+
+    jaxpr, (loss_shape, out_shapes) = jax.make_jaxpr(discover, return_shape=True)(tables, tables)
+    found.pop("replace", None)
+    n_tables = len(names)
+    used = _used_vars(jaxpr.jaxpr)
+    unseen = {n for n, v in zip(sorted(names), jaxpr.jaxpr.invars[n_tables:2 * n_tables], strict=True)
+              if v in used}
+    _check_loss(loss_shape)
+    for n in names:
+        if not out_shapes[n]:
+            raise EmbgradError(f"layer {n!r} was not called by loss_fn, so it has no gradient; select the "
+                               f"layers the forward uses with layers=[...] (found: {', '.join(names)}).")
+    probes = {n: [jnp.zeros(sh.shape, sh.dtype) for sh in out_shapes[n]] for n in names}
+
+    def objective(p: Any) -> Any:
+        loss, lookups, _ = forward(p)
+        return loss, {n: [i for i, _ in lookups[n]] for n in names}
+
+    loss, vjp_fn, ids = jax.vjp(objective, probes, has_aux=True)
+    (g_probes,) = vjp_fn(jnp.ones((), loss.dtype))
+    B = batch_size if batch_size is not None else _first_batch(args)
+    if B is None:
+        B = int(ids[names[0]][0].shape[0]) if ids[names[0]][0].ndim else 1
+    b = _backend()
+    out: dict[str, LayerGradients] = {}
+    for info in infos:
+        n = info.name
+        unknown = ("a ReversibleEmbedding's tied projection (reverse=True), whose part of the table's "
+                   "gradient embgrad does not take on JAX yet" if n in found["tied"] else
+                   "the forward reads the layer's embeddings variable directly" if n in unseen else None)
+        out[n] = JaxLayerGradients(info, list(zip(ids[n], g_probes[n], strict=True)), b, loss_reduction, B,
+                                   (), unknown)
+    return loss, Gradients(out, None, aliases=given)
+
+
+def _check_loss(loss_shape: Any) -> None:
+    if tuple(loss_shape.shape) != () or not jnp.issubdtype(loss_shape.dtype, jnp.floating):
+        raise EmbgradError(
+            f"loss_fn must return a scalar float loss, got shape {tuple(loss_shape.shape)} dtype "
+            f"{loss_shape.dtype}; reduce it (e.g. .sum() over the batch, and pass "
+            "loss_reduction='sum', or .mean() with loss_reduction='mean').")
+
+
 # ---------------------------------------------------------------------------- the entry point
 def value_and_gradients(loss_fn: Callable[..., Any], model: Any, *args: Any, layers: Any = None,
                         loss_reduction: str = "sum", batch_size: int | None = None,
                         sources: Any = None) -> tuple[Any, Gradients]:
     """See :func:`embgrad.value_and_gradients`."""
+    if loss_reduction not in _REDUCTIONS:
+        raise EmbgradError(f"loss_reduction must be 'sum' or 'mean' (how the loss combines the batch's "
+                           f"examples), got {loss_reduction!r}.")
+    if is_keras_on_jax(model):
+        if sources is not None:
+            raise EmbgradError("sources= is for Flax NNX models; for a Keras model differentiate "
+                               "model.stateless_call yourself for the other variables.")
+        return _keras_value_and_gradients(loss_fn, model, args, layers, loss_reduction, batch_size)
     nnx = _nnx()
     if nnx is None or not isinstance(model, nnx.Module):
         raise EmbgradError(
@@ -484,11 +624,7 @@ def value_and_gradients(loss_fn: Callable[..., Any], model: Any, *args: Any, lay
     used = _used_vars(jaxpr.jaxpr)
     unseen = {name for name, v in zip(sorted(tables), param_vars, strict=True) if v in used}
     loss_shape, out_shapes, proj_shapes = shapes
-    if tuple(loss_shape.shape) != () or not jnp.issubdtype(loss_shape.dtype, jnp.floating):
-        raise EmbgradError(
-            f"loss_fn must return a scalar float loss, got shape {tuple(loss_shape.shape)} dtype "
-            f"{loss_shape.dtype}; reduce it (e.g. .sum() over the batch, and pass "
-            "loss_reduction='sum', or .mean() with loss_reduction='mean').")
+    _check_loss(loss_shape)
     missing = [n for n in names if not out_shapes[n] and not proj_shapes[n]]
 
     # 2. one backward pass with respect to zero probes (and the `sources` parameters)
@@ -542,16 +678,13 @@ def _replace_tables(nnx: Any, rest: Any, by_path: dict[tuple, EmbeddingInfo], ta
 
 
 def _used_vars(jaxpr: Any) -> set[Any]:
-    """Variables of ``jaxpr`` that some equation reads or that it returns."""
-    used: set[Any] = set()
-    for eqn in jaxpr.eqns:
-        for v in eqn.invars:
-            if not isinstance(v, jax.extend.core.Literal):
-                used.add(v)
-    for v in jaxpr.outvars:
-        if not isinstance(v, jax.extend.core.Literal):
-            used.add(v)
-    return used
+    """Variables of ``jaxpr`` that its outputs depend on (a backward liveness pass; an equation
+    with side effects, or a nested call whose output is live, keeps all its inputs live)."""
+    live: set[Any] = {v for v in jaxpr.outvars if not isinstance(v, jax.extend.core.Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if getattr(eqn, "effects", None) or any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if not isinstance(v, jax.extend.core.Literal))
+    return live
 
 
 def _propagate_state(nnx: Any, model: Any, new_state: Any, old_leaves: Any) -> None:

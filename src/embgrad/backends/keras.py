@@ -160,8 +160,8 @@ class KerasBackend(Backend):
     def __new__(cls, *args: Any, **kwargs: Any) -> "KerasBackend":
         if cls is KerasBackend:
             kb = _keras3_backend()
-            cls = (_keras_on_torch() if kb == "torch" else _UnsupportedKeras
-                   if kb not in (None, "tensorflow") else _keras_on_tensorflow())
+            cls = (_keras_on_torch() if kb == "torch" else _keras_on_jax() if kb == "jax"
+                   else _UnsupportedKeras if kb not in (None, "tensorflow") else _keras_on_tensorflow())
         return super().__new__(cls)
 
     broadcast_seen = ("a Keras lookup's output cannot be split by example once it is broadcast: "
@@ -707,6 +707,69 @@ def _keras_on_torch() -> type:
 
         _FLAVOURS["torch"] = KerasTorchBackend
     return _FLAVOURS["torch"]
+
+
+class _ListTap(Tap):
+    """A tap whose removal runs the patches' removers (no autograd of its own: JAX)."""
+
+    def __init__(self) -> None:
+        self._removers: list[Callable[[], None]] = []
+
+    def remove(self) -> None:
+        while self._removers:
+            self._removers.pop()()
+
+
+def _keras_on_jax() -> type:
+    """KerasBackend for ``KERAS_BACKEND=jax``: JAX primitives; no tape, so the way in is the
+    functional :func:`embgrad.value_and_gradients` (its tap adds zero probes to the lookups)."""
+    if "jax" not in _FLAVOURS:
+        import jax.numpy as jnp
+
+        from .jax_ops import JaxOps, check_in_range
+
+        class KerasJaxBackend(KerasBackend):
+            ops = JaxOps()
+
+            def _check(self, info, ids):
+                ids = jnp.asarray(ids)
+                if not jnp.issubdtype(ids.dtype, jnp.integer):
+                    raise EmbgradError(f"Keras layer {info.name!r}: ids must be integers, got dtype "
+                                       f"{ids.dtype}; cast them to int32.")
+                V = info.num_rows
+                check_in_range(ids, V, f"embgrad: Keras layer {info.name!r}: id {{bad}} is out of range "
+                               f"for its table of {V} rows (valid ids are 0..{V - 1}). Fix: map the "
+                               "ids into range (e.g. unknown tokens to an <unk> id) before the model.")
+                return None
+
+            def _open_tap(self) -> Tap:
+                return _ListTap()
+
+            def _add_patch(self, tap, patch):
+                assert isinstance(tap, _ListTap)
+                tap._removers.append(patch.remove)
+
+            def _record(self, tap, info, out):
+                return out, True
+
+            def _var_tensor(self, var):
+                return var.value
+
+            def _put_rows(self, w, rows, values):
+                w = getattr(w, "value", w)
+                return w.at[rows].set(jnp.asarray(values, w.dtype))
+
+            def table_write(self, info, rows, values):
+                var = self.table_variable(info)
+                var.assign(self._put_rows(var, jnp.asarray(rows), values))
+
+            def install_tap(self, model, infos, on_call, active=None):
+                from .jax_functional import _keras_jax_tap_guard
+                _keras_jax_tap_guard()
+                return super().install_tap(model, infos, on_call, active)
+
+        _FLAVOURS["jax"] = KerasJaxBackend
+    return _FLAVOURS["jax"]
 
 
 def lora_gradients(layer_grads: Any) -> tuple[Any, Any]:
