@@ -171,15 +171,15 @@ class LayerGradients:
 
     def _flat_weight(self) -> tuple[Any, Any]:
         """All calls' lookups as flat (row, grad) with ignored entries removed, for the whole
-        table's gradient (PyTorch's own definition of ``scale_grad_by_freq``: counts over the
-        whole call)."""
+        table's gradient (``freq_scaled`` tables, PyTorch's ``scale_grad_by_freq``: counts over
+        the whole call, as PyTorch defines it)."""
         b, info = self._backend, self.info
         rows, grads = [], []
         for (ids, og), valid in zip(self.calls, self._valid, strict=True):
             flat_ids = b.ops.cast(b.ops.reshape(ids, (-1,)), "int64")
             g = b.ops.reshape(og, (-1, self.dim))
             flat_ids, g, _ = self._clean(flat_ids, g, None, valid)
-            if info.options.get("scale_grad_by_freq"):
+            if info.freq_scaled:
                 # PyTorch divides each row's gradient by how often the row occurs in the call
                 g = g / b.ops.reshape(_counts(b, flat_ids, g), (-1, 1))
             rows.append(flat_ids)
@@ -195,8 +195,8 @@ class LayerGradients:
         keep = None
         if valid is not None:
             keep = b.ops.reshape(valid, (-1,))
-        if info.padding_idx is not None:
-            not_pad = flat_ids != info.padding_idx
+        if info.pad_id is not None and not info.pad_receives_grad:
+            not_pad = flat_ids != info.pad_id
             keep = not_pad if keep is None else (keep & not_pad)
         if keep is not None:
             flat_ids, g = b.ops.boolean_mask(flat_ids, keep), b.ops.boolean_mask(g, keep)
@@ -224,7 +224,7 @@ class LayerGradients:
             if not (isinstance(offset, int) and offset == 0):
                 ex = ex + offset
             flat_ids, g, ex = self._clean(flat_ids, g, ex, valid)
-            if info.options.get("scale_grad_by_freq"):
+            if info.freq_scaled:
                 # per example: each example's own counts (its gradient depends on it alone)
                 g = g / b.ops.reshape(_counts(b, ex * self.num_rows + flat_ids, g), (-1, 1))
             exs.append(ex)
@@ -239,7 +239,7 @@ class LayerGradients:
         rows); equal to ``weight_grad`` unless the table is tied."""
         if self._lookup_grad is None:
             if self._per_example is not None and self._loss_reduction == "sum" \
-                    and not self.info.options.get("scale_grad_by_freq"):
+                    and not self.info.freq_scaled:
                 self._lookup_grad = self._per_example.sum()
             else:
                 with self._backend.ops.no_grad():

@@ -131,7 +131,7 @@ class Table:
     @property
     def lora(self) -> bool:
         """True when the layer adds a low-rank (LoRA) part to the table at lookup time."""
-        return bool(self.info.options.get("lora"))
+        return self.info.low_rank is not None
 
     @property
     def trainable(self) -> bool:
@@ -263,8 +263,8 @@ class Table:
         values = vectors.vectors
         if missing != "keep":
             others = np.setdiff1d(np.arange(self.num_rows, dtype=np.int64), found, assume_unique=True)
-            if self.info.padding_idx is not None:
-                others = others[others != self.info.padding_idx]
+            if self.info.pad_id is not None and not self.info.pad_receives_grad:
+                others = others[others != self.info.pad_id]
             init = self._init_rows(missing, len(others), vectors.vectors, seed)
             found = np.concatenate([found, others])
             values = np.concatenate([values, init])

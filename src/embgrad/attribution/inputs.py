@@ -80,8 +80,8 @@ def _mask(eng: _Engine, ids: np.ndarray, mask: Any) -> np.ndarray:
     """NumPy bool (B, T): False at padding (attention mask 0, or Keras mask_zero ids 0)."""
     if mask is None:
         mask = eng.inputs.get("attention_mask")
-    if mask is None and eng.info.options.get("mask_zero"):
-        return ids != 0
+    if mask is None and eng.info.pad_masked and eng.info.pad_id is not None:
+        return ids != eng.info.pad_id
     if mask is None:
         return np.ones(ids.shape, dtype=bool)
     m = mask if isinstance(mask, np.ndarray) else eng.backend.ops.to_numpy(mask)
@@ -121,9 +121,7 @@ def _known_pad_id(model: Any, info: EmbeddingInfo) -> int | None:
     index, or 0 for a Keras ``mask_zero`` layer; None if there is none."""
     pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
     if pad_id is None:
-        pad_id = info.padding_idx
-    if pad_id is None and info.options.get("mask_zero"):
-        pad_id = 0
+        pad_id = info.pad_id
     return pad_id
 
 

@@ -12,9 +12,9 @@ import threading
 from typing import Any
 
 from ..errors import EmbgradError
-from .base import Backend, Call, EmbeddingInfo, ModelAdapter, Tap, TensorOps
+from .base import Backend, Call, EmbeddingInfo, LowRank, ModelAdapter, Tap, TensorOps
 
-__all__ = ["get_backend", "Backend", "ModelAdapter", "TensorOps", "Call", "EmbeddingInfo", "Tap"]
+__all__ = ["get_backend", "Backend", "ModelAdapter", "TensorOps", "Call", "EmbeddingInfo", "LowRank", "Tap"]
 
 # (module that must already be imported, embgrad backend module, class name); order matters:
 # Keras layers on the torch backend are also torch Modules, so Keras is asked first.

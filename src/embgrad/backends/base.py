@@ -26,17 +26,34 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["TensorOps", "ModelAdapter", "Backend", "EmbeddingInfo", "Call", "Tap"]
+__all__ = ["TensorOps", "ModelAdapter", "Backend", "EmbeddingInfo", "LowRank", "Call", "Tap"]
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A low-rank update the layer adds to its table at lookup time (LoRA, Hu et al. 2021,
+    arXiv:2106.09685): it looks up ``W + scale · A @ B`` with A (V, rank) and B (rank, D); the
+    factors themselves come from :meth:`ModelAdapter.low_rank_factors`."""
+
+    scale: float
+    rank: int
 
 
 @dataclass(frozen=True, eq=False)
 class EmbeddingInfo:
-    """What the core needs to know about one embedding layer of a model.
+    """What the core needs to know about one embedding layer of a model, in neutral terms.
 
     ``kind`` is ``"embedding"`` (one vector per id) or ``"bag"`` (reduced bags of ids).
-    ``options`` holds framework-specific flags the core reads by name:
-    ``scale_grad_by_freq`` (bool), ``max_norm`` (float or None), ``mode`` (bags),
-    ``mask_zero`` (Keras), ``lora`` (Keras).
+    Padding: ``pad_id`` is the id that marks padding (None: none); ``pad_receives_grad`` False
+    where the framework gives the pad row no gradient and keeps it fixed (PyTorch's
+    ``padding_idx``: the core drops its lookups and never re-initialises the row);
+    ``pad_masked`` True where the layer tells the layers after it to skip pad positions (Keras's
+    ``mask_zero``: attribution treats them as padding); ``padding`` says it in the framework's
+    own words, for display ("padding_idx=0", "mask_zero", or ""). ``freq_scaled``: the
+    framework divides each row's gradient by how often the row occurs in the mini-batch
+    (PyTorch's ``scale_grad_by_freq``). ``low_rank``: a low-rank update added at lookup time
+    (Keras's LoRA), or None. ``options`` holds the backend's own framework-specific details;
+    the core never reads it.
     """
 
     name: str
@@ -44,15 +61,22 @@ class EmbeddingInfo:
     num_rows: int
     dim: int
     kind: str = "embedding"
-    padding_idx: int | None = None
+    pad_id: int | None = None
+    pad_receives_grad: bool = True
+    pad_masked: bool = False
+    padding: str = ""
+    freq_scaled: bool = False
+    low_rank: LowRank | None = None
     tied: bool = False
     frozen: bool = False
     weight: Any = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
-        flags = [f for f in ("tied", "frozen") if getattr(self, f)]
-        extra = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        flags = [f for f in ("tied", "frozen", "freq_scaled") if getattr(self, f)]
+        extra = f", {self.padding}" if self.padding else ""
+        if self.low_rank is not None:
+            extra += f", low_rank={self.low_rank.rank}"
         return (f"EmbeddingInfo({self.name!r}, {type(self.layer).__name__}, "
                 f"num_rows={self.num_rows}, dim={self.dim}{extra}"
                 + ("".join(", " + f for f in flags)) + ")")
@@ -508,6 +532,11 @@ class ModelAdapter:
 
     # ------------------------------------------------------------------ tables (embgrad.table)
     # Reading, writing and freezing rows of one embedding table; used by :mod:`embgrad.tables`.
+    def low_rank_factors(self, info: EmbeddingInfo) -> tuple[Any, Any]:
+        """The current factors (A (V, r), B (r, D)) of the layer's low-rank update
+        (``info.low_rank``) as framework tensors. Required where a backend sets ``low_rank``."""
+        raise self._missing("low_rank_factors")
+
     def table_variable(self, info: EmbeddingInfo) -> Any:
         """The framework's own parameter/variable holding the (V, D) table of ``info.layer``
         (for a Keras layer with LoRA: the base ``embeddings`` variable)."""

@@ -26,9 +26,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import EmbgradError
-from .base import Backend, Call, EmbeddingInfo, Tap
+from .base import Call, EmbeddingInfo, LowRank, ModelAdapter, Tap
 
-__all__ = ["KerasBackend", "lora_gradients"]
+__all__ = ["KerasBackend"]
 
 
 def _keras3() -> Any:
@@ -149,7 +149,7 @@ class _Handler:
             self.dispatch = None
 
 
-class KerasBackend(Backend):
+class KerasBackend(ModelAdapter):
     """Keras models and layers. ``KerasBackend()`` is a TensorFlow- or torch-flavoured instance."""
 
     name = "keras"
@@ -212,23 +212,29 @@ class KerasBackend(Backend):
         shared = var is not None and any(o is not layer for o in owners.get(id(var), []))
         reversible = hasattr(layer, "tie_weights")
         tied = bool(reversible and layer.tie_weights) or shared
-        lora = bool(getattr(layer, "lora_enabled", False))
+        mask_zero = bool(getattr(layer, "mask_zero", False))
+        low_rank = None
+        if getattr(layer, "lora_enabled", False):
+            low_rank = LowRank(scale=float(layer.lora_alpha) / float(layer.lora_rank), rank=int(layer.lora_rank))
         options = {
             "path": path,
-            "mask_zero": bool(getattr(layer, "mask_zero", False)),
-            "lora": lora,
             "reversible": reversible,
             "quantization_mode": getattr(layer, "quantization_mode", None),
             "keras": "tf_keras" if type(layer).__module__.startswith("tf_keras") else "keras",
             "sparse": bool(getattr(layer, "sparse", False)),           # tf-keras sparse outputs
             "regularizer": getattr(layer, "embeddings_regularizer", None),
         }
-        if lora:
-            options["lora_scale"] = float(layer.lora_alpha) / float(layer.lora_rank)
+        # mask_zero: id 0 is padding that the layers after it skip; its row still gets gradient
         return EmbeddingInfo(
             name=name, layer=layer, num_rows=int(layer.input_dim), dim=int(layer.output_dim),
-            kind="embedding", padding_idx=None, tied=tied, frozen=not layer.trainable,
-            weight=var, options=options)
+            kind="embedding", pad_id=0 if mask_zero else None, pad_masked=mask_zero,
+            padding="mask_zero" if mask_zero else "", low_rank=low_rank, tied=tied,
+            frozen=not layer.trainable, weight=var, options=options)
+
+    def low_rank_factors(self, info: EmbeddingInfo) -> tuple[Any, Any]:
+        from keras import ops
+        return (ops.convert_to_tensor(info.layer.lora_embeddings_a),
+                ops.convert_to_tensor(info.layer.lora_embeddings_b))
 
     def match_name(self, key: str, found: dict[str, EmbeddingInfo]) -> EmbeddingInfo | None:
         """A nested path (``"encoder/token_embedding"``, optionally led by the model's name)."""
@@ -416,7 +422,7 @@ class KerasBackend(Backend):
         """A variable constraint that puts the frozen rows back after every optimizer step, so
         also weight decay and a tied use of the table leave them as they are (``optimizer`` is
         not needed). A ``tf.function``-compiled train step reads the constraint when traced."""
-        if info.options.get("lora"):
+        if info.low_rank is not None:
             raise EmbgradError(
                 f"Keras layer {info.name!r} has LoRA enabled: every row of the table it looks up "
                 "changes through the shared low-rank factor, so single rows cannot be frozen. Freeze "
@@ -770,28 +776,3 @@ def _keras_on_jax() -> type:
 
         _FLAVOURS["jax"] = KerasJaxBackend
     return _FLAVOURS["jax"]
-
-
-def lora_gradients(layer_grads: Any) -> tuple[Any, Any]:
-    """Gradients of a LoRA-enabled Keras ``Embedding``'s two factors from its lookup gradient.
-
-    The layer looks up ``E = W + s · A @ B`` (``s = lora_alpha / lora_rank``, A (V, r), B (r, D),
-    W frozen). With G the (sparse) gradient of E, ``dA = s · G @ Bᵀ`` touches only G's rows and
-    is returned as a :class:`~embgrad.RowGrad` of the (V, r) table A; ``dB = s · A[rows]ᵀ @ G``
-    is a dense (r, D) tensor. Cost O(R · r · D), never O(V · D).
-    """
-    from ..sparse import RowGrad
-
-    info = layer_grads.info
-    if not info.options.get("lora"):
-        raise EmbgradError(f"layer {info.name!r} has no LoRA enabled (layer.enable_lora(rank)).")
-    from keras import ops
-
-    layer, s = info.layer, info.options["lora_scale"]
-    g = layer_grads.weight_grad
-    b = g._backend
-    a_var = b.ops.cast(ops.convert_to_tensor(layer.lora_embeddings_a), b.ops.dtype_name(g.values))
-    b_var = b.ops.cast(ops.convert_to_tensor(layer.lora_embeddings_b), b.ops.dtype_name(g.values))
-    d_a = ops.matmul(g.values, ops.transpose(b_var)) * s
-    d_b = ops.matmul(ops.transpose(b.ops.gather(a_var, g.rows)), g.values) * s
-    return RowGrad(g.rows, d_a, info.num_rows, b), d_b

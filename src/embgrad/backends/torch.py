@@ -310,7 +310,6 @@ class TorchBackend(ModelAdapter):
                                 if isinstance(pm, nn.Linear) and pm.weight is w)
             bag = isinstance(mod, nn.EmbeddingBag)
             options = {
-                "scale_grad_by_freq": bool(mod.scale_grad_by_freq),
                 "max_norm": mod.max_norm,
                 "sparse": bool(mod.sparse),
                 "projections": projections,
@@ -320,7 +319,9 @@ class TorchBackend(ModelAdapter):
                 options["include_last_offset"] = bool(mod.include_last_offset)
             infos[name] = EmbeddingInfo(
                 name=name, layer=mod, num_rows=int(mod.num_embeddings), dim=int(mod.embedding_dim),
-                kind="bag" if bag else "embedding", padding_idx=mod.padding_idx, tied=tied,
+                kind="bag" if bag else "embedding", pad_id=mod.padding_idx, pad_receives_grad=False,
+                padding="" if mod.padding_idx is None else f"padding_idx={mod.padding_idx}",
+                freq_scaled=bool(mod.scale_grad_by_freq), tied=tied,
                 frozen=not w.requires_grad, weight=w, options=options)
         return infos
 
@@ -396,7 +397,7 @@ class TorchBackend(ModelAdapter):
                 offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
                 if offsets is not None and ids.dim() == 1:
                     _validate_offsets(info, offsets, ids.numel())
-                if info.options.get("scale_grad_by_freq") and _warned_bag_freq.add_new(mod):
+                if info.freq_scaled and _warned_bag_freq.add_new(mod):
                     warnings.warn(
                         f"EmbeddingBag {info.name!r} has scale_grad_by_freq=True: embgrad divides each "
                         "row's gradient by how often the row occurs in the mini-batch (the definition "
@@ -555,8 +556,8 @@ class TorchBackend(ModelAdapter):
                 padded = torch.where(valid, ids.long()[gather], torch.full_like(gather, -1))
                 w = torch.where(valid, psw[gather], torch.zeros((), dtype=psw.dtype, device=dev)) \
                     if psw is not None else None
-            if info.padding_idx is not None:
-                valid = valid & (padded != info.padding_idx)
+            if mod.padding_idx is not None:
+                valid = valid & (padded != mod.padding_idx)
             counts = valid.sum(1).clamp(min=1)
             max_idx: Any = None
             if mode == "max":

@@ -58,9 +58,7 @@ class ModelInfo:
 
 
 def _padding(info: Any) -> str:
-    if info.padding_idx is not None:
-        return f"padding_idx={info.padding_idx}"
-    return "mask_zero" if info.options.get("mask_zero") else ""
+    return info.padding
 
 
 def _model_name(model: Any) -> str:
