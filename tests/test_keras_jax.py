@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("jax")
+pytestmark = pytest.mark.slow   # a subprocess pays Keras + JAX imports (~30 s): `make test-slow`
 HERE = Path(__file__).resolve().parent
 
 
