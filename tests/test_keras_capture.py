@@ -399,15 +399,19 @@ def test_traced_with_unknown_batch_size_what_works_and_what_says_why():
 
     shared = model.get_layer("tok")
 
-    @tf.function(input_signature=spec * 2)
-    def two_calls(ids, y, ids2, y2):          # one layer, two batches of sizes unknown when traced
-        with embgrad.capture(model) as cap:
-            loss = tf.reduce_sum(_xent(y, model(ids))) + tf.reduce_sum(shared(ids2))
-        return cap.gradients(loss)["tok"].per_example().norms()
+    def two_calls(forwards):                  # one layer, two batches of sizes unknown when traced
+        @tf.function(input_signature=spec * 2)
+        def step(ids, y, ids2, y2):
+            with embgrad.capture(model, forwards=forwards) as cap:
+                loss = tf.reduce_sum(_xent(y, model(ids))) + tf.reduce_sum(shared(ids2))
+            return cap.gradients(loss)["tok"].per_example().norms()
+        return step
 
-    assert two_calls(ids, y, ids, y).shape == (B,)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="called 2 times with different batch sizes"):
-        two_calls(ids, y, ids[:2], y[:2])
+    # the layer called outside the model's forward: a forward of its own, distinct examples
+    assert two_calls("distinct")(ids, y, ids[:2], y[:2]).shape == (B + 2,)
+    assert two_calls("same_examples")(ids, y, ids, y).shape == (B,)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="same_examples.*different batch sizes"):
+        two_calls("same_examples")(ids, y, ids[:2], y[:2])
 
     @tf.function(input_signature=spec)
     def nan_step(ids, y):

@@ -39,7 +39,7 @@ def select_layers(backend: Backend, model: Any, layers: Any,
         raise EmbgradError(
             f"{type(model).__name__} has no embedding layer: embgrad searched it for "
             f"{backend.searched_types}. Pass the model that owns the "
-            "embedding (or the embedding layer itself).")
+            "embedding (or the embedding layer itself)." + _uncaptured_text(backend, model))
     if layers is None:
         return list(found.values())
     keys = [layers] if isinstance(layers, str) or not isinstance(layers, (list, tuple, set)) else list(layers)
@@ -69,6 +69,17 @@ def select_layers(backend: Backend, model: Any, layers: Any,
     return chosen
 
 
+def _uncaptured_text(backend: Backend, model: Any) -> str:
+    """Names of the variables that look like embedding tables but that capture cannot tap."""
+    find = getattr(backend, "uncaptured_tables", None)
+    tables = find(model) if find is not None else []
+    if not tables:
+        return ""
+    return (f" Layers holding several tables read in one call ({'; '.join(tables)}) are not captured: "
+            "embgrad cannot tell which rows of which table each output holds. Give each table its "
+            "own keras.layers.Embedding (ids) or a layer that slices one table (positions).")
+
+
 def input_embedding(model: Any, found: Sequence[EmbeddingInfo]) -> EmbeddingInfo | None:
     """Of the embedding layers ``found`` in ``model``, the one its ``get_input_embeddings()``
     returns (Hugging Face's name for the token embedding), else the only one, else None."""
@@ -81,7 +92,10 @@ def input_embedding(model: Any, found: Sequence[EmbeddingInfo]) -> EmbeddingInfo
         info = next((i for i in found if i.layer is emb), None)
         if info is not None:
             return info
-    return found[0] if len(found) == 1 else None
+    if len(found) == 1:
+        return found[0]
+    by_ids = [i for i in found if i.by_ids]   # not a sliced position table
+    return by_ids[0] if len(by_ids) == 1 else None
 
 
 _PARTS = ("table", "lookup")
@@ -522,6 +536,10 @@ class Capture:
         self._backend = get_backend(model)
         self._given: dict[str, str] = {}    # layer name -> the name the user selected it by
         self.layers: list[EmbeddingInfo] = select_layers(self._backend, model, layers, self._given)
+        if layers is None:
+            missed = _uncaptured_text(self._backend, model)
+            if missed:
+                warnings.warn(f"capture({type(model).__name__}):{missed}", stacklevel=3)
         if batch_dim is not None and (isinstance(batch_dim, bool) or not isinstance(batch_dim, int)
                                       or batch_dim < 0):
             raise EmbgradError(f"batch_dim must be a non-negative int (the dimension of the ids that "
@@ -744,7 +762,7 @@ class Capture:
                     f"the loss does not depend on any lookup recorded in this capture (layers "
                     f"{names}): it was computed from a forward run outside the `with` block (e.g. "
                     "before it), or from outputs that do not use these layers. Compute the loss from "
-                    "the forward run inside the block.")
+                    "the forward run inside the block." + getattr(b, "unreached_hint", ""))
             grads = [b.ops.zeros(b.ops.shape(c.output), _float_name(b, c.output), c.output) if g is None else g
                      for c, g in zip(self.calls, raw, strict=True)]
             if not retain_graph:
@@ -1017,20 +1035,40 @@ class Capture:
         return (ids, G, None), B, True, None
 
     def _traced_examples(self, layouts: list[Any], problems: list[str | None], sizes: list[Any]) -> _Examples:
-        """Batch sizes known only when a traced function runs (tf.function): every call must look
-        up the same examples, checked by a run-time assertion."""
+        """Batch sizes known only when a traced function runs (tf.function): every call of one
+        forward must look up the same examples, checked by a run-time assertion; forwards are
+        numbered one after the other (``forwards="distinct"``) or must all have the same size
+        (``"same_examples"``), as in eager mode."""
         b = self._backend
-        B = sizes[0]
-        for k, s in enumerate(sizes[1:], 1):
-            if isinstance(s, int) and isinstance(B, int):
+        first: dict[int, int] = {}          # forward -> its first call
+        for k, call in enumerate(self.calls):
+            f = first.setdefault(call.forward, k)
+            if f == k or (isinstance(sizes[k], int) and isinstance(sizes[f], int)
+                          and sizes[k] == sizes[f]):
                 continue
-            b.ops.assert_in_range(b.ops.reshape(s - B, (1,)), 1,
-                              f"embgrad: layer {self.calls[k].info.name!r} was called "
-                              f"{len(self.calls)} times with different batch sizes; per-example "
-                              "gradients need every call to look up the same examples (one row of "
-                              "ids per example).")
-        layouts = [(lay[0], lay[1], lay[2], 0) if lay is not None else None for lay in layouts]
-        return _Examples(layouts, problems, B)
+            b.ops.assert_in_range(b.ops.reshape(sizes[k] - sizes[f], (1,)), 1,
+                              f"embgrad: layer {call.info.name!r} was called with a batch size that "
+                              "differs from the other lookups of the same forward; per-example "
+                              "gradients need every call of a forward to look up the same examples "
+                              "(one row of ids per example).")
+        order = sorted(first)
+        offsets: dict[int, Any] = {}
+        total: Any = 0
+        if self.forwards == "same_examples":
+            for f in order:
+                offsets[f] = 0
+                if f != order[0]:
+                    b.ops.assert_in_range(b.ops.reshape(sizes[first[f]] - sizes[first[order[0]]], (1,)), 1,
+                                      "embgrad: forwards='same_examples', but the forwards have "
+                                      "different batch sizes; each must look up the same examples.")
+            total = sizes[first[order[0]]]
+        else:
+            for f in order:
+                offsets[f] = total
+                total = sizes[first[f]] if isinstance(total, int) and total == 0 else total + sizes[first[f]]
+        layouts = [(lay[0], lay[1], lay[2], offsets[self.calls[k].forward]) if lay is not None else None
+                   for k, lay in enumerate(layouts)]
+        return _Examples(layouts, problems, total)
 
     def __repr__(self) -> str:
         state = "active" if self._tap is not None else ("done" if self._used else "not entered")
@@ -1076,7 +1114,11 @@ def capture(model: Any, layers: Any = None, *, batch_dim: int | None = None,
     tensor in an elementwise operation, the operation gets a per-example view of it (PyTorch);
     the batch size comes from that operation and the other lookups and inputs of the same
     forward. Where it cannot be known, ``per_example()`` raises an EmbgradError saying how to
-    pass the ids with their batch dimension (never a batch of 1).
+    pass the ids with their batch dimension (never a batch of 1). Keras layers that slice one
+    table and broadcast it to their input's (B, T, D) shape themselves (Keras-Hub's
+    ``PositionEmbedding``) are found and tapped after the broadcast: exact; a Keras
+    ``Embedding`` looked up with batch-free ids and broadcast by the model's own ``+`` is
+    refused by ``per_example()``. Each call of ``model`` is one forward (PyTorch, Keras, Gluon).
 
     The model is never modified: hooks/patches are removed on exit, also on error.
 

@@ -52,8 +52,10 @@ class EmbeddingInfo:
     own words, for display ("padding_idx=0", "mask_zero", or ""). ``freq_scaled``: the
     framework divides each row's gradient by how often the row occurs in the mini-batch
     (PyTorch's ``scale_grad_by_freq``). ``low_rank``: a low-rank update added at lookup time
-    (Keras's LoRA), or None. ``options`` holds the backend's own framework-specific details;
-    the core never reads it.
+    (Keras's LoRA), or None. ``by_ids`` False for a layer that takes no ids but returns rows of
+    its table by position (a sliced position table, Keras-Hub's ``PositionEmbedding``: the tap
+    recovers the rows), True for a lookup of ids. ``options`` holds the backend's own
+    framework-specific details; the core never reads it.
     """
 
     name: str
@@ -67,6 +69,7 @@ class EmbeddingInfo:
     padding: str = ""
     freq_scaled: bool = False
     low_rank: LowRank | None = None
+    by_ids: bool = True
     tied: bool = False
     frozen: bool = False
     weight: Any = None

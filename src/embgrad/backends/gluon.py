@@ -68,8 +68,7 @@ def _validate_ids(info: EmbeddingInfo, ids: Any) -> None:
             f"layer {info.name!r}: ids have dtype {dt.name}; pass integer ids (ids.astype('int64'), "
             f"whole numbers in [0, {info.num_rows})).")
     if ids.size == 0:
-        raise EmbgradError(f"layer {info.name!r}: empty batch (ids of shape {tuple(ids.shape)}); "
-                           "there is nothing to look up. Pass at least one example with one token.")
+        return    # an empty batch (MXNet makes them under np_shape semantics): empty results
     flat = _as_nd(ids).reshape((-1,))
     if dt.kind == "f":
         _check_float_ids(info, ids, flat, dt)
@@ -232,13 +231,14 @@ class _GluonTap(Tap):
                     "differentiated. Compute the loss inside `autograd.record()`.") from None
             if "unreachable" not in msg:
                 raise
-            if not any(_reaches(loss, v, train_mode) for v in variables):
-                raise EmbgradError(
-                    "the loss does not depend on any lookup recorded by this capture (it was computed "
-                    "from a forward run before or outside the `with embgrad.capture(...)` block): its "
-                    "gradient would be zero everywhere. Compute the loss from the outputs of the "
-                    "forward run inside the block.") from None
-            # some outputs do not reach the loss: their gradient is zero. Tie every target
+            reached = [_reaches(loss, v, train_mode) for v in variables]
+            if not any(reached):
+                # none is reached (a loss from a forward run before or outside the block): the
+                # core refuses, with the same message on every backend
+                return [None] * len(variables), ([None] * (len(targets) - len(variables))
+                                                 if sources is not None else None)
+            # some outputs do not reach the loss: their gradient is zero (arrays of the type of
+            # the reached ones, which the core keeps as they are). Tie every target
             # to the loss with a zero weight so MXNet can return them all.
             with autograd.record(train_mode=train_mode):
                 head = loss
@@ -249,6 +249,24 @@ class _GluonTap(Tap):
         self._freed = self._freed or not retain_graph
         grads = [_like(g, t) for g, t in zip(grads, targets, strict=True)]   # autograd.grad gives legacy arrays
         return grads[:len(variables)], (grads[len(variables):] if sources is not None else None)
+
+
+class _ForwardTap(Tap):
+    """Puts back what ``model.forward`` was before the forward tap (idempotent)."""
+
+    def __init__(self, model: Any, fn: Callable, prev: Any) -> None:
+        self.model, self.fn, self.prev = model, fn, prev
+
+    def remove(self) -> None:
+        if self.model is None:
+            return
+        d = self.model.__dict__
+        if d.get("forward") is self.fn:
+            if self.prev is None:
+                d.pop("forward", None)
+            else:
+                object.__setattr__(self.model, "forward", self.prev)
+        self.model = None
 
 
 def _reaches(loss: Any, var: Any, train_mode: bool) -> bool:
@@ -423,6 +441,26 @@ class GluonBackend(ModelAdapter):
                 call.meta["var"] = var
             return out
         return forward
+
+    def install_forward_tap(self, model, on_start, on_end):
+        """Each call of ``model`` is one forward: its ``forward`` is wrapped (an instance
+        attribute, as the lookup tap's; when the model is the tapped embedding itself, this
+        wraps the tap's). ``on_start`` gets the shape of the first NDArray argument."""
+        if not isinstance(model, gluon.Block):
+            return None
+        prev = model.__dict__.get("forward")
+        inner = model.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, nd.NDArray)), None)
+            on_start(tuple(int(d) for d in first.shape) if first is not None else None)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                on_end()
+
+        object.__setattr__(model, "forward", forward)
+        return _ForwardTap(model, forward, prev)
 
     def coupling_layers(self, model):
         from mxnet.gluon.nn import BatchNorm

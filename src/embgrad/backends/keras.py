@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -75,9 +76,29 @@ def _own_variables(layer: Any) -> list[Any]:
     return own
 
 
+def _var_name(v: Any) -> str:
+    return str(getattr(v, "path", None) or getattr(v, "name", ""))
+
+
+def _looks_like_tables(layer: Any) -> list[Any]:
+    """A layer's own 2-D variables that look like embedding tables (not a Keras ``Embedding``):
+    named like one (``embed`` in the variable's or the layer class's name), and not the layer's
+    ``kernel`` (a Dense-like weight)."""
+    if isinstance(layer, _embedding_types()) or not getattr(layer, "built", False):
+        return []
+    kernel = getattr(layer, "kernel", None) if "kernel" in getattr(layer, "__dict__", {}) else None
+    by_class = "embed" in type(layer).__name__.lower()
+    return [v for v in _own_variables(layer)
+            if len(getattr(v, "shape", ())) == 2 and v is not kernel
+            and (by_class or "embed" in _var_name(v).lower())]
+
+
 def _table_variable(layer: Any) -> Any:
     if not getattr(layer, "built", False):
         return None
+    if not isinstance(layer, _embedding_types()):
+        tables = _looks_like_tables(layer)      # a layer that selects rows of its one table
+        return tables[0] if len(tables) == 1 else None
     # Keras 3 keeps the variable in ``_embeddings`` (``embeddings`` adds LoRA); tf-keras in ``embeddings``
     var = getattr(layer, "_embeddings", None)
     return var if var is not None else getattr(layer, "embeddings", None)
@@ -165,7 +186,9 @@ class KerasBackend(ModelAdapter):
         return super().__new__(cls)
 
     broadcast_seen = ("a Keras lookup's output cannot be split by example once it is broadcast: "
-                      "the tap sees the (1, T, D) output only")
+                      "the tap sees the (1, T, D) output only; a layer that slices its table and "
+                      "broadcasts it to its input's (B, T, D) shape itself, as Keras-Hub's "
+                      "PositionEmbedding does, is exact")
 
     def expand_hint(self, batch_size: Any) -> str:
         return f"keras.ops.broadcast_to(ids, ({batch_size}, T))"
@@ -187,7 +210,7 @@ class KerasBackend(ModelAdapter):
             if id(layer) in seen:
                 return
             seen.add(id(layer))
-            if isinstance(layer, _embedding_types()):
+            if isinstance(layer, _embedding_types()) or len(_looks_like_tables(layer)) == 1:
                 found.append((path, layer))
             for child in _children(layer):
                 walk(child, f"{path}/{child.name}" if path else child.name)
@@ -207,8 +230,30 @@ class KerasBackend(ModelAdapter):
             infos[name] = self._info(name, path, layer, owners)
         return infos
 
+    def uncaptured_tables(self, model: Any) -> list[str]:
+        """Layers of ``model`` holding several 2-D variables that look like embedding tables
+        (Hugging Face's TF ``*Embeddings`` layers: word, position and token-type tables read in
+        one ``call``), which capture cannot tap: ``"layer (var, var, ...)"`` each."""
+        out = []
+        for layer in [model] + _all_layers(model):
+            tables = _looks_like_tables(layer)
+            if len(tables) > 1:
+                out.append(f"{layer.name} ({', '.join(_var_name(v) for v in tables)})")
+        return out
+
     def _info(self, name: str, path: str, layer: Any, owners: dict[int, list[Any]]) -> EmbeddingInfo:
         var = _table_variable(layer)
+        if not isinstance(layer, _embedding_types()):
+            # a layer that reads rows of its one table by slicing / broadcasting (Keras-Hub's
+            # PositionEmbedding): the tap recovers which rows each output position holds
+            shared = any(o is not layer for o in owners.get(id(var), []))
+            return EmbeddingInfo(
+                name=name, layer=layer, num_rows=int(var.shape[0]), dim=int(var.shape[1]),
+                kind="embedding", by_ids=False, tied=shared, frozen=not (layer.trainable and var.trainable),
+                weight=var, options={"path": path, "reversible": False, "quantization_mode": None,
+                                     "sparse": False, "regularizer": None,
+                                     "keras": "tf_keras" if type(layer).__module__.startswith("tf_keras")
+                                     else "keras"})
         shared = var is not None and any(o is not layer for o in owners.get(id(var), []))
         reversible = hasattr(layer, "tie_weights")
         tied = bool(reversible and layer.tie_weights) or shared
@@ -280,6 +325,22 @@ class KerasBackend(ModelAdapter):
             raise
         return tap
 
+    def install_forward_tap(self, model: Any, on_start: Callable[[Any], None],
+                            on_end: Callable[[], None]) -> Tap | None:
+        """Each call of ``model`` is one forward: its ``call`` is shadowed (one dispatcher per
+        layer, shared with the lookup taps; the lookup's own handler runs inside it when the
+        model is the embedding layer itself). ``on_start`` gets the shape of the first tensor of
+        the inputs (a structured input's first leaf; dims unknown while tracing are None)."""
+        def call(inner: Callable, *args: Any, **kwargs: Any) -> Any:
+            on_start(_first_shape(args, kwargs))
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                on_end()
+
+        handle = _Dispatch.add(model, "call", call, self._wrap_dispatch)
+        return _ForwardTap(handle)
+
     def _sequential_check(self, model: Any, active: Callable[[], bool] | None) -> Callable:
         spec = model._layers[0].output if hasattr(model._layers[0], "output") else None
 
@@ -317,6 +378,8 @@ class KerasBackend(ModelAdapter):
                 if not getattr(info.layer, "tie_weights", False):
                     return out                         # its own reverse_embeddings: not this table
                 return self._projection(tap, info, args[0] if args else kwargs.get("inputs"), out, on_call)
+            if not info.by_ids:
+                return self._selection(tap, info, on_call, inner, args, kwargs)
             ids = args[0] if args else kwargs.get("inputs")
             try:
                 checked = self._check(info, ids)
@@ -346,6 +409,44 @@ class KerasBackend(ModelAdapter):
     def _wrap_dispatch(self, fn: Callable) -> Callable:
         """The dispatcher as installed (TensorFlow: kept out of autograph's conversion)."""
         return fn
+
+    def _selection(self, tap: Tap, info: EmbeddingInfo, on_call: Callable, inner: Callable,
+                   args: tuple, kwargs: dict) -> Any:
+        """A call of a layer that reads rows of its table by slicing / broadcasting (no ids):
+        recorded as a lookup of the rows its output holds, found by a forward-mode derivative of
+        the call in the direction "row r -> r" (exact: the output is checked to be those rows).
+        Its output is already batched (Keras-Hub broadcasts it to the input's (B, T, D)), so
+        per-example gradients are each example's slice of it. A call that is not a pure row
+        selection passes through unrecorded, with a warning naming the layer (its table's
+        gradient is then not in the result)."""
+        out, ids = self._selected_rows(info, inner, args, kwargs)
+        if ids is False:
+            warnings.warn(
+                f"Keras layer {info.name!r} read its {info.num_rows}x{info.dim} table "
+                f"{_var_name(info.weight)!r} other than by returning some of its rows unchanged (a "
+                "slice / gather / broadcast), so embgrad cannot tell which rows its output holds: "
+                "this call is not captured, and the table's gradient is not in the result. Capture "
+                "the other layers by name (capture(model, layers=[...])) to silence this.", stacklevel=4)
+            return out
+        if ids is None:
+            return out
+        out, grad_enabled = self._record(tap, info, out)
+        call_ = Call(info=info, ids=ids, output=out, grad_enabled=grad_enabled)
+        call_.meta["selects"] = True
+        self._on_grad(call_)
+        replaced = on_call(call_)
+        if replaced is not None:
+            call_.meta["original_output"] = out
+            call_.output, _ = self._record(tap, info, replaced)
+            self._on_grad(call_)
+            return call_.output
+        return out
+
+    def _selected_rows(self, info: EmbeddingInfo, inner: Callable, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        """Run the layer's call; return its output and the int64 ids (output shape without D) of
+        the table rows it holds; None for ids when the output does not depend on the table, False
+        when it is not a pure selection of rows."""
+        raise NotImplementedError
 
     def _projection(self, tap: Tap, info: EmbeddingInfo, h: Any, out: Any, on_call: Callable) -> Any:
         """Records a ``ReversibleEmbedding(reverse=True)`` call (``logits = h @ table.T``, then
@@ -403,7 +504,8 @@ class KerasBackend(ModelAdapter):
 
     def table_gather(self, info, rows, effective=False):
         with self.ops.no_grad():
-            if effective:   # what the layer looks up: base + LoRA part, dequantized; bypasses taps
+            if effective and info.by_ids:
+                # what the layer looks up: base + LoRA part, dequantized; bypasses taps
                 quantized = getattr(info.layer, "quantization_mode", None)
                 call = type(info.layer).quantized_call if quantized else type(info.layer).call
                 return call(info.layer, rows)
@@ -454,6 +556,33 @@ class KerasBackend(ModelAdapter):
     def _put_rows(self, w: Any, rows: Any, values: Any) -> Any:
         """A new tensor: ``w`` with ``values`` in rows ``rows``."""
         raise NotImplementedError
+
+
+class _ForwardTap(Tap):
+    """Removes the model's forward handler again (idempotent)."""
+
+    def __init__(self, handle: _Handler) -> None:
+        self.handle = handle
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _first_shape(args: tuple, kwargs: dict) -> tuple[Any, ...] | None:
+    """The shape of the first array-like leaf of a model's inputs (None dims stay None)."""
+    stack = list(args) + list(kwargs.values())
+    while stack:
+        x = stack.pop(0)
+        if isinstance(x, dict):
+            stack[:0] = list(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack[:0] = list(x)
+        elif hasattr(x, "shape") and hasattr(x, "dtype"):
+            try:
+                return tuple(None if d is None else int(d) for d in tuple(x.shape))
+            except TypeError:
+                return None
+    return None
 
 
 def _set_constraint(var: Any, fn: Any) -> None:
@@ -609,7 +738,7 @@ def _keras_on_tensorflow() -> type:
     if "tensorflow" not in _FLAVOURS:
         import tensorflow as tf
 
-        from .tensorflow import TapeTap, TensorFlowBackend
+        from .tensorflow import TapeTap, TensorFlowBackend, is_symbolic
 
         class KerasTensorFlowBackend(KerasBackend, TensorFlowBackend):
             table_check = "total"
@@ -651,6 +780,36 @@ def _keras_on_tensorflow() -> type:
             def _wrap_dispatch(self, fn):
                 # plain Python even when traced: autograph must not rewrite embgrad's checks
                 return tf.autograph.experimental.do_not_convert(fn)
+
+            def _selected_rows(self, info, inner, args, kwargs):
+                var = getattr(info.weight, "_value", None)
+                if not isinstance(var, tf.Variable):
+                    var = self._var_tensor(info.weight)
+                if not isinstance(var, tf.Variable):
+                    return inner(*args, **kwargs), None
+                V, D = info.num_rows, info.dim
+                direction = tf.broadcast_to(tf.cast(tf.range(V)[:, None], var.dtype), (V, D))
+                with tf.autodiff.ForwardAccumulator(var, direction) as acc:
+                    out = inner(*args, **kwargs)
+                j = acc.jvp(out) if isinstance(out, tf.Tensor) else None
+                if j is None or out.shape.rank is None or out.shape.rank < 1 \
+                        or out.shape[-1] not in (None, D):
+                    return out, None
+                j = tf.cast(j, tf.float64)
+                r = j[..., 0]
+                ids = tf.cast(tf.clip_by_value(tf.round(r), 0, V - 1), tf.int64)
+                ok = (tf.reduce_all(tf.equal(j, r[..., None])) & tf.reduce_all(tf.equal(r, tf.round(r)))
+                      & tf.reduce_all(r >= 0) & tf.reduce_all(r < V)
+                      & tf.reduce_all(tf.equal(out, tf.gather(tf.cast(var, out.dtype), ids))))
+                if not is_symbolic(out):
+                    return out, (ids if bool(ok) else False)
+                check = tf.debugging.Assert(ok, [
+                    f"embgrad: Keras layer {info.name!r} did not return rows of its table "
+                    "unchanged in this traced call (a pure slice / gather / broadcast of its "
+                    f"{V}x{D} table), so embgrad cannot tell which rows its output holds. Call it "
+                    "eagerly inside the capture, or capture the layers that look rows up by ids."])
+                with tf.control_dependencies([check]):
+                    return out, tf.identity(ids)
 
         _FLAVOURS["tensorflow"] = KerasTensorFlowBackend
     return _FLAVOURS["tensorflow"]
@@ -704,6 +863,33 @@ def _keras_on_torch() -> type:
                 with torch.no_grad():
                     p.index_copy_(0, torch.from_numpy(rows).to(p.device),
                                   torch.from_numpy(values).to(device=p.device, dtype=p.dtype))
+
+            def _selected_rows(self, info, inner, args, kwargs):
+                out = inner(*args, **kwargs)
+                p = getattr(info.weight, "value", None)
+                if not (isinstance(out, torch.Tensor) and isinstance(p, torch.Tensor) and torch.is_grad_enabled()
+                        and p.requires_grad and out.requires_grad and out.dim() >= 1
+                        and out.shape[-1] == info.dim):
+                    return out, None
+                # the forward-mode derivative in the direction "row r -> r", as the derivative of
+                # a vector-Jacobian product (double backward over the call's own small graph)
+                u = torch.zeros_like(out, requires_grad=True)
+                (g,) = torch.autograd.grad(out, p, grad_outputs=u, create_graph=True, retain_graph=True,
+                                           allow_unused=True)
+                if g is None or not g.requires_grad:
+                    return out, None
+                V, D = info.num_rows, info.dim
+                direction = torch.arange(V, dtype=p.dtype, device=p.device).unsqueeze(1).expand(V, D)
+                (j,) = torch.autograd.grad(g, u, grad_outputs=direction, allow_unused=True)
+                if j is None:
+                    return out, None
+                with torch.no_grad():
+                    j = j.double()
+                    r = j[..., 0]
+                    ids = r.round().clamp(0, V - 1).long()
+                    ok = bool((j == r[..., None]).all() and (r == r.round()).all() and (r >= 0).all()
+                              and (r < V).all() and (out == p.to(out.dtype)[ids]).all())
+                return out, (ids if ok else False)
 
             def _on_grad(self, call):
                 if call.grad_enabled and call.output.requires_grad:

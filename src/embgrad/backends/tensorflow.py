@@ -68,13 +68,10 @@ class TapeTap(Tap):
             grads = self.tape.gradient(loss, outputs + srcs)
         except (TypeError, ValueError) as e:
             raise EmbgradError(f"TensorFlow could not differentiate the loss: {e}") from e
-        out_grads = grads[:len(outputs)]
-        if all(g is None for g in out_grads):
-            raise EmbgradError(
-                "the loss does not depend on any recorded embedding output: compute the loss INSIDE "
-                "the `with embgrad.capture(model) as cap:` block (TensorFlow's tape only records "
-                "while the capture is active), from the outputs of the model called in that block.")
-        out = [tf.zeros_like(o) if g is None else _densify_slices(g) for o, g in zip(outputs, out_grads, strict=True)]
+        # a call the loss does not reach gets None (the core uses zeros, and refuses when no
+        # call is reached: a loss from a forward run outside the block, which the tape, recording
+        # only while the capture is active, never saw)
+        out = [None if g is None else _densify_slices(g) for g in grads[:len(outputs)]]
         src = list(grads[len(outputs):]) if sources is not None else None
         return out, src
 
@@ -128,6 +125,10 @@ class TensorFlowBackend(ModelAdapter):
 
     def __init__(self) -> None:
         self.ops = TensorFlowOps()    # its own cache of compiled functions
+
+    #: added to the core's refusal of a loss that reaches no recorded lookup
+    unreached_hint = (" TensorFlow's tape records only while the capture is active: compute the loss INSIDE "
+                      "the `with embgrad.capture(model) as cap:` block.")
 
     broadcast_seen = ("a TensorFlow/Keras lookup's output cannot be split by example once it is "
                       "broadcast: the tap sees the (1, T, D) output only")
