@@ -8,11 +8,14 @@ GradientTape loop (eager and inside tf.function) and on Keras 3 over PyTorch. ke
 needs tensorflow-text, which pins the full ``tensorflow`` package beside this project's
 ``tensorflow-cpu``, so ``keras_position_layers.py`` holds a faithful copy of its two layers.
 
-A plain ``keras.layers.Embedding`` looked up with ``positions[None]`` and broadcast by the
-model's own ``+``: TensorFlow has no tensor subclass through which embgrad could split the
-(1, T, D) output by example, so per_example() refuses with an EmbgradError saying how to pass the
-ids (the batch size taken from the model's input), never a batch of 1; with the positions
-broadcast to (B, T) by the model, the per-example gradients are exact."""
+A plain ``keras.layers.Embedding`` looked up with position ids of batch size 1 (or none) and
+broadcast by the model's own ``+`` / ``*``: TensorFlow has no tensor subclass through which
+embgrad could see the broadcast, so the gradient of the (1, T, D) output is split by the examples
+of the model's output (row b: d(g_b · y_b)/d(output), g = dLoss/dy; tape.jacobian), exact against
+a per-example GradientTape loop; a use of the output outside the model's output (add_loss) is
+refused, and so is a batch-size-1 lookup outside any forward (its batch size cannot be known),
+each with how to pass the ids, never a batch of 1. On Keras over PyTorch the torch backend's
+per-example views do it."""
 from __future__ import annotations
 
 import os
@@ -30,63 +33,105 @@ import embgrad
 from embgrad import EmbgradError
 
 V, P, D = 10, 4, 2
-X = np.array([[1, 2, 3], [4, 5, 6]])
+X = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 1]])
 
 
 class TokAndPos(keras.Model):
-    def __init__(self, expand):
+    """Token + position embedding; ``form``: how the position ids are shaped and used."""
+
+    def __init__(self, form):
         super().__init__()
-        self.expand = expand
+        self.form = form
         self.tok = keras.layers.Embedding(V, D, name="tok")
         self.pos = keras.layers.Embedding(P, D, name="pos")
+        self.head = keras.layers.Dense(3, name="head")
 
     def call(self, x):
-        positions = keras.ops.arange(keras.ops.shape(x)[1])[None]          # (1, T)
-        if self.expand:
-            positions = keras.ops.broadcast_to(positions, keras.ops.shape(x))  # (B, T)
-        return self.tok(x) + self.pos(positions)
+        positions = keras.ops.arange(keras.ops.shape(x)[1])
+        if self.form == "batch1":                        # (1, T), added
+            h = self.tok(x) + self.pos(positions[None])
+        elif self.form == "nobatch":                     # (T,), added
+            h = self.tok(x) + self.pos(positions)
+        elif self.form == "mul":                         # (1, T), multiplied, first operand
+            h = keras.ops.multiply(self.pos(positions[None]), self.tok(x))
+        elif self.form == "expand":                      # the ids broadcast to (B, T) by the model
+            h = self.tok(x) + self.pos(keras.ops.broadcast_to(positions[None], keras.ops.shape(x)))
+        elif self.form == "add_loss":                    # also used outside the model's output
+            pe = self.pos(positions[None])
+            h = self.tok(x) + pe
+            self.add_loss(tf.reduce_sum(pe ** 2))
+        return self.head(tf.reduce_mean(tf.tanh(h) ** 2, axis=1))
 
 
 def _loss(model, x):
-    return tf.reduce_sum(model(x) ** 2)
+    loss = tf.reduce_sum(model(x) * tf.constant([1.0, -2.0, 0.5]))
+    return loss + tf.add_n(model.losses) if model.losses else loss
 
 
-def _model(expand):
+def _model(form):
     keras.utils.set_random_seed(0)
-    m = TokAndPos(expand)
+    m = TokAndPos(form)
     m(X)
     return m
 
 
-def test_batch_one_positions_refused_not_a_batch_of_one():
-    model = _model(expand=False)
+def _loop(model, x, table):
+    ref = []
+    for b in range(len(x)):
+        with tf.GradientTape() as tape:
+            lb = _loss(model, x[b:b + 1])
+        ref.append(tf.convert_to_tensor(tape.gradient(lb, table)).numpy())
+    return np.stack(ref)
+
+
+@pytest.mark.parametrize("form", ["batch1", "nobatch", "mul", "expand"])
+@pytest.mark.parametrize("layers", [None, "pos"])
+def test_broadcast_positions_exact_per_example(form, layers):
+    """Position ids of batch size 1 (or none) broadcast by the model's own `+` / `*`: split by
+    the examples of the model's output, equal to a per-example GradientTape loop."""
+    model = _model(form)
+    with embgrad.capture(model, layers=layers) as cap:
+        loss = _loss(model, X)
+    g = cap.gradients(loss)
+    pe = g["pos"].per_example()
+    ref = _loop(model, X, model.pos.embeddings)
+    assert pe.batch_size == len(X)
+    np.testing.assert_allclose(pe.to_dense().numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(pe.norms().numpy(), np.linalg.norm(ref.reshape(len(X), -1), axis=1), rtol=1e-5)
+    np.testing.assert_allclose(g["pos"].weight_grad.to_dense().numpy(), ref.sum(0), atol=1e-6)
+    if layers is None:
+        np.testing.assert_allclose(g["tok"].per_example().to_dense().numpy(),
+                                   _loop(model, X, model.tok.embeddings), atol=1e-6)
+    assert "call" not in model.__dict__ and "call" not in model.pos.__dict__
+
+
+def test_broadcast_output_also_used_outside_the_models_output_is_refused():
+    model = _model("add_loss")
     with embgrad.capture(model) as cap:
         loss = _loss(model, X)
     g = cap.gradients(loss)
-    with pytest.raises(EmbgradError, match=r"layer 'pos'.*no batch dimension.*keras.ops.broadcast_to\(ids, \(2, T\)\)"):
+    with pytest.raises(EmbgradError, match=r"layer 'pos'.*batch has 3 examples.*another way.*relative size.*"
+                                           r"keras.ops.broadcast_to\(ids, \(3, T\)\)"):
         g["pos"].per_example()
     # the summed gradient needs no examples: it is exact
-    table = model.pos.embeddings
     with tf.GradientTape() as tape:
         ref_loss = _loss(model, X)
-    ref = tf.convert_to_tensor(tape.gradient(ref_loss, table)).numpy()
-    np.testing.assert_allclose(g["pos"].weight_grad.to_dense().numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(g["pos"].weight_grad.to_dense().numpy(),
+                               tf.convert_to_tensor(tape.gradient(ref_loss, model.pos.embeddings)).numpy(),
+                               atol=1e-6)
 
 
-def test_broadcast_positions_exact_per_example():
-    model = _model(expand=True)
-    with embgrad.capture(model) as cap:
-        loss = _loss(model, X)
-    pe = cap.gradients(loss)["pos"].per_example()
-    table = model.pos.embeddings
-    ref = []
-    for b in range(len(X)):
-        with tf.GradientTape() as tape:
-            lb = _loss(model, X[b:b + 1])
-        ref.append(tf.convert_to_tensor(tape.gradient(lb, table)).numpy())
-    ref = np.stack(ref)
-    np.testing.assert_allclose(pe.to_dense().numpy(), ref, atol=1e-6)
-    np.testing.assert_allclose(pe.norms().numpy(), np.linalg.norm(ref.reshape(len(X), -1), axis=1), rtol=1e-5)
+def test_batch_one_lookup_outside_any_forward_is_refused_not_a_batch_of_one():
+    """The position layer called outside the captured model's forward, its output broadcast by
+    the caller: embgrad sees neither the broadcast nor a forward's batch size."""
+    model = _model("batch1")
+    with embgrad.capture(model, layers="pos") as cap:
+        pe = model.pos(np.arange(3)[None])
+        loss = tf.reduce_sum(tf.tanh(model.tok(X) + pe) ** 2)
+    g = cap.gradients(loss).only()
+    with pytest.raises(EmbgradError, match=r"layer 'pos'.*cannot tell the batch size.*outside.*forward.*"
+                                           r"keras.ops.broadcast_to\(ids, \(B, T\)\)"):
+        g.per_example()
 
 
 # ---------------------------------------------------------------- layers that slice their table
@@ -258,6 +303,51 @@ pe = g.per_example()
 torch.testing.assert_close(pe.to_dense(), ref, rtol=1e-5, atol=1e-7)
 torch.testing.assert_close(pe.norms(), ref.flatten(1).norm(dim=1), rtol=1e-5, atol=1e-7)
 assert table.grad is None
+
+# a plain Embedding looked up with position ids of batch size 1 (or none): the torch backend's
+# per-example views of the broadcast; a use that cannot be split is refused
+from embgrad import EmbgradError
+V, P, D = 10, 4, 2
+X = np.array([[1, 2, 3], [4, 5, 6]])
+class TokAndPos(keras.Model):
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.tok = keras.layers.Embedding(V, D, name="tok")
+        self.pos = keras.layers.Embedding(P, D, name="pos")
+    def call(self, x):
+        T = keras.ops.shape(x)[1]
+        if self.form == "batch1":
+            h = self.tok(x) + self.pos(keras.ops.arange(T)[None])
+        elif self.form == "nobatch":
+            h = self.tok(x) + self.pos(keras.ops.arange(T))
+        elif self.form == "ops_add":
+            h = keras.ops.add(self.pos(keras.ops.arange(T)[None]), self.tok(x))
+        elif self.form == "also_sum":
+            pe = self.pos(keras.ops.arange(T)[None])
+            h = self.tok(x) + pe + keras.ops.sum(pe)
+        return (torch.tanh(h) * torch.tensor([0.5, 2.0])) ** 2
+for form in ["batch1", "nobatch", "ops_add", "also_sum"]:
+    keras.utils.set_random_seed(0)
+    m = TokAndPos(form)
+    m(X)
+    with embgrad.capture(m) as cap:
+        loss = m(X).sum()
+    g = cap.gradients(loss)
+    w = m.pos.embeddings.value
+    ref = torch.stack([torch.autograd.grad(m(X[b:b + 1]).sum(), w)[0] for b in range(2)])
+    torch.testing.assert_close(g["pos"].weight_grad.to_dense(), ref.sum(0))
+    if form == "also_sum":
+        try:
+            g["pos"].per_example()
+            raise SystemExit("no error")
+        except EmbgradError as e:
+            assert "layer 'pos'" in str(e) and "ALSO used" in str(e), e
+    else:
+        pe = g["pos"].per_example()
+        assert pe.batch_size == 2
+        torch.testing.assert_close(pe.to_dense(), ref)
+    assert "call" not in m.pos.__dict__ and "call" not in m.__dict__
 print("OK")
 '''
 
@@ -265,8 +355,9 @@ print("OK")
 @pytest.mark.slow
 def test_keras_on_torch_position_embedding_exact(tmp_path):
     """Keras 3 on PyTorch (a subprocess: a Keras backend is fixed per process): the rows a
-    sliced position table's output holds come from a double backward over the call's graph;
-    per-example gradients equal a per-example autograd loop."""
+    sliced position table's output holds come from a double backward over the call's graph, and
+    a plain Embedding's batch-free output gets the torch backend's per-example views; per-example
+    gradients equal a per-example autograd loop."""
     import subprocess
     import sys
 
@@ -277,15 +368,3 @@ def test_keras_on_torch_position_embedding_exact(tmp_path):
                PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
-
-
-def test_batch_one_positions_alone_take_the_batch_size_from_the_forward():
-    """Only the position layer captured: the forward's input gives the batch size (2), so the
-    (1, T) lookup is refused with how to pass its ids, never taken as a batch of 1."""
-    model = _model(expand=False)
-    with embgrad.capture(model, layers="pos") as cap:
-        loss = _loss(model, X)
-    g = cap.gradients(loss).only()
-    with pytest.raises(EmbgradError, match=r"layer 'pos'.*batch has 2 examples.*PositionEmbedding.*"
-                                           r"keras.ops.broadcast_to\(ids, \(2, T\)\)"):
-        g.per_example()

@@ -561,6 +561,8 @@ class Capture:
         self._used = False
         self._graph_freed = False
         self._fwd_hints: list[Any] = []    # per forward: its input's batch size (or None)
+        self._fwd_outputs: dict[int, Any] = {}   # per forward: the model's output, where seen
+        self._split: tuple[Any, Any] | None = None   # (loss, 1 / loss_scale) while gradients() runs
         self._depth = 0
         self._loose: int | None = None     # the forward index of calls made outside any forward
         self._boundaries = False
@@ -580,6 +582,7 @@ class Capture:
                 g = self._backend.accumulated_grad(info)
                 self._grad_before[info.name] = None if g is None else _grad_fingerprint(self._backend, g)
         self._fwd_hints, self._depth, self._loose = [], 0, None
+        self._fwd_outputs = {}
         self._loose_fwds = set()
         self._graph_freed = False
         self._coupling = self._backend.coupling_layers(self.model)
@@ -633,7 +636,9 @@ class Capture:
             self._loose = None
         self._depth += 1
 
-    def _forward_end(self) -> None:
+    def _forward_end(self, *output: Any) -> None:
+        if self._depth == 1 and output:      # the outermost call's output (split_broadcast)
+            self._fwd_outputs[len(self._fwd_hints) - 1] = output[0]
         self._depth = max(self._depth - 1, 0)
 
     def _on_call(self, call: Call) -> Any:
@@ -831,7 +836,11 @@ class Capture:
             by_layer[call.info.name][0].append((call.ids, tg))
             by_layer[call.info.name][1].append(call.valid)
             by_layer[call.info.name][2].append(n)
-        examples = self._examples(token_grads)
+        self._split = (loss, inv_scale)
+        try:
+            examples = self._examples(token_grads)
+        finally:
+            self._split = None
         result: dict[str, LayerGradients] = {}
         for info in self.layers:
             calls, valid, index = by_layer[info.name]
@@ -902,6 +911,13 @@ class Capture:
                 size = certain.pop()
             elif hints[f] is not None and mine:   # a forward without lookups (e.g. only a tied
                 size = hints[f]                      # projection's call) has no examples here
+            elif guesses == {1} and f in self._loose_fwds and not getattr(b, "broadcast_views", False) \
+                    and any(self.calls[k].batch_free == "one" for k in mine):
+                problem = (f"cannot tell the batch size: it was called outside any forward of the captured "
+                           f"model with ids of batch size 1, and the {b.name} backend does not see whether "
+                           "its output was then broadcast over a batch (never a batch of 1 assumed). Call it "
+                           "inside the model's forward, or pass ids with the batch dimension, e.g. "
+                           f"{b.expand_hint('B')}.")
             elif len(guesses) == 1:
                 size = next(iter(guesses))
             elif guesses:
@@ -990,6 +1006,10 @@ class Capture:
         bd = call.batch_dim if call.info.kind == "embedding" else 0
         if call.batch_free is not None and call.views:
             return self._broadcast_layout(call, tg)
+        if call.batch_free is not None:
+            split = self._split_layout(call, tg)
+            if split is not None:
+                return split
         if len(shape) == 0:
             return None, 0, False, "0-d ids have no examples' dimension."
         if len(shape) <= bd:
@@ -999,6 +1019,44 @@ class Capture:
             valid = b.ops.moveaxis(valid, bd, 0) if valid is not None else None
         sure = call.batch_free is None
         return (ids, tg, valid), shape[bd], sure, None
+
+    def _split_layout(self, call: Call, tg: Any) -> tuple[Any, Any, bool, str | None] | None:
+        """The layout of a batch-free lookup whose output the backend splits by example from the
+        forward's output (Keras on TensorFlow: ``split_broadcast``), or None where it cannot."""
+        b = self._backend
+        split = getattr(b, "split_broadcast", None)
+        f = call.forward
+        y = self._fwd_outputs.get(f)
+        B = self._fwd_hints[f] if f < len(self._fwd_hints) else None
+        if split is None or y is None or self._split is None or self._split[0] is None \
+                or call.info.kind != "embedding" or not isinstance(B, int) or B < 2:
+            return None
+        loss, inv_scale = self._split
+        J = split(self._tap or getattr(self, "_tap_done", None), loss, call, y, B)
+        if J is None:
+            return None
+        oshape = b.ops.shape(call.output)
+        bd = 0 if call.batch_free == "absent" else call.batch_dim
+        if call.batch_free == "one":      # (B, ..., 1, ...) -> (B, ...) without the ids' batch dim
+            J = b.ops.reshape(J, (B, *oshape[:bd], *oshape[bd + 1:]))
+        J = b.ops.cast(J, _float_name(b, tg))
+        if inv_scale is not None:
+            J = J * inv_scale
+        summed = b.ops.reshape(b.ops.sum(J, 0), b.ops.shape(tg))
+        gap = b.ops.max_abs(summed - tg)
+        scale = max(b.ops.max_abs(tg), b.ops.max_abs(summed), 1e-30)
+        if gap > 1e-4 * scale:
+            return None, B, True, (
+                f"its ids of shape {b.ops.shape(call.ids)} carry no batch dimension while the forward's batch "
+                f"has {B} examples; embgrad split its gradient by the examples of the model's output, "
+                f"but the loss also depends on it another way (part of the gradient, relative size "
+                f"{gap / scale:.3g}) that cannot be split by example. Pass ids with the batch "
+                f"dimension, e.g. {b.expand_hint(B)} for position ids.")
+        ids = call.ids
+        if call.batch_free == "one":
+            ids = b.ops.reshape(ids, (*b.ops.shape(ids)[:bd], *b.ops.shape(ids)[bd + 1:]))
+        ids = b.ops.broadcast_to(b.ops.reshape(ids, (1, *b.ops.shape(ids))), (B, *b.ops.shape(ids)))
+        return (ids, J, None), B, True, None
 
     def _broadcast_layout(self, call: Call, tg: Any) -> tuple[Any, Any, bool, str | None]:
         """The layout of a lookup whose output the tap gave per-example views of."""
@@ -1116,9 +1174,13 @@ def capture(model: Any, layers: Any = None, *, batch_dim: int | None = None,
     forward. Where it cannot be known, ``per_example()`` raises an EmbgradError saying how to
     pass the ids with their batch dimension (never a batch of 1). Keras layers that slice one
     table and broadcast it to their input's (B, T, D) shape themselves (Keras-Hub's
-    ``PositionEmbedding``) are found and tapped after the broadcast: exact; a Keras
-    ``Embedding`` looked up with batch-free ids and broadcast by the model's own ``+`` is
-    refused by ``per_example()``. Each call of ``model`` is one forward (PyTorch, Keras, Gluon).
+    ``PositionEmbedding``) are found and tapped after the broadcast: exact. A Keras
+    ``Embedding`` looked up with batch-free ids and broadcast by the model's own ``+``: on
+    PyTorch, per-example views as above; on TensorFlow (eager), its gradient is split by the
+    examples of the model's output y (example b: d(g_b · y_b)/d(output), g = dLoss/dy held
+    fixed; ``tape.jacobian``, about B backward passes vectorized), exact when the loss reaches
+    the lookup only through y (checked) and the examples do not interact in the model. Each
+    call of ``model`` is one forward (PyTorch, Keras, Gluon).
 
     The model is never modified: hooks/patches are removed on exit, also on error.
 

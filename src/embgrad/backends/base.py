@@ -412,6 +412,10 @@ class ModelAdapter:
     #: how a user switched gradient recording off, in this framework's words (messages)
     no_grad_hint: str = "gradient recording switched off"
     #: which broadcasts of a batch-free lookup's output the tap can split by example (messages)
+    #: whether the tap gives a batch-free lookup's output per-example views where it meets the
+    #: batch (PyTorch's tensor subclass); without them, a batch-size-1 lookup outside any forward
+    #: of the model is refused (its batch size cannot be known)
+    broadcast_views: bool = False
     broadcast_seen: str = "it sees none: this framework's tap cannot split a broadcast output"
     #: how :meth:`embgrad.Capture.gradients` sees every use of a table when given the loss:
     #: "graph" (:meth:`table_uses` walks the autograd graph), "total" (the tape's total gradient
@@ -465,10 +469,11 @@ class ModelAdapter:
         raise self._missing("install_tap")
 
     def install_forward_tap(self, model: Any, on_start: Callable[[Any], None],
-                            on_end: Callable[[], None]) -> Tap | None:
+                            on_end: Callable[..., None]) -> Tap | None:
         """Tell the core where each forward of ``model`` starts and ends: ``on_start(shape)``
         when the model's outermost call begins (``shape``: the shape of its first input tensor,
-        or None), ``on_end()`` when it returns or raises.
+        or None), ``on_end()`` when it returns or raises (``on_end(output)`` where the backend
+        can split broadcast lookups by the output, see ``split_broadcast``).
         None when the backend cannot see forwards (the core then treats every call as one
         forward and warns where that assumption matters)."""
         return None

@@ -22,6 +22,7 @@ import functools
 import sys
 import threading
 import warnings
+import weakref
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -185,10 +186,11 @@ class KerasBackend(ModelAdapter):
                    else _UnsupportedKeras if kb not in (None, "tensorflow") else _keras_on_tensorflow())
         return super().__new__(cls)
 
-    broadcast_seen = ("a Keras lookup's output cannot be split by example once it is broadcast: "
-                      "the tap sees the (1, T, D) output only; a layer that slices its table and "
-                      "broadcasts it to its input's (B, T, D) shape itself, as Keras-Hub's "
-                      "PositionEmbedding does, is exact")
+    broadcast_seen = ("on TensorFlow it splits the output's gradient by the examples of the "
+                      "model's output, which needs the model's forward and, in a traced "
+                      "tf.function, is not done; a layer that slices its table and broadcasts it "
+                      "to its input's (B, T, D) shape itself, as Keras-Hub's PositionEmbedding "
+                      "does, is exact everywhere")
 
     def expand_hint(self, batch_size: Any) -> str:
         return f"keras.ops.broadcast_to(ids, ({batch_size}, T))"
@@ -326,17 +328,21 @@ class KerasBackend(ModelAdapter):
         return tap
 
     def install_forward_tap(self, model: Any, on_start: Callable[[Any], None],
-                            on_end: Callable[[], None]) -> Tap | None:
+                            on_end: Callable[..., None]) -> Tap | None:
         """Each call of ``model`` is one forward: its ``call`` is shadowed (one dispatcher per
         layer, shared with the lookup taps; the lookup's own handler runs inside it when the
         model is the embedding layer itself). ``on_start`` gets the shape of the first tensor of
-        the inputs (a structured input's first leaf; dims unknown while tracing are None)."""
+        the inputs (a structured input's first leaf; dims unknown while tracing are None),
+        ``on_end`` the model's output (for :meth:`split_broadcast`)."""
         def call(inner: Callable, *args: Any, **kwargs: Any) -> Any:
             on_start(_first_shape(args, kwargs))
             try:
-                return inner(*args, **kwargs)
-            finally:
+                out = inner(*args, **kwargs)
+            except BaseException:
                 on_end()
+                raise
+            on_end(out)
+            return out
 
         handle = _Dispatch.add(model, "call", call, self._wrap_dispatch)
         return _ForwardTap(handle)
@@ -403,8 +409,14 @@ class KerasBackend(ModelAdapter):
                 call_.output, _ = self._record(tap, info, replaced)
                 self._on_grad(call_)
                 return call_.output
-            return out
+            return self._broadcast_output(call_, out)
         return call
+
+    def _broadcast_output(self, call: Call, out: Any) -> Any:
+        """The output the model gets for a lookup with batch-free ids (``call.batch_free``): on
+        PyTorch a tensor that gives each broadcast against the batch a per-example view (see
+        ``embgrad.backends.torch``); elsewhere the output itself."""
+        return out
 
     def _wrap_dispatch(self, fn: Callable) -> Callable:
         """The dispatcher as installed (TensorFlow: kept out of autograph's conversion)."""
@@ -781,6 +793,27 @@ def _keras_on_tensorflow() -> type:
                 # plain Python even when traced: autograph must not rewrite embgrad's checks
                 return tf.autograph.experimental.do_not_convert(fn)
 
+            def split_broadcast(self, tap, loss, call, output, batch_size):
+                """Per-example gradients of a batch-free lookup's output (B, *output.shape),
+                from the forward's output y (B, ...): row b is d(sum(g_b · y_b))/d(lookup output)
+                with g = dLoss/dy held fixed, i.e. example b's share when the examples do not
+                interact in the model; B backward passes vectorized by tape.jacobian (pfor)."""
+                if is_symbolic(loss) or not isinstance(tap, TapeTap):
+                    return None
+                leaves = [t for t in tf.nest.flatten(output)
+                          if isinstance(t, tf.Tensor) and t.dtype.is_floating and t.shape.rank
+                          and t.shape[0] == batch_size]
+                if not leaves:
+                    return None
+                gys = tap.tape.gradient(loss, leaves)
+                pairs = [(t, g) for t, g in zip(leaves, gys, strict=True) if g is not None]
+                if not pairs:
+                    return None
+                with tap.tape:            # record z on the capture's tape, then differentiate it
+                    z = tf.add_n([tf.reduce_sum(tf.reshape(tf.stop_gradient(tf.convert_to_tensor(g)) * t,
+                                                           (batch_size, -1)), axis=1) for t, g in pairs])
+                return tap.tape.jacobian(z, call.output)
+
             def _selected_rows(self, info, inner, args, kwargs):
                 var = getattr(info.weight, "_value", None)
                 if not isinstance(var, tf.Variable):
@@ -820,7 +853,7 @@ def _keras_on_torch() -> type:
     if "torch" not in _FLAVOURS:
         import torch
 
-        from .torch import TorchBackend, _TorchTap, _validate_ids
+        from .torch import TorchBackend, _TorchTap, _validate_ids, _wrap_broadcast
 
         class _KerasTorchTap(_TorchTap):
             def grad(self, loss, calls, sources=None, retain_graph=False):
@@ -890,6 +923,17 @@ def _keras_on_torch() -> type:
                     ok = bool((j == r[..., None]).all() and (r == r.round()).all() and (r >= 0).all()
                               and (r < V).all() and (out == p.to(out.dtype)[ids]).all())
                 return out, (ids if ok else False)
+
+            broadcast_seen = TorchBackend.broadcast_seen
+            broadcast_views = True
+
+            def _broadcast_output(self, call, out):
+                if call.batch_free is None or not call.grad_enabled or not out.requires_grad:
+                    return out
+                # the torch backend's per-example views of a broadcast lookup (Keras ops on this
+                # backend are torch functions: `+` with the batch sees the view)
+                bdim = None if call.batch_free == "absent" else call.batch_dim
+                return _wrap_broadcast(out, weakref.ref(call), bdim)
 
             def _on_grad(self, call):
                 if call.grad_enabled and call.output.requires_grad:

@@ -364,6 +364,7 @@ class TorchBackend(ModelAdapter):
                     "`with embgrad.capture(model._orig_mod) as cap: loss = model._orig_mod(x)...`.")
         return ""
 
+    broadcast_views = True
     broadcast_seen = "it sees elementwise +, -, *, / on the output itself, after copies and casts"
 
     def expand_hint(self, batch_size: Any) -> str:
