@@ -399,18 +399,23 @@ class KerasBackend(ModelAdapter):
                     args = (ids,) + tuple(args[1:])
                 else:
                     kwargs = dict(kwargs, inputs=ids)
-            out = inner(*args, **kwargs)
-            out, grad_enabled = self._record(tap, info, out)
-            call_ = Call(info=info, ids=ids, output=out, grad_enabled=grad_enabled)
-            self._on_grad(call_)
-            replaced = on_call(call_)
-            if replaced is not None:
-                call_.meta["original_output"] = out
-                call_.output, _ = self._record(tap, info, replaced)
-                self._on_grad(call_)
-                return call_.output
-            return self._broadcast_output(call_, out)
+            return self._lookup(tap, info, on_call, ids, inner(*args, **kwargs))
         return call
+
+    def _lookup(self, tap: Tap, info: EmbeddingInfo, on_call: Callable, ids: Any, out: Any,
+                **meta: Any) -> Any:
+        """Record one lookup (``ids`` -> ``out``) and return what the model gets: the output a
+        capture replaced it with, a batch-free lookup's broadcastable output, or ``out``."""
+        out, grad_enabled = self._record(tap, info, out)
+        call_ = Call(info=info, ids=ids, output=out, grad_enabled=grad_enabled, meta=meta)
+        self._on_grad(call_)
+        replaced = on_call(call_)
+        if replaced is not None:
+            call_.meta["original_output"] = out
+            call_.output, _ = self._record(tap, info, replaced)
+            self._on_grad(call_)
+            return call_.output
+        return self._broadcast_output(call_, out)
 
     def _broadcast_output(self, call: Call, out: Any) -> Any:
         """The output the model gets for a lookup with batch-free ids (``call.batch_free``): on
@@ -442,17 +447,7 @@ class KerasBackend(ModelAdapter):
             return out
         if ids is None:
             return out
-        out, grad_enabled = self._record(tap, info, out)
-        call_ = Call(info=info, ids=ids, output=out, grad_enabled=grad_enabled)
-        call_.meta["selects"] = True
-        self._on_grad(call_)
-        replaced = on_call(call_)
-        if replaced is not None:
-            call_.meta["original_output"] = out
-            call_.output, _ = self._record(tap, info, replaced)
-            self._on_grad(call_)
-            return call_.output
-        return out
+        return self._lookup(tap, info, on_call, ids, out, selects=True)
 
     def _selected_rows(self, info: EmbeddingInfo, inner: Callable, args: tuple, kwargs: dict) -> tuple[Any, Any]:
         """Run the layer's call; return its output and the int64 ids (output shape without D) of
