@@ -453,7 +453,11 @@ class KerasBackend(ModelAdapter):
         """Run the layer's call; return its output and the int64 ids (output shape without D) of
         the table rows it holds; None for ids when the output does not depend on the table, False
         when it is not a pure selection of rows."""
-        raise NotImplementedError
+        raise EmbgradError(
+            f"Keras layer {info.name!r} reads rows of its table without ids (a sliced / broadcast "
+            "position table, as Keras-Hub's PositionEmbedding): embgrad taps such layers on Keras over "
+            f"TensorFlow and PyTorch, not on the {_keras3_backend()!r} backend. Select the other layers "
+            "by name (layers=[...]).")
 
     def _projection(self, tap: Tap, info: EmbeddingInfo, h: Any, out: Any, on_call: Callable) -> Any:
         """Records a ``ReversibleEmbedding(reverse=True)`` call (``logits = h @ table.T``, then
