@@ -64,3 +64,34 @@ def test_version_has_one_source(capsys):
         meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
         assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]
         assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "embgrad.__version__"}
+
+
+def test_demo_hides_dp_accountings_convergence_warnings_only_while_it_runs(caplog):
+    """The demo's noise-multiplier search tries σ = 0.3 at q = 0.16, where dp-accounting logs ~60
+    "failed to converge ... Excluding this order" warnings into the user's terminal; the CLI drops
+    exactly those, while it runs, and σ is the same."""
+    pytest.importorskip("dp_accounting")
+    import logging
+
+    from embgrad import privacy
+    from embgrad.cli import _quiet_accounting
+
+    def sigma() -> float:
+        return privacy.noise_multiplier_for(lambda s: privacy.DPAdaFEST(s, 1.0, threshold=0.0), epsilon=3.0,
+                                            sample_rate=256 / 1600, steps=42, delta=1 / 1600)
+
+    def unconverged() -> int:
+        return sum("failed to converge" in r.getMessage() for r in caplog.records)
+
+    caplog.set_level(logging.WARNING)
+    loud = sigma()
+    assert unconverged() > 0                     # what the user saw before
+    caplog.clear()
+    with _quiet_accounting():
+        quiet = sigma()
+        logging.getLogger("absl").warning("another absl warning")
+    assert unconverged() == 0 and quiet == loud
+    assert any("another absl warning" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    sigma()
+    assert unconverged() > 0                     # the filter is gone after the block

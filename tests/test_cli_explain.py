@@ -119,7 +119,7 @@ def test_bad_model_directories(tmp_path, capsys):
 def test_bad_texts_and_arguments(st_model):
     with pytest.raises(EmbgradError, match="sentence-embedding model: pass --compare"):
         explain(st_model, ["a text"])
-    with pytest.raises(EmbgradError, match="text #1 is empty"):
+    with pytest.raises(EmbgradError, match="text #2 is empty"):    # numbered from 1, as the terminal table
         explain(st_model, ["fine", "  "], compare="x")
     with pytest.raises(EmbgradError, match="has no labels"):
         explain(st_model, ["fine"], compare="x", target="positive")
@@ -128,7 +128,7 @@ def test_bad_texts_and_arguments(st_model):
     long = " ".join(["word"] * 520)
     with pytest.raises(EmbgradError, match="522 tokens, more than the model's limit of 512"):
         explain(st_model, [long], compare="x", truncate=False)
-    with pytest.warns(UserWarning, match="truncated"):
+    with pytest.warns(UserWarning, match=r"#2 \(522 tokens\).*truncated"):
         ex = explain(st_model, ["short", long], compare="x", methods=("grad_x_input",))
     assert ex.truncated == (1,) and ex.scores["grad_x_input"].shape == (2, 512)
 

@@ -67,3 +67,5 @@ def test_explain_generation_errors(lm_dir, tmp_path, capsys):
     assert "causal language model" in capsys.readouterr().err
     assert main(["explain", str(lm_dir), "the cat", "--method", "smoothgrad", "--out", str(tmp_path / "x.html")]) == 2
     assert "not available for a causal" in html.unescape(capsys.readouterr().err)
+    assert main(["explain", str(lm_dir), "the cat", " ", "--out", str(tmp_path / "x.html")]) == 2
+    assert "text #2 is empty" in capsys.readouterr().err      # numbered from 1, as the terminal table

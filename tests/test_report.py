@@ -12,7 +12,7 @@ import pytest
 
 from embgrad import EmbgradError
 from embgrad.report.analysis import top_is_planted
-from embgrad.report.demo import pick_test_sentences, run_demo
+from embgrad.report.demo import pick_test_sentences, report_steps, run_demo
 from embgrad.report.html import SECTIONS, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,7 +20,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def demo():
-    return run_demo("torch")
+    steps: list[str] = []
+    out = run_demo("torch", step=steps.append)
+    assert len(steps) == report_steps("torch"), steps     # the CLI's progress bar total
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +188,9 @@ def test_pick_test_sentences_is_seeded_and_half_negated(demo):
 
 def test_keras_report_sections(tmp_path):
     pytest.importorskip("tensorflow")
-    results, trained, data = run_demo("tensorflow")
+    steps: list[str] = []
+    results, trained, data = run_demo("tensorflow", step=steps.append)
+    assert len(steps) == report_steps("tensorflow"), steps
     p = _Collect()
     p.feed(write_report(results, tmp_path).read_text(encoding="utf-8"))
     assert p.sections == [key for key, _ in SECTIONS]

@@ -15,10 +15,12 @@ self-influence ranking, on the demo or a local Hugging Face classifier, as HTML.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from . import __version__
 from .errors import EmbgradError
@@ -245,13 +247,34 @@ def _start_tensorflow() -> None:
             os.close(saved)
 
 
+class _DropUnconvergedOrders(logging.Filter):
+    """Drops dp-accounting's "failed to converge ... Excluding this order" warnings (about 60 of
+    them while the demo's noise-multiplier search tries small σ): each order it excludes only
+    loosens the RDP bound, which stays valid, and the page states the ε it reports."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_accounting() -> Iterator[None]:
+    """While the demo runs: dp-accounting's convergence warnings (logger "absl") are dropped;
+    the filter is removed on exit (the process's logging is left as it was)."""
+    logger, drop = logging.getLogger("absl"), _DropUnconvergedOrders()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     _require((args.framework, "matplotlib"), f"{args.framework},viz", f"embgrad demo --framework {args.framework}")
     from .report.console import attribution_table, print_summary
-    from .report.demo import run_demo
+    from .report.demo import report_steps, run_demo
     from .report.html import check_out_dir, write_report
     check_out_dir(args.out)          # refuse before minutes of work, not after
 
@@ -269,12 +292,14 @@ def _demo(args: argparse.Namespace) -> int:
             bar.update(load, total=1, completed=1)
             bar.update(task, total=epochs, completed=epoch, info=f"loss {loss:.3f}")
 
-        steps = bar.add_task("report", total=6, info="", visible=False)  # 5 sections + writing
+        steps = bar.add_task("report", total=report_steps(args.framework) + 1, info="",  # + writing
+                             visible=False)
 
         def step(name: str) -> None:
             bar.update(steps, visible=True, description=name, advance=1)
 
-        results, _, _ = run_demo(args.framework, seed=args.seed, progress=progress, step=step)
+        with _quiet_accounting():
+            results, _, _ = run_demo(args.framework, seed=args.seed, progress=progress, step=step)
         step("writing the report")
         command = f"embgrad demo --framework {args.framework} --seed {args.seed}"
         page = write_report(results, args.out, command)

@@ -84,6 +84,12 @@ def run_demo(framework: str = "torch", *, seed: int = 0, batch_size: int = 256,
         return _sections(trained, data, batch_size, seed, step, seconds), trained, data
 
 
+def report_steps(framework: str) -> int:
+    """How many times :func:`run_demo` calls its ``step`` callback (one per report section it
+    computes; the causal-LM section is PyTorch's only)."""
+    return 6 if framework == "torch" else 5
+
+
 def _sections(trained: Trained, data: DemoData, batch_size: int, seed: int, step: Callable[[str], None],
               seconds: dict[str, float]) -> DemoResults:
     batch = data.train.subset(np.arange(min(batch_size, len(data.train))))

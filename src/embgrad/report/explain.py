@@ -219,16 +219,16 @@ def _resolve_target(loaded: LoadedModel, target: str | int | None) -> int | None
 def _encode(loaded: LoadedModel, texts: Sequence[str], truncate: bool) -> tuple[dict, tuple[int, ...]]:
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
-            raise EmbgradError(f"text #{i} is empty ({t!r}): there is nothing to explain. Pass non-empty text.")
+            raise EmbgradError(f"text #{i + 1} is empty ({t!r}): there is nothing to explain. Pass non-empty text.")
     # verbose=False: embgrad's own warning below says what happens; transformers' would come first
     lengths = [len(loaded.tokenizer(t, truncation=False, verbose=False)["input_ids"]) for t in texts]
     long = tuple(i for i, n in enumerate(lengths) if n > loaded.max_length)
     if long and not truncate:
         i = long[0]
-        raise EmbgradError(f"text #{i} has {lengths[i]} tokens, more than the model's limit of "
+        raise EmbgradError(f"text #{i + 1} has {lengths[i]} tokens, more than the model's limit of "
                            f"{loaded.max_length}; shorten it, or allow truncation (drop --no-truncate).")
     if long:
-        warnings.warn(f"text(s) {', '.join(f'#{i} ({lengths[i]} tokens)' for i in long)} exceed the model's "
+        warnings.warn(f"text(s) {', '.join(f'#{i + 1} ({lengths[i]} tokens)' for i in long)} exceed the model's "
                       f"limit of {loaded.max_length} tokens and were truncated; the explanation covers the "
                       "kept tokens only.", stacklevel=3)
     enc = loaded.tokenizer(list(texts), padding=True, truncation=True, max_length=loaded.max_length,

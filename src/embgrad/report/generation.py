@@ -65,7 +65,7 @@ def explain_generation(loaded: Any, texts: Sequence[str], *, continuation: str |
     texts = [texts] if isinstance(texts, str) else list(texts)
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
-            raise EmbgradError(f"text #{i} is empty ({t!r}): there is nothing to explain. Pass non-empty text.")
+            raise EmbgradError(f"text #{i + 1} is empty ({t!r}): there is nothing to explain. Pass non-empty text.")
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise EmbgradError(f"method {bad[0] if bad else None!r} is not available for a causal language model; "
