@@ -87,10 +87,10 @@ def test_tokenizer_merges_negation_and_maps_unknown_words(data):
 
 def test_encode_errors_are_clear(data):
     v = data.vocab
-    with pytest.raises(EmbgradError, match="empty"):
+    with pytest.raises(EmbgradError, match="text #2 is empty"):   # numbered from 1, as the CLI's texts
         v.encode(["good", "   "])
-    with pytest.raises(EmbgradError, match="max_len=2"):
-        v.encode(["the movie was good"], max_len=2)
+    with pytest.raises(EmbgradError, match="text #2 has 4 tokens, more than max_len=2"):
+        v.encode(["good", "the movie was good"], max_len=2)
     with pytest.raises(EmbgradError, match="list"):
         v.encode("the movie")
     with pytest.raises(EmbgradError, match="<pad>"):

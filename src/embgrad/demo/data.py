@@ -105,11 +105,11 @@ class Vocab:
                                f"{token_lists!r}; wrap a single text in a list.")
         lengths = [len(t) for t in token_lists]
         if min(lengths) == 0:
-            raise EmbgradError(f"text #{lengths.index(0)} is empty: there is nothing to classify.")
+            raise EmbgradError(f"text #{lengths.index(0) + 1} is empty: there is nothing to classify.")
         T = max(lengths) if max_len is None else int(max_len)
         if max(lengths) > T:
             i = int(np.argmax(lengths))
-            raise EmbgradError(f"text #{i} has {lengths[i]} tokens, more than max_len={T}; "
+            raise EmbgradError(f"text #{i + 1} has {lengths[i]} tokens, more than max_len={T}; "
                                "shorten it or pass a larger max_len.")
         ids = np.full((len(token_lists), T), self.PAD, dtype=np.int64)
         for b, toks in enumerate(token_lists):
