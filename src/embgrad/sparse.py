@@ -33,9 +33,7 @@ def _accum_dtype(backend: Backend, x: Any) -> str:
 
 def _coalesce_impl(backend: Backend, keys: Any, values: Any) -> tuple[Any, Any]:
     """Unique sorted keys (int64) and the segment sums of their values."""
-    uniq, inv = backend.ops.unique(keys)
-    n = backend.ops.shape(uniq)[0]
-    return uniq, backend.ops.segment_sum(values, inv, n)
+    return backend.ops.coalesce(keys, values)
 
 
 def _compiled(backend: Backend, fn: Any) -> Any:
@@ -587,19 +585,18 @@ def _coalesce_lookups_impl(b: Backend, example_ids: Any, ids: Any, grads: Any, n
                            per_example: bool) -> tuple[Any, ...]:
     """The pure tensor part of :func:`coalesce_lookups`: ``(rows, values)``, or
     ``(example_ids, rows, values, unique_rows, slot)`` when ``per_example``; compiled under
-    TensorFlow. Per example, the ids are first ranked among the unique rows (one sort), so that
-    the (example, row) keys are compact and the sum over examples needs no second sort."""
+    TensorFlow. Per example: one coalesce of the (example, row) keys ``example · num_rows +
+    row`` over the N lookups, then the unique rows of the P ≤ N pairs (for ``sum()``)."""
     acc = _accum_dtype(b, grads)
     if b.ops.dtype_name(grads) != acc:
         grads = b.ops.cast(grads, acc)
     if not per_example:
         return _coalesce_impl(b, ids, grads)
-    unique_rows, rank = b.ops.unique(ids)                 # rank < R <= num_rows
-    keys = example_ids * num_rows + rank
-    uniq, values = _coalesce_impl(b, keys, grads)
+    uniq, values = _coalesce_impl(b, example_ids * num_rows + ids, grads)
     ex = b.ops.floordiv(uniq, num_rows)
-    slot = uniq - ex * num_rows
-    return ex, b.ops.gather(unique_rows, slot), values, unique_rows, slot
+    rows = uniq - ex * num_rows
+    unique_rows, slot = b.ops.unique(rows)
+    return ex, rows, values, unique_rows, slot
 
 
 def rows_from_lookups(ids: Any, output_grad: Any, num_rows: int, *, per_example: bool = False,

@@ -250,6 +250,13 @@ class TensorOps:
         (N,) in [0, num_segments) -> (num_segments, ...) in data's dtype; empty segments 0."""
         raise self._missing("segment_sum")
 
+    def coalesce(self, keys: Any, values: Any) -> tuple[Any, Any]:
+        """Sorted unique int64 keys (U,) of ``keys`` (N,) and the sums (U, ...) of the
+        ``values`` (N, ...) sharing each key, in values' dtype. Default: :meth:`unique`, then
+        :meth:`segment_sum`; a framework may sort instead (TensorFlow)."""
+        uniq, inv = self.unique(keys)
+        return uniq, self.segment_sum(values, inv, self.shape(uniq)[0])
+
     def gather(self, x: Any, idx: Any) -> Any:
         """``x[idx]`` along axis 0: x (N, ...), int64 idx (M,) -> (M, ...)."""
         raise self._missing("gather")
