@@ -301,7 +301,7 @@ def _join_pairs(b: Backend, a: tuple, o: tuple, plan: tuple | None, B2: Any, acc
 
 def _norms_impl(b: Backend, values: Any, example_ids: Any, batch_size: Any) -> Any:
     """(B,) L2 norm of each example's entries (compiled under TensorFlow)."""
-    return b.ops.sqrt(b.ops.segment_sum(b.ops.sum(values * values, 1), example_ids, batch_size))
+    return b.ops.sqrt(b.ops.segment_sum(b.ops.row_sq_norms(values), example_ids, batch_size))
 
 
 def _scaled_impl(b: Backend, values: Any, example_ids: Any, factor: Any) -> Any:

@@ -257,6 +257,11 @@ class TensorOps:
         uniq, inv = self.unique(keys)
         return uniq, self.segment_sum(values, inv, self.shape(uniq)[0])
 
+    def row_sq_norms(self, x: Any) -> Any:
+        """(N,) squared L2 norm of each row of (N, D) ``x``, in x's dtype. Default:
+        ``sum(x * x, 1)``; a framework may avoid the (N, D) temporary (PyTorch)."""
+        return self.sum(x * x, 1)
+
     def gather(self, x: Any, idx: Any) -> Any:
         """``x[idx]`` along axis 0: x (N, ...), int64 idx (M,) -> (M, ...)."""
         raise self._missing("gather")
