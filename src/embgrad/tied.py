@@ -27,7 +27,7 @@ import numpy as np
 
 from .backends import Backend
 from .errors import EmbgradError
-from .sparse import ExampleGrads, RowGrad, _accum_dtype, _check_positive, _compiled, check_same_table
+from .sparse import ExampleGrads, RowGrad, _accum_dtype, _check_positive, check_same_table
 
 __all__ = [
     "TableExampleGrads",
@@ -309,14 +309,9 @@ def row_weights(b: Backend, rows: Any) -> Any:
 def fingerprint_rows(b: Backend, rows: Any, values: Any) -> Any:
     """float64 (D,) ``Σ_n w[rows[n]] · values[n]``: a random projection of the gradient whose
     entries are ``values`` at ``rows`` (duplicates add up), to compare two gradients of one
-    table without densifying either. Compiled under TensorFlow (one call instead of ~10
-    eager ops)."""
+    table without densifying either."""
     if b.ops.shape(rows)[0] == 0:
         return b.ops.zeros((b.ops.shape(values)[-1],), "float64", values)
-    return _compiled(b, _fingerprint_rows_impl)(rows, values)
-
-
-def _fingerprint_rows_impl(b: Backend, rows: Any, values: Any) -> Any:
     # one matrix-vector product in the values' precision (float32 or wider): (N, D) values are
     # not copied to float64 (that copy and the elementwise product cost more than the lookups'
     # whole coalesce); float32 sums err by ~1e-7·√N relative, far below _FP_RTOL
