@@ -96,7 +96,7 @@ def cases(quick: bool) -> list[Case]:
                "1,200 page faults and 2.7 ms of system time per call when profiled), while plain's "
                "25.6 MB dense gradient, once freed, raises glibc's thresholds so that everything "
                "after it is served from the heap.",))
-    return [make_case("pe_classifier_50k", classifier_params(50_000), 8 * GiB), default_malloc,
+    return [default_malloc, make_case("pe_classifier_50k", classifier_params(50_000), 8 * GiB),
             make_case("pe_classifier_1m", classifier_params(1_000_000), 8 * GiB),
             make_case("pe_bert", bert_params(), 8 * GiB)]
 

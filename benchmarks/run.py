@@ -60,6 +60,8 @@ EXTERNAL: dict[str, tuple[str, str]] = {
     "distributed": ("7. Past one machine: sparse gradient exchange over torch.distributed (gloo)",
                     "dist_exchange"),
     "privacy": ("8. Differentially private training: DP-SGD, DP-FEST, DP-AdaFEST, Opacus", "privacy"),
+    "interleaved": ("11. Per-example cost against the plain step, methods interleaved (issue 19)",
+                    "interleaved"),
 }
 
 
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             external.setdefault(key, res)
         results = {k: results[k] for k in SECTIONS if k in results}
     flat = {cr.case.key: cr for crs in results.values() for cr in crs}
-    targets = evaluate(flat, args.quick)
+    targets = evaluate(flat, args.quick, external)
     elapsed = previous.get("elapsed_s", 0.0) if args.render else time.perf_counter() - t0
 
     md = [f"# embgrad benchmarks{' (quick sizes)' if args.quick else ''}", "",

@@ -7,7 +7,7 @@ shows (e.g. which method failed) — BENCHMARKS.md states it plainly.
 """
 from __future__ import annotations
 
-
+from typing import Any
 
 from harness import CaseResult, MethodResult, ratio
 from report import Target, fmt_bytes, fmt_ratio, fmt_time
@@ -41,14 +41,21 @@ def _faster(results: dict[str, CaseResult], key: str, peer: str, factor: float, 
                   x >= factor)
 
 
-def evaluate(results: dict[str, CaseResult], quick: bool) -> list[Target]:
-    """Issue 6's and issue 3's targets on the cases of this run (quick cases measure none)."""
+def evaluate(results: dict[str, CaseResult], quick: bool,
+             external: dict[str, Any] | None = None) -> list[Target]:
+    """Issue 6's, 3's and 19's targets on the cases of this run (quick cases measure none);
+    ``external``: the external sections' results (the interleaved ratios of issue 19)."""
     pe = "pe_classifier_50k"
     t: list[Target] = []
 
-    # 1. per-example, classifier V=50k
+    # 1. per-example, classifier V=50k: the headline is a fresh process with glibc's defaults
+    t.append(_ratio_target(results, pe + "_default_malloc", "embgrad", "plain",
+                           "Per-example norms + clipped sum ≤ 1.0× plain forward+backward (classifier, "
+                           "V=50k, glibc malloc defaults: a fresh process)"))
+    t.extend(_interleaved_targets(external or {}))
     t.append(_ratio_target(results, pe, "embgrad", "plain",
-                           "Per-example norms + clipped sum ≤ 1.0× plain forward+backward (classifier, V=50k)"))
+                           "Per-example norms + clipped sum ≤ 1.0× plain forward+backward (classifier, "
+                           "V=50k, malloc thresholds of a long-running process)"))
     for peer, factor, name in (("vmap", 100, "torch.func vmap"), ("opacus_hooks", 100, "Opacus hooks"),
                                ("loop", 30, "the per-example loop"), ("opacus_ghost", 1.5, "Opacus ghost clipping")):
         t.append(_faster(results, pe, peer, factor,
@@ -158,6 +165,38 @@ def _ratio_target(results: dict[str, CaseResult], key: str, method: str, peer: s
     x = e.median_s / p.median_s
     return Target(text, f"`{method}` {fmt_time(e.median_s)} / `{peer}` {fmt_time(p.median_s)} = {x:.2f}×",
                   x <= most)
+
+
+#: issue 19's ratios from the interleaved section: (key in its "ratios", at most, text)
+_INTERLEAVED = (
+    ("torch_default_malloc", 1.0, "PyTorch per-example norms + clipped sum ≤ 1.0× the plain step, "
+     "glibc malloc defaults, fresh processes alternating (CPU time, V=50k)"),
+    ("keras_tf_compiled", 1.5, "TensorFlow (Keras 3) per-example, both compiled: ≤ 1.5× the plain step "
+     "in tf.function, interleaved (CPU time, V=50k)"),
+    ("keras_tf", 1.5, "TensorFlow (Keras 3) per-example, both eager: ≤ 1.5× the plain GradientTape "
+     "step, interleaved (CPU time, V=50k)"),
+    ("tf_keras_compiled", 1.5, "tf-keras (Keras 2) per-example, both compiled: ≤ 1.5× the plain step "
+     "in tf.function, interleaved (CPU time, V=50k)"),
+    ("keras_torch", 1.5, "Keras 3 on PyTorch per-example: ≤ 1.5× the plain step, interleaved "
+     "(CPU time, V=50k)"),
+)
+
+
+def _interleaved_targets(external: dict[str, Any]) -> list[Target]:
+    """Issue 19's ratios as measured by the interleaved section (benchmarks/interleaved.py)."""
+    sec = external.get("interleaved")
+    if not sec:
+        return []
+    ratios = sec.get("result", {}).get("ratios", {}) if sec.get("status") == "ok" else {}
+    out = []
+    for key, most, text in _INTERLEAVED:
+        x = ratios.get(key)
+        if x is None:
+            out.append(Target(text, f"not measured ({sec.get('status')}: {sec.get('reason', 'no ratio')})"[:200],
+                              None))
+        else:
+            out.append(Target(text, f"embgrad / plain = {x:.2f}× (section 11)", x <= most))
+    return out
 
 
 def _tensorflow_targets(results: dict[str, CaseResult]) -> list[Target]:
