@@ -381,6 +381,12 @@ class TensorOps:
         """A compiled version of a pure function of tensors (tf.function in TensorFlow)."""
         return fn
 
+    def compile_small(self, fn: Callable) -> Callable:
+        """:meth:`compile` for a pure function of a few ops (default: the same). TensorFlow
+        runs it as it is: calling a tf.function costs ~0.25 ms of CPU eagerly against ~0.02 ms
+        per eager op, and inside the user's tf.function the ops join its graph anyway."""
+        return self.compile(fn)
+
     def traced(self, x: Any) -> bool:
         """True when ``x`` has no value yet (a tensor traced inside ``tf.function``): checks
         that need values then become run-time assertions (:meth:`assert_in_range`)."""
