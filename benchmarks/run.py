@@ -60,7 +60,7 @@ EXTERNAL: dict[str, tuple[str, str]] = {
     "distributed": ("7. Past one machine: sparse gradient exchange over torch.distributed (gloo)",
                     "dist_exchange"),
     "privacy": ("8. Differentially private training: DP-SGD, DP-FEST, DP-AdaFEST, Opacus", "privacy"),
-    "interleaved": ("11. Per-example cost against the plain step, methods interleaved (issue 19)",
+    "interleaved": ("12. Per-example cost against the plain step, methods interleaved (issue 19)",
                     "interleaved"),
 }
 

@@ -195,7 +195,7 @@ def _interleaved_targets(external: dict[str, Any]) -> list[Target]:
             out.append(Target(text, f"not measured ({sec.get('status')}: {sec.get('reason', 'no ratio')})"[:200],
                               None))
         else:
-            out.append(Target(text, f"embgrad / plain = {x:.2f}× (section 11)", x <= most))
+            out.append(Target(text, f"embgrad / plain = {x:.2f}× (section 12)", x <= most))
     return out
 
 
