@@ -58,7 +58,9 @@ def _describe(p: dict) -> str:
             f"V={p['vocab']:,}, D={p['dim']}, B={p['batch']}, T={p['length']}")
 
 
-NOISE_NOTE = "On this shared VM the embgrad / plain ratio at V=50k moves with the host's load: two runs of the same code on 2026-11-23 gave 3.83 / 2.94 ms (1.31×) and, 5 minutes later, 2.95 / 4.18 ms (0.71×, the run shown); an interleaved A/B in one process put the two within ~10% of each other."
+NOISE_NOTE = ("On this shared VM the embgrad / plain ratio at V=50k moves with the host's load "
+              "(two runs of the same code five minutes apart gave 1.31× and 0.71× on 2026-11-23): "
+              "each method runs in its own process, minutes apart. Section 12 alternates them.")
 
 
 def make_case(key: str, params: dict, budget: int, time_limit: float = 900.0,
@@ -90,12 +92,15 @@ def cases(quick: bool) -> list[Case]:
                                methods=("embgrad", "plain", "loop"))
     default_malloc = dataclasses.replace(
         default_malloc, malloc="default", title=default_malloc.title + " — glibc malloc defaults",
-        notes=("The same case with glibc's default malloc settings in each fresh process (see "
-               "*How to read*). Here embgrad is slower than plain: its few temporaries of "
-               "(lookups × D) floats are fresh `mmap`s whose pages fault in on every call (about "
-               "1,200 page faults and 2.7 ms of system time per call when profiled), while plain's "
-               "25.6 MB dense gradient, once freed, raises glibc's thresholds so that everything "
-               "after it is served from the heap.",))
+        notes=("The PyTorch headline: the case with glibc's default malloc settings in each fresh "
+               "process, as a script or a short job runs (see *How to read*). Page faults decide it: "
+               "glibc trims its heap whenever more than twice the largest block freed so far lies "
+               "free at its top (~8.4 MiB after a 4 MiB activation), so a process either re-faults "
+               "one step's 13-15 MiB of temporaries (mostly the model's activations and autograd's "
+               "output gradient) on every call or none, depending on its heap's layout; plain frees "
+               "a 25.6 MB dense gradient that lifts the threshold to ~51 MiB, so its heap stays. "
+               "Section 12 measures the same pair in alternating fresh processes, with page faults "
+               "per call.",))
     return [default_malloc, make_case("pe_classifier_50k", classifier_params(50_000), 8 * GiB),
             make_case("pe_classifier_1m", classifier_params(1_000_000), 8 * GiB),
             make_case("pe_bert", bert_params(), 8 * GiB)]

@@ -278,27 +278,30 @@ _REASONS = (
      "The trapezoid rule's error falls as 1/n², so the fewest fixed points that reach the adaptive "
      "run's worst gap are close to the points the slowest example needed; adaptive steps save only "
      "the difference on the examples that converged in earlier rounds."),
-    (("TensorFlow per-example, both eager",),
-     "cProfile of 20 eager steps: every TensorFlow op is dispatched from Python one by one; the "
-     "Keras forward and the tape's backward take about the plain step, and embgrad's own work "
-     "adds the per-example coalesce (two uniques and a segment sum over lookups × D values, "
-     "~2 ms of CPU even compiled, see the next row), the clipped sum, the NaN check and the check "
-     "that no other read of the table is missed (a fingerprint of the tape's total gradient of the "
-     "table: one matrix-vector product since issue 19, it was an (N, D) float64 copy and product "
-     "taking ~30% of the eager step). Plain TF returns the table's gradient as IndexedSlices, so "
-     "there is no dense (V, D) cost for embgrad to save. Compile the step (embgrad works inside "
-     "tf.function)."),
-    (("TensorFlow per-example, both compiled",),
-     "Profiled in CPU time (process_time, stable on this loaded VM where wall time swings 5×): "
-     "the plain compiled step is 1.7 ms; capture + the tape's gradient add 0.14 ms; the "
-     "per-example coalesce + norms add 3.2 ms (of it TensorFlow's CPU segment sum of the 8,192 × "
-     "128 float32 lookup gradients into 4,961 (example, row) pairs is ~2 ms, the two uniques ~0.5 "
-     "ms each); the clip + clipped sum add 1.3 ms. Every formulation of that segment sum measured "
-     "costs 1.6-3.2 ms of CPU: UnsortedSegmentSum (int64 or int32 ids), sorted SegmentSum after a "
-     "gather, SparseSegmentSum, XLA's scatter (jit_compile, padded to a static size: no CPU-time "
-     "gain inside the step, interleaved A/B 1.00×), a sparse one-hot matmul. So one such pass "
-     "alone costs more than the whole plain step, and the per-example norms need one (example, "
-     "row) coalesce; no dense cost of the plain step is saved, as it is in PyTorch."),
+    (("per-example, both eager",),
+     "Profiled on the demo classifier in CPU time (process_time, stable under load), one step split "
+     "into stages (issue 19): plain forward 5.3 ms + backward 2.9 ms; embgrad forward 5.2 ms, "
+     "gradients() 5.5 ms (the tape's backward plus the NaN check and the check that no other read of "
+     "the table is missed: a fingerprint of the tape's total gradient of the table and of the "
+     "lookups'), per_example() 3.2 ms (the coalesce below), norms 0.8 ms, clip + clipped sum 2.1 ms. "
+     "Eagerly every op is dispatched from Python (~0.02 ms each; a tf.function call ~0.25 ms, so "
+     "the few-op steps now run as eager ops). The per-example work itself is the compiled row's "
+     "~3 ms; plain TF returns the table's gradient as uncoalesced IndexedSlices, so there is no "
+     "dense (V, D) cost for embgrad to save. Compile the step (embgrad works inside tf.function)."),
+    (("per-example, both compiled",),
+     "Profiled in CPU time, stage by stage inside one tf.function (demo classifier, V=50k): plain "
+     "step 2.3 ms; capture + the tape's gradient of the lookups +0.0 ms; the (example, row) coalesce "
+     "+1.5 ms (it was +2.7 ms before issue 19: now one stable sort of the ~6,250 keys, a gather of "
+     "the (6,251 × 128) lookup gradients in sorted order and a sorted segment sum, instead of two "
+     "tf.unique and TensorFlow's UnsortedSegmentSum, which adds one row at a time); norms +0.3 "
+     "ms; clip + clipped sum +1.4 ms (scale, sort of the pairs' rows, sparse segment sum into ~2,700 "
+     "rows). Each pass over the (lookups × D) float32 gradients costs 0.2-0.5 ms of CPU in "
+     "TensorFlow's CPU kernels here (a gather of 6,251 rows ~0.5 ms, squares and row sums ~0.5 ms, "
+     "is_finite + all ~0.6 ms, replaced by one reduce_sum ~0.4 ms), and the norms and the clipped "
+     "sum need about six such passes and two sorts, about 3 ms, more than the whole plain compiled "
+     "step, which coalesces nothing (its IndexedSlices keep every lookup). XLA (jit_compile) needs "
+     "static shapes (the pair count is data-dependent) and its CPU scatter was no faster when "
+     "padded (issue 3's profile)."),
     (("faster than tf.vectorized_map",),
      "tf.vectorized_map writes B·V·D = 1.6 GB of per-example gradients at V=50k, bounded by memory "
      "bandwidth; embgrad's compiled step is the model's forward and backward (about the plain "
@@ -323,15 +326,22 @@ def _with_reason(t: Target, results: dict[str, CaseResult]) -> Target:
         return fmt_time(r.median_s) if r and r.measured else (r.status if r else "not run")
 
     why = ""
-    if t.text.startswith("Per-example norms + clipped sum ≤ 1.0×"):
-        why = ("At V=50k the dense (V, D) gradient that plain writes is only 25.6 MB, cheap to zero and "
-               "fill with both cores; embgrad's per-example path instead sorts the ~6,000 lookups twice "
-               "(unique rows, then unique (example, row) pairs) and runs a segment sum, a norm and a "
-               "clip over (lookups × D) values, a fixed cost that does not shrink with V. Plain grows "
-               f"with V, embgrad does not: at V=1M plain {secs('pe_classifier_1m', 'plain')}, embgrad "
-               f"{secs('pe_classifier_1m', 'embgrad')}. With glibc's default malloc in a fresh process "
-               f"embgrad also pays page faults: {secs('pe_classifier_50k_default_malloc', 'embgrad')} "
-               f"vs plain {secs('pe_classifier_50k_default_malloc', 'plain')} (table below).")
+    if t.text.startswith(("Per-example norms + clipped sum ≤ 1.0×", "PyTorch per-example norms")):
+        why = ("Profiled (issue 19): with glibc's default malloc the cost is page faults, and it is "
+               "bimodal across fresh processes: a process either re-faults about 3,300-3,700 pages "
+               "(13-15 MiB) on every call or none. strace shows the heap grown with brk and trimmed "
+               "back several times per call: glibc's trim threshold is twice the largest block freed "
+               "so far, about 8.4 MiB after a 4 MiB (64 × 128 × 128 float32) temporary, and one "
+               "step's temporaries exceed it; plain frees its 25.6 MB dense (V, D) gradient, which "
+               "lifts the threshold to ~51 MiB, so its heap stays. In a faulting process the faults "
+               "fall on the model's own tensors (2,016 in the forward: the embedding output and the "
+               "masked product; 1,024 for autograd's output gradient) and 612 on embgrad's pair "
+               "values; none in the norms or the clipped sum. embgrad's own temporaries were cut "
+               "(no (pairs × D) squares for the norms; one sort instead of two uniques), but the "
+               "model's re-faulted activations are the allocator's doing, not work embgrad can drop "
+               "without holding memory across calls or changing malloc settings. Plain grows with V, "
+               f"embgrad does not: at V=1M plain {secs('pe_classifier_1m', 'plain')}, embgrad "
+               f"{secs('pe_classifier_1m', 'embgrad')}.")
     else:
         why = next((text for keys, text in _REASONS if any(k in t.text for k in keys)), "")
     return Target(t.text, t.measured, t.met, why)
