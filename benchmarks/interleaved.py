@@ -18,7 +18,9 @@ so that the load hits both sides alike:
 
 Times are medians of wall time and of the process's CPU time (``time.process_time``: both
 cores count; less sensitive to other processes than wall time). Ratios are embgrad / plain.
-Same model and data as section 1 (V = 50,000, D = 128, B = 64, T = 128, Zipf ids, PAD = 0).
+Data as in section 1 (V = 50,000, D = 128, B = 64, T = 128, Zipf ids, PAD = 0); the PyTorch
+model is section 1's demo classifier, the Keras one (all three flavours alike) embedding →
+global average pooling → dense.
 
 Run alone: ``python benchmarks/interleaved.py [--quick]``.
 """
@@ -232,7 +234,10 @@ def main(quick: bool = False) -> dict:
           f"time (wall time in brackets), medians of {p['rounds']} interleaved rounds of {p['calls']} "
           f"calls (Keras), of {p['procs']} alternating fresh processes × {p['proc_calls']} calls "
           f"(PyTorch). *ratio* = embgrad / plain. Load average when it finished: {load:.1f} "
-          "(2 cores, shared).", "",
+          "(2 cores, shared). The two-thread PyTorch steps swing most under this load: two runs of "
+          "this section on 2026-11-29, 40 minutes apart, gave 1.73× and 0.54× for PyTorch with "
+          "default malloc (CPU time; page faults per call 3,328 vs 2,167, then 1,150 vs 924) and "
+          "1.24× and 1.75× for Keras 3 on PyTorch; the TensorFlow ratios stayed within 0.4×.", "",
           "| setting | step | embgrad | plain | ratio (CPU) | ratio (wall) | note |",
           "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -302,6 +302,10 @@ _REASONS = (
      "step, which coalesces nothing (its IndexedSlices keep every lookup). XLA (jit_compile) needs "
      "static shapes (the pair count is data-dependent) and its CPU scatter was no faster when "
      "padded (issue 3's profile)."),
+    (("Keras 3 on PyTorch per-example",),
+     "Not profiled in this session: the step is PyTorch's (the same sparse algebra as the PyTorch "
+     "rows) under Keras 3's eager dispatch; two runs gave 1.24× and 1.75× (the two-thread PyTorch "
+     "steps swing most on this loaded VM)."),
     (("faster than tf.vectorized_map",),
      "tf.vectorized_map writes B·V·D = 1.6 GB of per-example gradients at V=50k, bounded by memory "
      "bandwidth; embgrad's compiled step is the model's forward and backward (about the plain "
@@ -309,7 +313,9 @@ _REASONS = (
      "values (~2 ms of CPU each on TensorFlow's kernel). Measured alternatives were not faster: "
      "scatter_nd, sort + sparse_segment_sum, sorted segment_sum, XLA scatter, a sparse one-hot "
      "matmul, a dense (example, row) presence map, a sort-based unique. The ratio grows with V: at "
-     "V=1M vectorized_map runs out of memory."),
+     "V=1M vectorized_map runs out of memory. Issue 19's sort-based coalesce measured 126× in a run "
+     "at load ~14 and 76× in the next, at load ~20 (embgrad_compiled 14.1 then 23.4 ms, "
+     "vectorized_map 1.78 then 1.79 s): the short compiled step suffers most from other jobs."),
     (("Similarity",),
      "embgrad's time is two captures (2,048 + 128 examples of 128 tokens) and a join whose pairs on "
      "frequent tokens go through a dense product; see the similarity table."),
