@@ -372,6 +372,92 @@ def test_per_example_refuses_lookups_without_the_batch_dimension():
     np.testing.assert_allclose(np.asarray(grads["emb"].per_example().to_dense()), ref, atol=1e-6)
 
 
+class SquarePositions(Classifier):
+    """Token + position embeddings; the position ids have no batch dimension (``expand``: (T,)
+    added to (B, T, D); ``lead``: ``[None]`` first; ``batched``: ids broadcast to the batch)."""
+
+    def __init__(self, how="expand"):
+        super().__init__()
+        self.pos = nnx.Embed(7, D, rngs=nnx.Rngs(5))
+        self.how = how
+
+    def __call__(self, x, pad=None):
+        t = jnp.arange(x.shape[1])
+        p = (self.pos(t) if self.how == "expand" else self.pos(t)[None] if self.how == "lead"
+             else self.pos(jnp.broadcast_to(t, x.shape)))
+        return self.out(jnp.tanh(self.emb(x) + p).mean(1))
+
+
+@pytest.mark.parametrize("how", ["expand", "lead"])
+def test_position_ids_as_long_as_the_batch_are_refused_not_taken_as_per_example(how):
+    # T == B: the (T,) ids pass a shape check on their first dimension, but their output is
+    # broadcast over the batch; taking row b as example b's would be silently wrong
+    m = SquarePositions(how)
+    x, y = data(B=5, T=5)
+    _, grads = embgrad.value_and_gradients(xent, m, x, y)
+    with pytest.raises(EmbgradError, match=r"layer 'pos'.*\(5,\).*broadcasts over the batch.*broadcast_to"):
+        grads["pos"].per_example()
+    np.testing.assert_allclose(np.asarray(grads["pos"].weight_grad.to_dense()),
+                               dense_table_grad(xent, m, x, y, path=("pos", "embedding")), atol=1e-6)
+    ref = per_example_reference(xent, m, x, y)
+    np.testing.assert_allclose(np.asarray(grads["emb"].per_example().to_dense()), ref, atol=1e-6)
+    step = nnx.jit(lambda m, x, y: embgrad.value_and_gradients(xent, m, x, y)[1]["pos"].per_example())
+    with pytest.raises(EmbgradError, match=r"layer 'pos'.*broadcasts over the batch"):
+        step(m, x, y)
+
+
+def test_position_ids_with_the_batch_dimension_are_exact_when_t_equals_b():
+    m = SquarePositions("batched")
+    x, y = data(B=5, T=5)
+    _, grads = embgrad.value_and_gradients(xent, m, x, y)
+    ref = per_example_reference(xent, m, x, y, path=("pos", "embedding"))
+    np.testing.assert_allclose(np.asarray(grads["pos"].per_example().to_dense()), ref, atol=1e-6)
+
+
+def test_a_per_example_id_lookup_of_batch_length_stays_per_example():
+    # a (B,) user-id lookup giving (B, D), combined with the (B, T, D) tokens per example: legitimate
+    class WithUser(Classifier):
+        def __init__(self):
+            super().__init__()
+            self.user = nnx.Embed(11, D, rngs=nnx.Rngs(7))
+
+        def __call__(self, x, u):
+            return self.out(jnp.tanh(self.emb(x) + self.user(u)[:, None, :]).mean(1))
+
+    def loss(m, x, u, y):
+        lp = jax.nn.log_softmax(m(x, u))
+        return -jnp.take_along_axis(lp, y[:, None], axis=1).sum()
+
+    m = WithUser()
+    x, y = data(B=5, T=5)
+    u = jnp.asarray([3, 0, 3, 9, 1], jnp.int32)
+    _, grads = embgrad.value_and_gradients(loss, m, x, u, y)
+    ref = per_example_reference(loss, m, x, u, y, path=("user", "embedding"))
+    pe = grads["user"].per_example()
+    np.testing.assert_allclose(np.asarray(pe.to_dense()), ref, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(pe.norms()), np.linalg.norm(ref.reshape(5, -1), axis=1), rtol=1e-5)
+
+
+def test_an_empty_batch_gives_empty_results_eagerly_and_under_nnx_jit():
+    m = Classifier()
+    x, y = jnp.zeros((0, 7), jnp.int32), jnp.zeros((0,), jnp.int32)
+    loss, grads = embgrad.value_and_gradients(xent, m, x, y)
+    assert float(loss) == 0.0
+    pe = grads["emb"].per_example()
+    assert pe.batch_size == 0 and np.asarray(pe.norms()).shape == (0,)
+    assert np.asarray(pe.to_dense()).shape == (0, V, D)
+    rg = grads["emb"].weight_grad
+    assert np.asarray(rg.rows).shape == (0,) and not np.asarray(rg.to_dense()).any()
+
+    @nnx.jit
+    def step(m, x, y):
+        _, g = embgrad.value_and_gradients(xent, m, x, y)
+        return g["emb"].per_example().norms(), g["emb"].weight_grad.to_dense()
+
+    norms, dense = step(m, x, y)
+    assert np.asarray(norms).shape == (0,) and np.asarray(dense).shape == (V, D) and not np.asarray(dense).any()
+
+
 def test_rows_from_lookups_on_jax_arrays():
     r = np.random.default_rng(0)
     ids = jnp.asarray(r.integers(0, V, (4, 5)), jnp.int32)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import sys
 from typing import Any, Callable, Sequence
 
@@ -121,28 +122,39 @@ class JaxLayerGradients(LayerGradients):
     clipping and sums ignore them; eagerly the padding is trimmed away).
     """
 
-    __slots__ = ("batch_size",)
+    __slots__ = ("batch_size", "broadcast")
 
     def __init__(self, info: EmbeddingInfo, calls: list[tuple[Any, Any]], backend: JaxBackend,
                  loss_reduction: str, batch_size: int, projections: Sequence[tuple[Any, Any]] = (),
-                 unknown_use: str | None = None):
+                 unknown_use: str | None = None, broadcast: Sequence[bool] = ()):
         super().__init__(info, calls, [None] * len(calls), backend, loss_reduction,
                          projections=[(h, a, 0) for h, a in projections], unknown_use=unknown_use)
         self.batch_size = batch_size
+        # per call: True when the lookup's output was seen broadcast with new dimensions before its
+        # first axis (so that axis is not the batch, whatever its size)
+        self.broadcast = tuple(broadcast) or (False,) * len(calls)
 
     # -- lookups, flattened
     def _flat(self) -> tuple[Any, Any]:
         """All calls as ids (1, N) and float32+ grads (1, N, D) (one pseudo-example)."""
-        ids = [jnp.reshape(i, (1, -1)) for i, _ in self.calls]
-        gs = [jnp.reshape(_acc(g), (1, -1, self.dim)) for _, g in self.calls]
+        ids = [jnp.reshape(i, (1, i.size)) for i, _ in self.calls]
+        gs = [jnp.reshape(_acc(g), (1, i.size, self.dim)) for i, g in self.calls]
         return _cat(ids, 1), _cat(gs, 1)
 
     def _by_example(self) -> tuple[Any, Any]:
         """All calls as ids (B, T) and float32+ grads (B, T, D), calls side by side."""
         B = self.batch_size
         ids, gs = [], []
-        for i, g in self.calls:
+        for (i, g), spread in zip(self.calls, self.broadcast, strict=True):
             lead = i.shape[0] if i.ndim else None
+            if spread and lead == B:
+                raise EmbgradError(
+                    f"layer {self.name!r}: per-example gradients need every lookup's ids to have the "
+                    f"batch of {B} examples as their first dimension, but this layer looked up ids of "
+                    f"shape {tuple(i.shape)} whose output the forward broadcasts over the batch (e.g. "
+                    f"position ids jnp.arange(T) added to (B, T, D) token vectors; here T == B == {B} by "
+                    "coincidence), so each of its rows is shared by all examples. Fix: look up the ids "
+                    "with the batch dimension, e.g. self.pos(jnp.broadcast_to(jnp.arange(T), x.shape)).")
             if i.ndim == 0 or lead != B:
                 raise EmbgradError(
                     f"layer {self.name!r}: per-example gradients need every lookup's ids to have the "
@@ -151,8 +163,9 @@ class JaxLayerGradients(LayerGradients):
                     f"ids broadcast to the batch (jnp.broadcast_to(pos, ({B}, T))), or pass "
                     "batch_size= to value_and_gradients if the batch is not the first argument's "
                     "first dimension.")
-            ids.append(jnp.reshape(i, (B, -1)))
-            gs.append(jnp.reshape(_acc(g), (B, -1, self.dim)))
+            per = math.prod(i.shape[1:])            # explicit: -1 is undefined for an empty batch
+            ids.append(jnp.reshape(i, (B, per)))
+            gs.append(jnp.reshape(_acc(g), (B, per, self.dim)))
         return _cat(ids, 1), _cat(gs, 1)
 
     @property
@@ -222,8 +235,8 @@ class JaxLayerGradients(LayerGradients):
                     "per_example(part='lookup') and the projections) from the jitted function, "
                     "then call per_example() on the result.")
             B = self.batch_size
-            hs = [jnp.reshape(h, (B, -1, self.dim)) for h, _ in self.projections]
-            as_ = [jnp.reshape(a, (B, -1, self.num_rows)) for _, a in self.projections]
+            hs = [jnp.reshape(h, (B, math.prod(h.shape[1:-1]), self.dim)) for h, _ in self.projections]
+            as_ = [jnp.reshape(a, (B, math.prod(a.shape[1:-1]), self.num_rows)) for _, a in self.projections]
             H, A = _cat(hs, 1), _acc(_cat(as_, 1))
             if self._loss_reduction == "mean":
                 A = A * float(B)
@@ -291,12 +304,13 @@ def _register_pytrees() -> None:
         return ExampleGrads(ch[0], ch[1], ch[2], aux[0], aux[1], b, row_index=ch[4], factor=ch[3])
 
     def lg_flat(g: JaxLayerGradients) -> tuple[tuple[Any, ...], Any]:
-        return (g.calls, g.projections), (g.info, g._loss_reduction, g.batch_size, g._unknown_use)
+        return (g.calls, g.projections), (g.info, g._loss_reduction, g.batch_size, g._unknown_use,
+                                          g.broadcast)
 
     def lg_unflat(aux: Any, ch: Any) -> JaxLayerGradients:
-        info, red, B, unknown = aux
+        info, red, B, unknown, spread = aux
         calls = [tuple(c) for c in ch[0]]
-        return JaxLayerGradients(info, calls, b, red, B, [tuple(p) for p in ch[1]], unknown)
+        return JaxLayerGradients(info, calls, b, red, B, [tuple(p) for p in ch[1]], unknown, spread)
 
     def gr_flat(g: Gradients) -> tuple[tuple[Any, ...], Any]:
         keys = tuple(g)
@@ -626,6 +640,12 @@ def value_and_gradients(loss_fn: Callable[..., Any], model: Any, *args: Any, lay
     loss_shape, out_shapes, proj_shapes = shapes
     _check_loss(loss_shape)
     missing = [n for n in names if not out_shapes[n] and not proj_shapes[n]]
+    # lookups whose output is broadcast with new leading dimensions (a (T,) position lookup added
+    # to (B, T, D) vectors): their first axis is not the batch, even when its size equals B
+    leaf_ix = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes),
+                                           range(len(jaxpr.jaxpr.outvars)))
+    broadcast = {n: tuple(_moves_off_axis0(jaxpr.jaxpr, {jaxpr.jaxpr.outvars[k]: 0}) for k in leaf_ix[1][n])
+                 for n in names}
 
     # 2. one backward pass with respect to zero probes (and the `sources` parameters)
     probes = {n: [jnp.zeros(s.shape, s.dtype) for s in out_shapes[n]] for n in names}
@@ -661,7 +681,7 @@ def value_and_gradients(loss_fn: Callable[..., Any], model: Any, *args: Any, lay
         if not calls:
             raise EmbgradError(f"layer {n!r} was only used by attend(), never looked up; embgrad's "
                                "gradients describe lookups (select the layers that look up ids).")
-        out[n] = JaxLayerGradients(info, calls, b, loss_reduction, B, projections, unknown)
+        out[n] = JaxLayerGradients(info, calls, b, loss_reduction, B, projections, unknown, broadcast[n])
     return loss, Gradients(out, g_src if sources is not None else None)
 
 
@@ -675,6 +695,77 @@ def _replace_tables(nnx: Any, rest: Any, by_path: dict[tuple, EmbeddingInfo], ta
             var = var.replace(repl[tuple(path)])
         items.append((path, var))
     return nnx.from_flat_state(items)
+
+
+def _sub_jaxpr(eqn: Any) -> Any:
+    """The inner jaxpr of a call-like equation (jit, closed_call, custom_jvp/vjp) whose inputs
+    and outputs are the equation's, else None (scan, cond, while: not followed)."""
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        sub = eqn.params.get(key)
+        sub = getattr(sub, "jaxpr", sub)
+        if sub is not None and hasattr(sub, "eqns") and len(sub.invars) == len(eqn.invars) \
+                and len(sub.outvars) == len(eqn.outvars):
+            return sub
+    return None
+
+
+def _reshaped_axis(shape_in: tuple[int, ...], shape_out: tuple[int, ...], axis: int) -> int | None:
+    """Where axis ``axis`` of ``shape_in`` lands after a reshape to ``shape_out`` when the reshape
+    keeps it whole (same size, same product of the sizes before it), else None."""
+    before = int(np.prod(shape_in[:axis], dtype=np.int64))
+    prefix = 1
+    for k, size in enumerate(shape_out):
+        if prefix == before and size == shape_in[axis]:
+            return k
+        prefix *= size
+    return None
+
+
+def _moves_off_axis0(jaxpr: Any, tracked: dict[Any, int]) -> bool:
+    """Whether a value derived from the tracked variables (var -> position of a lookup output's
+    first axis) is broadcast with new dimensions put before that axis: e.g. a (T, D) position
+    lookup added to (B, T, D) token vectors (broadcast_in_dim to (1, T, D) or (B, T, D)), which
+    shows that the lookup's first axis is not the batch even when T == B. Follows elementwise
+    operations (same shape), broadcasts, reshapes that keep the axis whole, transposes and
+    call-like sub-jaxprs; stops following at anything else (reductions, matmuls that change the
+    shape, control flow)."""
+    for eqn in jaxpr.eqns:
+        ins = [(v, tracked[v]) for v in eqn.invars
+               if not isinstance(v, jax.extend.core.Literal) and v in tracked]
+        if not ins:
+            continue
+        sub = _sub_jaxpr(eqn)
+        if sub is not None:
+            inner = {iv: tracked[ov] for ov, iv in zip(eqn.invars, sub.invars, strict=True)
+                     if not isinstance(ov, jax.extend.core.Literal) and ov in tracked}
+            if _moves_off_axis0(sub, inner):
+                return True
+            for iv, ov in zip(sub.outvars, eqn.outvars, strict=True):
+                if not isinstance(iv, jax.extend.core.Literal) and iv in inner:
+                    tracked[ov] = inner[iv]
+            continue
+        var, axis = ins[0]
+        shape_in = tuple(var.aval.shape)
+        name = eqn.primitive.name
+        for out in eqn.outvars:
+            shape_out = tuple(getattr(out.aval, "shape", ()))
+            new: int | None = None
+            if name == "broadcast_in_dim":
+                new = int(eqn.params["broadcast_dimensions"][axis])
+            elif name == "reshape":
+                new = _reshaped_axis(shape_in, shape_out, axis)
+            elif name == "transpose":
+                new = list(eqn.params["permutation"]).index(axis)
+            elif shape_out == shape_in:
+                new = axis
+            elif len(shape_out) > len(shape_in) and shape_out[len(shape_out) - len(shape_in):] == shape_in:
+                return True                                     # implicit rank promotion: dims put before it
+            if new is None:
+                continue
+            if name == "broadcast_in_dim" and new > axis:
+                return True
+            tracked[out] = new
+    return False
 
 
 def _used_vars(jaxpr: Any) -> set[Any]:
