@@ -47,7 +47,7 @@ def classifier_dir(bert_classifier):
                            attention_probs_dropout_prob=0.0)
 
 
-def test_hugging_face_classifier_scores_equal_per_example_autograd(classifier_dir, tmp_path):
+def test_hugging_face_classifier_scores_equal_per_example_autograd(classifier_dir, tmp_path, capsys):
     from embgrad.report.explain import load_model
 
     lines = ["positive\ta wonderful film", "negative\tdull and long", "the music was fine",
@@ -82,9 +82,13 @@ def test_hugging_face_classifier_scores_equal_per_example_autograd(classifier_di
     np.testing.assert_allclose(page.self_influence, (G ** 2).sum(1), rtol=1e-4)
     assert page.train_labels[2] == ("negative", "positive")[labels[2]]
     out = tmp_path / "hf.html"
+    import transformers
+    transformers.utils.logging.enable_progress_bar()        # as in a fresh process
+    capsys.readouterr()
     assert main(["influence", "--model", str(classifier_dir), "--train", str(train_file), "--out", str(out),
                  *tests]) == 0
     assert "BertForSequenceClassification" in out.read_text()
+    assert "Loading weights" not in capsys.readouterr().err  # transformers' own bar, before embgrad's output
 
 
 def test_bad_training_files(tmp_path):

@@ -113,6 +113,10 @@ def _influence(args: argparse.Namespace) -> int:
                                   command=f"embgrad {argv}", exact_rows=args.exact_rows or 0, metric=args.metric)
         else:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            _require(("torch", "transformers"), "torch,hf", "embgrad influence --model")
+            import transformers  # its "Loading weights" bar would come before embgrad's output
+            transformers.utils.logging.disable_progress_bar()
             page = model_influence(args.model, args.train, args.texts, mode, args.k, progress=False, step=step,
                                    command=f"embgrad {argv}",
                                    exact_rows=8 if args.exact_rows is None else args.exact_rows, metric=args.metric)
