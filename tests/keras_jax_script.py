@@ -78,6 +78,12 @@ try:
     raise AssertionError("capture on Keras-JAX did not refuse")
 except EmbgradError as e:
     assert "value_and_gradients" in str(e), e
+for fn in (embgrad.attribute, embgrad.hotflip):
+    try:
+        fn(model, x, target=1)
+        raise AssertionError(f"{fn.__name__} on Keras-JAX did not refuse")
+    except EmbgradError as e:
+        assert str(e).startswith(f"embgrad.{fn.__name__} is not available for JAX"), e
 print("KERAS-JAX OK")
 
 # a table read outside the Embedding layer (a tied projection written by hand) is seen, not missed

@@ -458,6 +458,21 @@ def test_an_empty_batch_gives_empty_results_eagerly_and_under_nnx_jit():
     assert np.asarray(norms).shape == (0,) and np.asarray(dense).shape == (V, D) and not np.asarray(dense).any()
 
 
+@pytest.mark.parametrize("call, name", [
+    (lambda m, x: embgrad.attribute(m, x, target=1, method="saliency"), "embgrad.attribute"),
+    (lambda m, x: embgrad.attribute(m, x, target=1, method="integrated_gradients"), "embgrad.attribute"),
+    (lambda m, x: embgrad.hotflip(m, x, target=1), "embgrad.hotflip"),
+    (lambda m, x: embgrad.jacobian(m, x), "embgrad.jacobian"),
+    (lambda m, x: embgrad.attribute_generation(m, x, x[:, :2]), "embgrad.attribute_generation"),
+    (lambda m, x: embgrad.generation.hotflip_generation(m, x, x[:, :2]), "embgrad.generation.hotflip_generation"),
+])
+def test_attribution_on_an_nnx_model_says_it_is_not_available_for_jax_and_what_to_use(call, name):
+    m = Classifier()
+    x, _ = data()
+    with pytest.raises(EmbgradError, match=rf"^{name} is not available for JAX.*value_and_gradients.*output_grad"):
+        call(m, x)
+
+
 def test_rows_from_lookups_on_jax_arrays():
     r = np.random.default_rng(0)
     ids = jnp.asarray(r.integers(0, V, (4, 5)), jnp.int32)

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .attribution.engine import _acc_dtype, _Engine, _per_row, _pick_layer
+from .attribution.engine import _acc_dtype, _Engine, _per_row, _pick_layer, _refuse_jax
 from .attribution.inputs import _baseline, _known_pad_id, _tokens
 from .attribution.rules import quadrature
 from .attribution.targets import _is_int, _logits
@@ -453,6 +453,7 @@ def attribute_generation(model: Any, inputs: Any, targets: Any = None, method: s
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise EmbgradError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
     b = get_backend(model)
+    _refuse_jax(b, "embgrad.attribute_generation")
     info = _pick_layer(b, model, layer)
     prompts, kind, extra = _prompts(b, inputs, mask, tokenizer)
     p_texts = _texts(inputs)
@@ -637,6 +638,7 @@ def hotflip_generation(model: Any, inputs: Any, targets: Any, k: int = 10, *, di
     if targets is None:
         raise EmbgradError("hotflip_generation needs the continuation to raise or lower: pass targets.")
     b = get_backend(model)
+    _refuse_jax(b, "embgrad.generation.hotflip_generation")
     info = _pick_layer(b, model, layer)
     prompts, kind, extra = _prompts(b, inputs, mask, tokenizer)
     tgts = _targets(targets, len(prompts), b, tokenizer)

@@ -48,6 +48,21 @@ class _Progress:
             self.bar = None
 
 
+def _refuse_jax(b: Backend, what: str) -> None:
+    """Attribution (``attribute``, ``hotflip``, ``jacobian`` and their generation variants) runs
+    the model with the layer's output replaced inside a tape or hooks; JAX (Flax NNX, Keras on
+    JAX) has neither, and embgrad does not implement attribution there yet."""
+    if b.ops.name == "jax":
+        raise EmbgradError(
+            f"{what} is not available for JAX models (Flax NNX, Keras on JAX) yet: embgrad's "
+            "attribution needs a framework with a tape or hooks. On JAX, "
+            "embgrad.value_and_gradients(loss_fn, model, x) gives each lookup's output gradient "
+            "(grads[name].output_grad, (B, T, D)): saliency is its norm over D, gradient x input is "
+            "(output_grad * model.<layer>(x)).sum(-1) for a loss_fn returning the target's score. For "
+            "integrated gradients, SmoothGrad, HotFlip or Jacobians use the PyTorch or "
+            "TensorFlow/Keras model.")
+
+
 class _Engine:
     """Runs chunks of (example, point) rows through the model with the layer's output replaced.
 
@@ -57,8 +72,9 @@ class _Engine:
 
     def __init__(self, model: Any, inputs: Any, layer: Any, forward: Callable | None,
                  target: Any, batch_size: int | None, progress: bool | None, what: str = "target",
-                 call: int | None = None):
+                 call: int | None = None, who: str = "embgrad.attribute"):
         self.backend = b = get_backend(model)
+        _refuse_jax(b, who)
         b.ops.eager_only("embgrad.attribute, hotflip and jacobian",
                      "Call them eagerly, outside the tf.function (they return NumPy scores).")
         self.model, self.forward, self.progress = model, forward, progress

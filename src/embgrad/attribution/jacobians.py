@@ -18,7 +18,8 @@ def jacobian(model: Any, inputs: Any, outputs: Any = None, *, layer: Any = None,
     ``batch_size`` examples, K backward passes over it.
     """
     spec = "all" if outputs is None else (list(outputs) if isinstance(outputs, (list, tuple)) else [outputs])
-    eng = _Engine(model, inputs, layer, forward, spec, batch_size, None, "outputs", call=call)
+    eng = _Engine(model, inputs, layer, forward, spec, batch_size, None, "outputs", call=call,
+                  who="embgrad.jacobian")
     b = eng.backend
     obs = eng.observe(grad=True)
     with b.ops.no_grad():

@@ -84,7 +84,7 @@ def hotflip(model: Any, inputs: Any, target: Any, k: int = 10, layer: Any = None
         raise EmbgradError(f"direction must be 'decrease' or 'increase', got {direction!r}.")
     if not _is_int(k) or k < 1:
         raise EmbgradError(f"k must be a positive int (swaps per example), got {k!r}.")
-    eng = _Engine(model, inputs, layer, forward, target, batch_size, None, call=call)
+    eng = _Engine(model, inputs, layer, forward, target, batch_size, None, call=call, who="embgrad.hotflip")
     if eng.targets.multi:
         raise EmbgradError("hotflip takes one target (a class index, (B,) indices or a callable), not a list.")
     b, info = eng.backend, eng.info
