@@ -473,6 +473,28 @@ def test_attribution_on_an_nnx_model_says_it_is_not_available_for_jax_and_what_t
         call(m, x)
 
 
+def test_one_embed_under_two_attribute_paths_is_one_table_and_the_second_name_says_so():
+    class Shared(nnx.Module):
+        def __init__(self):
+            e = nnx.Embed(V, D, rngs=nnx.Rngs(0))
+            self.a, self.b = e, e
+
+        def __call__(self, x):
+            return jnp.tanh(self.b(x)).sum()
+
+    m = Shared()
+    x, _ = data()
+    loss_fn = lambda m, x: m(x)  # noqa: E731
+    _, grads = embgrad.value_and_gradients(loss_fn, m, x)
+    assert list(grads) == ["a"]
+    np.testing.assert_allclose(np.asarray(grads["a"].weight_grad.to_dense()),
+                               dense_table_grad(loss_fn, m, x, path=("a", "embedding")), atol=1e-6)
+    with pytest.raises(EmbgradError, match=r"layer 'b' is the same nnx.Embed module as 'a'.*layers='a'"):
+        embgrad.value_and_gradients(loss_fn, m, x, layers="b")
+    with pytest.raises(EmbgradError, match=r"no embedding layer named 'c'.*closest names: 'a'"):
+        embgrad.value_and_gradients(loss_fn, m, x, layers="c")
+
+
 def test_rows_from_lookups_on_jax_arrays():
     r = np.random.default_rng(0)
     ids = jnp.asarray(r.integers(0, V, (4, 5)), jnp.int32)

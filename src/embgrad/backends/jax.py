@@ -48,14 +48,23 @@ def find_nnx_embeddings(model: Any) -> dict[str, EmbeddingInfo]:
     if nnx is None:
         return {}
     out: dict[str, EmbeddingInfo] = {}
-    seen: set[int] = set()
+    seen: dict[int, EmbeddingInfo] = {}
+    parents: list[tuple[tuple[Any, ...], Any]] = []
     for path, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Embed) and id(node) not in seen:
-            seen.add(id(node))
             name = _path_name(path) or "embed"
-            out[name] = EmbeddingInfo(name=name, layer=node, num_rows=int(node.num_embeddings),
-                                      dim=int(node.features), weight=node.embedding,
-                                      options={"path": tuple(path)})
+            out[name] = seen[id(node)] = EmbeddingInfo(
+                name=name, layer=node, num_rows=int(node.num_embeddings), dim=int(node.features),
+                weight=node.embedding, options={"path": tuple(path), "aliases": []})
+        elif hasattr(node, "__dict__"):
+            parents.append((tuple(path), node))
+    # the same nnx.Embed under a second attribute (self.a = e; self.b = e): one table, listed once
+    # (as iter_graph visits it once); its other paths are kept to name it when asked for by them
+    for path, node in parents:
+        for attr, value in vars(node).items():
+            info = seen.get(id(value))
+            if info is not None and path + (attr,) != info.options["path"]:
+                info.options["aliases"].append(_path_name(path + (attr,)))
     return out
 
 
@@ -76,6 +85,15 @@ class JaxBackend(ModelAdapter):
 
     def find_embeddings(self, model: Any) -> dict[str, EmbeddingInfo]:
         return find_nnx_embeddings(model)
+
+    def match_name(self, key: str, found: dict[str, EmbeddingInfo]) -> EmbeddingInfo | None:
+        for info in found.values():
+            if key in info.options.get("aliases", ()):
+                raise EmbgradError(
+                    f"layer {key!r} is the same nnx.Embed module as {info.name!r} (one table reachable "
+                    f"by two attribute paths); embgrad lists it once, under {info.name!r}. Fix: pass "
+                    f"layers={info.name!r} and read grads[{info.name!r}].")
+        return None
 
     def install_tap(self, model, infos, on_call, active=None):
         raise EmbgradError(
