@@ -2,6 +2,23 @@
 
 ``import embgrad`` imports no deep-learning framework: a backend is chosen from the objects
 you pass, among the frameworks you already imported.
+
+Where things live (the README's "Where things live" maps every module): the names here are
+re-exported from the module that defines them, whose docstrings say the rest.
+
+- :func:`capture`, :class:`Gradients`, :class:`LayerGradients`: :mod:`embgrad.capture`;
+  :func:`value_and_gradients` (JAX): :mod:`embgrad.functional`.
+- :class:`RowGrad`, :class:`ExampleGrads`, :func:`row_grad`, :func:`rows_from_lookups`:
+  :mod:`embgrad.sparse`; :func:`regularize`: :mod:`embgrad.regularization`; tied tables'
+  whole-table per-example gradients: :mod:`embgrad.tied`.
+- :func:`table`: :mod:`embgrad.tables`; :func:`load_vectors`: :mod:`embgrad.vectors`.
+- :func:`attribute`, :class:`Attribution`, :func:`hotflip`, :func:`jacobian`:
+  :mod:`embgrad.attribution`; :func:`attribute_generation`: :mod:`embgrad.generation`.
+- :class:`EmbgradError`: :mod:`embgrad.errors`.
+- Imported by name: :mod:`embgrad.influence` (TracIn), :mod:`embgrad.privacy` (DP-SGD,
+  DP-FEST, DP-AdaFEST, Opacus), :mod:`embgrad.distributed` (``torch.distributed``).
+- Framework code: :mod:`embgrad.backends`; the ``embgrad`` command: :mod:`embgrad.cli`,
+  :mod:`embgrad.report`, :mod:`embgrad.demo`.
 """
 from __future__ import annotations
 
