@@ -6,7 +6,7 @@ so a token ``<script>`` shows as text. Used by :meth:`embgrad.Attribution.to_htm
 from __future__ import annotations
 
 import html
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 __all__ = ["WeakIdMap", "WeakIdSet"]
 

@@ -19,8 +19,8 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from . import __version__
 from .errors import EmbgradError

@@ -6,7 +6,7 @@ message names the layer, the offending value and what to do about it.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 __all__ = ["EmbgradError", "closest_names"]
 

@@ -6,7 +6,8 @@ imported only when called with a Flax NNX module (``import embgrad`` loads no fr
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .capture import Gradients
 from .errors import EmbgradError

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -223,7 +224,7 @@ class Table:
             self._install_guard(self.variable, guard.rows, guard.optimizer, guard)
         return previous[0] if scalar else previous
 
-    def assign_vectors(self, vectors: "Vectors", *, missing: str | Callable[[int, int], Any] = "keep",
+    def assign_vectors(self, vectors: Vectors, *, missing: str | Callable[[int, int], Any] = "keep",
                        seed: int | None = 0, skip_frozen: bool = False, force: bool = False) -> Written:
         """Put pretrained :class:`Vectors` (from :func:`load_vectors`) into their rows.
 

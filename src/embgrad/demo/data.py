@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -125,7 +125,7 @@ class Vocab:
         return f"Vocab({len(self)} tokens: {', '.join(self.tokens[:6])}, ...)"
 
 
-def _merge_negation(words: list[str], vocab: "Vocab | None" = None) -> list[str]:
+def _merge_negation(words: list[str], vocab: Vocab | None = None) -> list[str]:
     out: list[str] = []
     i = 0
     while i < len(words):
@@ -173,7 +173,7 @@ class SentimentData:
         """bool (N, T): True at real (non-PAD) tokens."""
         return self.ids != Vocab.PAD
 
-    def subset(self, index: Sequence[int] | np.ndarray) -> "SentimentData":
+    def subset(self, index: Sequence[int] | np.ndarray) -> SentimentData:
         """The examples at ``index`` (in that order)."""
         index = np.asarray(index, dtype=np.int64)
         return SentimentData(tuple(self.texts[i] for i in index), tuple(self.tokens[i] for i in index),

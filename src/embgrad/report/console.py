@@ -3,7 +3,7 @@ largest per-example gradient norms, per-example norms before and after clipping,
 of capture next to the plain backward pass."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from rich.console import Console

@@ -6,9 +6,10 @@ prompt (:meth:`embgrad.GenerationAttribution.to_html`). Transformers is imported
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import base64
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
