@@ -106,3 +106,53 @@ except EmbgradError as e:
 _, grads = embgrad.value_and_gradients(loss_fn, model, x, y)
 assert not grads["tok"].tied                              # no false alarm on the plain model
 print("KERAS-JAX TIED OK")
+
+# position ids (T,) broadcast over the batch with T == B: refused, not taken as per-example;
+# with the batch dimension they are exact against jax.vmap(jax.grad(stateless_call))
+P = 5
+
+
+class PosAdd(keras.layers.Layer):
+    def __init__(self, batched, **kw):
+        super().__init__(**kw)
+        self.batched = batched
+        self.pos = keras.layers.Embedding(P, D, name="pos")
+
+    def call(self, h):
+        t = keras.ops.arange(keras.ops.shape(h)[1])
+        if self.batched:
+            t = keras.ops.broadcast_to(t, keras.ops.shape(h)[:2])
+        return h + self.pos(t)
+
+
+xp, yp = x[:P, :P], y[:P]
+
+
+def check_positions(batched):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((P,), dtype="int32")
+    h = PosAdd(batched, name="posadd")(keras.layers.Embedding(V, D, name="tok")(inp))
+    pm = keras.Model(inp, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(keras.ops.tanh(h))))
+    _, grads = embgrad.value_and_gradients(loss_fn, pm, xp, yp)
+    ptv = [v.value for v in pm.trainable_variables]
+    pntv = [v.value for v in pm.non_trainable_variables]
+    kp = next(i for i, v in enumerate(pm.trainable_variables) if v.path.endswith("pos/embeddings"))
+
+    def pstateless(tv, x, y):
+        return xent(pm.stateless_call(tv, pntv, x)[0], y)
+
+    per = jax.vmap(lambda x1, y1: jax.grad(pstateless)(ptv, x1[None], y1[None])[kp])(xp, yp)
+    np.testing.assert_allclose(np.asarray(grads["pos"].weight_grad.to_dense()), np.asarray(per).sum(0), atol=1e-6)
+    if batched:
+        np.testing.assert_allclose(np.asarray(grads["pos"].per_example().to_dense()), np.asarray(per), atol=1e-6)
+    else:
+        try:
+            grads["pos"].per_example()
+            raise AssertionError("(T,) position ids with T == B were taken as per-example")
+        except EmbgradError as e:
+            assert "'pos'" in str(e) and "broadcasts over the batch" in str(e), e
+
+
+check_positions(False)
+check_positions(True)
+print("KERAS-JAX POSITIONS OK")

@@ -18,4 +18,5 @@ def test_keras_on_jax_value_and_gradients_against_stateless_call_grad_and_vmap()
                PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, str(HERE / "keras_jax_script.py")], capture_output=True, text=True,
                          env=env, timeout=600)
-    assert out.returncode == 0 and "KERAS-JAX OK" in out.stdout, (out.stdout[-2000:], out.stderr[-4000:])
+    ok = out.returncode == 0 and "KERAS-JAX OK" in out.stdout and "KERAS-JAX POSITIONS OK" in out.stdout
+    assert ok, (out.stdout[-2000:], out.stderr[-4000:])

@@ -522,6 +522,7 @@ def _keras_value_and_gradients(loss_fn: Callable[..., Any], model: Any, args: Se
 
     jaxpr, (loss_shape, out_shapes) = jax.make_jaxpr(discover, return_shape=True)(tables, tables)
     found.pop("replace", None)
+    broadcast = _broadcast_lookups(jaxpr.jaxpr, (loss_shape, out_shapes), 1, names)
     n_tables = len(names)
     used = _used_vars(jaxpr.jaxpr)
     unseen = {n for n, v in zip(sorted(names), jaxpr.jaxpr.invars[n_tables:2 * n_tables], strict=True)
@@ -550,7 +551,7 @@ def _keras_value_and_gradients(loss_fn: Callable[..., Any], model: Any, args: Se
                    "gradient embgrad does not take on JAX yet" if n in found["tied"] else
                    "the forward reads the layer's embeddings variable directly" if n in unseen else None)
         out[n] = JaxLayerGradients(info, list(zip(ids[n], g_probes[n], strict=True)), b, loss_reduction, B,
-                                   (), unknown)
+                                   (), unknown, broadcast[n])
     return loss, Gradients(out, None, aliases=given)
 
 
@@ -642,10 +643,7 @@ def value_and_gradients(loss_fn: Callable[..., Any], model: Any, *args: Any, lay
     missing = [n for n in names if not out_shapes[n] and not proj_shapes[n]]
     # lookups whose output is broadcast with new leading dimensions (a (T,) position lookup added
     # to (B, T, D) vectors): their first axis is not the batch, even when its size equals B
-    leaf_ix = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes),
-                                           range(len(jaxpr.jaxpr.outvars)))
-    broadcast = {n: tuple(_moves_off_axis0(jaxpr.jaxpr, {jaxpr.jaxpr.outvars[k]: 0}) for k in leaf_ix[1][n])
-                 for n in names}
+    broadcast = _broadcast_lookups(jaxpr.jaxpr, shapes, 1, names)
 
     # 2. one backward pass with respect to zero probes (and the `sources` parameters)
     probes = {n: [jnp.zeros(s.shape, s.dtype) for s in out_shapes[n]] for n in names}
@@ -766,6 +764,14 @@ def _moves_off_axis0(jaxpr: Any, tracked: dict[Any, int]) -> bool:
                 return True
             tracked[out] = new
     return False
+
+
+def _broadcast_lookups(jaxpr: Any, shapes: Any, part: int, names: Sequence[str]) -> dict[str, tuple[bool, ...]]:
+    """Per layer, per lookup call: whether the discovery trace ``jaxpr`` (whose outputs are the
+    leaves of ``shapes``, the lookups' outputs in ``shapes[part][name]``) broadcasts the lookup's
+    output with new dimensions before its first axis, so that axis is not the batch."""
+    leaf_ix = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), range(len(jaxpr.outvars)))
+    return {n: tuple(_moves_off_axis0(jaxpr, {jaxpr.outvars[k]: 0}) for k in leaf_ix[part][n]) for n in names}
 
 
 def _used_vars(jaxpr: Any) -> set[Any]:
