@@ -71,8 +71,7 @@ def select_layers(backend: Backend, model: Any, layers: Any,
 
 def _uncaptured_text(backend: Backend, model: Any) -> str:
     """Names of the variables that look like embedding tables but that capture cannot tap."""
-    find = getattr(backend, "uncaptured_tables", None)
-    tables = find(model) if find is not None else []
+    tables = backend.uncaptured_tables(model)
     if not tables:
         return ""
     return (f" Layers holding several tables read in one call ({'; '.join(tables)}) are not captured: "
@@ -767,7 +766,7 @@ class Capture:
                     f"the loss does not depend on any lookup recorded in this capture (layers "
                     f"{names}): it was computed from a forward run outside the `with` block (e.g. "
                     "before it), or from outputs that do not use these layers. Compute the loss from "
-                    "the forward run inside the block." + getattr(b, "unreached_hint", ""))
+                    "the forward run inside the block." + b.unreached_hint)
             grads = [b.ops.zeros(b.ops.shape(c.output), _float_name(b, c.output), c.output) if g is None else g
                      for c, g in zip(self.calls, raw, strict=True)]
             if not retain_graph:
@@ -911,7 +910,7 @@ class Capture:
                 size = certain.pop()
             elif hints[f] is not None and mine:   # a forward without lookups (e.g. only a tied
                 size = hints[f]                      # projection's call) has no examples here
-            elif guesses == {1} and f in self._loose_fwds and not getattr(b, "broadcast_views", False) \
+            elif guesses == {1} and f in self._loose_fwds and not b.broadcast_views \
                     and any(self.calls[k].batch_free == "one" for k in mine):
                 problem = (f"cannot tell the batch size: it was called outside any forward of the captured "
                            f"model with ids of batch size 1, and the {b.name} backend does not see whether "
@@ -1024,15 +1023,14 @@ class Capture:
         """The layout of a batch-free lookup whose output the backend splits by example from the
         forward's output (Keras on TensorFlow: ``split_broadcast``), or None where it cannot."""
         b = self._backend
-        split = getattr(b, "split_broadcast", None)
         f = call.forward
         y = self._fwd_outputs.get(f)
         B = self._fwd_hints[f] if f < len(self._fwd_hints) else None
-        if split is None or y is None or self._split is None or self._split[0] is None \
+        if y is None or self._split is None or self._split[0] is None \
                 or call.info.kind != "embedding" or not isinstance(B, int) or B < 2:
             return None
         loss, inv_scale = self._split
-        J = split(self._tap or getattr(self, "_tap_done", None), loss, call, y, B)
+        J = b.split_broadcast(self._tap or getattr(self, "_tap_done", None), loss, call, y, B)
         if J is None:
             return None
         oshape = b.ops.shape(call.output)

@@ -105,3 +105,12 @@ def test_row_grad_parts_refuses_csr(b):
         b.ops.row_grad_parts(csr)
     with pytest.raises(EmbgradError, match="MXNet NDArray"):
         b.ops.row_grad_parts(np.zeros((3, 2)))
+
+
+def test_gluon_backend_implements_the_required_methods(b):
+    """Both interfaces' required methods (issue 13), as tests/test_backend_interface.py checks
+    the other backends."""
+    from embgrad.backends.base import ModelAdapter, TensorOps
+    assert not [m for m in ModelAdapter.REQUIRED if getattr(type(b), m) is getattr(ModelAdapter, m)]
+    assert type(b.ops).__name__ == "GluonOps"
+    assert not [m for m in TensorOps.REQUIRED if getattr(type(b.ops), m) is getattr(TensorOps, m)]

@@ -10,11 +10,44 @@
    replace its output (:meth:`ModelAdapter.install_tap`), remove every trace again
    (:meth:`Tap.remove`), differentiate a scalar with respect to the recorded outputs
    (:meth:`Tap.grad`, :meth:`ModelAdapter.value_and_grads`), and read, write and freeze table
-   rows.
+   rows. It describes each layer in neutral terms (:class:`EmbeddingInfo`: pad id, frequency
+   scaling, low-rank update...), so that the core never reads a framework's option names.
 
 :func:`embgrad.backends.get_backend` returns the framework's :class:`ModelAdapter`; its
 :class:`TensorOps` is ``adapter.ops``. The core calls ``backend.ops.segment_sum(...)`` for a
 tensor primitive and ``backend.find_embeddings(...)`` for surgery.
+
+Adding a framework
+------------------
+Write one :class:`TensorOps` file and one :class:`ModelAdapter` file, and register the adapter
+in ``backends/__init__.py`` (``_CANDIDATES``: the module that must already be imported, and
+where the adapter is)::
+
+    backends/<framework>_ops.py   class <Framework>Ops(TensorOps)
+    backends/<framework>.py       class <Framework>Backend(ModelAdapter), ops = <Framework>Ops()
+
+Required (the base class raises :class:`NotImplementedError` naming the framework and the
+method; ``tests/test_backend_interface.py`` checks every registered backend has them):
+
+- :class:`TensorOps`: those in :data:`TensorOps.REQUIRED` (conversion ``to_numpy``,
+  ``from_numpy``, ``dtype_name``, ``cast``; shapes ``reshape``, ``moveaxis``,
+  ``broadcast_to``, ``arange``, ``zeros``, ``concat``; the sparse algebra ``unique``,
+  ``segment_sum``, ``gather``, ``boolean_mask``, ``scatter_rows``, ``where``, ``argsort``,
+  ``searchsorted``, ``repeat``, ``cumsum``; math ``sqrt``, ``sum``, ``minimum``, ``maximum``,
+  ``minmax``, ``count_nonfinite``, ``matmul_t``, ``pick``, ``topk``; ``row_grad_parts``).
+- :class:`ModelAdapter`: those in :data:`ModelAdapter.REQUIRED` (``is_appropriate``,
+  ``find_embeddings``, ``install_tap``; a framework without hooks or a tape raises an
+  :class:`~embgrad.EmbgradError` there naming its own entry point, as JAX does).
+
+Optional, by feature (:data:`TensorOps.OPTIONAL`, :data:`ModelAdapter.OPTIONAL`; without them
+that feature raises): ``assert_in_range`` (frameworks whose tensors can be traced, see
+``traced``), ``matmul``, ``take_along_last``, ``gather_last`` (tied tables, :mod:`embgrad.tied`),
+``log_probs_at`` (attribution of generated tokens); ``value_and_grads``, ``embed``
+(attribution), ``table_variable``, ``table_gather``, ``table_write``, ``table_freeze``
+(:func:`embgrad.table`), ``low_rank_factors`` (where the adapter sets
+``EmbeddingInfo.low_rank``). Every other method has a default that fits a framework without
+the feature (``shape``, ``no_grad``, ``compile``, ``traced``, ``gate``, ``install_forward_tap``,
+``coupling_layers``, ``table_uses``, ...), overridden where the framework has it.
 
 Tensors are always the framework's own; shapes in docstrings use B (batch), T (tokens per
 example), D (embedding dim), V (table rows), N (entries), R (stored rows).
@@ -164,13 +197,25 @@ class TensorOps:
 
     Tensors in and out are the framework's own. Shapes: N (entries), D (embedding dim), V
     (table rows), B (batch), S/T (positions), K (outputs); ids and indices are int64 unless
-    said otherwise; floats keep their dtype unless said otherwise. The methods without a
-    default below are required: the base class raises :class:`NotImplementedError` naming the
-    framework and the method.
+    said otherwise; floats keep their dtype unless said otherwise. :data:`REQUIRED` lists the
+    methods every framework implements, :data:`OPTIONAL` those a feature needs; the base class
+    raises :class:`NotImplementedError` naming the framework and the method for both. The
+    other methods have defaults.
     """
 
     #: the framework's name, as in :attr:`ModelAdapter.name` (error messages)
     name: str = "base"
+
+    #: the methods every framework implements (see the module docstring)
+    REQUIRED: tuple[str, ...] = (
+        "to_numpy", "from_numpy", "dtype_name", "cast", "reshape", "moveaxis", "broadcast_to",
+        "arange", "zeros", "concat", "unique", "segment_sum", "gather", "boolean_mask",
+        "scatter_rows", "where", "argsort", "searchsorted", "repeat", "cumsum", "sqrt", "sum",
+        "minimum", "maximum", "minmax", "count_nonfinite", "matmul_t", "pick", "topk",
+        "row_grad_parts")
+    #: the methods a feature needs, without which that feature raises
+    OPTIONAL: tuple[str, ...] = ("assert_in_range", "matmul", "take_along_last", "gather_last",
+                                 "log_probs_at")
 
     @property
     def index_bits(self) -> int:
@@ -412,15 +457,21 @@ class ModelAdapter:
     """Model surgery for one framework: one subclass per framework in
     ``embgrad/backends/<framework>.py``; :func:`~embgrad.backends.get_backend` returns it.
 
-    ``ops`` is the framework's :class:`TensorOps`. The methods without a default below are
-    required: the base class raises :class:`NotImplementedError` naming the framework and the
-    method.
+    ``ops`` is the framework's :class:`TensorOps`. :data:`REQUIRED` lists the methods every
+    framework implements, :data:`OPTIONAL` those a feature needs; the base class raises
+    :class:`NotImplementedError` naming the framework and the method for both. The other
+    methods have defaults.
     """
 
     name: str = "base"
     framework_module: str = ""
     #: the framework's tensor primitives
     ops: TensorOps = TensorOps()
+    #: the methods every framework implements (see the module docstring)
+    REQUIRED: tuple[str, ...] = ("is_appropriate", "find_embeddings", "install_tap")
+    #: the methods a feature needs, without which that feature raises
+    OPTIONAL: tuple[str, ...] = ("value_and_grads", "embed", "table_variable", "table_gather",
+                                 "table_write", "table_freeze", "low_rank_factors")
     #: what find_embeddings looks for, for error messages ("torch.nn.Embedding and ...")
     searched_types: str = "embedding layers"
     #: the calling convention of models: True where a list, tuple or dict of inputs is ONE
@@ -429,12 +480,14 @@ class ModelAdapter:
     structured_inputs: bool = False
     #: how a user switched gradient recording off, in this framework's words (messages)
     no_grad_hint: str = "gradient recording switched off"
-    #: which broadcasts of a batch-free lookup's output the tap can split by example (messages)
     #: whether the tap gives a batch-free lookup's output per-example views where it meets the
     #: batch (PyTorch's tensor subclass); without them, a batch-size-1 lookup outside any forward
     #: of the model is refused (its batch size cannot be known)
     broadcast_views: bool = False
+    #: which broadcasts of a batch-free lookup's output the tap can split by example (messages)
     broadcast_seen: str = "it sees none: this framework's tap cannot split a broadcast output"
+    #: added to the core's refusal of a loss that reaches no recorded lookup ("" or led by a space)
+    unreached_hint: str = ""
     #: how :meth:`embgrad.Capture.gradients` sees every use of a table when given the loss:
     #: "graph" (:meth:`table_uses` walks the autograd graph), "total" (the tape's total gradient
     #: of the table is compared with that of the recorded uses), or None (it cannot)
@@ -459,6 +512,12 @@ class ModelAdapter:
         """The layer of ``found`` that a name which is not one of its keys means (a Keras
         path, a Gluon child path), or None."""
         return None
+
+    def uncaptured_tables(self, model: Any) -> list[str]:
+        """Layers of ``model`` that look like they hold embedding tables the tap cannot see
+        (several tables read in one call), as ``"layer (var, var, ...)"`` for messages; [] by
+        default."""
+        return []
 
     def sequence_first_layers(self, model: Any) -> list[str]:
         """Names of layers that read their input sequence-first (time, batch, ...) by default
@@ -511,6 +570,13 @@ class ModelAdapter:
         return False
 
     # ------------------------------------------------------------------ differentiation
+    def split_broadcast(self, tap: Tap | None, loss: Any, call: Call, output: Any,
+                        batch_size: int) -> Any:
+        """Per-example gradients (B, *call.output.shape) of a batch-free lookup's output, split
+        by the forward's output ``output`` (B, ...) given ``loss``; None where the backend
+        cannot (the default; Keras on TensorFlow can, eagerly)."""
+        return None
+
     def scalar_loss(self, loss: Any) -> Any:
         """Validate that ``loss`` is a scalar tensor of this framework (else EmbgradError)."""
         return loss

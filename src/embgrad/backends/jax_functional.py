@@ -462,9 +462,9 @@ def _keras_value_and_gradients(loss_fn: Callable[..., Any], model: Any, args: Se
     ``capture`` uses on TensorFlow/torch, removed again before returning) adds a zero probe to
     each lookup's output while ``loss_fn(model, *args)`` runs; one ``jax.vjp`` with respect to the
     probes. Layers are keyed by name (a nested path also accepted), as in ``capture``."""
-    from .keras import KerasBackend
+    from .keras_jax import KerasJaxBackend
 
-    kb = KerasBackend()
+    kb = KerasJaxBackend()
     given: dict[str, str] = {}
     infos = select_layers(kb, model, layers, given)
     names = [i.name for i in infos]

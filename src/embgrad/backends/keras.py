@@ -11,10 +11,12 @@ the lazy, sparse version of that term to a ``RowGrad``).
 
 Gradients: on TensorFlow a persistent ``tf.GradientTape`` opened with the tap records the
 forward (and the trainable variables it reads, for ``sources=``); on PyTorch the tensors are
-torch tensors and the torch backend's autograd machinery and primitives are reused. Tensor
-primitives come from :class:`~embgrad.backends.tensorflow.TensorFlowBackend` or
-:class:`~embgrad.backends.torch.TorchBackend` (``KerasBackend()`` returns the subclass that
-matches the running Keras backend), never a copy.
+torch tensors and the torch backend's autograd machinery and primitives are reused; on JAX
+(no tape) the way in is :func:`embgrad.value_and_gradients`. This module holds what all Keras
+flavours share; :func:`embgrad.backends.get_backend` picks the flavour by
+``keras.backend.backend()``: :mod:`embgrad.backends.keras_tensorflow` (also tf-keras),
+:mod:`embgrad.backends.keras_torch` or :mod:`embgrad.backends.keras_jax`, each with its
+framework's primitives, never a copy.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import functools
 import sys
 import threading
 import warnings
-import weakref
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -30,7 +31,7 @@ import numpy as np
 from ..errors import EmbgradError
 from .base import Call, EmbeddingInfo, LowRank, ModelAdapter, Tap
 
-__all__ = ["KerasBackend"]
+__all__ = ["KerasBackend", "UnsupportedKerasBackend"]
 
 
 def _keras3() -> Any:
@@ -172,19 +173,16 @@ class _Handler:
 
 
 class KerasBackend(ModelAdapter):
-    """Keras models and layers. ``KerasBackend()`` is a TensorFlow- or torch-flavoured instance."""
+    """Keras models and layers, whatever Keras runs on: finding layers, the shadowing tap and
+    the table operations. The adapters for one Keras backend subclass it
+    (:mod:`embgrad.backends.keras_tensorflow`, :mod:`embgrad.backends.keras_torch`,
+    :mod:`embgrad.backends.keras_jax`), filling in the hooks below and bringing that framework's
+    tensor primitives and autograd."""
 
     name = "keras"
     framework_module = "keras"
     structured_inputs = True
     searched_types = "keras.layers.Embedding (and subclasses such as ReversibleEmbedding, tf-keras Embedding)"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "KerasBackend":
-        if cls is KerasBackend:
-            kb = _keras3_backend()
-            cls = (_keras_on_torch() if kb == "torch" else _keras_on_jax() if kb == "jax"
-                   else _UnsupportedKeras if kb not in (None, "tensorflow") else _keras_on_tensorflow())
-        return super().__new__(cls)
 
     broadcast_seen = ("on TensorFlow it splits the output's gradient by the examples of the "
                       "model's output, which needs the model's forward and, in a traced "
@@ -615,8 +613,8 @@ class _ConstraintGuard:
         self.var = None
 
 
-class _UnsupportedKeras(KerasBackend):
-    """Keras 3 on a backend embgrad has no primitives for (JAX, OpenVINO, NumPy): recognises
+class UnsupportedKerasBackend(KerasBackend):
+    """Keras 3 on a backend embgrad has no primitives for (OpenVINO, NumPy): recognises
     Keras objects (so they are not mistaken for another framework's) and says so."""
 
     def find_embeddings(self, model: Any) -> dict[str, EmbeddingInfo]:
@@ -738,270 +736,3 @@ def _all_layers(model: Any) -> list[Any]:
         return list(model._flatten_layers(include_self=False, recursive=True))
     except (AttributeError, TypeError):
         return []
-
-
-_FLAVOURS: dict[str, type] = {}
-
-
-def _keras_on_tensorflow() -> type:
-    """KerasBackend with TensorFlow primitives and a persistent GradientTape (built lazily:
-    importing it imports TensorFlow)."""
-    if "tensorflow" not in _FLAVOURS:
-        import tensorflow as tf
-
-        from .tensorflow import TapeTap, TensorFlowBackend, is_symbolic
-
-        class KerasTensorFlowBackend(KerasBackend, TensorFlowBackend):
-            table_check = "total"
-
-            def _check(self, info, ids):
-                return self.check_ids(ids, info.num_rows, f"Keras layer {info.name!r}")
-
-            def _open_tap(self) -> Tap:
-                return TapeTap()
-
-            def _add_patch(self, tap, patch):
-                tap.on_remove(patch.remove)
-
-            def _var_tensor(self, var):
-                inner = var if isinstance(var, tf.Variable) else var.value
-                return inner if isinstance(inner, (tf.Variable, tf.Tensor)) else tf.convert_to_tensor(var)
-
-            def _put_rows(self, w, rows, values):
-                return tf.tensor_scatter_nd_update(tf.convert_to_tensor(w), rows[:, None], values)
-
-            def table_write(self, info, rows, values):
-                var = self.table_variable(info)
-                inner = self._var_tensor(var)
-                idx = tf.constant(rows)
-                vals = tf.cast(tf.constant(values), inner.dtype)
-                if isinstance(inner, tf.Variable):
-                    inner.scatter_update(tf.IndexedSlices(vals, idx))
-                else:
-                    var.assign(self._put_rows(var, idx, vals))
-
-            def _record(self, tap, info, out):
-                if not isinstance(out, tf.Tensor):
-                    raise EmbgradError(
-                        f"Keras layer {info.name!r} returned a {type(out).__name__}; embgrad taps "
-                        "dense lookups (pass dense int ids, not a SparseTensor/RaggedTensor).")
-                tap.watch(out, f"Keras layer {info.name!r}")
-                return out, True
-
-            def _wrap_dispatch(self, fn):
-                # plain Python even when traced: autograph must not rewrite embgrad's checks
-                return tf.autograph.experimental.do_not_convert(fn)
-
-            def split_broadcast(self, tap, loss, call, output, batch_size):
-                """Per-example gradients of a batch-free lookup's output (B, *output.shape),
-                from the forward's output y (B, ...): row b is d(sum(g_b · y_b))/d(lookup output)
-                with g = dLoss/dy held fixed, i.e. example b's share when the examples do not
-                interact in the model; B backward passes vectorized by tape.jacobian (pfor)."""
-                if is_symbolic(loss) or not isinstance(tap, TapeTap):
-                    return None
-                leaves = [t for t in tf.nest.flatten(output)
-                          if isinstance(t, tf.Tensor) and t.dtype.is_floating and t.shape.rank
-                          and t.shape[0] == batch_size]
-                if not leaves:
-                    return None
-                gys = tap.tape.gradient(loss, leaves)
-                pairs = [(t, g) for t, g in zip(leaves, gys, strict=True) if g is not None]
-                if not pairs:
-                    return None
-                with tap.tape:            # record z on the capture's tape, then differentiate it
-                    z = tf.add_n([tf.reduce_sum(tf.reshape(tf.stop_gradient(tf.convert_to_tensor(g)) * t,
-                                                           (batch_size, -1)), axis=1) for t, g in pairs])
-                return tap.tape.jacobian(z, call.output)
-
-            def _selected_rows(self, info, inner, args, kwargs):
-                var = getattr(info.weight, "_value", None)
-                if not isinstance(var, tf.Variable):
-                    var = self._var_tensor(info.weight)
-                if not isinstance(var, tf.Variable):
-                    return inner(*args, **kwargs), None
-                V, D = info.num_rows, info.dim
-                direction = tf.broadcast_to(tf.cast(tf.range(V)[:, None], var.dtype), (V, D))
-                with tf.autodiff.ForwardAccumulator(var, direction) as acc:
-                    out = inner(*args, **kwargs)
-                j = acc.jvp(out) if isinstance(out, tf.Tensor) else None
-                if j is None or out.shape.rank is None or out.shape.rank < 1 \
-                        or out.shape[-1] not in (None, D):
-                    return out, None
-                j = tf.cast(j, tf.float64)
-                r = j[..., 0]
-                ids = tf.cast(tf.clip_by_value(tf.round(r), 0, V - 1), tf.int64)
-                ok = (tf.reduce_all(tf.equal(j, r[..., None])) & tf.reduce_all(tf.equal(r, tf.round(r)))
-                      & tf.reduce_all(r >= 0) & tf.reduce_all(r < V)
-                      & tf.reduce_all(tf.equal(out, tf.gather(tf.cast(var, out.dtype), ids))))
-                if not is_symbolic(out):
-                    return out, (ids if bool(ok) else False)
-                check = tf.debugging.Assert(ok, [
-                    f"embgrad: Keras layer {info.name!r} did not return rows of its table "
-                    "unchanged in this traced call (a pure slice / gather / broadcast of its "
-                    f"{V}x{D} table), so embgrad cannot tell which rows its output holds. Call it "
-                    "eagerly inside the capture, or capture the layers that look rows up by ids."])
-                with tf.control_dependencies([check]):
-                    return out, tf.identity(ids)
-
-        _FLAVOURS["tensorflow"] = KerasTensorFlowBackend
-    return _FLAVOURS["tensorflow"]
-
-
-def _keras_on_torch() -> type:
-    """KerasBackend for ``KERAS_BACKEND=torch``: torch primitives and autograd."""
-    if "torch" not in _FLAVOURS:
-        import torch
-
-        from .torch import TorchBackend, _TorchTap, _validate_ids, _wrap_broadcast
-
-        class _KerasTorchTap(_TorchTap):
-            def grad(self, loss, calls, sources=None, retain_graph=False):
-                if sources is not None:
-                    sources = [getattr(s, "value", s) if not isinstance(s, torch.Tensor) else s
-                               for s in sources]
-                    for k, s in enumerate(sources):
-                        if not isinstance(s, torch.Tensor):
-                            raise EmbgradError(
-                                f"sources[{k}] must be a variable or tensor of the model, got "
-                                f"{type(s).__name__} {s!r:.60}. Pass the variables themselves (e.g. "
-                                "model.trainable_variables); names are not looked up.")
-                return super().grad(loss, calls, sources, retain_graph)
-
-        class KerasTorchBackend(KerasBackend, TorchBackend):
-            def _check(self, info, ids):
-                _validate_ids(info, ids, "input ids")
-
-            def _open_tap(self) -> Tap:
-                return _KerasTorchTap([])
-
-            def _add_patch(self, tap, patch):
-                tap._handles.append(patch)
-
-            def _record(self, tap, info, out):
-                grad_enabled = torch.is_grad_enabled()
-                if grad_enabled and not out.requires_grad:   # frozen table: a leaf to differentiate
-                    out = out.detach().requires_grad_(True)
-                return out, grad_enabled
-
-            def _var_tensor(self, var):
-                return var.value.detach()
-
-            def _put_rows(self, w, rows, values):
-                w = w.value if hasattr(w, "value") else w
-                return w.index_copy(0, rows, values.to(w.dtype))
-
-            def table_write(self, info, rows, values):
-                p = self.table_variable(info).value
-                with torch.no_grad():
-                    p.index_copy_(0, torch.from_numpy(rows).to(p.device),
-                                  torch.from_numpy(values).to(device=p.device, dtype=p.dtype))
-
-            def _selected_rows(self, info, inner, args, kwargs):
-                out = inner(*args, **kwargs)
-                p = getattr(info.weight, "value", None)
-                if not (isinstance(out, torch.Tensor) and isinstance(p, torch.Tensor) and torch.is_grad_enabled()
-                        and p.requires_grad and out.requires_grad and out.dim() >= 1
-                        and out.shape[-1] == info.dim):
-                    return out, None
-                # the forward-mode derivative in the direction "row r -> r", as the derivative of
-                # a vector-Jacobian product (double backward over the call's own small graph)
-                u = torch.zeros_like(out, requires_grad=True)
-                (g,) = torch.autograd.grad(out, p, grad_outputs=u, create_graph=True, retain_graph=True,
-                                           allow_unused=True)
-                if g is None or not g.requires_grad:
-                    return out, None
-                V, D = info.num_rows, info.dim
-                direction = torch.arange(V, dtype=p.dtype, device=p.device).unsqueeze(1).expand(V, D)
-                (j,) = torch.autograd.grad(g, u, grad_outputs=direction, allow_unused=True)
-                if j is None:
-                    return out, None
-                with torch.no_grad():
-                    j = j.double()
-                    r = j[..., 0]
-                    ids = r.round().clamp(0, V - 1).long()
-                    ok = bool((j == r[..., None]).all() and (r == r.round()).all() and (r >= 0).all()
-                              and (r < V).all() and (out == p.to(out.dtype)[ids]).all())
-                return out, (ids if ok else False)
-
-            broadcast_seen = TorchBackend.broadcast_seen
-            broadcast_views = True
-
-            def _broadcast_output(self, call, out):
-                if call.batch_free is None or not call.grad_enabled or not out.requires_grad:
-                    return out
-                # the torch backend's per-example views of a broadcast lookup (Keras ops on this
-                # backend are torch functions: `+` with the batch sees the view)
-                bdim = None if call.batch_free == "absent" else call.batch_dim
-                return _wrap_broadcast(out, weakref.ref(call), bdim)
-
-            def _on_grad(self, call):
-                if call.grad_enabled and call.output.requires_grad:
-                    def store(g, call=call):
-                        call.grad = g
-                    call.output.register_hook(store)
-
-        _FLAVOURS["torch"] = KerasTorchBackend
-    return _FLAVOURS["torch"]
-
-
-class _ListTap(Tap):
-    """A tap whose removal runs the patches' removers (no autograd of its own: JAX)."""
-
-    def __init__(self) -> None:
-        self._removers: list[Callable[[], None]] = []
-
-    def remove(self) -> None:
-        while self._removers:
-            self._removers.pop()()
-
-
-def _keras_on_jax() -> type:
-    """KerasBackend for ``KERAS_BACKEND=jax``: JAX primitives; no tape, so the way in is the
-    functional :func:`embgrad.value_and_gradients` (its tap adds zero probes to the lookups)."""
-    if "jax" not in _FLAVOURS:
-        import jax.numpy as jnp
-
-        from .jax_ops import JaxOps, check_in_range
-
-        class KerasJaxBackend(KerasBackend):
-            ops = JaxOps()
-
-            def _check(self, info, ids):
-                ids = jnp.asarray(ids)
-                if not jnp.issubdtype(ids.dtype, jnp.integer):
-                    raise EmbgradError(f"Keras layer {info.name!r}: ids must be integers, got dtype "
-                                       f"{ids.dtype}; cast them to int32.")
-                V = info.num_rows
-                check_in_range(ids, V, f"embgrad: Keras layer {info.name!r}: id {{bad}} is out of range "
-                               f"for its table of {V} rows (valid ids are 0..{V - 1}). Fix: map the "
-                               "ids into range (e.g. unknown tokens to an <unk> id) before the model.")
-                return None
-
-            def _open_tap(self) -> Tap:
-                return _ListTap()
-
-            def _add_patch(self, tap, patch):
-                assert isinstance(tap, _ListTap)
-                tap._removers.append(patch.remove)
-
-            def _record(self, tap, info, out):
-                return out, True
-
-            def _var_tensor(self, var):
-                return var.value
-
-            def _put_rows(self, w, rows, values):
-                w = getattr(w, "value", w)
-                return w.at[rows].set(jnp.asarray(values, w.dtype))
-
-            def table_write(self, info, rows, values):
-                var = self.table_variable(info)
-                var.assign(self._put_rows(var, jnp.asarray(rows), values))
-
-            def install_tap(self, model, infos, on_call, active=None):
-                from .jax_functional import _keras_jax_tap_guard
-                _keras_jax_tap_guard()
-                return super().install_tap(model, infos, on_call, active)
-
-        _FLAVOURS["jax"] = KerasJaxBackend
-    return _FLAVOURS["jax"]
