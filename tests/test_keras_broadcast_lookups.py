@@ -368,3 +368,78 @@ def test_keras_on_torch_position_embedding_exact(tmp_path):
                PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# --- traced functions: a broadcast over the batch is refused even where T == B; a per-example
+# --- (B,) lookup whose output gets a new axis AFTER its ids' axis still works (newcomer #8)
+
+def _pos_model_traced():
+    import keras
+    import tensorflow as tf
+
+    class PosEmb(keras.layers.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.pos = keras.layers.Embedding(8, 4, name="pos")
+
+        def call(self, x):
+            return x + self.pos(tf.range(tf.shape(x)[1]))[None]
+
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((None,), dtype="int32")
+    tok = keras.layers.Embedding(20, 4, name="tok")
+    out = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling1D()(PosEmb()(tok(inp))))
+    return keras.Model(inp, out)
+
+
+@pytest.mark.parametrize("sig", [(5, 5), (None, None)])
+def test_traced_position_ids_with_t_equal_b_are_refused(sig):
+    import tensorflow as tf
+
+    import embgrad
+    model = _pos_model_traced()
+    ids = np.random.default_rng(0).integers(0, 20, (5, 5)).astype(np.int32)
+
+    @tf.function(input_signature=[tf.TensorSpec(sig, tf.int32)])
+    def f(x):
+        with embgrad.capture(model) as cap:
+            loss = tf.reduce_sum(model(x) ** 2)
+        return cap.gradients(loss)["pos"].per_example().norms()
+
+    with pytest.raises(Exception, match="broadcasts its output over the batch") as e:
+        f(ids)
+    assert "broadcast_to" in str(e.value)
+
+
+def test_traced_per_example_lookup_with_a_new_inner_axis_still_works():
+    import keras
+    import tensorflow as tf
+
+    import embgrad
+    keras.utils.set_random_seed(4)
+    B, T = 5, 5                                     # T == B: sizes alone cannot tell
+    user = keras.layers.Embedding(10, 4, name="user")
+    item = keras.layers.Embedding(30, 4, name="item")
+    head = keras.layers.Dense(1)
+    u_in = keras.Input((), dtype="int32")
+    s_in = keras.Input((T,), dtype="int32")
+    x = keras.ops.expand_dims(user(u_in), 1) * item(s_in)        # (B, 1, D) * (B, T, D)
+    model = keras.Model([u_in, s_in], head(keras.ops.mean(x, axis=1)))
+    rng = np.random.default_rng(1)
+    u = rng.integers(0, 10, (B,)).astype(np.int32)
+    s = rng.integers(0, 30, (B, T)).astype(np.int32)
+
+    @tf.function
+    def f(u, s):
+        with embgrad.capture(model) as cap:
+            loss = tf.reduce_sum(model([u, s]) ** 2)
+        return cap.gradients(loss)["user"].per_example().norms()
+
+    got = f(u, s).numpy()
+    var = user.embeddings
+    ref = []
+    for b in range(B):
+        with tf.GradientTape() as t:
+            loss = tf.reduce_sum(model([u[b:b + 1], s[b:b + 1]]) ** 2)
+        ref.append(np.linalg.norm(tf.convert_to_tensor(t.gradient(loss, var)).numpy()))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)

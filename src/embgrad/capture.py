@@ -1009,6 +1009,15 @@ class Capture:
             split = self._split_layout(call, tg)
             if split is not None:
                 return split
+            if call.batch_free == "absent":
+                seen = b.broadcast_in_graph(call)
+                if seen is not None:
+                    return None, 0, False, (
+                        f"its ids of shape {shape} carry no batch dimension and the traced graph "
+                        f"broadcasts its output over the batch ({seen}); inside a traced function "
+                        f"embgrad cannot split that gradient by example (never read as one id per "
+                        f"example, even where the sizes agree). Pass ids with the batch dimension, "
+                        f"e.g. {b.expand_hint('B')} for position ids, or call capture eagerly.")
         if len(shape) == 0:
             return None, 0, False, "0-d ids have no examples' dimension."
         if len(shape) <= bd:

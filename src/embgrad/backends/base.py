@@ -577,6 +577,14 @@ class ModelAdapter:
         cannot (the default; Keras on TensorFlow can, eagerly)."""
         return None
 
+    def broadcast_in_graph(self, call: Call) -> str | None:
+        """Where :meth:`split_broadcast` cannot run (a traced function), whether the graph
+        shows the batch-free lookup's output ``call.output`` being broadcast to a higher rank
+        (a position table added to a (B, T, D) batch): a short description of the operation
+        that does it, or None where none is seen (the default: the backend cannot tell).
+        The core refuses such a call rather than read its ids as one id per example."""
+        return None
+
     def scalar_loss(self, loss: Any) -> Any:
         """Validate that ``loss`` is a scalar tensor of this framework (else EmbgradError)."""
         return loss
