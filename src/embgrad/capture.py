@@ -7,6 +7,7 @@ module selects layers, keeps the record and builds the results with :mod:`embgra
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import math
@@ -665,10 +666,63 @@ class Capture:
                 call.batch_free = "absent"        # (N,) ids: per-token examples, or positions
             elif len(shape) > bd and isinstance(shape[bd], int) and shape[bd] == 1:
                 call.batch_free = "one"           # (1, T) ids: one example, or broadcast
+        replaced = self._replace(call) if self._replace is not None else None
+        if replaced is not None:
+            b = self._backend
+            if tuple(b.ops.shape(replaced)) != tuple(b.ops.shape(call.output)):
+                raise EmbgradError(
+                    f"layer {call.info.name!r}: the replacement output has shape {tuple(b.ops.shape(replaced))}, "
+                    f"the layer's output {tuple(b.ops.shape(call.output))}; replacing(fn) must return a tensor "
+                    "of the layer output's shape (or None to keep the output).")
         self.calls.append(call)
+        return replaced
+
+    def replacing(self, fn: Callable[[Call], Any]) -> contextlib.AbstractContextManager["Capture"]:
+        """Replace the outputs of the captured layers' lookups: a context manager around (or
+        inside) the ``with cap:`` block, what integrated gradients needs (Captum's
+        ``LayerIntegratedGradients`` does the same with a forward hook on the layer).
+
+        ``fn(call)`` is called for every lookup of a captured layer inside the block, in the
+        order of the forward pass, with its :class:`~embgrad.backends.Call`: ``call.info.name``
+        (which layer), ``call.ids`` (the ids, as the layer got them, e.g. (B, T)),
+        ``call.output`` (the layer's own output, (B, T, D) for (B, T) ids). It returns the
+        tensor the model goes on with instead (a tensor of the framework, of the output's
+        shape), or None to keep the output. Calls of a tied output projection are not passed.
+
+        Recording: every call is recorded in ``cap.calls`` as without a replacement (each
+        ``with cap:`` block starts a fresh record). Where ``fn`` replaced the output,
+        ``call.output`` is the replacement and ``gradients()`` differentiates with respect to
+        it (a replacement that records no gradient becomes a leaf that does, as a frozen
+        table's output), so ``weight_grad`` and ``per_example()`` are the gradients the table
+        would get at the replaced point.
+
+        Example (the integrand of integrated gradients at α = 0.5, zero baseline)::
+
+            cap = embgrad.capture(model, layers="emb")
+            with cap.replacing(lambda call: 0.5 * call.output), cap:
+                loss = model(ids).sum()
+            g = cap.gradients(loss)["emb"].output_grad   # ∂loss/∂e at e/2, (B, T, D)
+
+        Raises:
+            EmbgradError: ``fn`` is not callable, this capture already has a replacement
+                active (they do not nest), or ``fn`` returns a tensor of another shape than the
+                layer's output (at the call; the message names the layer).
+        """
+        if not callable(fn):
+            raise EmbgradError(f"replacing(fn) takes a callable call -> tensor or None, got "
+                               f"{type(fn).__name__}.")
         if self._replace is not None:
-            return self._replace(call)
-        return None
+            raise EmbgradError("this capture already replaces its layers' outputs (a replacing() block is "
+                               "active); replacements do not nest: pass one fn that does both.")
+        return self._replacing(fn)
+
+    @contextlib.contextmanager
+    def _replacing(self, fn: Callable[[Call], Any]) -> Iterator["Capture"]:
+        self._replace = fn
+        try:
+            yield self
+        finally:
+            self._replace = None
 
     def gradients(self, loss: Any = None, loss_reduction: str = "sum", *,
                   sources: Sequence[Any] | None = None, retain_graph: bool = False,

@@ -518,11 +518,8 @@ def attribute_generation(model: Any, inputs: Any, targets: Any = None, method: s
         per_row = T * max(info.dim * (K if batched else min(K, 8)), info.num_rows)
         batch_size = int(min(512, max(1, 2 ** 25 // max(1, per_row))))
     eng = _Engine(model, packer.inputs(ids, m), layer if layer is not None else info.layer, fwd, None,
-                  batch_size, progress, call=call)
-    eng.targets = _GenTargets(eng.backend, pos, tok, valid, T)  # type: ignore[assignment]
-    eng.batched_vjp = batched
-    scores, delta, f0, base_desc = _run(eng, method, baseline, steps, rule, interpolate, pad_id, m, nP)
-    fx = eng._gen_fx                                                   # type: ignore[attr-defined]
+                  batch_size, progress, call=call, targets=_GenTargets(b, pos, tok, valid, T), batched_vjp=batched)
+    scores, delta, fx, f0, base_desc = _run(eng, method, baseline, steps, rule, interpolate, pad_id, m, nP)
     out_s: list[np.ndarray] = []
     out_lp: list[np.ndarray] = []
     out_d: list[np.ndarray] | None = [] if delta is not None else None
@@ -569,12 +566,13 @@ def _texts(x: Any) -> list[str] | None:
 
 
 def _run(eng: _Engine, method: str, baseline: Any, steps: int, rule: str, interpolate: str, pad_id: int,
-         m: np.ndarray, nP: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, str | None]:
-    """Scores NumPy (K, B, T), delta (B, K), baseline values (B, K) and the baseline's name."""
+         m: np.ndarray, nP: np.ndarray
+         ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None, str | None]:
+    """Scores NumPy (K, B, T), delta (B, K), the targets' values at the input (B, K), at the
+    baseline (B, K) and the baseline's name."""
     b = eng.backend
     obs = eng.observe(grad=method != "integrated_gradients")
     e, fx = obs["e"], obs["values"]
-    eng._gen_fx = fx                                                   # type: ignore[attr-defined]
     B, T = m.shape
     dt = _acc_dtype(b, e)
     with b.ops.no_grad():
@@ -582,12 +580,12 @@ def _run(eng: _Engine, method: str, baseline: Any, steps: int, rule: str, interp
     if method == "saliency":
         with b.ops.no_grad():
             sc = [b.ops.to_numpy(b.ops.sqrt(b.ops.sum((b.ops.cast(g, dt) * mt) ** 2, axis=2))) for g in obs["grads"]]
-        return np.stack(sc).astype(np.float64), None, None, None
+        return np.stack(sc).astype(np.float64), None, fx, None, None
     if method == "grad_x_input":
         with b.ops.no_grad():
             ec = b.ops.cast(e, dt) * mt
             sc = [b.ops.to_numpy(b.ops.sum(b.ops.cast(g, dt) * ec, axis=2)) for g in obs["grads"]]
-        return np.stack(sc).astype(np.float64), None, None, None
+        return np.stack(sc).astype(np.float64), None, fx, None, None
     e0, desc = _baseline(eng, baseline, obs, pad_id)
     if interpolate == "prompt":
         pm = (np.arange(T)[None, :] < nP[:, None]).astype(np.float32)
@@ -611,7 +609,7 @@ def _run(eng: _Engine, method: str, baseline: Any, steps: int, rule: str, interp
         sc = [b.ops.to_numpy(b.ops.sum(g * diff * mt, axis=2)) for g in acc]
     S = np.stack(sc).astype(np.float64)                               # (K, B, T)
     delta = S.sum(axis=2).T - (fx - f0)
-    return S, delta, f0, desc
+    return S, delta, fx, f0, desc
 
 
 

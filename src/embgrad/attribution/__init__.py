@@ -24,8 +24,8 @@ embedding layer (the looked-up vectors e, shape (B, T, D)):
 ``multiply_by_inputs=False`` (integrated gradients, gradient SHAP) leaves out the final
 multiplication by (e − e₀): Captum's "global" attribution, the path-averaged gradient itself.
 
-How: the layer's output is replaced per forward call (``Capture._replace``, as Captum's
-``LayerIntegratedGradients`` does with a forward hook), and all (example, step) points go
+How: the layer's output is replaced per forward call (:meth:`embgrad.capture.Capture.replacing`,
+as Captum's ``LayerIntegratedGradients`` does with a forward hook), and all (example, step) points go
 through the model in chunks of ``batch_size`` rows; the gradients are summed per example with a
 segment sum. No Python loop runs over examples, steps inside a chunk, or vocabulary rows.
 Framework-neutral: everything framework-specific is a primitive of the backend.

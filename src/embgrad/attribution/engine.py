@@ -66,13 +66,19 @@ def _refuse_jax(b: Backend, what: str) -> None:
 class _Engine:
     """Runs chunks of (example, point) rows through the model with the layer's output replaced.
 
-    One :class:`Capture` is entered per chunk (its hooks removed after each forward, also on
-    error), so nothing outlives a chunk but its results: memory is bounded by ``batch_size``.
+    One :class:`Capture` is entered per chunk, its output replaced through the public
+    :meth:`Capture.replacing` (its hooks removed after each forward, also on error), so nothing
+    outlives a chunk but its results: memory is bounded by ``batch_size``.
+
+    ``targets``: a prebuilt target object instead of ``target`` (what :mod:`embgrad.generation`
+    passes: ``__call__(outputs, idx, like) -> (n, K)``, ``multi``, ``labels``);
+    ``batched_vjp``: the K gradients as one batched backward pass (vmap), see the backends.
     """
 
     def __init__(self, model: Any, inputs: Any, layer: Any, forward: Callable | None,
                  target: Any, batch_size: int | None, progress: bool | None, what: str = "target",
-                 call: int | None = None, who: str = "embgrad.attribute"):
+                 call: int | None = None, who: str = "embgrad.attribute", *, targets: Any = None,
+                 batched_vjp: bool = False):
         self.backend = b = get_backend(model)
         _refuse_jax(b, who)
         b.ops.eager_only("embgrad.attribute, hotflip and jacobian",
@@ -85,7 +91,7 @@ class _Engine:
         self.info = _pick_layer(b, model, layer)
         self.inputs = _Inputs(inputs, b)
         self.B = self.inputs.batch
-        self.targets = _Targets(target, self.B, b, what)
+        self.targets = _Targets(target, self.B, b, what) if targets is None else targets
         self.cap = Capture(model, [self.info.layer])
         if batch_size is None:
             batch_size = int(min(512, max(1, 2 ** 20 // max(1, self.inputs.seq_len * self.info.dim))))
@@ -93,7 +99,7 @@ class _Engine:
             raise EmbgradError(f"batch_size must be a positive int (rows per forward pass), got {batch_size!r}.")
         self.batch_size = int(batch_size)
         self.evaluations = 0
-        self.batched_vjp = False         # the K gradients as one batched backward (vmap), see backends
+        self.batched_vjp = batched_vjp
         random_layers = b.stochastic_layers(model)
         if random_layers:
             warnings.warn(
@@ -159,10 +165,8 @@ class _Engine:
 
         def fn(watch):
             state["watch"] = watch
-            self.cap._replace = replace
-            with self.cap:
+            with self.cap.replacing(replace), self.cap:
                 out = self.inputs.call(self.forward, self.model, sub)
-            self.cap.calls = []
             if state["call"] is None:
                 raise EmbgradError(
                     f"the forward pass called layer {info.name!r} {state['count']} times, so lookup "

@@ -435,6 +435,7 @@ class GluonBackend(ModelAdapter):
                         f"layer {info.name!r}: the replacement output has shape "
                         f"{tuple(replaced.shape)}, the layer's is {tuple(out.shape)}.")
                 out = _like(replaced, out)
+                call.output = _as_np(out)      # the model goes on with the replacement
             if recording:
                 var = _zeros_like_var(out)
                 out = out + var

@@ -443,6 +443,16 @@ class TorchBackend(ModelAdapter):
                 _store_grad(out, call)
             replaced = on_call(call)
             if replaced is not None:
+                # the model goes on with the replacement: the call's output (what gradients()
+                # differentiates against) is the replacement, a leaf if it records no gradient
+                if grad_enabled and not replaced.requires_grad:
+                    replaced = replaced.detach().requires_grad_(True)
+                call.output = replaced
+                call.meta.pop("edge", None)
+                if grad_enabled:
+                    if replaced.grad_fn is not None:
+                        call.meta["edge"] = get_gradient_edge(replaced)
+                    _store_grad(replaced, call)
                 return replaced
             if call.batch_free is not None and grad_enabled:
                 # ids without a batch: the output may be broadcast over the batch; give each
