@@ -34,7 +34,13 @@ def select_layers(backend: Backend, model: Any, layers: Any,
     """The embedding layers of ``model`` named or given by ``layers`` (None = all).
 
     ``given``: filled with ``{layer name: the name the user gave}`` for layers found by another
-    name than their own (a Keras path, a Gluon child path such as ``"emb"``)."""
+    name than their own (a Keras path, a Gluon child path such as ``"emb"``).
+
+    Raises:
+        EmbgradError: the model has no embedding layer, ``layers=[]``, a name that is no
+            embedding layer of the model (the message lists the closest names and all of them),
+            or a layer object that is not one of its embedding layers.
+    """
     found = backend.find_embeddings(model)
     if not found:
         raise EmbgradError(
@@ -82,7 +88,8 @@ def _uncaptured_text(backend: Backend, model: Any) -> str:
 
 def input_embedding(model: Any, found: Sequence[EmbeddingInfo]) -> EmbeddingInfo | None:
     """Of the embedding layers ``found`` in ``model``, the one its ``get_input_embeddings()``
-    returns (Hugging Face's name for the token embedding), else the only one, else None."""
+    returns (Hugging Face's name for the token embedding), else the only one, else None.
+    Raises nothing: a ``get_input_embeddings`` that fails counts as absent."""
     get = getattr(model, "get_input_embeddings", None)
     if callable(get):
         try:
@@ -267,7 +274,12 @@ class LayerGradients:
     def weight_grad(self) -> RowGrad:
         """The gradient of the whole table (for a tied table: lookups of every captured layer
         that shares it, plus the tied projection's part, dense over all V rows); the lookup
-        part alone is ``lookup_grad``."""
+        part alone is ``lookup_grad``.
+
+        Raises:
+            EmbgradError: the table is also read where embgrad cannot see (e.g. ``h @ emb.weight.T``
+                written by hand) and its total gradient is unknown; the message names the fix.
+        """
         if self._weight_grad is None:
             if not self.tied or not (self.projections or self._unknown_use or self._shared):
                 self._weight_grad = self.lookup_grad
@@ -512,7 +524,11 @@ class Gradients(Mapping):
         return len(self._layers)
 
     def only(self) -> LayerGradients:
-        """The single captured layer's gradients (EmbgradError if there are several)."""
+        """The single captured layer's gradients.
+
+        Raises:
+            EmbgradError: several layers were captured (index by name instead).
+        """
         if len(self._layers) != 1:
             raise EmbgradError(
                 f"only() needs exactly one captured layer, but {len(self._layers)} were captured: "

@@ -111,6 +111,10 @@ class GenerationAttribution:
         sum of its tokens'). Word boundaries come from the tokenizer's character offsets (fast
         tokenizers) or its decoding (slow ones) of the prompt and target texts (given, kept
         from text inputs, or decoded from the ids). Returns a :class:`embgrad.words.WordScores`.
+
+        Raises:
+            EmbgradError: ``targets`` not "tokens"/"words", or a ``reduce`` that
+                :func:`embgrad.words.aggregate` does not know.
         """
         from .words import aggregate, token_spans, word_groups
         if targets not in ("tokens", "words"):

@@ -1,10 +1,18 @@
 """``attribute``: the attribution methods over an embedding layer's output (see
-:mod:`embgrad.attribution`)."""
+:mod:`embgrad.attribution`), one function per method in a registry ``{name: _Method}``.
+
+A method gets a :class:`_Job` (the engine, the pass at the input, the options) and returns a
+:class:`_Out` (per-target attributions and scores, and what it measured: completeness gap,
+baseline outputs, steps); :func:`attribute` validates the options, runs the method and builds
+the :class:`Attribution`.
+"""
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -17,10 +25,275 @@ from .targets import _is_int
 
 __all__ = ["METHODS", "attribute"]
 
-METHODS = ("saliency", "grad_x_input", "integrated_gradients", "smoothgrad", "smoothgrad_sq", "vargrad",
-           "gradient_shap")
+
+@dataclass
+class _Job:
+    """What a method works from: the engine, the pass at the input (``obs``: ids, ``e``
+    (B, T, D), ``values`` NumPy (B, K), ``grads`` when the method asked for them), the padding
+    mask as a (B, T, 1) tensor ``mt`` of the accumulation dtype, and the options of
+    :func:`attribute`."""
+
+    eng: _Engine
+    obs: dict[str, Any]
+    mt: Any
+    baseline: Any
+    steps: Any
+    rule: str
+    tolerance: float
+    max_steps: int
+    noise: float
+    seed: int
+    pad_id: int | None
+    multiply_by_inputs: bool
+
+    @property
+    def e(self) -> Any:
+        return self.obs["e"]
+
+    @property
+    def fx(self) -> np.ndarray:
+        return self.obs["values"]
+
+    @property
+    def nd(self) -> int:
+        return len(self.eng.backend.ops.shape(self.e))
+
+
+@dataclass
+class _Out:
+    """What a method returns: K attributions (B, T, D) and K score arrays NumPy (B, T); the
+    completeness gap (K, B), the baseline's description and outputs (B, K), the rule that ran,
+    the steps per example (B,) and whether each converged (``steps="auto"``), where they apply."""
+
+    attr: list[Any]
+    scores: list[np.ndarray]
+    delta: np.ndarray | None = None
+    baseline: str | None = None
+    baseline_outputs: np.ndarray | None = None
+    rule: str | None = None
+    steps: np.ndarray | None = None
+    converged: np.ndarray | None = None
+
+
+class _Method(NamedTuple):
+    """A registered method: ``run(job) -> _Out``; ``grad_at_input``: it needs the gradient at
+    the input from the first pass; ``noisy``: ``steps`` counts noise samples (``noise``,
+    ``seed``); ``global_choice``: ``multiply_by_inputs=False`` applies."""
+
+    run: Callable[[_Job], _Out]
+    grad_at_input: bool = False
+    noisy: bool = False
+    global_choice: bool = False
+
+
+def _sum_last(job: _Job, attr: list[Any]) -> list[np.ndarray]:
+    b = job.eng.backend
+    return [b.ops.to_numpy(b.ops.sum(a, axis=job.nd - 1)) for a in attr]
+
+
+def _saliency(job: _Job) -> _Out:
+    """‖∂f/∂e_t‖₂ per token (Simonyan et al. 2014; Captum's ``Saliency`` with ``abs``, as a norm)."""
+    b = job.eng.backend
+    with b.ops.no_grad():
+        attr = [g * job.mt for g in job.obs["grads"]]
+        sc = [b.ops.to_numpy(b.ops.sqrt(b.ops.sum(a * a, axis=job.nd - 1))) for a in attr]
+    return _Out(attr, sc)
+
+
+def _grad_x_input(job: _Job) -> _Out:
+    """∂f/∂e_t · e_t per token (Shrikumar et al. 2016; Captum's ``InputXGradient``)."""
+    b, e = job.eng.backend, job.e
+    with b.ops.no_grad():
+        attr = [g * b.ops.cast(e, _acc_dtype(b, g)) * job.mt for g in job.obs["grads"]]
+        sc = _sum_last(job, attr)
+    return _Out(attr, sc)
+
+
+def _sigma(job: _Job) -> float:
+    """The noise's standard deviation per coordinate: ``noise`` × the table's median row norm / √D."""
+    eng = job.eng
+    return float(job.noise) * _typical_row_norm(eng, job.obs["ids"]) / math.sqrt(eng.info.dim)
+
+
+def _smoothgrad(job: _Job) -> _Out:
+    """The gradient averaged over ``steps`` noisy copies e + ε, times the input (Smilkov et al.
+    2017; Captum's ``NoiseTunnel(Saliency)`` × input)."""
+    eng, e = job.eng, job.e
+    b, B = eng.backend, eng.B
+    sigma = _sigma(job)
+    rng = np.random.default_rng(job.seed)
+    S = int(job.steps)
+    eshape = tuple(b.ops.shape(e))[1:]
+    idx = np.repeat(np.arange(B, dtype=np.int64), S)
+
+    def point(ix, sl, call):
+        eps = rng.standard_normal((len(ix),) + eshape, dtype=np.float32) * np.float32(sigma)
+        return b.ops.gather(e, b.ops.from_numpy(ix, like=e)) + b.ops.cast(b.ops.from_numpy(eps, like=e),
+                                                                           b.ops.dtype_name(e))
+
+    gbar = eng.accumulate(idx, np.full(len(idx), 1.0 / S), point, e, "smoothgrad")
+    with b.ops.no_grad():
+        attr = [g * b.ops.cast(e, _acc_dtype(b, g)) * job.mt for g in gbar]
+        sc = _sum_last(job, attr)
+    return _Out(attr, sc, steps=np.full(B, S, np.int64))
+
+
+def _sampled(kind: str, job: _Job) -> _Out:
+    """``smoothgrad_sq`` / ``vargrad``: the mean of the squares, the variance, of the
+    per-sample gradient × (noisy) input over ``steps`` samples (Captum's
+    ``NoiseTunnel(InputXGradient)``, Adebayo et al. 2018); ``gradient_shap``: the mean of
+    ∂f/∂e(e₀ + α(e + ε − e₀)) ⊙ (e + ε − e₀), α ~ U(0, 1) (Captum's ``LayerGradientShap``,
+    Lundberg & Lee 2017)."""
+    eng, e, mt = job.eng, job.e, job.mt
+    b, B = eng.backend, eng.B
+    S = int(job.steps)
+    sigma = _sigma(job) if job.noise else 0.0
+    rng = np.random.default_rng(job.seed)
+    eshape = tuple(b.ops.shape(e))[1:]
+    idx = np.repeat(np.arange(B, dtype=np.int64), S)
+    dt = _acc_dtype(b, e)
+    shap = kind == "gradient_shap"
+    multiply = job.multiply_by_inputs
+    out = _Out([], [], steps=np.full(B, S, np.int64))
+    if shap:
+        e0, out.baseline = _baseline(eng, job.baseline, job.obs, job.pad_id)
+        alpha = rng.uniform(0.0, 1.0, len(idx))
+    diffs: dict[int, Any] = {}
+
+    def point(ix, sl, call):
+        x = b.ops.gather(e, b.ops.from_numpy(ix, like=e))
+        if sigma:
+            eps = rng.standard_normal((len(ix),) + eshape, dtype=np.float32) * np.float32(sigma)
+            x = x + b.ops.cast(b.ops.from_numpy(eps, like=e), b.ops.dtype_name(e))
+        if not shap:
+            return x
+        x0 = b.ops.gather(e0, b.ops.from_numpy(ix, like=e))
+        diffs[sl.start] = b.ops.cast(x - x0, dt)           # the noisy input minus its baseline
+        return x0 + _per_row(b, alpha[sl], e, b.ops.dtype_name(e)) * (x - x0)
+
+    first: list[Any] = []
+    second: list[Any] = []
+
+    def consume(sl, ix, state, values, grads):
+        it = b.ops.from_numpy(ix, like=e)
+        times = diffs.pop(sl.start) if shap else b.ops.cast(state["x"], dt)
+        for k, g in enumerate(grads):
+            a = b.ops.cast(g, dt) * (times if (multiply or not shap) else 1.0)
+            s1 = b.ops.segment_sum(a, it, B)
+            s2 = None if shap else b.ops.segment_sum(a * a, it, B)
+            if k < len(first):
+                first[k] = first[k] + s1
+                if s2 is not None:
+                    second[k] = second[k] + s2
+            else:
+                first.append(s1)
+                if s2 is not None:
+                    second.append(s2)
+
+    eng.run(idx, point, True, consume, kind)
+    with b.ops.no_grad():
+        mean = [f / float(S) for f in first]
+        if kind == "smoothgrad_sq":
+            attr = [q / float(S) * mt for q in second]
+        elif kind == "vargrad":
+            attr = [(q / float(S) - m1 * m1) * mt for q, m1 in zip(second, mean, strict=True)]
+        else:
+            attr = [m1 * mt for m1 in mean]
+        out.attr, out.scores = attr, _sum_last(job, attr)
+    if shap:
+        f0 = eng.values_at(e0)
+        out.baseline_outputs = f0
+        if multiply:
+            out.delta = (np.stack([si.reshape(B, -1).sum(1) for si in out.scores], axis=1) - (job.fx - f0)).T
+    return out
+
+
+def _integrated_gradients(job: _Job) -> _Out:
+    """(e − e₀) · ∫₀¹ ∂f/∂e(e₀ + α(e − e₀)) dα by a quadrature rule, with its completeness gap
+    (Sundararajan et al. 2017; Captum's ``LayerIntegratedGradients``); ``steps="auto"`` refines
+    a nested rule for the examples whose gap is above ``tolerance``."""
+    eng, e, mt, fx = job.eng, job.e, job.mt, job.fx
+    b, B = eng.backend, eng.B
+    e0, base_desc = _baseline(eng, job.baseline, job.obs, job.pad_id)
+    with b.ops.no_grad():
+        diff = b.ops.cast(e, _acc_dtype(b, e)) - b.ops.cast(e0, _acc_dtype(b, e))
+    f0 = eng.values_at(e0)
+    out = _Out([], [], baseline=base_desc, baseline_outputs=f0, rule=job.rule)
+    scale = np.abs(fx - f0)
+
+    def integrate(examples: np.ndarray, nodes: np.ndarray, w: np.ndarray) -> list[Any]:
+        idx = np.repeat(examples, len(nodes))
+        alpha = np.tile(nodes, len(examples))
+
+        def point(ix, sl, call):
+            it = b.ops.from_numpy(ix, like=e)
+            a = _per_row(b, alpha[sl], e, b.ops.dtype_name(e))
+            return b.ops.gather(e0, it) + a * b.ops.cast(b.ops.gather(diff, it), b.ops.dtype_name(e))
+
+        return eng.accumulate(idx, np.tile(w, len(examples)), point, e,
+                              f"integrated gradients ({len(nodes)} points)")
+
+    def finish(acc: list[Any]) -> tuple[list[Any], list[np.ndarray], np.ndarray]:
+        with b.ops.no_grad():
+            at = [g * diff * mt for g in acc]
+            s = _sum_last(job, at)
+        d = np.stack([si.reshape(B, -1).sum(1) for si in s], axis=1) - (fx - f0)
+        if not job.multiply_by_inputs:     # the global attribution: the path-averaged gradient
+            with b.ops.no_grad():
+                at = [g * mt for g in acc]
+                s = _sum_last(job, at)
+        return at, s, d
+
+    everyone = np.arange(B, dtype=np.int64)
+    if not isinstance(job.steps, str):
+        out.attr, out.scores, dl = finish(integrate(everyone, *quadrature(job.rule, int(job.steps))))
+        out.steps = np.full(B, int(job.steps), np.int64)
+    else:
+        out.rule = used_rule = _NESTED[job.rule]
+        n = _AUTO_START[used_rule]
+        acc = integrate(everyone, *quadrature(used_rule, n))
+        steps_used = np.full(B, n, np.int64)
+        tol = float(job.tolerance) * np.maximum(scale, 1e-4)
+        while True:
+            out.attr, out.scores, dl = finish(acc)
+            ok = (np.abs(dl) <= tol).all(axis=1)
+            active = everyone[~ok]
+            n_next, nodes, w_new, keep = refine(used_rule, n)
+            if not active.size or n_next > job.max_steps:
+                break
+            new = integrate(active, nodes, np.full(len(nodes), w_new))
+            sel = np.ones(B, np.float64)
+            sel[active] = keep                    # the old sum of active examples is rescaled
+            with b.ops.no_grad():
+                st = _per_row(b, sel, e, _acc_dtype(b, e))
+                acc = [a * st + nw for a, nw in zip(acc, new, strict=True)]
+            steps_used[active] = n = n_next
+        out.steps, out.converged = steps_used, ok
+        if not ok.all():
+            bad = np.flatnonzero(~ok)
+            warnings.warn(
+                f"steps='auto': {bad.size} of {B} examples (e.g. #{int(bad[0])}) still have a completeness "
+                f"gap above tolerance={job.tolerance} with {int(steps_used.max())} points (max_steps="
+                f"{job.max_steps}; worst |delta| {float(np.abs(dl).max()):.3g}); raise max_steps, or check "
+                "the model for non-smooth parts (e.g. ReLU kinks, argmax).", stacklevel=3)
+    out.delta = dl.T                                     # (K, B)
+    return out
+
+
+#: every method of :func:`attribute`, by name (the order of :data:`METHODS`)
+_METHODS: dict[str, _Method] = {
+    "saliency": _Method(_saliency, grad_at_input=True),
+    "grad_x_input": _Method(_grad_x_input, grad_at_input=True),
+    "integrated_gradients": _Method(_integrated_gradients, global_choice=True),
+    "smoothgrad": _Method(_smoothgrad, noisy=True),
+    "smoothgrad_sq": _Method(functools.partial(_sampled, "smoothgrad_sq"), noisy=True),
+    "vargrad": _Method(functools.partial(_sampled, "vargrad"), noisy=True),
+    "gradient_shap": _Method(functools.partial(_sampled, "gradient_shap"), noisy=True, global_choice=True),
+}
+METHODS = tuple(_METHODS)
 #: the methods that sample noise (``steps`` = samples, ``noise``, ``seed``)
-_NOISY = ("smoothgrad", "smoothgrad_sq", "vargrad", "gradient_shap")
+_NOISY = tuple(name for name, m in _METHODS.items() if m.noisy)
+
 
 def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gradients",
               layer: Any = None, baseline: Any = None, steps: int | str = 50,
@@ -67,12 +340,21 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
         call: which lookup of the layer to attribute when one forward calls it several times
             (e.g. a table shared by encoder and decoder); None requires a single lookup.
 
-    Returns an :class:`Attribution`; ``EmbgradError`` on bad input, before the model runs
-    where it can be checked.
+    Returns an :class:`Attribution`.
+
+    Raises:
+        EmbgradError: on bad input, before the model runs where it can be checked: an unknown
+            ``method`` or ``rule``, ``steps``/``noise``/``tolerance``/``max_steps`` out of range,
+            ``multiply_by_inputs=False`` for a method without that choice, a target that does not
+            fit the batch or the model's output, an unknown or unfit layer (an embedding bag, a
+            lookup not following the batch, several lookups without ``call=``), a baseline or
+            mask of the wrong shape, dtype or range, a model traced in graph mode
+            (``tf.function``).
     """
     if method not in METHODS:
         raise EmbgradError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} "
                            f"(closest: {closest_names(str(method), METHODS)}).")
+    spec = _METHODS[method]
     auto = isinstance(steps, str)
     if auto and steps != "auto":
         raise EmbgradError(f"steps={steps!r}: pass an int or 'auto'.")
@@ -87,186 +369,36 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
                                f"tolerance={tolerance!r}, max_steps={max_steps!r}.")
     if noise is None:
         noise = 0.0 if method == "gradient_shap" else 0.1
-    if method in _NOISY and (not _is_int(steps) or steps < 1 or not noise >= 0):
+    if spec.noisy and (not _is_int(steps) or steps < 1 or not noise >= 0):
         raise EmbgradError(f"{method} needs steps (noise samples) ≥ 1 and noise ≥ 0, got "
                            f"steps={steps!r}, noise={noise!r}.")
-    if not multiply_by_inputs and method not in ("integrated_gradients", "gradient_shap"):
-        raise EmbgradError(f"multiply_by_inputs=False applies to integrated_gradients and gradient_shap "
+    if not multiply_by_inputs and not spec.global_choice:
+        choices = " and ".join(n for n, m in _METHODS.items() if m.global_choice)
+        raise EmbgradError(f"multiply_by_inputs=False applies to {choices} "
                            f"(Captum's global attribution); method={method!r} has no such choice.")
     eng = _Engine(model, inputs, layer, forward, target, batch_size, progress, call=call)
     b = eng.backend
-    obs = eng.observe(grad=method in ("saliency", "grad_x_input"))
+    obs = eng.observe(grad=spec.grad_at_input)
     ids_np = b.ops.to_numpy(obs["ids"]).astype(np.int64)
     m = _mask(eng, ids_np, mask)
     e = obs["e"]
-    nd = len(b.ops.shape(e))
     with b.ops.no_grad():
         mt = b.ops.reshape(b.ops.cast(b.ops.from_numpy(m, like=e), _acc_dtype(b, e)), b.ops.shape(e)[:-1] + (1,))
-    fx = obs["values"]
-    extra: dict[str, Any] = {"baseline_outputs": None, "converged": None}
-    delta = base_desc = used_rule = steps_used = None
-    K = fx.shape[1]
-    B = eng.B
-
-    if method in ("saliency", "grad_x_input"):
-        with b.ops.no_grad():
-            if method == "saliency":
-                attr = [g * mt for g in obs["grads"]]
-                sc = [b.ops.to_numpy(b.ops.sqrt(b.ops.sum(a * a, axis=nd - 1))) for a in attr]
-            else:
-                attr = [g * b.ops.cast(e, _acc_dtype(b, g)) * mt for g in obs["grads"]]
-                sc = [b.ops.to_numpy(b.ops.sum(a, axis=nd - 1)) for a in attr]
-    elif method == "smoothgrad":
-        sigma = float(noise) * _typical_row_norm(eng, obs["ids"]) / math.sqrt(eng.info.dim)
-        rng = np.random.default_rng(seed)
-        S = int(steps)
-        eshape = tuple(b.ops.shape(e))[1:]
-        idx = np.repeat(np.arange(B, dtype=np.int64), S)
-
-        def point(ix, sl, call):
-            eps = rng.standard_normal((len(ix),) + eshape, dtype=np.float32) * np.float32(sigma)
-            return b.ops.gather(e, b.ops.from_numpy(ix, like=e)) + b.ops.cast(b.ops.from_numpy(eps, like=e),
-                                                                               b.ops.dtype_name(e))
-
-        gbar = eng.accumulate(idx, np.full(len(idx), 1.0 / S), point, e, "smoothgrad")
-        with b.ops.no_grad():
-            attr = [g * b.ops.cast(e, _acc_dtype(b, g)) * mt for g in gbar]
-            sc = [b.ops.to_numpy(b.ops.sum(a, axis=nd - 1)) for a in attr]
-        steps_used = np.full(B, S, np.int64)
-    elif method in ("smoothgrad_sq", "vargrad", "gradient_shap"):
-        S = int(steps)
-        sigma = float(noise) * _typical_row_norm(eng, obs["ids"]) / math.sqrt(eng.info.dim) if noise else 0.0
-        rng = np.random.default_rng(seed)
-        eshape = tuple(b.ops.shape(e))[1:]
-        idx = np.repeat(np.arange(B, dtype=np.int64), S)
-        dt = _acc_dtype(b, e)
-        shap = method == "gradient_shap"
-        if shap:
-            e0, base_desc = _baseline(eng, baseline, obs, pad_id)
-            alpha = rng.uniform(0.0, 1.0, len(idx))
-        diffs: dict[int, Any] = {}
-
-        def point(ix, sl, call):
-            x = b.ops.gather(e, b.ops.from_numpy(ix, like=e))
-            if sigma:
-                eps = rng.standard_normal((len(ix),) + eshape, dtype=np.float32) * np.float32(sigma)
-                x = x + b.ops.cast(b.ops.from_numpy(eps, like=e), b.ops.dtype_name(e))
-            if not shap:
-                return x
-            x0 = b.ops.gather(e0, b.ops.from_numpy(ix, like=e))
-            diffs[sl.start] = b.ops.cast(x - x0, dt)           # the noisy input minus its baseline
-            return x0 + _per_row(b, alpha[sl], e, b.ops.dtype_name(e)) * (x - x0)
-
-        first: list[Any] = []
-        second: list[Any] = []
-
-        def consume(sl, ix, state, values, grads):
-            it = b.ops.from_numpy(ix, like=e)
-            times = diffs.pop(sl.start) if shap else b.ops.cast(state["x"], dt)
-            for k, g in enumerate(grads):
-                a = b.ops.cast(g, dt) * (times if (multiply_by_inputs or not shap) else 1.0)
-                s1 = b.ops.segment_sum(a, it, B)
-                s2 = None if shap else b.ops.segment_sum(a * a, it, B)
-                if k < len(first):
-                    first[k] = first[k] + s1
-                    if s2 is not None:
-                        second[k] = second[k] + s2
-                else:
-                    first.append(s1)
-                    if s2 is not None:
-                        second.append(s2)
-
-        eng.run(idx, point, True, consume, method)
-        with b.ops.no_grad():
-            mean = [f / float(S) for f in first]
-            if method == "smoothgrad_sq":
-                attr = [q / float(S) * mt for q in second]
-            elif method == "vargrad":
-                attr = [(q / float(S) - m1 * m1) * mt for q, m1 in zip(second, mean, strict=True)]
-            else:
-                attr = [m1 * mt for m1 in mean]
-            sc = [b.ops.to_numpy(b.ops.sum(a, axis=nd - 1)) for a in attr]
-        steps_used = np.full(B, S, np.int64)
-        if shap:
-            f0 = eng.values_at(e0)
-            extra["baseline_outputs"] = f0
-            if multiply_by_inputs:
-                delta = (np.stack([si.reshape(B, -1).sum(1) for si in sc], axis=1) - (fx - f0)).T
-    else:
-        e0, base_desc = _baseline(eng, baseline, obs, pad_id)
-        with b.ops.no_grad():
-            diff = b.ops.cast(e, _acc_dtype(b, e)) - b.ops.cast(e0, _acc_dtype(b, e))
-        f0 = eng.values_at(e0)
-        extra["baseline_outputs"] = f0
-        used_rule = rule
-        scale = np.abs(fx - f0)
-
-        def integrate(examples: np.ndarray, nodes: np.ndarray, w: np.ndarray) -> list[Any]:
-            idx = np.repeat(examples, len(nodes))
-            alpha = np.tile(nodes, len(examples))
-
-            def point(ix, sl, call):
-                it = b.ops.from_numpy(ix, like=e)
-                a = _per_row(b, alpha[sl], e, b.ops.dtype_name(e))
-                return b.ops.gather(e0, it) + a * b.ops.cast(b.ops.gather(diff, it), b.ops.dtype_name(e))
-
-            return eng.accumulate(idx, np.tile(w, len(examples)), point, e,
-                                  f"integrated gradients ({len(nodes)} points)")
-
-        def finish(acc: list[Any]) -> tuple[list[Any], list[np.ndarray], np.ndarray]:
-            with b.ops.no_grad():
-                at = [g * diff * mt for g in acc]
-                s = [b.ops.to_numpy(b.ops.sum(a, axis=nd - 1)) for a in at]
-            d = np.stack([si.reshape(B, -1).sum(1) for si in s], axis=1) - (fx - f0)
-            if not multiply_by_inputs:     # the global attribution: the path-averaged gradient
-                with b.ops.no_grad():
-                    at = [g * mt for g in acc]
-                    s = [b.ops.to_numpy(b.ops.sum(a, axis=nd - 1)) for a in at]
-            return at, s, d
-
-        everyone = np.arange(B, dtype=np.int64)
-        if not auto:
-            attr, sc, dl = finish(integrate(everyone, *quadrature(rule, int(steps))))
-            steps_used = np.full(B, int(steps), np.int64)
-        else:
-            used_rule = _NESTED[rule]
-            n = _AUTO_START[used_rule]
-            acc = integrate(everyone, *quadrature(used_rule, n))
-            steps_used = np.full(B, n, np.int64)
-            tol = float(tolerance) * np.maximum(scale, 1e-4)
-            while True:
-                attr, sc, dl = finish(acc)
-                ok = (np.abs(dl) <= tol).all(axis=1)
-                active = everyone[~ok]
-                n_next, nodes, w_new, keep = refine(used_rule, n)
-                if not active.size or n_next > max_steps:
-                    break
-                new = integrate(active, nodes, np.full(len(nodes), w_new))
-                sel = np.ones(B, np.float64)
-                sel[active] = keep                    # the old sum of active examples is rescaled
-                with b.ops.no_grad():
-                    st = _per_row(b, sel, e, _acc_dtype(b, e))
-                    acc = [a * st + nw for a, nw in zip(acc, new, strict=True)]
-                steps_used[active] = n = n_next
-            extra["converged"] = ok
-            if not ok.all():
-                bad = np.flatnonzero(~ok)
-                warnings.warn(
-                    f"steps='auto': {bad.size} of {B} examples (e.g. #{int(bad[0])}) still have a completeness "
-                    f"gap above tolerance={tolerance} with {int(steps_used.max())} points (max_steps="
-                    f"{max_steps}; worst |delta| {float(np.abs(dl).max()):.3g}); raise max_steps, or check "
-                    "the model for non-smooth parts (e.g. ReLU kinks, argmax).", stacklevel=2)
-        delta = dl.T                                     # (K, B)
-
-    scores = np.stack([np.asarray(s, dtype=np.float64).astype(np.float32) for s in sc])   # (K, B, T)
+    job = _Job(eng, obs, mt, baseline=baseline, steps=steps, rule=rule, tolerance=tolerance,
+               max_steps=max_steps, noise=float(noise), seed=seed, pad_id=pad_id,
+               multiply_by_inputs=multiply_by_inputs)
+    res = spec.run(job)
+    K = obs["values"].shape[1]
+    scores = np.stack([np.asarray(s, dtype=np.float64).astype(np.float32) for s in res.scores])   # (K, B, T)
     with b.ops.no_grad():
         if K == 1:
-            attributions = attr[0]
+            attributions = res.attr[0]
         else:
-            attributions = b.ops.concat([b.ops.reshape(a, (1,) + tuple(b.ops.shape(a))) for a in attr], axis=0)
+            attributions = b.ops.concat([b.ops.reshape(a, (1,) + tuple(b.ops.shape(a))) for a in res.attr], axis=0)
     single = not eng.targets.multi
-    out_vals = fx.T
-    base_vals = extra["baseline_outputs"].T if extra["baseline_outputs"] is not None else None
+    delta = res.delta
+    out_vals = obs["values"].T
+    base_vals = res.baseline_outputs.T if res.baseline_outputs is not None else None
     if single:
         scores, out_vals = scores[0], out_vals[0]
         delta = None if delta is None else delta[0]
@@ -274,7 +406,7 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
     return Attribution(
         method=method, scores=scores, attributions=attributions, delta=delta,
         tokens=_tokens(tokens, ids_np), ids=ids_np, mask=m, layer=eng.info.name,
-        targets=None if single else eng.targets.labels, baseline=base_desc, rule=used_rule,
-        steps=steps_used, evaluations=eng.evaluations, outputs=out_vals,
-        baseline_outputs=base_vals, converged=extra["converged"],
+        targets=None if single else eng.targets.labels, baseline=res.baseline, rule=res.rule,
+        steps=res.steps, evaluations=eng.evaluations, outputs=out_vals,
+        baseline_outputs=base_vals, converged=res.converged,
         target=eng.targets.labels[0] if single else None)

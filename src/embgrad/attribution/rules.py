@@ -22,6 +22,10 @@ def quadrature(rule: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     ``trapezoid``: α = 0, 1/(n−1), ..., 1 with halved end weights (n ≥ 2; Captum's
     "riemann_trapezoid" weights sum to (n−1)/n instead of 1); ``left``/``right``/``middle``:
     Riemann sums with n equal steps (as Captum's riemann_left/right/middle).
+
+    Raises:
+        EmbgradError: an unknown ``rule`` (the closest names are given), or ``n`` not an int
+            ≥ 1 (≥ 2 for the trapezoid rule).
     """
     if rule not in RULES:
         raise EmbgradError(f"unknown quadrature rule {rule!r}; choose one of {', '.join(RULES)} "
@@ -48,6 +52,9 @@ def refine(rule: str, n: int) -> tuple[int, np.ndarray, float, float]:
     ``old_scale`` × (the n-point rule) + ``new_weight`` × Σ over ``new_nodes`` — so a running
     weighted sum of gradients is refined by evaluating only the new nodes. Trapezoid and
     left/right halve the step; middle divides it by three (the old midpoints stay midpoints).
+
+    Raises:
+        EmbgradError: ``rule`` has no nested refinement (``gauss_legendre``).
     """
     if rule == "trapezoid":
         m = n - 1

@@ -79,6 +79,12 @@ def hotflip(model: Any, inputs: Any, target: Any, k: int = 10, layer: Any = None
     ids, a (V,) bool mask, or a callable token string -> bool (with ``tokenizer``).
     ``positions``: (B, T) bool of positions that may change (default: non-padding, non-special
     tokens). ``verify``: run the swapped inputs through the model and report ``actual``.
+
+    Raises:
+        EmbgradError: ``direction`` not "decrease"/"increase", ``k`` not a positive int, several
+            targets, ids that are not (B, T), ``positions`` not bool (B, T), a ``candidates``
+            filter that is unknown, out of range or leaves no token (or needs ``tokenizer=``);
+            and as :func:`embgrad.attribute` for the layer, the inputs and the target.
     """
     if direction not in ("decrease", "increase"):
         raise EmbgradError(f"direction must be 'decrease' or 'increase', got {direction!r}.")
