@@ -146,6 +146,11 @@ def test_model_untouched_and_errors(model):
         embgrad.attribute(model, IDS, 0, layer="token")
     with pytest.raises(EmbgradError, match="out of range for a table"):
         embgrad.attribute(model, IDS + 40, 0, method="saliency")
+    # composite modules and several layers in one call: PyTorch only for now, said plainly
+    with pytest.raises(EmbgradError, match=r"no embedding layer named 'dense'.*tokens.*composite module.*PyTorch only"):
+        embgrad.attribute(model, IDS, 0, layer="dense")
+    with pytest.raises(EmbgradError, match="several layers in one call is implemented for PyTorch only"):
+        embgrad.attribute(model, IDS, 0, layer=["tokens", "tokens"])
 
 
 def test_several_inputs_follow_keras_calling_convention():

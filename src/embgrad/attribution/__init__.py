@@ -35,17 +35,18 @@ Also here: :func:`hotflip` (first-order token swaps from one gradient) and :func
 """
 from __future__ import annotations
 
-# The parts: rules (quadrature), engine (chunked runs through the model), targets, inputs (mask,
-# tokens, baselines), methods (attribute), swaps (hotflip), jacobians, results (Attribution,
-# HotFlip). The private helpers imported from here before the package split stay importable (F401).
+# The parts: rules (quadrature), engine (chunked runs through the model), sites (which layers
+# or composite modules), targets, inputs (mask, tokens, baselines), methods (attribute), swaps
+# (hotflip), jacobians, results (Attribution, LayerAttributions, HotFlip). The private helpers
+# imported from here before the package split stay importable (F401).
 from .engine import _acc_dtype, _Engine, _per_row, _pick_layer, _Progress  # noqa: F401
 from .inputs import _baseline, _known_pad_id, _tokens  # noqa: F401
 from .jacobians import jacobian
 from .methods import METHODS, attribute
-from .results import Attribution, HotFlip
+from .results import Attribution, HotFlip, LayerAttributions
 from .rules import RULES, quadrature, refine
 from .swaps import _vocab_strings, hotflip  # noqa: F401
 from .targets import _is_int, _logits  # noqa: F401
 
-__all__ = ["attribute", "Attribution", "hotflip", "HotFlip", "jacobian", "quadrature", "refine",
-           "METHODS", "RULES"]
+__all__ = ["attribute", "Attribution", "LayerAttributions", "hotflip", "HotFlip", "jacobian", "quadrature",
+           "refine", "METHODS", "RULES"]

@@ -3,10 +3,13 @@
 per example."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -14,6 +17,7 @@ from ..backends import Backend, EmbeddingInfo, get_backend
 from ..capture import Capture, input_embedding, select_layers
 from ..errors import EmbgradError
 from .inputs import _Inputs
+from .sites import _Site
 from .targets import _is_int, _Targets
 
 
@@ -73,12 +77,18 @@ class _Engine:
     ``targets``: a prebuilt target object instead of ``target`` (what :mod:`embgrad.generation`
     passes: ``__call__(outputs, idx, like) -> (n, K)``, ``multi``, ``labels``);
     ``batched_vjp``: the K gradients as one batched backward pass (vmap), see the backends.
+
+    ``sites=True`` (:func:`embgrad.attribute`): ``layer`` may also name a composite module or
+    several layers (:mod:`embgrad.attribution.sites`). With L sites the engine's "layer output"
+    is the L outputs (B, T, D) side by side, (B, L·T, D): the points are built for all of them
+    before the forward, watched as ONE tensor and split between the sites (so every backend's
+    one-tensor ``value_and_grads`` serves), and ids are side by side too, (B, L·T).
     """
 
     def __init__(self, model: Any, inputs: Any, layer: Any, forward: Callable | None,
                  target: Any, batch_size: int | None, progress: bool | None, what: str = "target",
                  call: int | None = None, who: str = "embgrad.attribute", *, targets: Any = None,
-                 batched_vjp: bool = False):
+                 batched_vjp: bool = False, sites: bool = False):
         self.backend = b = get_backend(model)
         _refuse_jax(b, who)
         b.ops.eager_only("embgrad.attribute, hotflip and jacobian",
@@ -88,11 +98,26 @@ class _Engine:
             raise EmbgradError(f"call must be None or the index (≥ 0) of the layer's lookup within one "
                                f"forward pass, got {call!r}.")
         self.call_index = None if call is None else int(call)
-        self.info = _pick_layer(b, model, layer)
+        if sites:
+            from .sites import pick_sites
+            self.sites = pick_sites(b, model, layer)
+        else:
+            info = _pick_layer(b, model, layer)
+            self.sites = [_Site(info.name, info)]
+        self.info = self.sites[0].info
+        #: the plain case: one embedding layer, replaced at its lookup (where the point may be
+        #: built from the call); else composite modules or several layers (see the class doc)
+        self.plain = len(self.sites) == 1 and self.sites[0].module is None
+        self.T: int | None = None          # tokens per site, known after the first pass (not plain)
+        self._inner: Callable | None = None   # replaces the token lookups inside composites
         self.inputs = _Inputs(inputs, b)
         self.B = self.inputs.batch
         self.targets = _Targets(target, self.B, b, what) if targets is None else targets
-        self.cap = Capture(model, [self.info.layer])
+        layers: list[Any] = []
+        for site in self.sites:
+            if all(site.info.layer is not x for x in layers):
+                layers.append(site.info.layer)
+        self.cap = Capture(model, layers)
         if batch_size is None:
             batch_size = int(min(512, max(1, 2 ** 20 // max(1, self.inputs.seq_len * self.info.dim))))
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -132,46 +157,116 @@ class _Engine:
 
     def _chunk(self, ix: np.ndarray, sl: slice, point: Callable[[np.ndarray, slice, Any], Any] | None,
                grad: bool, consume: Callable[[slice, np.ndarray, Any, Any, list | None], None]) -> None:
-        b, info, n = self.backend, self.info, int(ix.shape[0])
+        b, n, sites = self.backend, int(ix.shape[0]), self.sites
+        L = len(sites)
         sub = self.inputs.take(ix)
-        state: dict[str, Any] = {"call": None, "watch": None, "count": 0}
+        state: dict[str, Any] = {"call": None, "watch": None, "count": {}, "ids": [None] * L,
+                                 "outs": [None] * L, "X": None, "x": None}
+
+        def check(si: int, output: Any) -> tuple[int, ...]:
+            shape = b.ops.shape(output)
+            if not shape or shape[0] != n:
+                raise EmbgradError(
+                    f"layer {sites[si].name!r} returned shape {shape} for a chunk of {n} examples: its lookup "
+                    "does not follow the batch (e.g. position embeddings looked up once per batch: pass "
+                    "position_ids of shape (B, T) in the inputs). Attribute the token embedding layer instead.")
+            return shape
+
+        def take(si: int, output: Any, call: Any) -> Any:
+            """Site l's output seen in the forward: the replacement (or None to keep it)."""
+            shape = check(si, output)
+            if self.plain:
+                x = point(ix, sl, call) if point is not None else None
+                if x is not None and b.ops.shape(x) != shape:
+                    raise EmbgradError(f"layer {sites[si].name!r}: the replacement of shape {b.ops.shape(x)} does "
+                                       f"not match its output of shape {shape}.")
+                if state["watch"] is not None:
+                    x = state["watch"](output if x is None else x)
+                state["x"] = output if x is None else x
+                return x
+            if state["outs"][si] is not None:
+                raise EmbgradError(f"module {sites[si].name!r} ran more than once in one forward pass; "
+                                   "attribution replaces its output once per forward.")
+            state["outs"][si] = output
+            X = state["X"]
+            if X is None:
+                return None
+            T = self.T
+            assert T is not None                 # set by the first pass (observe)
+            x = X[:, si * T:(si + 1) * T]
+            if b.ops.shape(x) != shape:
+                raise EmbgradError(
+                    f"layer {sites[si].name!r} returned {shape} in this pass and {tuple(b.ops.shape(x))} in the first: "
+                    "attribution to several layers needs every output to keep its (B, T, D) shape.")
+            return x
 
         def replace(call):
-            k = state["count"]
-            state["count"] = k + 1
+            name = call.info.name
+            k = state["count"].get(name, 0)
+            state["count"][name] = k + 1
             if self.call_index is None and k == 1:
                 raise EmbgradError(
-                    f"layer {info.name!r} was called more than once in one forward pass (e.g. a table "
+                    f"layer {name!r} was called more than once in one forward pass (e.g. a table "
                     "shared by an encoder and a decoder); attribution replaces one lookup per forward: "
                     "pass call=0 for the first lookup (call=1 for the second, ...), or forward= that "
                     "calls the layer once.")
             if k != (self.call_index or 0):
                 return None
-            state["call"] = call
-            shape = b.ops.shape(call.output)
-            if not shape or shape[0] != n:
-                raise EmbgradError(
-                    f"layer {info.name!r} returned shape {shape} for a chunk of {n} examples: its lookup "
-                    "does not follow the batch (e.g. position embeddings looked up once per batch). "
-                    "Attribute the token embedding layer instead.")
-            x = point(ix, sl, call) if point is not None else None
-            if x is not None and b.ops.shape(x) != shape:
-                raise EmbgradError(f"layer {info.name!r}: the replacement of shape {b.ops.shape(x)} does not "
-                                   f"match its output of shape {shape}.")
-            if state["watch"] is not None:
-                x = state["watch"](call.output if x is None else x)
-            state["x"] = call.output if x is None else x
-            return x
+            out = None
+            for si, site in enumerate(sites):
+                if site.info.layer is not call.info.layer:
+                    continue
+                state["ids"][si] = call.ids
+                if state["call"] is None:
+                    state["call"] = call
+                if site.module is None:
+                    out = take(si, call.output, call)
+                elif self._inner is not None:
+                    out = self._inner(ix, sl, call)
+            return out
 
         def fn(watch):
             state["watch"] = watch
-            with self.cap.replacing(replace), self.cap:
+            if not self.plain and point is not None:
+                X = point(ix, sl, None)                      # (n, L·T, D): every site's point
+                state["X"] = X if watch is None else watch(X)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(self.cap.replacing(replace))
+                stack.enter_context(self.cap)
+                for si, site in enumerate(sites):
+                    if site.module is not None:
+                        stack.enter_context(self._output_tap(site.module, functools.partial(take, si, call=None)))
                 out = self.inputs.call(self.forward, self.model, sub)
-            if state["call"] is None:
-                raise EmbgradError(
-                    f"the forward pass called layer {info.name!r} {state['count']} times, so lookup "
-                    f"call={self.call_index or 0} never happened: check that the inputs reach it, or "
-                    "name the embedding layer the model uses with layer=.")
+            for si, site in enumerate(sites):
+                if state["ids"][si] is None:
+                    name = site.info.name
+                    raise EmbgradError(
+                        f"the forward pass called layer {name!r} {state['count'].get(name, 0)} times, so lookup "
+                        f"call={self.call_index or 0} never happened: check that the inputs reach it, or "
+                        "name the embedding layer the model uses with layer=.")
+                if site.module is not None and state["outs"][si] is None:
+                    raise EmbgradError(f"module {site.name!r} did not run in the forward pass, though its "
+                                       f"embedding layer {site.info.name!r} did; attribute to a module the "
+                                       "forward calls.")
+            if not self.plain:
+                ids = state["ids"]
+                for si in range(L):
+                    if tuple(b.ops.shape(ids[si])) != tuple(b.ops.shape(state["outs"][si]))[:-1]:
+                        raise EmbgradError(
+                            f"layer {sites[si].name!r} maps ids of shape {tuple(b.ops.shape(ids[si]))} to "
+                            f"{tuple(b.ops.shape(state['outs'][si]))}, not one vector per id.")
+                shapes = {tuple(b.ops.shape(o))[1:] for o in state["outs"]}
+                if len(shapes) != 1:
+                    raise EmbgradError(
+                        f"layers {[s.name for s in sites]} return outputs of shapes "
+                        f"{[tuple(b.ops.shape(o)) for o in state['outs']]}: attribution to several layers in one "
+                        "call needs outputs of one shape (B, T, D).")
+                self.T = int(b.ops.shape(state["outs"][0])[1])
+                state["ids_all"] = ids[0] if L == 1 else b.ops.concat(list(ids), axis=1)
+                state["x"] = state["X"] if state["X"] is not None else (
+                    state["outs"][0] if L == 1 else b.ops.concat(list(state["outs"]), axis=1))
+            else:
+                state["ids_all"] = state["call"].ids
             return self.targets(out, ix, state["call"].ids)
 
         if grad:
@@ -183,6 +278,20 @@ class _Engine:
         with b.ops.no_grad():
             consume(sl, ix, state, values, grads)
 
+    @contextlib.contextmanager
+    def _output_tap(self, module: Any, on_output: Callable[[Any], Any]) -> Iterator[None]:
+        """A composite module's output seen (and replaced) by ``on_output`` while the block runs,
+        in this engine's context only (a forward of the model in another thread is untouched)."""
+        token = _RUNNING.set(self)
+        tap = None
+        try:
+            tap = self.backend.install_output_tap(module, on_output, active=lambda: _RUNNING.get() is self)
+            yield
+        finally:
+            if tap is not None:
+                tap.remove()
+            _RUNNING.reset(token)
+
     # -------------------------------------------------------------- common passes
     def observe(self, grad: bool) -> dict[str, Any]:
         """The inputs as they are: ids (B, T), e (B, T, D), values NumPy (B, K) and, with
@@ -190,9 +299,17 @@ class _Engine:
         b = self.backend
         parts: dict[str, list] = {"ids": [], "e": [], "values": [], "grads": []}
 
+        if grad and not self.plain:
+            # several sites (or a composite): their outputs first, then the gradient at them as
+            # one watched point (one more pass over the examples)
+            first = self.observe(False)
+            e = first["e"]
+            obs = self.observe_at(e, grad=True)
+            obs["ids"], obs["e"] = first["ids"], e
+            return obs
+
         def consume(sl, ix, state, values, grads):
-            call = state["call"]
-            parts["ids"].append(call.ids)
+            parts["ids"].append(state["ids_all"])
             parts["e"].append(state["x"] if not grad else _detached(b, state["x"]))
             parts["values"].append(_values_np(b, values))
             if grads is not None:
@@ -210,6 +327,48 @@ class _Engine:
                 f"layer {self.info.name!r} maps ids of shape {ids_shape} to {b.ops.shape(obs['e'])}, not one "
                 "vector per id; attribution needs a plain token embedding (not a bag / pooled lookup).")
         return obs
+
+    def observe_at(self, emb: Any, grad: bool) -> dict[str, Any]:
+        """Values NumPy (B, K) and, with ``grad``, the K gradients (B, L·T, D) with the sites'
+        outputs replaced by ``emb`` (B, L·T, D)."""
+        b = self.backend
+        values: list[np.ndarray] = []
+        grads: list[list[Any]] = []
+
+        def point(ix, sl, call):
+            return b.ops.gather(emb, b.ops.from_numpy(ix, like=emb))
+
+        def consume(sl, ix, state, v, g):
+            values.append(_values_np(b, v))
+            if g is not None:
+                grads.append([_acc(b, x) for x in g])
+
+        self.run(np.arange(self.B, dtype=np.int64), point, grad, consume, "gradient")
+        obs: dict[str, Any] = {"values": np.concatenate(values)}
+        if grad:
+            cat = (lambda xs: xs[0]) if len(grads) == 1 else (lambda xs: b.ops.concat(xs, axis=0))
+            obs["grads"] = [cat([g[k] for g in grads]) for k in range(len(grads[0]))]
+        return obs
+
+    def composite_output(self, si: int, ids: Any) -> Any:
+        """Site l's (a composite module's) output (B, T, D) with the lookup of its token
+        embedding replaced by that of ``ids`` (B, T), every other input unchanged: the module's
+        output at baseline ids (what Captum's ``LayerIntegratedGradients`` runs the model on
+        the baselines for)."""
+        b, info, out = self.backend, self.sites[si].info, []
+        emb = b.embed(info, ids)
+
+        def inner(ix, sl, call):
+            x = b.ops.gather(emb, b.ops.from_numpy(ix, like=emb))
+            return b.ops.cast(x, b.ops.dtype_name(call.output))
+
+        self._inner = inner
+        try:
+            self.run(np.arange(self.B, dtype=np.int64), None, False,
+                     lambda sl, ix, st, v, g: out.append(st["outs"][si]), "baseline")
+        finally:
+            self._inner = None
+        return out[0] if len(out) == 1 else b.ops.concat(out, axis=0)
 
     def values_at(self, emb: Any) -> np.ndarray:
         """NumPy (B, K): target values with the layer output replaced by ``emb`` (B, T, D)."""
@@ -241,6 +400,10 @@ class _Engine:
 
         self.run(idx, point, True, consume, what)
         return acc
+
+
+#: the engine running a forward in this thread / context (its composite taps act only there)
+_RUNNING: contextvars.ContextVar[Any] = contextvars.ContextVar("embgrad_attribution_engine", default=None)
 
 
 def _per_row(b: Backend, v: np.ndarray, like: Any, dtype: str) -> Any:

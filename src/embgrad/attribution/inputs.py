@@ -135,8 +135,40 @@ def _pad_id(model: Any, info: EmbeddingInfo, pad_id: int | None) -> int:
 
 
 def _baseline(eng: _Engine, baseline: Any, obs: dict, pad_id: int | None) -> tuple[Any, str]:
-    """The baseline's layer output e₀ (B, T, D) and a description."""
-    b, info, e, ids = eng.backend, eng.info, obs["e"], obs["ids"]
+    """The baseline's layer output e₀ (B, T, D) and a description; with several sites (or a
+    composite) e₀ (B, L·T, D), each site's part from ``baseline`` or ``baseline[site name]``."""
+    b, e, ids = eng.backend, obs["e"], obs["ids"]
+    if eng.plain:
+        return _site_baseline(eng, 0, baseline, e, ids, pad_id)
+    sites, T = eng.sites, eng.T
+    assert T is not None
+    names = [s.name for s in sites]
+    if isinstance(baseline, Mapping):
+        extra = [k for k in baseline if k not in names]
+        missing = [n for n in names if n not in baseline]
+        if extra or missing:
+            raise EmbgradError(f"baseline dict with keys {list(baseline)}: unknown layers {extra}, no baseline "
+                               f"for {missing}; give one baseline per layer, keyed by {names} (or one "
+                               "baseline for every layer).")
+        specs = [baseline[n] for n in names]
+    else:
+        specs = [baseline] * len(sites)
+    parts, descs = [], []
+    for si, spec in enumerate(specs):
+        e0, desc = _site_baseline(eng, si, spec, e[:, si * T:(si + 1) * T], ids[:, si * T:(si + 1) * T], pad_id)
+        parts.append(e0)
+        descs.append(desc)
+    e0 = parts[0] if len(parts) == 1 else b.ops.concat(parts, axis=1)
+    desc = descs[0] if len(set(descs)) == 1 else "; ".join(f"{n}: {d}" for n, d in zip(names, descs, strict=True))
+    return e0, desc
+
+
+def _site_baseline(eng: _Engine, si: int, baseline: Any, e: Any, ids: Any, pad_id: int | None) -> tuple[Any, str]:
+    """Site ``si``'s baseline output (B, T, D) given its output ``e`` and ids (B, T): vectors
+    directly, ids through its embedding layer (or, for a composite module, through a forward
+    with its token lookup given those ids)."""
+    b, site = eng.backend, eng.sites[si]
+    info = site.info
     if baseline is None or (isinstance(baseline, str) and baseline == "zeros"):
         return b.ops.zeros(b.ops.shape(e), b.ops.dtype_name(e), e), "zeros"
     if isinstance(baseline, (float, np.floating)) and not isinstance(baseline, bool):
@@ -168,7 +200,7 @@ def _baseline(eng: _Engine, baseline: Any, obs: dict, pad_id: int | None) -> tup
             return b.ops.cast(t, b.ops.dtype_name(e)), "embedding"
         if not np.issubdtype(arr.dtype, np.integer) or arr.shape not in (ids_shape, (1,) + ids_shape[1:]):
             raise EmbgradError(
-                f"layer {info.name!r}: baseline of shape {arr.shape} and dtype {arr.dtype} must be integer "
+                f"layer {site.name!r}: baseline of shape {arr.shape} and dtype {arr.dtype} must be integer "
                 f"ids shaped like the inputs' ids {ids_shape} or (1, {', '.join(map(str, ids_shape[1:]))}) "
                 f"for all examples, or float vectors shaped like the embeddings {e_shape} or "
                 f"(1, {', '.join(map(str, e_shape[1:]))}), or a float constant.")
@@ -177,7 +209,8 @@ def _baseline(eng: _Engine, baseline: Any, obs: dict, pad_id: int | None) -> tup
     if lo < 0 or hi >= info.num_rows:
         raise EmbgradError(f"layer {info.name!r}: baseline id {lo if lo < 0 else hi} is out of range for a "
                            f"table of {info.num_rows} rows (valid 0..{info.num_rows - 1}).")
-    base = b.embed(info, b.ops.cast(b.ops.from_numpy(base_ids, like=ids), b.ops.dtype_name(ids)))
+    bt = b.ops.cast(b.ops.from_numpy(base_ids, like=ids), b.ops.dtype_name(ids))
+    base = b.embed(info, bt) if site.module is None else eng.composite_output(si, bt)
     return b.ops.cast(base, b.ops.dtype_name(e)), desc
 
 

@@ -12,14 +12,14 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, overload
 
 import numpy as np
 
 from ..errors import EmbgradError, closest_names
 from .engine import _acc_dtype, _Engine, _per_row
 from .inputs import _baseline, _mask, _tokens, _typical_row_norm
-from .results import Attribution
+from .results import Attribution, LayerAttributions
 from .rules import _AUTO_START, _NESTED, quadrature, refine
 from .targets import _is_int
 
@@ -295,13 +295,31 @@ METHODS = tuple(_METHODS)
 _NOISY = tuple(name for name, m in _METHODS.items() if m.noisy)
 
 
+@overload
+def attribute(model: Any, inputs: Any, target: Any, method: str = ..., *, layer: list[Any] | tuple[Any, ...],
+              baseline: Any = ..., steps: int | str = ..., rule: str = ..., forward: Callable | None = ...,
+              batch_size: int | None = ..., tolerance: float = ..., max_steps: int = ...,
+              noise: float | None = ..., seed: int = ..., mask: Any = ..., pad_id: int | None = ...,
+              tokens: Any = ..., progress: bool | None = ..., call: int | None = ...,
+              multiply_by_inputs: bool = ...) -> LayerAttributions: ...
+
+
+@overload
+def attribute(model: Any, inputs: Any, target: Any, method: str = ..., layer: Any = ..., baseline: Any = ...,
+              steps: int | str = ..., rule: str = ..., forward: Callable | None = ...,
+              batch_size: int | None = ..., *, tolerance: float = ..., max_steps: int = ...,
+              noise: float | None = ..., seed: int = ..., mask: Any = ..., pad_id: int | None = ...,
+              tokens: Any = ..., progress: bool | None = ..., call: int | None = ...,
+              multiply_by_inputs: bool = ...) -> Attribution: ...
+
+
 def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gradients",
               layer: Any = None, baseline: Any = None, steps: int | str = 50,
               rule: str = "gauss_legendre", forward: Callable | None = None,
               batch_size: int | None = None, *, tolerance: float = 0.01, max_steps: int = 256,
               noise: float | None = None, seed: int = 0, mask: Any = None, pad_id: int | None = None,
               tokens: Any = None, progress: bool | None = None, call: int | None = None,
-              multiply_by_inputs: bool = True) -> Attribution:
+              multiply_by_inputs: bool = True) -> Attribution | LayerAttributions:
     """Attribute a target output of ``model`` to the tokens of ``inputs``.
 
     Args:
@@ -314,7 +332,19 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
             every forward pass and give scores (K, B, T).
         method: one of :data:`METHODS`.
         layer: the token embedding (name or object); default ``get_input_embeddings()``, else
-            the model's only embedding layer.
+            the model's only embedding layer. Also (PyTorch only for now): a *composite* module
+            holding the token embedding, by name (a unique suffix will do, e.g. "embeddings") or
+            object, whose whole output (B, T, D) is attributed as one input, e.g. a Hugging Face
+            ``BertEmbeddings`` (word + position + token-type embeddings, LayerNorm) as Captum's
+            ``LayerIntegratedGradients(model, model.bert.embeddings)``; its id baselines are
+            turned into its output by a forward with its token lookup given those ids. Or a list
+            of layers (embedding layers or composites, outputs of one shape (B, T, D)) moved
+            along ONE path at once, as Captum's ``LayerIntegratedGradients`` with a list of
+            layers: the result is then a :class:`LayerAttributions` (layer name ->
+            :class:`Attribution`, one completeness ``delta`` for all layers together), and
+            ``baseline`` may be a dict ``{layer name: baseline}``. Composites and several
+            layers take saliency, grad_x_input, integrated_gradients and gradient_shap
+            (noise=0). A name that is none of these raises, listing the valid names.
         baseline: None/"zeros" (zero vectors), "pad" (``pad_id``, else ``config.pad_token_id``,
             else the layer's padding index), an int id, ids shaped like the inputs (B, T) or one
             row (1, T) for every example, float vectors (B, T, D) or (1, T, D), or a float
@@ -340,7 +370,7 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
         call: which lookup of the layer to attribute when one forward calls it several times
             (e.g. a table shared by encoder and decoder); None requires a single lookup.
 
-    Returns an :class:`Attribution`.
+    Returns an :class:`Attribution` (a :class:`LayerAttributions` for a list of layers).
 
     Raises:
         EmbgradError: on bad input, before the model runs where it can be checked: an unknown
@@ -376,11 +406,20 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
         choices = " and ".join(n for n, m in _METHODS.items() if m.global_choice)
         raise EmbgradError(f"multiply_by_inputs=False applies to {choices} "
                            f"(Captum's global attribution); method={method!r} has no such choice.")
-    eng = _Engine(model, inputs, layer, forward, target, batch_size, progress, call=call)
+    eng = _Engine(model, inputs, layer, forward, target, batch_size, progress, call=call, sites=True)
+    if not eng.plain and spec.noisy and (method != "gradient_shap" or noise):
+        raise EmbgradError(
+            f"method={method!r} scales its noise by the embedding table's row norms, which a composite module or "
+            "several layers do not have; use integrated_gradients, saliency, grad_x_input or gradient_shap "
+            "(noise=0) there, or attribute to one embedding layer.")
     b = eng.backend
     obs = eng.observe(grad=spec.grad_at_input)
     ids_np = b.ops.to_numpy(obs["ids"]).astype(np.int64)
-    m = _mask(eng, ids_np, mask)
+    L = len(eng.sites)
+    T = ids_np.shape[1] // L
+    m = _mask(eng, ids_np[:, :T], mask)
+    if L > 1:
+        m = np.tile(m, (1, L))
     e = obs["e"]
     with b.ops.no_grad():
         mt = b.ops.reshape(b.ops.cast(b.ops.from_numpy(m, like=e), _acc_dtype(b, e)), b.ops.shape(e)[:-1] + (1,))
@@ -403,10 +442,23 @@ def attribute(model: Any, inputs: Any, target: Any, method: str = "integrated_gr
         scores, out_vals = scores[0], out_vals[0]
         delta = None if delta is None else delta[0]
         base_vals = None if base_vals is None else base_vals[0]
-    return Attribution(
-        method=method, scores=scores, attributions=attributions, delta=delta,
-        tokens=_tokens(tokens, ids_np), ids=ids_np, mask=m, layer=eng.info.name,
-        targets=None if single else eng.targets.labels, baseline=res.baseline, rule=res.rule,
-        steps=res.steps, evaluations=eng.evaluations, outputs=out_vals,
-        baseline_outputs=base_vals, converged=res.converged,
-        target=eng.targets.labels[0] if single else None)
+
+    def result(name: str, sc: np.ndarray, at: Any, ids: np.ndarray, mask_: np.ndarray, dl: Any) -> Attribution:
+        return Attribution(
+            method=method, scores=sc, attributions=at, delta=dl,
+            tokens=_tokens(tokens, ids), ids=ids, mask=mask_, layer=name,
+            targets=None if single else eng.targets.labels, baseline=res.baseline, rule=res.rule,
+            steps=res.steps, evaluations=eng.evaluations, outputs=out_vals,
+            baseline_outputs=base_vals, converged=res.converged,
+            target=eng.targets.labels[0] if single else None)
+
+    if L == 1:
+        return result(eng.sites[0].name, scores, attributions, ids_np, m, delta)
+    by_layer = {}
+    for si, site in enumerate(eng.sites):
+        cols = slice(si * T, (si + 1) * T)
+        sc = scores[..., cols]
+        at = attributions[..., cols, :]
+        by_layer[site.name] = result(site.name, sc, at, ids_np[:, cols], m[:, cols], None)
+    return LayerAttributions(by_layer=by_layer, method=method, delta=delta, outputs=out_vals,
+                             baseline_outputs=base_vals, evaluations=eng.evaluations)

@@ -2,12 +2,13 @@
 :class:`HotFlip` (:func:`embgrad.hotflip`), small immutable records with NumPy fields."""
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Attribution", "HotFlip"]
+__all__ = ["Attribution", "HotFlip", "LayerAttributions"]
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Attribution:
@@ -146,3 +147,66 @@ class HotFlip:
             best += f" ({self.predicted[0, 0]:+.3g} predicted" + (
                 "" if self.actual is None else f", {self.actual[0, 0]:+.3g} actual") + ")"
         return f"HotFlip({self.direction}, layer={self.layer!r}, examples={B}, k={k}{best})"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class LayerAttributions(Mapping):
+    """The result of :func:`embgrad.attribute` with several layers (``layer=[...]``): layer
+    name -> :class:`Attribution`, in the order given, from ONE path along which every layer's
+    output moves at once (Captum's ``LayerIntegratedGradients`` with a list of layers, which
+    returns one attribution per layer).
+
+    ``delta``: NumPy (B,) (or (K, B)) completeness gap of all layers together,
+    Σ_layers Σ_t scores − (f(input) − f(baseline)), for integrated gradients (else None); the
+    per-layer results carry no delta of their own (a layer's share is not complete alone).
+    ``outputs`` / ``baseline_outputs``: f at the input / at every layer's baseline, NumPy (B,)
+    (or (K, B)). ``scores``: NumPy (L, B, T) (or (L, K, B, T)), the layers' scores stacked.
+    """
+
+    by_layer: dict[str, Attribution]
+    method: str
+    delta: np.ndarray | None
+    outputs: np.ndarray
+    baseline_outputs: np.ndarray | None
+    evaluations: int
+
+    def __getitem__(self, name: str) -> Attribution:
+        try:
+            return self.by_layer[name]
+        except KeyError:
+            raise KeyError(f"no layer {name!r} in this result; its layers: {', '.join(self.by_layer)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.by_layer)
+
+    def __len__(self) -> int:
+        return len(self.by_layer)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(self.by_layer)
+
+    @property
+    def scores(self) -> np.ndarray:
+        return np.stack([a.scores for a in self.by_layer.values()])
+
+    def to_html(self, title: str | None = None, scale: str = "row") -> str:
+        """One heatmap per layer (see :meth:`Attribution.to_html`), then the joint completeness gap."""
+        from .._html import esc
+        parts = [a.to_html(title=None if title is None else f"{title} · {name}", scale=scale)
+                 for name, a in self.by_layer.items()]
+        if self.delta is not None:
+            parts.append(f"<div>completeness gap of all layers together: max |Δ| = "
+                         f"{esc(f'{float(np.abs(self.delta).max()):.2e}')}</div>")
+        return "\n".join(parts)
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def __repr__(self) -> str:
+        first = next(iter(self.by_layer.values()))
+        parts = [self.method, f"layers={list(self.by_layer)}", f"scores={tuple(first.scores.shape)} each",
+                 f"evaluations={self.evaluations}"]
+        if self.delta is not None:
+            parts.append(f"max|delta|={float(np.abs(self.delta).max()):.2e}")
+        return f"LayerAttributions({', '.join(parts)})"

@@ -545,6 +545,23 @@ class ModelAdapter:
         leaves the layer exactly as it was."""
         raise self._missing("install_tap")
 
+    def submodules(self, model: Any) -> dict[str, Any]:
+        """Every named sub-layer of ``model`` (qualified name -> layer), for attribution to a
+        composite module (a layer holding an embedding, e.g. a Hugging Face ``BertEmbeddings``).
+        Empty where the backend cannot tap a module's output (:meth:`install_output_tap`)."""
+        return {}
+
+    def install_output_tap(self, module: Any, on_output: Callable[[Any], Any],
+                           active: Callable[[], bool] | None = None) -> Tap:
+        """Let ``on_output(output)`` see every output of ``module`` (a tensor (B, T, D)) and
+        replace it: it returns a tensor of the same shape, or None to keep the output.
+        ``active()`` as in :meth:`install_tap`. Removing the tap leaves the module as it was.
+        Raises EmbgradError where the backend has no such tap (PyTorch only for now)."""
+        from ..errors import EmbgradError
+        raise EmbgradError(f"attribution to a composite module (or to several layers in one call) is "
+                           f"implemented for PyTorch only for now, not for the {self.name} backend: "
+                           "attribute to one embedding layer (layer=NAME).")
+
     def install_forward_tap(self, model: Any, on_start: Callable[[Any], None],
                             on_end: Callable[..., None]) -> Tap | None:
         """Tell the core where each forward of ``model`` starts and ends: ``on_start(shape)``

@@ -387,6 +387,21 @@ class TorchBackend(ModelAdapter):
             raise
         return _TorchTap(handles)
 
+    def submodules(self, model):
+        return {name: m for name, m in model.named_modules() if name} if isinstance(model, nn.Module) else {}
+
+    def install_output_tap(self, module, on_output, active=None):
+        def hook(mod, args, output):
+            if (active is not None and not active()) or _in_backward():
+                return None        # another context's forward, or a checkpointing recomputation
+            if not isinstance(output, torch.Tensor):
+                raise EmbgradError(
+                    f"module {type(mod).__name__} returns {type(output).__name__}, not a tensor (B, T, D) of "
+                    "token vectors: attribute to a module whose output is the tokens' vectors (e.g. a Hugging "
+                    "Face model's embeddings module) or to an embedding layer.")
+            return on_output(output)
+        return _TorchTap([module.register_forward_hook(hook)])
+
     def _pre_hook(self, info: EmbeddingInfo, active: Callable[[], bool] | None = None) -> Callable[..., Any]:
         def hook(mod, args, kwargs):
             if active is not None and not active():
