@@ -573,3 +573,17 @@ def test_a_keras_model_is_told_where_to_go():
     m = keras.Sequential([keras.layers.Embedding(10, 4)])
     with pytest.raises(EmbgradError, match=r"Keras model.*embgrad.capture.*KERAS_BACKEND=jax"):
         embgrad.value_and_gradients(lambda mm, x: mm(x).sum(), m, np.zeros((2, 3), np.int32))
+
+
+@pytest.mark.parametrize("kind", ["has_aux", "dict", "number"])
+def test_a_loss_fn_that_returns_no_scalar_array_gets_the_fix(kind):
+    """loss_fn returning (loss, aux) as for nnx.value_and_grad(has_aux=True), a dict, or a
+    Python number: an EmbgradError that says what value_and_gradients takes (newcomer #13)."""
+    e = nnx.Embed(10, 3, rngs=nnx.Rngs(0))
+    x = jnp.array([[1, 2], [3, 4]])
+    fn = {"has_aux": lambda m, x: (m(x).sum(), m(x)),
+          "dict": lambda m, x: {"loss": m(x).sum()},
+          "number": lambda m, x: 1.0}[kind]
+    match = {"has_aux": "has no has_aux", "dict": r"keys \['loss'\]", "number": "was not called"}[kind]
+    with pytest.raises(embgrad.EmbgradError, match=match):
+        embgrad.value_and_gradients(fn, e, x)

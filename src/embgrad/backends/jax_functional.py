@@ -536,7 +536,7 @@ def _keras_value_and_gradients(loss_fn: Callable[..., Any], model: Any, args: Se
 
     def objective(p: Any) -> Any:
         loss, lookups, _ = forward(p)
-        return loss, {n: [i for i, _ in lookups[n]] for n in names}
+        return jnp.asarray(loss), {n: [i for i, _ in lookups[n]] for n in names}
 
     loss, vjp_fn, ids = jax.vjp(objective, probes, has_aux=True)
     (g_probes,) = vjp_fn(jnp.ones((), loss.dtype))
@@ -556,6 +556,22 @@ def _keras_value_and_gradients(loss_fn: Callable[..., Any], model: Any, args: Se
 
 
 def _check_loss(loss_shape: Any) -> None:
+    if isinstance(loss_shape, (tuple, list)):
+        raise EmbgradError(
+            f"loss_fn returned a {type(loss_shape).__name__} of {len(loss_shape)} items; "
+            "value_and_gradients needs loss_fn(model, *args) -> one scalar float loss (it has no "
+            "has_aux=, unlike nnx.value_and_grad): return the loss alone, and compute auxiliary "
+            "outputs (logits, metrics) from the model outside, or in a second call.")
+    if isinstance(loss_shape, dict):
+        raise EmbgradError(
+            f"loss_fn returned a dict (keys {sorted(map(str, loss_shape))}); value_and_gradients "
+            "needs loss_fn(model, *args) -> one scalar float loss: return the entry to "
+            "differentiate, e.g. lambda m, *a: my_loss(m, *a)['loss'].")
+    if not hasattr(loss_shape, "shape") or not hasattr(loss_shape, "dtype"):
+        raise EmbgradError(
+            f"loss_fn returned a {type(loss_shape).__name__} ({loss_shape!r:.60}), not a JAX array "
+            "computed from the model: return the scalar loss of the model's output (a Python number "
+            "does not depend on the model's tables).")
     if tuple(loss_shape.shape) != () or not jnp.issubdtype(loss_shape.dtype, jnp.floating):
         raise EmbgradError(
             f"loss_fn must return a scalar float loss, got shape {tuple(loss_shape.shape)} dtype "
@@ -651,6 +667,7 @@ def value_and_gradients(loss_fn: Callable[..., Any], model: Any, *args: Any, lay
 
     def objective(p: Any, pp: Any, src: Any) -> Any:
         loss, rec, state = forward(rest, p, src, None, pp)
+        loss = jnp.asarray(loss)          # a Python number: a constant loss, zero gradients
         ids = {n: [i for i, _ in rec.lookups[n]] for n in names}
         queries = {n: [q for q, _ in rec.projections[n]] for n in names}
         return loss, (ids, queries, state)
