@@ -197,7 +197,11 @@ def test_keras_report_sections(tmp_path):
     assert results.model.framework == "tensorflow" and results.model.layers[0].padding == "mask_zero"
     assert "Functional" not in results.model.model_type or "(a Keras Functional model)" in results.model.model_type
     assert results.weight.received == int((results.weight.row_norms > 0).sum()) < len(results.weight.rows)
-    assert results.weight.max_abs_diff == 0.0 and results.per_example.sum_diff < 1e-5
+    # equal to TensorFlow's own dense gradient to float32 rounding: embgrad's coalescing sums a
+    # row's lookups in another order (a sorted segment sum) than tf.convert_to_tensor(IndexedSlices)
+    w = results.weight
+    assert w.max_abs_diff <= 16 * np.finfo(np.float32).eps * float(w.row_norms.max())
+    assert results.per_example.sum_diff < 1e-5
     assert results.attribution.test_share["integrated_gradients"] >= 0.9
     assert all(r.predicted == pytest.approx(r.actual, rel=1e-4, abs=1e-4) for r in results.hotflip.rows)
     assert np.isfinite(results.similarity.scores).all()
