@@ -12,8 +12,8 @@ import contextvars
 import functools
 import math
 import warnings
-from collections.abc import Mapping
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from .backends import Backend, Call, EmbeddingInfo, Tap, get_backend
 from .errors import EmbgradError, closest_names
@@ -585,7 +585,7 @@ class Capture:
         self._loose_fwds: set[int] = set()
         self._seq_first: list[str] | None = None
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         if self._tap is not None:
             raise EmbgradError("this capture is already active; capture contexts do not nest with themselves.")
         self.calls = []
@@ -693,7 +693,7 @@ class Capture:
         self.calls.append(call)
         return replaced
 
-    def replacing(self, fn: Callable[[Call], Any]) -> contextlib.AbstractContextManager["Capture"]:
+    def replacing(self, fn: Callable[[Call], Any]) -> contextlib.AbstractContextManager[Capture]:
         """Replace the outputs of the captured layers' lookups: a context manager around (or
         inside) the ``with cap:`` block, what integrated gradients needs (Captum's
         ``LayerIntegratedGradients`` does the same with a forward hook on the layer).
@@ -733,7 +733,7 @@ class Capture:
         return self._replacing(fn)
 
     @contextlib.contextmanager
-    def _replacing(self, fn: Callable[[Call], Any]) -> Iterator["Capture"]:
+    def _replacing(self, fn: Callable[[Call], Any]) -> Iterator[Capture]:
         self._replace = fn
         try:
             yield self

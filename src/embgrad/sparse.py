@@ -126,7 +126,7 @@ class RowGrad:
                                "call numpy() on its eager result.")
         return self._backend.ops.to_numpy(self.rows), self._backend.ops.to_numpy(self.values)
 
-    def __add__(self, other: "RowGrad") -> "RowGrad":
+    def __add__(self, other: RowGrad) -> RowGrad:
         """The coalesced sum of two gradients of one table (rows merged, values added).
 
         Raises:
@@ -144,11 +144,11 @@ class RowGrad:
                                  b.ops.concat([self.values, other.values]))
         return RowGrad(rows, values, self.num_rows, b)
 
-    def scale(self, factor: float) -> "RowGrad":
+    def scale(self, factor: float) -> RowGrad:
         """This gradient times a scalar (a float, or a scalar framework tensor)."""
         return RowGrad(self.rows, self.values * factor, self.num_rows, self._backend)
 
-    def clip_by_norm(self, max_norm: float) -> "RowGrad":
+    def clip_by_norm(self, max_norm: float) -> RowGrad:
         """Scaled by ``min(1, max_norm / norm)``: the whole gradient's norm is at most
         max_norm, up to float rounding (a relative 1e-7 in float32).
 
@@ -162,7 +162,7 @@ class RowGrad:
             return self.scale(b.ops.minimum(max_norm / b.ops.maximum(n, 1e-30), 1.0))
         return self if n <= max_norm else self.scale(max_norm / n)
 
-    def clip_rows(self, max_row_norm: float) -> "RowGrad":
+    def clip_rows(self, max_row_norm: float) -> RowGrad:
         """Each row scaled by ``min(1, max_row_norm / row_norm)``.
 
         Raises:
@@ -360,7 +360,7 @@ class ExampleGrads:
             self._factor = None
         return self._base
 
-    def _scaled(self, factor: Any) -> "ExampleGrads":
+    def _scaled(self, factor: Any) -> ExampleGrads:
         """The same (example, row) pairs with example b scaled by ``factor[b]`` (lazily)."""
         b = self._backend
         combined = factor if self._factor is None else self._factor * factor
@@ -400,7 +400,7 @@ class ExampleGrads:
             self._norms = norms if self._factor is None else norms * b.ops.sqrt(self._factor * self._factor)
         return self._norms
 
-    def clip(self, max_norm: float) -> "ExampleGrads":
+    def clip(self, max_norm: float) -> ExampleGrads:
         """Example b scaled by ``min(1, max_norm / norm_b)`` (DP-SGD style clipping, Abadi et
         al. 2016; Opacus's per-sample clipping). Lazy: see the class docstring.
 
@@ -412,7 +412,7 @@ class ExampleGrads:
         factor = b.ops.minimum(max_norm / b.ops.maximum(self.norms(), 1e-30), 1.0)   # (B,)
         return self._scaled(factor)
 
-    def scale(self, factors: Any) -> "ExampleGrads":
+    def scale(self, factors: Any) -> ExampleGrads:
         """Example b scaled by ``factors[b]`` ((B,) tensor or array-like) or all by one float.
 
         Raises:
@@ -474,7 +474,7 @@ class ExampleGrads:
         return RowGrad(b.ops.boolean_mask(self.rows, mask), b.ops.boolean_mask(self.values, mask),
                        self.num_rows, b)
 
-    def dot(self, other: "ExampleGrads | None" = None) -> Any:
+    def dot(self, other: ExampleGrads | None = None) -> Any:
         """(B1, B2) matrix of inner products <G_i, H_j> (with itself when ``other`` is None).
 
         Only (i, j) pairs that share a row cost anything; the per-example gradients are never

@@ -2,8 +2,8 @@
 padding mask, token strings, the pad id and the baselines of integrated gradients."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 

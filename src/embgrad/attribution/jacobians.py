@@ -1,7 +1,8 @@
 """``jacobian``: gradients of several outputs with respect to an embedding layer's output."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .engine import _Engine
 

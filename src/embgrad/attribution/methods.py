@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, overload
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 

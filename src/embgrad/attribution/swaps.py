@@ -1,7 +1,8 @@
 """``hotflip`` (Ebrahimi et al., 2018): first-order single-token swaps from one gradient."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

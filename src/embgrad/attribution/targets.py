@@ -3,8 +3,8 @@ callable, several targets as a dict), evaluated on the model's outputs of one ch
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
-from typing import Any, Callable, TypeGuard
+from collections.abc import Callable, Mapping
+from typing import Any, TypeGuard
 
 import numpy as np
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import EmbgradError
 from .base import Backend, Call, EmbeddingInfo, LowRank, ModelAdapter, Tap, TensorOps

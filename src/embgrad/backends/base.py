@@ -54,8 +54,9 @@ example), D (embedding dim), V (table rows), N (entries), R (stored rows).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -15,7 +15,8 @@ model used. Legacy ``NDArray`` lacks ``//`` and ``&``, hence ``mxnet.numpy`` ins
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -300,7 +301,7 @@ class _RowGuard:
     the values are written back bit for bit (weight decay and momentum included). The trainer's
     ``step``/``update`` are wrapped per instance while any guard is active."""
 
-    _active: "weakref.WeakKeyDictionary[gluon.Trainer, list[_RowGuard]]" = weakref.WeakKeyDictionary()
+    _active: weakref.WeakKeyDictionary[gluon.Trainer, list[_RowGuard]] = weakref.WeakKeyDictionary()
 
     def __init__(self, trainer: gluon.Trainer, weight: gluon.Parameter, rows: np.ndarray):
         self.trainer, self.weight, self.rows = trainer, weight, rows

@@ -30,7 +30,8 @@ import contextlib
 import contextvars
 import math
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.extend.core

@@ -24,7 +24,8 @@ import functools
 import sys
 import threading
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -136,7 +137,7 @@ class _Dispatch:
         object.__setattr__(obj, attr, self.fn)
 
     @classmethod
-    def add(cls, obj: Any, attr: str, handler: Callable, wrap: Callable[[Callable], Callable]) -> "_Handler":
+    def add(cls, obj: Any, attr: str, handler: Callable, wrap: Callable[[Callable], Callable]) -> _Handler:
         with cls._lock:
             current = obj.__dict__.get(attr)
             d = getattr(current, "_embgrad_dispatch", None)

@@ -5,7 +5,7 @@ probes to the lookups); ``capture()`` refuses.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 

@@ -10,7 +10,8 @@ Inside ``tf.function`` the id checks are run-time assertions (see ``tensorflow_o
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import tensorflow as tf
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -233,7 +234,7 @@ class _BroadcastLookup(torch.Tensor):
             return out
 
     @staticmethod
-    def _batched(p: "_BroadcastLookup", full: tuple) -> torch.Tensor | None:
+    def _batched(p: _BroadcastLookup, full: tuple) -> torch.Tensor | None:
         """``p`` computed from a per-example view of its lookup for a broadcast to ``full``,
         or None when ``full`` adds no batch to it."""
         call, bd = p._embgrad_call(), p._embgrad_bdim

@@ -415,7 +415,7 @@ class ShardedEmbedding(torch.nn.Module):
         torch.nn.init.normal_(self.weight)       # as nn.Embedding
 
     @classmethod
-    def from_full(cls, weight: torch.Tensor, sharding: Any) -> "ShardedEmbedding":
+    def from_full(cls, weight: torch.Tensor, sharding: Any) -> ShardedEmbedding:
         """This rank's shard of a full (V, D) table (e.g. pretrained vectors), copied."""
         if weight.dim() != 2 or weight.shape[0] != sharding.num_rows:
             raise EmbgradError(f"ShardedEmbedding.from_full: weight must be ({sharding.num_rows}, D), "
