@@ -7,6 +7,8 @@ shows (e.g. which method failed) — BENCHMARKS.md states it plainly.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 from harness import CaseResult, MethodResult, ratio
@@ -52,7 +54,16 @@ def evaluate(results: dict[str, CaseResult], quick: bool,
     t.append(_ratio_target(results, pe + "_default_malloc", "embgrad", "plain",
                            "Per-example norms + clipped sum ≤ 1.0× plain forward+backward (classifier, "
                            "V=50k, glibc malloc defaults: a fresh process)"))
-    t.extend(_interleaved_targets(external or {}))
+    inter = _interleaved_targets(external or {})
+    if inter and t[0].met is False and inter[0].met:
+        # the same target measured twice: with glibc's defaults the page faults are bimodal
+        # across fresh processes (BENCHMARKS.md, the headline's reason), so one process's
+        # ratio below 1 is no verdict while another measurement of the same target is above it
+        inter[0] = dataclasses.replace(inter[0], met=False, reason=(
+            "not reliably met: the headline row above measures the same target above 1.0× in this "
+            "run; with glibc's defaults a fresh process either re-faults its pages on every call or "
+            "never (bimodal), and these alternating processes happened not to."))
+    t.extend(inter)
     t.append(_ratio_target(results, pe, "embgrad", "plain",
                            "Per-example norms + clipped sum ≤ 1.0× plain forward+backward (classifier, "
                            "V=50k, malloc thresholds of a long-running process)"))
