@@ -4,8 +4,6 @@ Keras adapter (:mod:`embgrad.backends.keras`) with TensorFlow's primitives
 """
 from __future__ import annotations
 
-from typing import Any
-
 import tensorflow as tf
 
 from ..errors import EmbgradError
@@ -80,61 +78,6 @@ class KerasTensorFlowBackend(KerasBackend, TensorFlowBackend):
             z = tf.add_n([tf.reduce_sum(tf.reshape(tf.stop_gradient(tf.convert_to_tensor(g)) * t,
                                                    (batch_size, -1)), axis=1) for t, g in pairs])
         return tap.tape.jacobian(z, call.output)
-
-    #: ops through which a lookup's output flows elementwise (its axes kept, or new ones
-    #: broadcast in front by NumPy's right-aligned rule)
-    _ELEMENTWISE = frozenset({
-        "Identity", "Cast", "Neg", "Relu", "Relu6", "Elu", "Selu", "Gelu", "Tanh", "Sigmoid",
-        "Square", "Sqrt", "Rsqrt", "Exp", "Log", "Abs", "Softplus", "AddV2", "Add", "Sub", "Mul",
-        "RealDiv", "DivNoNan", "Maximum", "Minimum", "SquaredDifference", "BiasAdd", "SelectV2",
-        "AddN", "BroadcastTo", "ExpandDims", "Reshape", "StridedSlice"})
-
-    def broadcast_in_graph(self, call):
-        """In a traced function: follow the lookup's output (N, ..., D) through elementwise and
-        view ops of the graph and report the first op that moves its ids' axis off axis 0 by
-        putting new axes in front of it (``pos(tf.range(T))[None] + x``, ``x + pos(...)`` with
-        x of shape (B, T, D), ``tf.broadcast_to``, ``tf.expand_dims(..., 0)``): the lookup is
-        then broadcast over the batch, not one id per example. New axes after it
-        (``user_emb[:, None] * seq``) keep one row per example and are not reported."""
-        out = call.output
-        if not isinstance(out, tf.Tensor) or not is_symbolic(out) or out.shape.rank is None:
-            return None
-        seen: set[int] = set()
-        todo: list[tuple[Any, int]] = [(out, 0)]
-        while todo and len(seen) < 256:
-            t, pos = todo.pop()
-            if id(t) in seen or t.shape.rank is None:
-                continue
-            seen.add(id(t))
-            rank = t.shape.rank
-            for op in t.consumers():
-                if op.type not in self._ELEMENTWISE or not op.outputs:
-                    continue
-                for o in op.outputs[:1]:
-                    if o.shape.rank is None:
-                        continue
-                    grow = o.shape.rank - rank
-                    if grow <= 0:
-                        new = pos if grow == 0 else -1
-                    elif op.type == "ExpandDims":
-                        axis = tf.get_static_value(op.inputs[1])
-                        if axis is None:
-                            continue
-                        axis = int(axis) % o.shape.rank
-                        new = pos + 1 if axis <= pos else pos
-                    elif op.type == "StridedSlice":
-                        mask = int(op.get_attr("new_axis_mask"))
-                        new = pos + 1 if mask & 1 else pos
-                    elif op.type == "Reshape":
-                        front = o.shape[0] == 1 and t.shape[0] not in (None, 1)
-                        new = pos + 1 if front else pos
-                    else:                       # right-aligned broadcasting: axes added in front
-                        new = pos + grow
-                    if new > 0:
-                        return f"{op.type} ({op.name}: {t.shape} -> {o.shape})"
-                    if new == 0:
-                        todo.append((o, new))
-        return None
 
     def _selected_rows(self, info, inner, args, kwargs):
         var = getattr(info.weight, "_value", None)
